@@ -1,0 +1,67 @@
+//! Audio errors. Each names the limit or the byte that is wrong, so the message
+//! can go straight back to the caller.
+
+/// Result with [`AudioError`].
+pub type Result<T, E = AudioError> = std::result::Result<T, E>;
+
+/// Why audio was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AudioError {
+    /// The declared sample rate is outside what the fleet accepts.
+    #[error("sample rate {rate} Hz is not supported; use {min}..={max} Hz")]
+    SampleRate {
+        /// Declared rate.
+        rate: u32,
+        /// Lowest accepted rate.
+        min: u32,
+        /// Highest accepted rate.
+        max: u32,
+    },
+    /// Too many channels.
+    #[error("{channels} channels is more than the limit of {max}")]
+    Channels {
+        /// Declared channel count.
+        channels: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The audio is longer than allowed.
+    #[error("audio is {seconds:.1} s long; the limit is {max_seconds:.1} s")]
+    TooLong {
+        /// Duration received so far.
+        seconds: f64,
+        /// The limit.
+        max_seconds: f64,
+    },
+    /// More bytes than allowed.
+    #[error("audio is {bytes} bytes; the limit is {max_bytes} bytes")]
+    TooLarge {
+        /// Bytes received so far.
+        bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// A stream ended in the middle of a sample frame.
+    #[error(
+        "PCM stream ended with {leftover} stray bytes; a frame is {frame_bytes} bytes ({channels} channels x {sample_bytes} bytes)"
+    )]
+    PartialFrame {
+        /// Bytes left over.
+        leftover: usize,
+        /// Size of one frame.
+        frame_bytes: usize,
+        /// Channels per frame.
+        channels: u32,
+        /// Bytes per sample.
+        sample_bytes: usize,
+    },
+    /// A float sample is NaN or infinite.
+    #[error("sample {index} is not a finite number")]
+    NonFinite {
+        /// Index of the first bad sample (interleaved).
+        index: usize,
+    },
+    /// No audio at all.
+    #[error("the audio is empty")]
+    Empty,
+}

@@ -1,0 +1,17 @@
+//! Audio in for the fleet.
+//!
+//! Owns turning what users send into the fleet's canonical form: planar `f32`
+//! samples per channel (then mono 16 kHz for the models), with every violated
+//! limit reported as a typed [`AudioError`]. This crate has no async runtime:
+//! services call it from their own tasks or threads.
+
+pub mod error;
+pub mod limits;
+pub mod pcm;
+
+pub use error::{AudioError, Result};
+pub use limits::AudioLimits;
+pub use pcm::{PcmDecoder, PcmSpec, SampleFormat, downmix};
+
+/// The sample rate every model in the fleet consumes.
+pub const MODEL_SAMPLE_RATE: u32 = 16_000;

@@ -1,0 +1,12 @@
+//! How fleet stages talk.
+//!
+//! Owns the names of every stream and key ([`keys`]) and the encoding of
+//! `nexus.pipeline.v1` messages into stream entries ([`codec`]). Key names put
+//! a session's keys under one Redis Cluster hash tag, so a session's result log
+//! and its state always live on one shard.
+
+pub mod codec;
+pub mod keys;
+
+pub use codec::{BusError, StreamMessage, decode, encode};
+pub use keys::{Keys, SessionId};

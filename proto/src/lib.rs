@@ -1,0 +1,45 @@
+//! The fleet's wire contract.
+//!
+//! `speech` is the public API (`nexus.speech.v1`): recognition, speech and text
+//! translation, synthesis, batch jobs and the model list. `pipeline` holds the
+//! internal messages that stages exchange over Redis Streams
+//! (`nexus.pipeline.v1`). Both are generated at build time from `proto/nexus`
+//! by protox, so a fresh machine needs no protoc.
+
+#![allow(missing_docs, clippy::all)]
+
+/// Generated modules, nested as the proto packages are so cross-package paths resolve.
+pub mod nexus {
+    /// `nexus.speech.*`
+    pub mod speech {
+        /// `nexus.speech.v1`
+        pub mod v1 {
+            tonic::include_proto!("nexus.speech.v1");
+        }
+    }
+    /// `nexus.pipeline.*`
+    pub mod pipeline {
+        /// `nexus.pipeline.v1`
+        pub mod v1 {
+            tonic::include_proto!("nexus.pipeline.v1");
+        }
+    }
+}
+
+/// `nexus.pipeline.v1`: messages carried between stages.
+pub use nexus::pipeline::v1 as pipeline;
+/// `nexus.speech.v1`: the public gRPC API.
+pub use nexus::speech::v1 as speech;
+
+/// Encoded `FileDescriptorSet` of every file above, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/nexus_descriptor.bin"));
+
+/// Fully qualified names of the public services, as reflection lists them.
+pub const PUBLIC_SERVICES: &[&str] = &[
+    "nexus.speech.v1.SpeechRecognition",
+    "nexus.speech.v1.Translation",
+    "nexus.speech.v1.SpeechSynthesis",
+    "nexus.speech.v1.TranscriptionJobs",
+    "nexus.speech.v1.Models",
+];

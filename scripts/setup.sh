@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what Nexus fleet needs on a Debian machine. Idempotent: installs only
+# what is missing, so CI and developers run it every time.
+#
+#   scripts/setup.sh          system packages + Rust toolchain for building and testing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Debian packages, keyed by a command (or file) that proves each is present.
+declare -A APT=(
+  [cc]=build-essential
+  [pkg-config]=pkg-config
+  [cmake]=cmake            # libopus is built from source by the opus crate
+  [redis-server]=redis-server
+  [redis-cli]=redis-tools
+  [python3]=python3
+  [curl]=curl
+  [git]=git
+)
+missing=()
+for cmd in "${!APT[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${APT[$cmd]}")
+done
+if python3 -c 'import sys' 2>/dev/null && ! python3 -m pip --version >/dev/null 2>&1; then
+  missing+=(python3-pip)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Rust: the toolchain pinned in rust-toolchain.toml, through rustup.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v rustup >/dev/null 2>&1; then
+  log "installing rustup"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+# rustup reads rust-toolchain.toml; this installs the pinned channel if it is absent.
+if ! cargo --version >/dev/null 2>&1; then
+  log "installing the pinned Rust toolchain"
+  rustup toolchain install "$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)" --profile minimal -c rustfmt -c clippy
+fi
+log "ready: $(cargo --version)"

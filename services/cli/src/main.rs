@@ -1,0 +1,26 @@
+//! `nexus`: the embedded fleet and its tools in one binary.
+//!
+//! Subcommands appear here as the features behind them are built; there are no
+//! placeholders.
+
+use clap::{Parser, Subcommand};
+use nexus_core::telemetry::{self, TelemetryArgs};
+
+/// Nexus fleet: live captioning and speech translation.
+#[derive(Debug, Parser)]
+#[command(name = "nexus", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = telemetry::init(&cli.telemetry)?;
+    match cli.command {}
+}
