@@ -9,6 +9,9 @@ pub enum ModelError {
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
+    /// Weights or configuration could not be loaded.
+    #[error("loading model: {0}")]
+    Load(String),
     /// The input cannot be processed by this model.
     #[error("invalid input: {0}")]
     Input(String),

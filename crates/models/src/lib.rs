@@ -4,9 +4,11 @@
 //! Redis dependency: services reach it through small synchronous interfaces
 //! and run it on their own threads.
 //!
-//! Today it owns the Whisper log-mel frontend ([`mel`]).
+//! It owns the Whisper log-mel frontend ([`mel`]) and Whisper recognition and
+//! translation ([`whisper`]).
 
 pub mod error;
 pub mod mel;
+pub mod whisper;
 
 pub use error::{ModelError, Result};

@@ -1,0 +1,422 @@
+//! Whisper's encoder and decoder in candle, after OpenAI's `model.py`.
+//!
+//! The weights are immutable and shared; everything that changes while decoding
+//! lives in a [`DecoderState`] owned by the caller: the cross-attention keys and
+//! values of one audio window, and the self-attention cache of each sequence.
+//! Beam search reorders states with [`DecoderState::select`]; a decoder pool
+//! keeps one state per live session.
+
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::config::Config;
+
+fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((out, inp), "weight")?;
+    let b = if bias {
+        Some(vb.get(out, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(size, "weight")?,
+        vb.get(size, "bias")?,
+        1e-5,
+    ))
+}
+
+fn conv1d(inp: usize, out: usize, stride: usize, vb: VarBuilder) -> Result<Conv1d> {
+    let cfg = Conv1dConfig {
+        padding: 1,
+        stride,
+        groups: 1,
+        dilation: 1,
+        cudnn_fwd_algo: None,
+    };
+    Ok(Conv1d::new(
+        vb.get((out, inp, 3), "weight")?,
+        Some(vb.get(out, "bias")?),
+        cfg,
+    ))
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    n_head: usize,
+}
+
+impl Attention {
+    fn load(d: usize, n_head: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            q: linear(d, d, true, vb.pp("q_proj"))?,
+            k: linear(d, d, false, vb.pp("k_proj"))?,
+            v: linear(d, d, true, vb.pp("v_proj"))?,
+            out: linear(d, d, true, vb.pp("out_proj"))?,
+            n_head,
+        })
+    }
+
+    /// (B, T, D) → (B, H, T, D/H)
+    fn heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        x.reshape((b, t, self.n_head, d / self.n_head))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.heads(&self.k.forward(x)?)?,
+            self.heads(&self.v.forward(x)?)?,
+        ))
+    }
+
+    /// Attention of `x` over keys/values already split into heads. Returns the
+    /// output and, when asked, the attention weights (B, H, T, S).
+    fn attend(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        want_weights: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, d) = x.dims3()?;
+        let scale = ((d / self.n_head) as f64).powf(-0.5);
+        let q = (self.heads(&self.q.forward(x)?)? * scale)?;
+        let mut qk = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+        if let Some(mask) = mask {
+            qk = qk.broadcast_add(mask)?;
+        }
+        let w = candle_nn::ops::softmax_last_dim(&qk)?;
+        let out = w.matmul(v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        Ok((self.out.forward(&out)?, want_weights.then_some(w)))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn: Attention,
+    attn_ln: LayerNorm,
+    cross: Option<(Attention, LayerNorm)>,
+    fc1: Linear,
+    fc2: Linear,
+    mlp_ln: LayerNorm,
+}
+
+impl Block {
+    fn load(d: usize, n_head: usize, ffn: usize, cross: bool, vb: VarBuilder) -> Result<Self> {
+        let cross = if cross {
+            Some((
+                Attention::load(d, n_head, vb.pp("encoder_attn"))?,
+                layer_norm(d, vb.pp("encoder_attn_layer_norm"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            attn: Attention::load(d, n_head, vb.pp("self_attn"))?,
+            attn_ln: layer_norm(d, vb.pp("self_attn_layer_norm"))?,
+            cross,
+            fc1: linear(d, ffn, true, vb.pp("fc1"))?,
+            fc2: linear(ffn, d, true, vb.pp("fc2"))?,
+            mlp_ln: layer_norm(d, vb.pp("final_layer_norm"))?,
+        })
+    }
+
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.mlp_ln.forward(x)?;
+        x + self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?
+    }
+}
+
+/// The audio encoder: log-mel (B, n_mels, 3000) → features (B, 1500, D).
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    conv1: Conv1d,
+    conv2: Conv1d,
+    positions: Tensor,
+    blocks: Vec<Block>,
+    ln_post: LayerNorm,
+}
+
+fn sinusoids(length: usize, channels: usize, device: &Device) -> Result<Tensor> {
+    let half = channels / 2;
+    let inc = (10_000f64).ln() / (half - 1) as f64;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (-(inc * i as f64)).exp() as f32)
+        .collect();
+    let inv = Tensor::new(inv.as_slice(), device)?.unsqueeze(0)?;
+    let t = Tensor::arange(0u32, length as u32, device)?
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?;
+    let scaled = t.broadcast_mul(&inv)?;
+    Tensor::cat(&[scaled.sin()?, scaled.cos()?], 1)
+}
+
+impl Encoder {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let ffn = vb.pp("layers.0.fc1").get_unchecked("weight")?.dim(0)?;
+        Ok(Self {
+            conv1: conv1d(cfg.num_mel_bins, d, 1, vb.pp("conv1"))?,
+            conv2: conv1d(d, d, 2, vb.pp("conv2"))?,
+            positions: sinusoids(cfg.max_source_positions, d, vb.device())?.to_dtype(vb.dtype())?,
+            blocks: (0..cfg.encoder_layers)
+                .map(|i| {
+                    Block::load(
+                        d,
+                        cfg.encoder_attention_heads,
+                        ffn,
+                        false,
+                        vb.pp(format!("layers.{i}")),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            ln_post: layer_norm(d, vb.pp("layer_norm"))?,
+        })
+    }
+
+    /// Encodes log-mel windows.
+    pub fn forward(&self, mel: &Tensor) -> Result<Tensor> {
+        let x = self.conv1.forward(mel)?.gelu_erf()?;
+        let x = self.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        let t = x.dim(1)?;
+        let mut x = x.broadcast_add(&self.positions.i(0..t)?)?;
+        for b in &self.blocks {
+            let h = b.attn_ln.forward(&x)?;
+            let (k, v) = b.attn.project_kv(&h)?;
+            x = (&x + b.attn.attend(&h, &k, &v, None, false)?.0)?;
+            x = b.mlp(&x)?;
+        }
+        self.ln_post.forward(&x)
+    }
+}
+
+/// Decoding state of a batch of sequences over one or more audio windows.
+#[derive(Debug, Clone)]
+pub struct DecoderState {
+    cross: Vec<(Tensor, Tensor)>,
+    cache: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl DecoderState {
+    /// Tokens already in the self-attention cache.
+    pub fn len(&self) -> usize {
+        self.cache
+            .first()
+            .and_then(|c| c.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Whether no token was decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the sequences at `indices` (repeats allowed), in that order.
+    pub fn select(&mut self, indices: &[u32]) -> Result<()> {
+        let device = self
+            .cross
+            .first()
+            .map(|(k, _)| k.device().clone())
+            .unwrap_or(Device::Cpu);
+        let idx = Tensor::new(indices, &device)?;
+        for layer in self.cache.iter_mut().flatten() {
+            *layer = (
+                layer.0.index_select(&idx, 0)?,
+                layer.1.index_select(&idx, 0)?,
+            );
+        }
+        for layer in &mut self.cross {
+            if layer.0.dim(0)? != 1 {
+                *layer = (
+                    layer.0.index_select(&idx, 0)?,
+                    layer.1.index_select(&idx, 0)?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets decoded tokens, keeping the audio.
+    pub fn reset_cache(&mut self) {
+        self.cache.iter_mut().for_each(|c| *c = None);
+    }
+}
+
+/// The text decoder.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    embed: Embedding,
+    positions: Tensor,
+    blocks: Vec<Block>,
+    ln: LayerNorm,
+    n_ctx: usize,
+}
+
+/// Output of one decoder step.
+#[derive(Debug)]
+pub struct DecoderOutput {
+    /// Logits (B, T, vocab) in f32.
+    pub logits: Tensor,
+    /// Cross-attention weights per layer (B, H, T, S), when asked for.
+    pub cross_attention: Vec<Tensor>,
+}
+
+impl Decoder {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let ffn = vb.pp("layers.0.fc1").get_unchecked("weight")?.dim(0)?;
+        Ok(Self {
+            embed: Embedding::new(vb.get((cfg.vocab_size, d), "embed_tokens.weight")?, d),
+            positions: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
+            blocks: (0..cfg.decoder_layers)
+                .map(|i| {
+                    Block::load(
+                        d,
+                        cfg.decoder_attention_heads,
+                        ffn,
+                        true,
+                        vb.pp(format!("layers.{i}")),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            ln: layer_norm(d, vb.pp("layer_norm"))?,
+            n_ctx: cfg.max_target_positions,
+        })
+    }
+
+    /// A fresh state for audio features (B or 1, S, D); a batch of 1 is shared by all sequences.
+    pub fn start(&self, audio: &Tensor) -> Result<DecoderState> {
+        let cross = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.cross
+                    .as_ref()
+                    .expect("decoder blocks have cross-attention; this is a bug")
+                    .0
+                    .project_kv(audio)
+            })
+            .collect::<Result<_>>()?;
+        Ok(DecoderState {
+            cross,
+            cache: vec![None; self.blocks.len()],
+        })
+    }
+
+    /// Feeds `tokens` (B, T) after what `state` holds; returns logits for every new position.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        state: &mut DecoderState,
+        want_attention: bool,
+    ) -> Result<DecoderOutput> {
+        let (b, t) = tokens.dims2()?;
+        let offset = state.len();
+        if offset + t > self.n_ctx {
+            candle_core::bail!(
+                "{} tokens exceed the decoder context of {}",
+                offset + t,
+                self.n_ctx
+            );
+        }
+        let mut x = self
+            .embed
+            .forward(tokens)?
+            .broadcast_add(&self.positions.i(offset..offset + t)?)?;
+        let mask = if t > 1 {
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..offset + t).map(move |j| {
+                        if j > offset + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (t, offset + t), tokens.device())?.to_dtype(x.dtype())?)
+        } else {
+            None
+        };
+        let mut cross_attention = Vec::new();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let h = blk.attn_ln.forward(&x)?;
+            let (k, v) = blk.attn.project_kv(&h)?;
+            let (k, v) = match &state.cache[i] {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                None => (k, v),
+            };
+            x = (&x + blk.attn.attend(&h, &k, &v, mask.as_ref(), false)?.0)?;
+            state.cache[i] = Some((k, v));
+            let (cross, cross_ln) = blk
+                .cross
+                .as_ref()
+                .expect("decoder blocks have cross-attention; this is a bug");
+            let h = cross_ln.forward(&x)?;
+            let (ck, cv) = &state.cross[i];
+            let (ck, cv) = if ck.dim(0)? == 1 && b > 1 {
+                (
+                    ck.broadcast_as((b, ck.dim(1)?, ck.dim(2)?, ck.dim(3)?))?
+                        .contiguous()?,
+                    cv.broadcast_as((b, cv.dim(1)?, cv.dim(2)?, cv.dim(3)?))?
+                        .contiguous()?,
+                )
+            } else {
+                (ck.clone(), cv.clone())
+            };
+            let (out, w) = cross.attend(&h, &ck, &cv, None, want_attention)?;
+            x = (&x + out)?;
+            if let Some(w) = w {
+                cross_attention.push(w);
+            }
+            x = blk.mlp(&x)?;
+        }
+        let x = self.ln.forward(&x)?;
+        let logits = x
+            .broadcast_matmul(&self.embed.embeddings().t()?)?
+            .to_dtype(DType::F32)?;
+        Ok(DecoderOutput {
+            logits,
+            cross_attention,
+        })
+    }
+}
+
+/// A Whisper model.
+#[derive(Debug, Clone)]
+pub struct Whisper {
+    /// Audio encoder.
+    pub encoder: Encoder,
+    /// Text decoder.
+    pub decoder: Decoder,
+    /// Its configuration.
+    pub config: Config,
+}
+
+impl Whisper {
+    /// Builds the model from Hugging Face-named weights.
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            encoder: Encoder::load(cfg, vb.pp("model.encoder"))?,
+            decoder: Decoder::load(cfg, vb.pp("model.decoder"))?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Log-probabilities over the vocabulary from logits (last dim).
+    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::log_softmax(logits, D::Minus1)
+    }
+}
