@@ -536,7 +536,9 @@ mod tests {
         assert!(l[..12].iter().all(|x| x.is_infinite()));
         assert!(l[12..15].iter().all(|x| x.is_finite()) && l[15..].iter().all(|x| x.is_infinite()));
         // After text then one timestamp: timestamp (not earlier) or end-of-text only.
+        // End-of-text is made likely so the timestamp-mass rule leaves it alone.
         let mut l = fresh();
+        l[10] = 5.0;
         f.apply(&mut l, &[12, 3, 14]);
         assert!(l[..10].iter().all(|x| x.is_infinite()) && l[10].is_finite());
         assert!(l[12..14].iter().all(|x| x.is_infinite()) && l[14].is_finite());
@@ -545,5 +547,9 @@ mod tests {
         f.apply(&mut l, &[12, 3, 14, 14]);
         assert!(l[12..].iter().all(|x| x.is_infinite()));
         assert!(l[3].is_finite());
+        // When timestamps together outweigh every text token, text is suppressed.
+        let mut l = fresh();
+        f.apply(&mut l, &[12, 3, 14]);
+        assert!(l[..12].iter().all(|x| x.is_infinite()));
     }
 }
