@@ -61,6 +61,22 @@ pub enum AudioError {
         /// Index of the first bad sample (interleaved).
         index: usize,
     },
+    /// The bytes are not a container or codec this build reads.
+    #[error("unsupported audio: {0}")]
+    Unsupported(String),
+    /// The container or codec data is damaged.
+    #[error("corrupt audio: {0}")]
+    Corrupt(String),
+    /// Resampling failed (a bug or an impossible rate pair).
+    #[error("resampling {from} Hz to {to} Hz: {message}")]
+    Resample {
+        /// Input rate.
+        from: u32,
+        /// Output rate.
+        to: u32,
+        /// What went wrong.
+        message: String,
+    },
     /// No audio at all.
     #[error("the audio is empty")]
     Empty,

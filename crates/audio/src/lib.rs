@@ -5,13 +5,17 @@
 //! limit reported as a typed [`AudioError`]. This crate has no async runtime:
 //! services call it from their own tasks or threads.
 
+pub mod decode;
 pub mod error;
 pub mod limits;
 pub mod pcm;
+pub mod resample;
 
 pub use error::{AudioError, Result};
 pub use limits::AudioLimits;
+pub use decode::{DecodedAudio, decode_bytes};
 pub use pcm::{PcmDecoder, PcmSpec, SampleFormat, downmix};
+pub use resample::{StreamResampler, resample, to_model_rate};
 
 /// The sample rate every model in the fleet consumes.
 pub const MODEL_SAMPLE_RATE: u32 = 16_000;

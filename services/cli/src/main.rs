@@ -3,7 +3,9 @@
 //! Subcommands appear here as the features behind them are built; there are no
 //! placeholders.
 
+mod bench;
 mod models;
+mod transcribe;
 
 use clap::{Parser, Subcommand};
 use nexus_core::telemetry::{self, TelemetryArgs};
@@ -22,6 +24,10 @@ struct Cli {
 enum Command {
     /// List, fetch and convert model weights.
     Models(models::ModelsArgs),
+    /// Transcribe or translate an audio file on this machine.
+    Transcribe(transcribe::TranscribeArgs),
+    /// Measure speed, memory and accuracy beside the reference engines.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +35,7 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&cli.telemetry)?;
     match cli.command {
         Command::Models(args) => models::run(args),
+        Command::Transcribe(args) => transcribe::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -79,8 +79,10 @@ impl Attention {
         ))
     }
 
-    /// Attention of `x` over keys/values already split into heads. Returns the
-    /// output and, when asked, the attention weights (B, H, T, S).
+    /// Attention of `x` over keys/values already split into heads. Keys and
+    /// values with a batch of 1 are shared by every sequence of `x` without
+    /// being copied (beams over one audio window). Returns the output and, when
+    /// asked, the attention weights (B, H, T, S).
     fn attend(
         &self,
         x: &Tensor,
@@ -90,14 +92,32 @@ impl Attention {
         want_weights: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = x.dims3()?;
-        let scale = ((d / self.n_head) as f64).powf(-0.5);
+        let h = self.n_head;
+        let dh = d / h;
+        let scale = (dh as f64).powf(-0.5);
         let q = (self.heads(&self.q.forward(x)?)? * scale)?;
-        let mut qk = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+        let shared = k.dim(0)? == 1 && b > 1;
+        // Shared K/V: (B, H, T, dh) -> (1, H, B*T, dh), one matmul against (1, H, S, dh).
+        let q = if shared {
+            q.transpose(0, 1)?.reshape((1, h, b * t, dh))?
+        } else {
+            q
+        };
+        let mut qk = q.matmul(&k.transpose(2, 3)?)?;
         if let Some(mask) = mask {
             qk = qk.broadcast_add(mask)?;
         }
         let w = candle_nn::ops::softmax_last_dim(&qk)?;
-        let out = w.matmul(v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let mut out = w.matmul(v)?;
+        let mut w = w;
+        if shared {
+            let s = k.dim(2)?;
+            out = out.reshape((h, b, t, dh))?.transpose(0, 1)?;
+            if want_weights {
+                w = w.reshape((h, b, t, s))?.transpose(0, 1)?;
+            }
+        }
+        let out = out.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((self.out.forward(&out)?, want_weights.then_some(w)))
     }
 }
@@ -321,7 +341,7 @@ impl Decoder {
         state: &mut DecoderState,
         want_attention: bool,
     ) -> Result<DecoderOutput> {
-        let (b, t) = tokens.dims2()?;
+        let (_, t) = tokens.dims2()?;
         let offset = state.len();
         if offset + t > self.n_ctx {
             candle_core::bail!(
@@ -366,17 +386,7 @@ impl Decoder {
                 .expect("decoder blocks have cross-attention; this is a bug");
             let h = cross_ln.forward(&x)?;
             let (ck, cv) = &state.cross[i];
-            let (ck, cv) = if ck.dim(0)? == 1 && b > 1 {
-                (
-                    ck.broadcast_as((b, ck.dim(1)?, ck.dim(2)?, ck.dim(3)?))?
-                        .contiguous()?,
-                    cv.broadcast_as((b, cv.dim(1)?, cv.dim(2)?, cv.dim(3)?))?
-                        .contiguous()?,
-                )
-            } else {
-                (ck.clone(), cv.clone())
-            };
-            let (out, w) = cross.attend(&h, &ck, &cv, None, want_attention)?;
+            let (out, w) = cross.attend(&h, ck, cv, None, want_attention)?;
             x = (&x + out)?;
             if let Some(w) = w {
                 cross_attention.push(w);

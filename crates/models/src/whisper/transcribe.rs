@@ -177,12 +177,17 @@ impl WhisperEngine {
             return Err(ModelError::Input("the audio is empty".into()));
         }
         let duration = samples.len() as f32 / SAMPLE_RATE as f32;
+        let t0 = std::time::Instant::now();
         let mel = self.mel.compute(samples, CHUNK_SAMPLES)?;
+        tracing::debug!(mel_ms = t0.elapsed().as_millis() as u64, "log-mel");
         let mel = mel.to_tensor(&self.device)?;
         let content_frames = samples.len() / HOP_LENGTH;
         let window = |seek: usize| -> Result<Tensor> {
+            let t0 = std::time::Instant::now();
             let m = mel.i((.., .., seek..seek + CHUNK_FRAMES))?.contiguous()?;
-            Ok(self.model.encoder.forward(&m.to_dtype(self.dtype)?)?)
+            let out = self.model.encoder.forward(&m.to_dtype(self.dtype)?)?;
+            tracing::debug!(seek, encode_ms = t0.elapsed().as_millis() as u64, "encoded window");
+            Ok(out)
         };
 
         let tb = self.tokenizer.specials.timestamp_begin;
@@ -224,7 +229,15 @@ impl WhisperEngine {
                 prompt: all_tokens[prompt_reset..].to_vec(),
                 ..DecodeOptions::default()
             };
+            let t0 = std::time::Instant::now();
             let r = self.decode_with_fallback(&audio, &base, o)?;
+            tracing::debug!(
+                seek,
+                decode_ms = t0.elapsed().as_millis() as u64,
+                tokens = r.tokens.len(),
+                temperature = r.temperature,
+                "decoded window"
+            );
             if let Some(th) = o.no_speech_threshold {
                 let silent = r.no_speech_prob > th
                     && !o.logprob_threshold.is_some_and(|lt| r.avg_logprob > lt);

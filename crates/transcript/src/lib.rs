@@ -1,0 +1,258 @@
+//! Transcripts as users receive them.
+//!
+//! Owns the neutral [`Transcript`] shape (segments with optional word timings)
+//! and its file formats: plain text, JSON, verbose JSON (OpenAI's
+//! `verbose_json`), SubRip and WebVTT. The CLI, the HTTP API and batch jobs all
+//! write through here, so one fix reaches every output.
+
+use serde::{Deserialize, Serialize};
+
+/// A timed word.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Word {
+    /// The word as spoken, with its leading space.
+    pub word: String,
+    /// Start, seconds.
+    pub start: f64,
+    /// End, seconds.
+    pub end: f64,
+    /// Confidence (0..1).
+    pub probability: f64,
+}
+
+/// A timed stretch of text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Position in the transcript.
+    pub id: usize,
+    /// Start, seconds.
+    pub start: f64,
+    /// End, seconds.
+    pub end: f64,
+    /// Text.
+    pub text: String,
+    /// Model tokens, when known.
+    #[serde(default)]
+    pub tokens: Vec<u32>,
+    /// Decoding temperature.
+    #[serde(default)]
+    pub temperature: f64,
+    /// Mean token log-probability.
+    #[serde(default)]
+    pub avg_logprob: f64,
+    /// Text compression ratio (repetition indicator).
+    #[serde(default)]
+    pub compression_ratio: f64,
+    /// Probability the segment holds no speech.
+    #[serde(default)]
+    pub no_speech_prob: f64,
+    /// Word timings, when asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub words: Vec<Word>,
+}
+
+/// A whole transcript.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transcript {
+    /// `transcribe` or `translate`.
+    pub task: String,
+    /// Language of the text (ISO 639-1).
+    pub language: String,
+    /// Audio duration, seconds.
+    pub duration: f64,
+    /// Segments in time order.
+    pub segments: Vec<Segment>,
+}
+
+/// Output file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The text, one segment per line.
+    Text,
+    /// `{"text": …}` (OpenAI's `json`), with language and segments.
+    Json,
+    /// Everything, OpenAI's `verbose_json` layout.
+    VerboseJson,
+    /// SubRip subtitles.
+    Srt,
+    /// WebVTT subtitles.
+    Vtt,
+}
+
+/// An unknown format name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown format {0:?}; use text, json, verbose_json, srt or vtt")]
+pub struct UnknownFormat(pub String);
+
+impl std::str::FromStr for Format {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "text" | "txt" => Format::Text,
+            "json" => Format::Json,
+            "verbose_json" => Format::VerboseJson,
+            "srt" => Format::Srt,
+            "vtt" | "webvtt" => Format::Vtt,
+            other => return Err(UnknownFormat(other.to_owned())),
+        })
+    }
+}
+
+impl Format {
+    /// MIME type of the rendered output.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; charset=utf-8",
+            Format::Json | Format::VerboseJson => "application/json",
+            Format::Srt => "application/x-subrip",
+            Format::Vtt => "text/vtt; charset=utf-8",
+        }
+    }
+}
+
+fn timestamp(seconds: f64, decimal: char) -> String {
+    let ms = (seconds.max(0.0) * 1000.0).round() as u64;
+    format!(
+        "{:02}:{:02}:{:02}{decimal}{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
+/// A cue's text: one line, no blank lines (which would end the cue), no `-->`.
+fn cue_text(text: &str) -> String {
+    text.trim().replace("-->", "->").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+impl Transcript {
+    /// The whole text.
+    pub fn text(&self) -> String {
+        self.segments.iter().map(|s| s.text.as_str()).collect::<String>().trim().to_owned()
+    }
+
+    /// Renders the transcript in `format`.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Text => {
+                let mut out: String = self
+                    .segments
+                    .iter()
+                    .map(|s| s.text.trim())
+                    .filter(|t| !t.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                out.push('\n');
+                out
+            }
+            Format::Json => serde_json::json!({
+                "text": self.text(),
+                "language": self.language,
+                "duration": self.duration,
+                "segments": self.segments.iter().map(|s| serde_json::json!({
+                    "id": s.id, "start": s.start, "end": s.end, "text": s.text.trim(),
+                })).collect::<Vec<_>>(),
+            })
+            .to_string(),
+            Format::VerboseJson => {
+                let words: Vec<&Word> = self.segments.iter().flat_map(|s| &s.words).collect();
+                let mut v = serde_json::json!({
+                    "task": self.task,
+                    "language": self.language,
+                    "duration": self.duration,
+                    "text": self.text(),
+                    "segments": self.segments,
+                });
+                if !words.is_empty() {
+                    v["words"] = serde_json::to_value(words).unwrap_or_default();
+                }
+                v.to_string()
+            }
+            Format::Srt => {
+                let mut out = String::new();
+                for (n, s) in self.segments.iter().filter(|s| !cue_text(&s.text).is_empty()).enumerate() {
+                    out.push_str(&format!(
+                        "{}\n{} --> {}\n{}\n\n",
+                        n + 1,
+                        timestamp(s.start, ','),
+                        timestamp(s.end, ','),
+                        cue_text(&s.text)
+                    ));
+                }
+                out
+            }
+            Format::Vtt => {
+                let mut out = String::from("WEBVTT\n\n");
+                for s in self.segments.iter().filter(|s| !cue_text(&s.text).is_empty()) {
+                    out.push_str(&format!(
+                        "{} --> {}\n{}\n\n",
+                        timestamp(s.start, '.'),
+                        timestamp(s.end, '.'),
+                        cue_text(&s.text)
+                    ));
+                }
+                out
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Transcript {
+        let seg = |id, start, end, text: &str| Segment {
+            id,
+            start,
+            end,
+            text: text.into(),
+            tokens: vec![],
+            temperature: 0.0,
+            avg_logprob: -0.2,
+            compression_ratio: 1.1,
+            no_speech_prob: 0.01,
+            words: vec![],
+        };
+        let mut t = Transcript {
+            task: "transcribe".into(),
+            language: "en".into(),
+            duration: 3725.5,
+            segments: vec![seg(0, 0.0, 2.5, " Go forward."), seg(1, 3661.042, 3662.0, " Ten --> meters\n\nnow")],
+        };
+        t.segments[0].words = vec![Word {
+            word: " Go".into(),
+            start: 0.0,
+            end: 0.4,
+            probability: 0.9,
+        }];
+        t
+    }
+
+    #[test]
+    fn srt_and_vtt_cues() {
+        let t = sample();
+        assert_eq!(
+            t.render(Format::Srt),
+            "1\n00:00:00,000 --> 00:00:02,500\nGo forward.\n\n2\n01:01:01,042 --> 01:01:02,000\nTen -> meters now\n\n"
+        );
+        assert_eq!(
+            t.render(Format::Vtt),
+            "WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nGo forward.\n\n01:01:01.042 --> 01:01:02.000\nTen -> meters now\n\n"
+        );
+    }
+
+    #[test]
+    fn json_shapes() {
+        let t = sample();
+        let j: serde_json::Value = serde_json::from_str(&t.render(Format::Json)).unwrap();
+        assert_eq!(j["text"], "Go forward. Ten --> meters\n\nnow");
+        let v: serde_json::Value = serde_json::from_str(&t.render(Format::VerboseJson)).unwrap();
+        assert_eq!(v["task"], "transcribe");
+        assert_eq!(v["segments"][0]["avg_logprob"], -0.2);
+        assert_eq!(v["words"][0]["word"], " Go");
+        assert_eq!(t.render(Format::Text), "Go forward.\nTen --> meters\n\nnow\n");
+        assert!("yaml".parse::<Format>().unwrap_err().to_string().contains("use text, json"));
+    }
+}

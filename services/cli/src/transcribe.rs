@@ -1,0 +1,212 @@
+//! `nexus transcribe`: a recording to text or subtitles, on this machine.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use nexus_audio::{AudioLimits, PcmSpec, SampleFormat};
+use nexus_models::whisper::{Task, TranscribeOptions, WhisperEngine};
+use nexus_transcript::{Format, Segment, Transcript, Word};
+use nexus_weights::{Registry, Store};
+
+/// Transcribe (or translate into English) an audio file.
+#[derive(Debug, Args)]
+pub struct TranscribeArgs {
+    /// Audio file: WAV, FLAC, MP3, Ogg Vorbis, M4A/AAC, AIFF, CAF, MKV; or raw PCM with `--raw-rate`.
+    file: PathBuf,
+    /// Registry name (`base`, `tiny.en`, …) or a model folder.
+    #[arg(long, default_value = "base")]
+    model: String,
+    /// `transcribe` keeps the spoken language; `translate` produces English.
+    #[arg(long, value_enum, default_value = "transcribe")]
+    task: TaskArg,
+    /// Spoken language (ISO 639-1); detected when absent.
+    #[arg(long)]
+    language: Option<String>,
+    /// Output format.
+    #[arg(long, default_value = "text", value_parser = parse_format)]
+    format: Format,
+    /// Time every word (verbose_json, and finer subtitle cues).
+    #[arg(long)]
+    word_timestamps: bool,
+    /// Beam width (1 = greedy).
+    #[arg(long, default_value_t = 5)]
+    beam_size: usize,
+    /// Text that precedes the audio: names, spellings, style.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Comma-separated terms to favour.
+    #[arg(long, value_delimiter = ',')]
+    hotwords: Vec<String>,
+    /// Treat the file as raw PCM at this rate (with `--raw-format` and `--raw-channels`).
+    #[arg(long)]
+    raw_rate: Option<u32>,
+    /// Raw PCM sample format.
+    #[arg(long, value_enum, default_value = "s16le")]
+    raw_format: RawFormat,
+    /// Raw PCM channels.
+    #[arg(long, default_value_t = 1)]
+    raw_channels: u32,
+    /// Write here instead of standard output.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Where weights are kept.
+    #[arg(long, env = "NEXUS_HOME")]
+    home: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TaskArg {
+    Transcribe,
+    Translate,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RawFormat {
+    S16le,
+    F32le,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse().map_err(|e: nexus_transcript::UnknownFormat| e.to_string())
+}
+
+/// The folder of a model given by registry name or path.
+pub fn resolve_model(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_owned());
+    }
+    let store = Store::new(home.unwrap_or_else(Store::default_root));
+    let registry = Registry::builtin();
+    let entry = registry.get(spec)?;
+    let dir = store.model_dir(&entry.name);
+    if !dir.join("model.safetensors").is_file() {
+        bail!("model {} is not on this machine; run `nexus models pull {}`", entry.name, entry.name);
+    }
+    Ok(dir)
+}
+
+/// 16 kHz mono samples of a file.
+pub fn load_audio(file: &Path, raw: Option<(u32, SampleFormat, u32)>) -> anyhow::Result<Vec<f32>> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let limits = AudioLimits::default();
+    let (channels, rate) = match raw {
+        Some((rate, format, channels)) => {
+            let spec = PcmSpec {
+                format,
+                sample_rate: rate,
+                channels,
+            };
+            (nexus_audio::pcm::decode_all(&bytes, spec, &limits)?, rate)
+        }
+        None => {
+            let ext = file.extension().and_then(|e| e.to_str());
+            let audio = nexus_audio::decode_bytes(bytes, ext, &limits)
+                .with_context(|| format!("decoding {}", file.display()))?;
+            (audio.channels, audio.sample_rate)
+        }
+    };
+    Ok(nexus_audio::to_model_rate(&channels, rate)?)
+}
+
+fn progress_bar(enabled: bool) -> impl FnMut(f32) {
+    let mut last = -1i32;
+    move |f: f32| {
+        let pct = (f * 100.0) as i32;
+        if enabled && pct != last {
+            last = pct;
+            let filled = (f * 30.0) as usize;
+            eprint!("\r[{}{}] {pct:3}%", "#".repeat(filled), ".".repeat(30 - filled));
+            if pct >= 100 {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+/// Converts the engine's transcript into the file-format one.
+pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Transcript {
+    Transcript {
+        task: match task {
+            Task::Transcribe => "transcribe",
+            Task::Translate => "translate",
+        }
+        .into(),
+        language: if task == Task::Translate { "en".into() } else { t.language.clone() },
+        duration: f64::from(t.duration),
+        segments: t
+            .segments
+            .iter()
+            .map(|s| Segment {
+                id: s.id,
+                start: f64::from(s.start),
+                end: f64::from(s.end),
+                text: s.text.clone(),
+                tokens: s.tokens.clone(),
+                temperature: f64::from(s.temperature),
+                avg_logprob: f64::from(s.avg_logprob),
+                compression_ratio: f64::from(s.compression_ratio),
+                no_speech_prob: f64::from(s.no_speech_prob),
+                words: s
+                    .words
+                    .iter()
+                    .map(|w| Word {
+                        word: w.word.clone(),
+                        start: f64::from(w.start),
+                        end: f64::from(w.end),
+                        probability: f64::from(w.probability),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Runs `nexus transcribe`.
+pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
+    let dir = resolve_model(&args.model, args.home.clone())?;
+    let raw = args.raw_rate.map(|r| {
+        let f = match args.raw_format {
+            RawFormat::S16le => SampleFormat::S16Le,
+            RawFormat::F32le => SampleFormat::F32Le,
+        };
+        (r, f, args.raw_channels)
+    });
+    let samples = load_audio(&args.file, raw)?;
+    let t0 = Instant::now();
+    let engine = WhisperEngine::load(&dir, &candle_core::Device::Cpu)?;
+    tracing::info!(model = %dir.display(), load_ms = t0.elapsed().as_millis() as u64, "model loaded");
+    let task = match args.task {
+        TaskArg::Transcribe => Task::Transcribe,
+        TaskArg::Translate => Task::Translate,
+    };
+    let opts = TranscribeOptions {
+        task,
+        language: args.language.clone(),
+        beam_size: args.beam_size.max(1),
+        initial_prompt: args.prompt.clone(),
+        hotwords: args.hotwords.clone(),
+        word_timestamps: args.word_timestamps,
+        ..TranscribeOptions::default()
+    };
+    let t1 = Instant::now();
+    let mut bar = progress_bar(std::io::stderr().is_terminal() && samples.len() > 16_000 * 60);
+    let result = engine.transcribe(&samples, &opts, &mut bar)?;
+    let secs = t1.elapsed().as_secs_f64();
+    tracing::info!(
+        audio_s = f64::from(result.duration),
+        took_s = secs,
+        rtf = secs / f64::from(result.duration).max(1e-9),
+        "transcribed"
+    );
+    let rendered = to_transcript(&result, task).render(args.format);
+    match args.output {
+        Some(path) => std::fs::write(&path, rendered).with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{rendered}"),
+    }
+    Ok(())
+}
