@@ -22,6 +22,7 @@ declare -A APT=(
   [python3]=python3
   [curl]=curl
   [git]=git
+  [espeak-ng]=espeak-ng  # synthesised speech for timing and Mandarin tests
 )
 missing=()
 for cmd in "${!APT[@]}"; do

@@ -12,9 +12,15 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== weights and test speech (pinned by SHA-256; fetched once per machine)" >&2
+cargo run -q --locked -p nexus-cli -- models pull tiny.en base qwen2.5-0.5b-instruct
+bash scripts/fetch-testdata.sh
+
+# Tests marked #[ignore = "needs …"] need the weights and data fetched above (or
+# the registry's network): this command provides them, so it runs those too.
 echo "== tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast --run-ignored all
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast -- --include-ignored
 fi

@@ -3,8 +3,8 @@
 
 use std::io::Cursor;
 
-use symphonia::core::codecs::audio::AudioDecoderOptions;
 use symphonia::core::codecs::CodecParameters;
+use symphonia::core::codecs::audio::AudioDecoderOptions;
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::probe::Hint;
 use symphonia::core::formats::{FormatOptions, TrackType};
@@ -34,7 +34,9 @@ fn sym_err(e: SymError) -> AudioError {
     match e {
         SymError::Unsupported(what) => AudioError::Unsupported(what.to_owned()),
         SymError::DecodeError(what) => AudioError::Corrupt(what.to_owned()),
-        SymError::LimitError(what) => AudioError::Corrupt(format!("exceeds a decoder limit: {what}")),
+        SymError::LimitError(what) => {
+            AudioError::Corrupt(format!("exceeds a decoder limit: {what}"))
+        }
         SymError::IoError(e) => AudioError::Corrupt(format!("truncated or unreadable: {e}")),
         other => AudioError::Corrupt(other.to_string()),
     }
@@ -42,7 +44,11 @@ fn sym_err(e: SymError) -> AudioError {
 
 /// Decodes a whole file held in memory. `extension` (e.g. `"mp3"`) is a hint
 /// only; the container is detected from its bytes.
-pub fn decode_bytes(bytes: Vec<u8>, extension: Option<&str>, limits: &AudioLimits) -> Result<DecodedAudio> {
+pub fn decode_bytes(
+    bytes: Vec<u8>,
+    extension: Option<&str>,
+    limits: &AudioLimits,
+) -> Result<DecodedAudio> {
     if bytes.is_empty() {
         return Err(AudioError::Empty);
     }
@@ -51,12 +57,21 @@ pub fn decode_bytes(bytes: Vec<u8>, extension: Option<&str>, limits: &AudioLimit
     if let Some(ext) = extension {
         hint.with_extension(ext);
     }
-    let mss = MediaSourceStream::new(Box::new(Cursor::new(bytes)), MediaSourceStreamOptions::default());
+    let mss = MediaSourceStream::new(
+        Box::new(Cursor::new(bytes)),
+        MediaSourceStreamOptions::default(),
+    );
     let mut format = symphonia::default::get_probe()
-        .probe(&hint, mss, FormatOptions::default(), MetadataOptions::default())
+        .probe(
+            &hint,
+            mss,
+            FormatOptions::default(),
+            MetadataOptions::default(),
+        )
         .map_err(|e| match e {
             SymError::Unsupported(_) => AudioError::Unsupported(
-                "not a recognised audio container (WAV, FLAC, MP3, Ogg, M4A/AAC, AIFF, CAF, MKV)".into(),
+                "not a recognised audio container (WAV, FLAC, MP3, Ogg, M4A/AAC, AIFF, CAF, MKV)"
+                    .into(),
             ),
             other => sym_err(other),
         })?;
@@ -65,7 +80,9 @@ pub fn decode_bytes(bytes: Vec<u8>, extension: Option<&str>, limits: &AudioLimit
         .ok_or_else(|| AudioError::Unsupported("the file has no audio track".into()))?;
     let track_id = track.id;
     let Some(CodecParameters::Audio(params)) = track.codec_params.clone() else {
-        return Err(AudioError::Unsupported("the audio track has no codec parameters".into()));
+        return Err(AudioError::Unsupported(
+            "the audio track has no codec parameters".into(),
+        ));
     };
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(&params, &AudioDecoderOptions::default())

@@ -11,9 +11,9 @@ pub mod limits;
 pub mod pcm;
 pub mod resample;
 
+pub use decode::{DecodedAudio, decode_bytes};
 pub use error::{AudioError, Result};
 pub use limits::AudioLimits;
-pub use decode::{DecodedAudio, decode_bytes};
 pub use pcm::{PcmDecoder, PcmSpec, SampleFormat, downmix};
 pub use resample::{StreamResampler, resample, to_model_rate};
 

@@ -88,16 +88,38 @@ fn is_punct(c: char) -> bool {
 }
 
 const UNITS: &[&str] = &[
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
 ];
-const TENS: &[&str] = &["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"];
+const TENS: &[&str] = &[
+    "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+];
 
 fn number_word(w: &str) -> Option<u64> {
     if let Some(i) = UNITS.iter().position(|u| *u == w) {
         return Some(i as u64);
     }
-    TENS.iter().position(|t| !t.is_empty() && *t == w).map(|i| i as u64 * 10)
+    TENS.iter()
+        .position(|t| !t.is_empty() && *t == w)
+        .map(|i| i as u64 * 10)
 }
 
 /// Rewrites spelled-out numbers ("twenty one", "two hundred and five") as digits.
@@ -113,7 +135,9 @@ fn numbers_to_digits(words: Vec<String>) -> Vec<String> {
             let w = words[j].as_str();
             if let Some(n) = number_word(w) {
                 // "twenty one" adds; "one two" is two numbers.
-                if any && current % 10 != 0 && n < 10 || any && current >= 10 && n >= 10 && current % 100 != 0 {
+                if any && !current.is_multiple_of(10) && n < 10
+                    || any && current >= 10 && n >= 10 && !current.is_multiple_of(100)
+                {
                     break;
                 }
                 current += n;
@@ -124,7 +148,11 @@ fn numbers_to_digits(words: Vec<String>) -> Vec<String> {
                 let scale = if w == "thousand" { 1_000 } else { 1_000_000 };
                 total += current.max(1) * scale;
                 current = 0;
-            } else if any && w == "and" && j + 1 < words.len() && number_word(&words[j + 1]).is_some() {
+            } else if any
+                && w == "and"
+                && j + 1 < words.len()
+                && number_word(&words[j + 1]).is_some()
+            {
                 // "hundred and five"
             } else {
                 break;
@@ -177,7 +205,10 @@ mod tests {
 
     #[test]
     fn formatting_is_not_an_error() {
-        assert_eq!(wer("go forward ten meters", "Go forward 10 meters.").errors, 0);
+        assert_eq!(
+            wer("go forward ten meters", "Go forward 10 meters.").errors,
+            0
+        );
         assert_eq!(
             wer(
                 "and mister john dashwood had then leisure",
@@ -186,8 +217,18 @@ mod tests {
             .errors,
             0
         );
-        assert_eq!(wer("he was not an ill disposed young man", "He was not an ill-disposed young man.").errors, 0);
-        assert_eq!(normalize_english("Twenty-one, two hundred and five!"), "21 205");
+        assert_eq!(
+            wer(
+                "he was not an ill disposed young man",
+                "He was not an ill-disposed young man."
+            )
+            .errors,
+            0
+        );
+        assert_eq!(
+            normalize_english("Twenty-one, two hundred and five!"),
+            "21 205"
+        );
         assert_eq!(normalize_english("one two three"), "1 2 3");
     }
 

@@ -5,10 +5,11 @@
 //! and run it on their own threads.
 //!
 //! It owns the Whisper log-mel frontend ([`mel`]) and Whisper recognition and
-//! translation ([`whisper`]).
+//! translation ([`whisper`]), and text translation with Qwen2.5 ([`qwen`]).
 
 pub mod error;
 pub mod mel;
+pub mod qwen;
 pub mod whisper;
 
 pub use error::{ModelError, Result};

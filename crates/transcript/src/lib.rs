@@ -49,6 +49,16 @@ pub struct Segment {
     /// Word timings, when asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub words: Vec<Word>,
+    /// The text in the requested target language, when translated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translation: Option<String>,
+}
+
+impl Segment {
+    /// What to show: the translation when there is one, else the text.
+    pub fn display_text(&self) -> &str {
+        self.translation.as_deref().unwrap_or(&self.text)
+    }
 }
 
 /// A whole transcript.
@@ -62,6 +72,9 @@ pub struct Transcript {
     pub duration: f64,
     /// Segments in time order.
     pub segments: Vec<Segment>,
+    /// Language of the segments' translations, when translated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_language: Option<String>,
 }
 
 /// Output file formats.
@@ -123,24 +136,38 @@ fn timestamp(seconds: f64, decimal: char) -> String {
 
 /// A cue's text: one line, no blank lines (which would end the cue), no `-->`.
 fn cue_text(text: &str) -> String {
-    text.trim().replace("-->", "->").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    text.trim()
+        .replace("-->", "->")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Transcript {
-    /// The whole text.
+    /// The whole text, translated when a translation was asked for.
     pub fn text(&self) -> String {
-        self.segments.iter().map(|s| s.text.as_str()).collect::<String>().trim().to_owned()
+        let unspaced = matches!(self.target_language.as_deref(), Some("zh" | "ja" | "th"));
+        self.segments
+            .iter()
+            .map(|s| s.display_text().trim())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join(if unspaced { "" } else { " " })
     }
 
     /// Renders the transcript in `format`.
     pub fn render(&self, format: Format) -> String {
+        let shown = || {
+            self.segments
+                .iter()
+                .filter(|s| !cue_text(s.display_text()).is_empty())
+        };
         match format {
             Format::Text => {
-                let mut out: String = self
-                    .segments
-                    .iter()
-                    .map(|s| s.text.trim())
-                    .filter(|t| !t.is_empty())
+                let mut out = shown()
+                    .map(|s| s.display_text().trim())
                     .collect::<Vec<_>>()
                     .join("\n");
                 out.push('\n');
@@ -148,10 +175,10 @@ impl Transcript {
             }
             Format::Json => serde_json::json!({
                 "text": self.text(),
-                "language": self.language,
+                "language": self.target_language.as_deref().unwrap_or(&self.language),
                 "duration": self.duration,
                 "segments": self.segments.iter().map(|s| serde_json::json!({
-                    "id": s.id, "start": s.start, "end": s.end, "text": s.text.trim(),
+                    "id": s.id, "start": s.start, "end": s.end, "text": s.display_text().trim(),
                 })).collect::<Vec<_>>(),
             })
             .to_string(),
@@ -164,32 +191,34 @@ impl Transcript {
                     "text": self.text(),
                     "segments": self.segments,
                 });
+                if let Some(t) = &self.target_language {
+                    v["target_language"] = t.clone().into();
+                }
                 if !words.is_empty() {
                     v["words"] = serde_json::to_value(words).unwrap_or_default();
                 }
                 v.to_string()
             }
-            Format::Srt => {
-                let mut out = String::new();
-                for (n, s) in self.segments.iter().filter(|s| !cue_text(&s.text).is_empty()).enumerate() {
-                    out.push_str(&format!(
+            Format::Srt => shown()
+                .enumerate()
+                .map(|(n, s)| {
+                    format!(
                         "{}\n{} --> {}\n{}\n\n",
                         n + 1,
                         timestamp(s.start, ','),
                         timestamp(s.end, ','),
-                        cue_text(&s.text)
-                    ));
-                }
-                out
-            }
+                        cue_text(s.display_text())
+                    )
+                })
+                .collect(),
             Format::Vtt => {
                 let mut out = String::from("WEBVTT\n\n");
-                for s in self.segments.iter().filter(|s| !cue_text(&s.text).is_empty()) {
+                for s in shown() {
                     out.push_str(&format!(
                         "{} --> {}\n{}\n\n",
                         timestamp(s.start, '.'),
                         timestamp(s.end, '.'),
-                        cue_text(&s.text)
+                        cue_text(s.display_text())
                     ));
                 }
                 out
@@ -214,12 +243,17 @@ mod tests {
             compression_ratio: 1.1,
             no_speech_prob: 0.01,
             words: vec![],
+            translation: None,
         };
         let mut t = Transcript {
             task: "transcribe".into(),
             language: "en".into(),
             duration: 3725.5,
-            segments: vec![seg(0, 0.0, 2.5, " Go forward."), seg(1, 3661.042, 3662.0, " Ten --> meters\n\nnow")],
+            segments: vec![
+                seg(0, 0.0, 2.5, " Go forward."),
+                seg(1, 3661.042, 3662.0, " Ten --> meters\n\nnow"),
+            ],
+            target_language: None,
         };
         t.segments[0].words = vec![Word {
             word: " Go".into(),
@@ -252,7 +286,29 @@ mod tests {
         assert_eq!(v["task"], "transcribe");
         assert_eq!(v["segments"][0]["avg_logprob"], -0.2);
         assert_eq!(v["words"][0]["word"], " Go");
-        assert_eq!(t.render(Format::Text), "Go forward.\nTen --> meters\n\nnow\n");
-        assert!("yaml".parse::<Format>().unwrap_err().to_string().contains("use text, json"));
+        assert_eq!(
+            t.render(Format::Text),
+            "Go forward.\nTen --> meters\n\nnow\n"
+        );
+        assert!(
+            "yaml"
+                .parse::<Format>()
+                .unwrap_err()
+                .to_string()
+                .contains("use text, json")
+        );
+    }
+
+    #[test]
+    fn translations_are_shown_where_present() {
+        let mut t = sample();
+        t.target_language = Some("zh".into());
+        t.segments[0].translation = Some("向前走。".into());
+        t.segments[1].translation = Some("十米".into());
+        assert!(t.render(Format::Srt).contains("\n向前走。\n"));
+        assert_eq!(t.text(), "向前走。十米");
+        let v: serde_json::Value = serde_json::from_str(&t.render(Format::VerboseJson)).unwrap();
+        assert_eq!(v["segments"][0]["text"], " Go forward.");
+        assert_eq!(v["segments"][0]["translation"], "向前走。");
     }
 }

@@ -65,9 +65,11 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -99,7 +101,13 @@ fn run_ours(model: &str, beam: usize, files: &[PathBuf]) -> anyhow::Result<()> {
 fn child_json(mut cmd: Command, what: &str) -> anyhow::Result<Value> {
     let out = cmd.output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
@@ -130,14 +138,23 @@ fn asr(args: AsrArgs) -> anyhow::Result<()> {
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!("no .wav files with .txt references in {}", args.data.display());
+        bail!(
+            "no .wav files with .txt references in {}",
+            args.data.display()
+        );
     }
     let refs: BTreeMap<String, String> = files
         .iter()
-        .map(|f| Ok((f.display().to_string(), std::fs::read_to_string(f.with_extension("txt"))?)))
+        .map(|f| {
+            Ok((
+                f.display().to_string(),
+                std::fs::read_to_string(f.with_extension("txt"))?,
+            ))
+        })
         .collect::<anyhow::Result<_>>()?;
     let exe = std::env::current_exe()?;
-    let anchor_path = std::env::temp_dir().join(format!("nexus-fw-anchor-{}.py", std::process::id()));
+    let anchor_path =
+        std::env::temp_dir().join(format!("nexus-fw-anchor-{}.py", std::process::id()));
     std::fs::write(&anchor_path, ANCHOR)?;
     let mut rows = Vec::new();
     for model in &args.models {
@@ -190,9 +207,15 @@ fn asr(args: AsrArgs) -> anyhow::Result<()> {
         args.threads,
         args.beam
     );
-    println!("{:<9} {:<22} {:>7} {:>10} {:>7} {:>18}", "model", "system", "RTF", "peak MB", "WER %", "RTF vs nexus");
+    println!(
+        "{:<9} {:<22} {:>7} {:>10} {:>7} {:>18}",
+        "model", "system", "RTF", "peak MB", "WER %", "RTF vs nexus"
+    );
     for r in &rows {
-        let ours = rows.iter().find(|o| o.model == r.model && o.system.starts_with("nexus")).map_or(r.rtf, |o| o.rtf);
+        let ours = rows
+            .iter()
+            .find(|o| o.model == r.model && o.system.starts_with("nexus"))
+            .map_or(r.rtf, |o| o.rtf);
         println!(
             "{:<9} {:<22} {:>7.3} {:>10.0} {:>7.2} {:>17.2}x",
             r.model,
@@ -203,7 +226,9 @@ fn asr(args: AsrArgs) -> anyhow::Result<()> {
             ours / r.rtf.max(1e-9)
         );
     }
-    println!("(RTF = processing seconds per audio second, model load excluded; 'RTF vs nexus' > 1 means the row is faster than nexus)");
+    println!(
+        "(RTF = processing seconds per audio second, model load excluded; 'RTF vs nexus' > 1 means the row is faster than nexus)"
+    );
     Ok(())
 }
 
@@ -214,4 +239,3 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
     }
 }
-

@@ -6,6 +6,7 @@
 mod bench;
 mod models;
 mod transcribe;
+mod translate;
 
 use clap::{Parser, Subcommand};
 use nexus_core::telemetry::{self, TelemetryArgs};
@@ -26,6 +27,8 @@ enum Command {
     Models(models::ModelsArgs),
     /// Transcribe or translate an audio file on this machine.
     Transcribe(transcribe::TranscribeArgs),
+    /// Translate text with the fleet's language model.
+    Translate(translate::TranslateArgs),
     /// Measure speed, memory and accuracy beside the reference engines.
     Bench(bench::BenchArgs),
 }
@@ -36,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Models(args) => models::run(args),
         Command::Transcribe(args) => transcribe::run(args),
+        Command::Translate(args) => translate::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -25,6 +25,13 @@ pub struct TranscribeArgs {
     /// Spoken language (ISO 639-1); detected when absent.
     #[arg(long)]
     language: Option<String>,
+    /// Translate into this language (ISO 639-1). English uses Whisper's own
+    /// translation; other targets go through the text translation model.
+    #[arg(long)]
+    to: Option<String>,
+    /// Text translation model for `--to` (registry name or `.gguf` path).
+    #[arg(long, default_value = "qwen2.5-0.5b-instruct")]
+    translation_model: String,
     /// Output format.
     #[arg(long, default_value = "text", value_parser = parse_format)]
     format: Format,
@@ -70,7 +77,8 @@ enum RawFormat {
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
-    s.parse().map_err(|e: nexus_transcript::UnknownFormat| e.to_string())
+    s.parse()
+        .map_err(|e: nexus_transcript::UnknownFormat| e.to_string())
 }
 
 /// The folder of a model given by registry name or path.
@@ -84,7 +92,11 @@ pub fn resolve_model(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBu
     let entry = registry.get(spec)?;
     let dir = store.model_dir(&entry.name);
     if !dir.join("model.safetensors").is_file() {
-        bail!("model {} is not on this machine; run `nexus models pull {}`", entry.name, entry.name);
+        bail!(
+            "model {} is not on this machine; run `nexus models pull {}`",
+            entry.name,
+            entry.name
+        );
     }
     Ok(dir)
 }
@@ -119,7 +131,11 @@ fn progress_bar(enabled: bool) -> impl FnMut(f32) {
         if enabled && pct != last {
             last = pct;
             let filled = (f * 30.0) as usize;
-            eprint!("\r[{}{}] {pct:3}%", "#".repeat(filled), ".".repeat(30 - filled));
+            eprint!(
+                "\r[{}{}] {pct:3}%",
+                "#".repeat(filled),
+                ".".repeat(30 - filled)
+            );
             if pct >= 100 {
                 eprintln!();
             }
@@ -136,8 +152,13 @@ pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Trans
             Task::Translate => "translate",
         }
         .into(),
-        language: if task == Task::Translate { "en".into() } else { t.language.clone() },
+        language: if task == Task::Translate {
+            "en".into()
+        } else {
+            t.language.clone()
+        },
         duration: f64::from(t.duration),
+        target_language: None,
         segments: t
             .segments
             .iter()
@@ -161,6 +182,7 @@ pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Trans
                         probability: f64::from(w.probability),
                     })
                     .collect(),
+                translation: None,
             })
             .collect(),
     }
@@ -169,6 +191,18 @@ pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Trans
 /// Runs `nexus transcribe`.
 pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     let dir = resolve_model(&args.model, args.home.clone())?;
+    // English targets use Whisper's translate task; others need the text model, found before any work.
+    let text_target = args.to.clone().filter(|t| t != "en");
+    let translator_file = match &text_target {
+        Some(t) => {
+            crate::translate::check_target(t)?;
+            Some(crate::translate::resolve_gguf(
+                &args.translation_model,
+                args.home.clone(),
+            )?)
+        }
+        None => None,
+    };
     let raw = args.raw_rate.map(|r| {
         let f = match args.raw_format {
             RawFormat::S16le => SampleFormat::S16Le,
@@ -180,9 +214,9 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let engine = WhisperEngine::load(&dir, &candle_core::Device::Cpu)?;
     tracing::info!(model = %dir.display(), load_ms = t0.elapsed().as_millis() as u64, "model loaded");
-    let task = match args.task {
-        TaskArg::Transcribe => Task::Transcribe,
-        TaskArg::Translate => Task::Translate,
+    let task = match (args.task, args.to.as_deref()) {
+        (_, Some("en")) | (TaskArg::Translate, None) => Task::Translate,
+        _ => Task::Transcribe,
     };
     let opts = TranscribeOptions {
         task,
@@ -203,9 +237,21 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         rtf = secs / f64::from(result.duration).max(1e-9),
         "transcribed"
     );
-    let rendered = to_transcript(&result, task).render(args.format);
+    let mut transcript = to_transcript(&result, task);
+    if let (Some(target), Some(file)) = (text_target, translator_file) {
+        let mut translator =
+            nexus_models::qwen::Translator::load(&file, &candle_core::Device::Cpu)?;
+        let source = transcript.language.clone();
+        for seg in &mut transcript.segments {
+            seg.translation =
+                Some(translator.translate(seg.text.trim(), Some(&source), &target)?);
+        }
+        transcript.target_language = Some(target);
+    }
+    let rendered = transcript.render(args.format);
     match args.output {
-        Some(path) => std::fs::write(&path, rendered).with_context(|| format!("writing {}", path.display()))?,
+        Some(path) => std::fs::write(&path, rendered)
+            .with_context(|| format!("writing {}", path.display()))?,
         None => print!("{rendered}"),
     }
     Ok(())

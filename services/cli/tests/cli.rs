@@ -36,7 +36,11 @@ fn help_lists_only_working_subcommands() {
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| *c != "help")
         .collect();
-    assert_eq!(commands, ["models", "transcribe", "bench"], "{help}");
+    assert_eq!(
+        commands,
+        ["models", "transcribe", "translate", "bench"],
+        "{help}"
+    );
     // Each listed command does real work: `models list` reads the registry and the store.
     let out = nexus(&["models", "list"], tmp.path());
     assert!(out.status.success(), "{}", text(&out));

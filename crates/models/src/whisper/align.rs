@@ -255,7 +255,9 @@ pub fn align(
     Ok(merge_punctuation(out))
 }
 
-/// Attaches opening punctuation to the next word and closing punctuation to the previous one.
+/// Attaches opening punctuation to the next word and closing punctuation to the
+/// previous one. Only the text moves: a word keeps its own times, since the
+/// span aligned to a punctuation token usually covers the pause around it.
 fn merge_punctuation(words: Vec<TimedWord>) -> Vec<TimedWord> {
     const OPEN: &str = "\"'“¿([{-";
     const CLOSE: &str = "\"'.。,，!！?？:：”)]}、";
@@ -270,7 +272,6 @@ fn merge_punctuation(words: Vec<TimedWord>) -> Vec<TimedWord> {
         if let Some(p) = pending.take() {
             w.word = format!("{}{}", p.word, w.word.trim_start());
             w.word.insert(0, ' ');
-            w.start = p.start;
         }
         if !t.is_empty()
             && t.chars().all(|c| CLOSE.contains(c))
@@ -278,7 +279,6 @@ fn merge_punctuation(words: Vec<TimedWord>) -> Vec<TimedWord> {
             && let Some(prev) = out.last_mut()
         {
             prev.word.push_str(&w.word);
-            prev.end = w.end;
             continue;
         }
         out.push(w);
@@ -334,6 +334,7 @@ mod tests {
             merged.iter().map(|w| w.word.as_str()).collect::<Vec<_>>(),
             [" Hello,", " world."]
         );
-        assert_eq!(merged[1].end, 1.1);
+        // The comma's span (the pause) does not stretch the word.
+        assert_eq!((merged[0].end, merged[1].end), (0.5, 1.0));
     }
 }

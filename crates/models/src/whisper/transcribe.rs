@@ -186,7 +186,11 @@ impl WhisperEngine {
             let t0 = std::time::Instant::now();
             let m = mel.i((.., .., seek..seek + CHUNK_FRAMES))?.contiguous()?;
             let out = self.model.encoder.forward(&m.to_dtype(self.dtype)?)?;
-            tracing::debug!(seek, encode_ms = t0.elapsed().as_millis() as u64, "encoded window");
+            tracing::debug!(
+                seek,
+                encode_ms = t0.elapsed().as_millis() as u64,
+                "encoded window"
+            );
             Ok(out)
         };
 

@@ -1,0 +1,213 @@
+//! Whisper on real weights and real or synthesised speech.
+//!
+//! These need `nexus models pull tiny.en base` and `scripts/fetch-testdata.sh`
+//! (the test script does both, then runs the ignored tests). Their small-data
+//! twins (`whisper_errors_*`) always run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use nexus_models::whisper::{TranscribeOptions, WhisperEngine};
+
+fn model_dir(name: &str) -> PathBuf {
+    let home = std::env::var_os("NEXUS_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/nexus")
+        });
+    home.join("models").join(name)
+}
+
+fn testdata() -> PathBuf {
+    std::env::var_os("NEXUS_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/testdata"))
+}
+
+fn load(name: &str) -> WhisperEngine {
+    let dir = model_dir(name);
+    WhisperEngine::load(&dir, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{e}: run `nexus models pull {name}` first"))
+}
+
+fn audio(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-testdata.sh", path.display()));
+    let a = nexus_audio::decode_bytes(bytes, None, &nexus_audio::AudioLimits::default())
+        .expect("decodable test audio");
+    nexus_audio::to_model_rate(&a.channels, a.sample_rate).expect("resampling test audio")
+}
+
+#[test]
+#[ignore = "needs whisper tiny.en weights and the pocketsphinx test data"]
+fn tiny_en_hears_go_forward() {
+    let engine = load("whisper-tiny.en");
+    let raw = std::fs::read(testdata().join("goforward.raw")).unwrap();
+    let samples: Vec<f32> = raw
+        .chunks_exact(2)
+        .map(|c| f32::from(i16::from_le_bytes([c[0], c[1]])) / 32768.0)
+        .collect();
+    let t = engine
+        .transcribe(&samples, &TranscribeOptions::default(), &mut |_| {})
+        .unwrap();
+    assert_eq!(
+        nexus_eval::wer("go forward ten meters", &t.text()).errors,
+        0,
+        "{}",
+        t.text()
+    );
+    assert_eq!(t.language, "en");
+}
+
+#[test]
+#[ignore = "needs whisper base weights and the pocketsphinx test data"]
+fn base_on_librivox_and_its_language() {
+    let engine = load("whisper-base");
+    let dir = testdata().join("librivox");
+    let mut total = nexus_eval::ErrorCounts::default();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "wav") {
+            let t = engine
+                .transcribe(&audio(&p), &TranscribeOptions::default(), &mut |_| {})
+                .unwrap();
+            assert_eq!(t.language, "en", "{}", p.display());
+            let reference = std::fs::read_to_string(p.with_extension("txt")).unwrap();
+            total = total + nexus_eval::wer(&reference, &t.text());
+        }
+    }
+    assert!(total.reference_len > 60);
+    // faster-whisper scores 1.41 % on these clips with the same weights (BENCHMARKS.md).
+    assert!(total.rate() < 0.03, "WER {:.2} %", total.rate() * 100.0);
+}
+
+fn espeak(word: &str, dir: &Path) -> Vec<f32> {
+    let path = dir.join(format!("{word}.wav"));
+    let st = Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "150", "-w"])
+        .arg(&path)
+        .arg(word)
+        .status()
+        .expect("espeak-ng (scripts/setup.sh installs it)");
+    assert!(st.success());
+    let mut s = audio(&path);
+    // Trim the synthesiser's own leading and trailing silence so boundaries are exact.
+    let peak = s.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let thr = peak * 0.02;
+    let a = s.iter().position(|x| x.abs() > thr).unwrap_or(0);
+    let b = s
+        .iter()
+        .rposition(|x| x.abs() > thr)
+        .map_or(s.len(), |b| b + 1);
+    s.truncate(b);
+    s.drain(..a);
+    s
+}
+
+fn median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "needs whisper base weights and espeak-ng"]
+fn word_timestamps_land_on_known_boundaries() {
+    let engine = load("whisper-base");
+    let tmp = tempfile::tempdir().unwrap();
+    let words = [
+        "morning", "coffee", "window", "garden", "yellow", "river", "pencil", "thunder", "orange",
+        "blanket", "mountain", "silver",
+    ];
+    let gaps = [
+        0.45f32, 0.3, 0.6, 0.35, 0.5, 0.4, 0.7, 0.3, 0.55, 0.45, 0.65, 0.4,
+    ];
+    let mut samples = vec![0f32; 8_000];
+    let mut truth = Vec::new();
+    for (w, gap) in words.iter().zip(gaps) {
+        let s = espeak(w, tmp.path());
+        let start = samples.len() as f32 / 16_000.0;
+        samples.extend(&s);
+        truth.push((w.to_string(), start, samples.len() as f32 / 16_000.0));
+        samples.extend(std::iter::repeat_n(0.0, (gap * 16_000.0) as usize));
+    }
+    let opts = TranscribeOptions {
+        word_timestamps: true,
+        language: Some("en".into()),
+        ..TranscribeOptions::default()
+    };
+    let t = engine.transcribe(&samples, &opts, &mut |_| {}).unwrap();
+    let hyp: Vec<_> = t.segments.iter().flat_map(|s| s.words.iter()).collect();
+    let norm = |s: &str| {
+        s.trim()
+            .trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase()
+    };
+    let mut errors = Vec::new();
+    let mut matched = 0;
+    let mut k = 0;
+    for (w, start, end) in &truth {
+        if let Some(off) = hyp[k..].iter().position(|h| norm(&h.word) == *w) {
+            let h = hyp[k + off];
+            eprintln!(
+                "{w:>9}: truth {start:6.2}-{end:6.2}  ours {:6.2}-{:6.2}  ({})",
+                h.start, h.end, h.word
+            );
+            errors.push((h.start - start).abs());
+            errors.push((h.end - end).abs());
+            matched += 1;
+            k += off + 1;
+        }
+    }
+    assert!(
+        matched >= 10,
+        "matched {matched} of {}: {}",
+        truth.len(),
+        t.text()
+    );
+    let m = median(errors.clone());
+    eprintln!(
+        "word boundary error: median {:.0} ms over {} boundaries",
+        m * 1000.0,
+        errors.len()
+    );
+    assert!(m < 0.150, "median word boundary error {:.0} ms", m * 1000.0);
+}
+
+#[test]
+fn whisper_errors_name_the_broken_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let e = WhisperEngine::load(dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json"), "{e}");
+    std::fs::write(dir.join("config.json"), "{\"d_model\": 4}").unwrap();
+    let e = WhisperEngine::load(dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a Whisper config"), "{e}");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"num_mel_bins":80,"d_model":8,"encoder_layers":1,"decoder_layers":1,"encoder_attention_heads":2,
+            "decoder_attention_heads":2,"vocab_size":10,"max_source_positions":4,"max_target_positions":4}"#,
+    )
+    .unwrap();
+    let e = WhisperEngine::load(dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors is missing; import the model first"),
+        "{e}"
+    );
+    // A truncated safetensors file: a header length that runs past the end.
+    std::fs::write(
+        dir.join("model.safetensors"),
+        [200u8, 0, 0, 0, 0, 0, 0, 0, b'{'],
+    )
+    .unwrap();
+    let e = WhisperEngine::load(dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+}

@@ -1,0 +1,77 @@
+//! `nexus translate`: text translation with the fleet's language model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::Args;
+use nexus_models::qwen::Translator;
+use nexus_weights::{Registry, Store};
+
+/// Translate text into another language.
+#[derive(Debug, Args)]
+pub struct TranslateArgs {
+    /// The text to translate.
+    #[arg(long)]
+    text: String,
+    /// Target language (ISO 639-1), e.g. `zh`, `en`, `de`.
+    #[arg(long)]
+    to: String,
+    /// Source language; the model tells when absent.
+    #[arg(long)]
+    from: Option<String>,
+    /// Registry name of a GGUF chat model, or a `.gguf` path.
+    #[arg(long, default_value = "qwen2.5-0.5b-instruct")]
+    model: String,
+    /// Where weights are kept.
+    #[arg(long, env = "NEXUS_HOME")]
+    home: Option<PathBuf>,
+}
+
+/// The GGUF file of a translation model given by registry name or path.
+pub fn resolve_gguf(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(path.to_owned());
+    }
+    let store = Store::new(home.unwrap_or_else(Store::default_root));
+    let registry = Registry::builtin();
+    let entry = registry.get(spec)?;
+    if entry.format != "gguf" {
+        bail!(
+            "{} is a {} model, not a GGUF language model",
+            entry.name,
+            entry.family
+        );
+    }
+    let file = store.source_dir(&entry.name).join("model.gguf");
+    if !store.is_pulled(entry) {
+        bail!(
+            "model {} is not on this machine; run `nexus models pull {}`",
+            entry.name,
+            entry.name
+        );
+    }
+    Ok(file)
+}
+
+/// Checks a target language before any model is loaded.
+pub fn check_target(lang: &str) -> anyhow::Result<()> {
+    if nexus_models::qwen::language_name(lang).is_none() {
+        bail!(
+            "target language {lang:?} is not supported; use an ISO 639-1 code such as en, zh, de, fr, es, ja, ko, ru"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `nexus translate`.
+pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
+    check_target(&args.to)?;
+    let file = resolve_gguf(&args.model, args.home)?;
+    let mut t = Translator::load(&file, &candle_core::Device::Cpu)?;
+    println!(
+        "{}",
+        t.translate(&args.text, args.from.as_deref(), &args.to)?
+    );
+    Ok(())
+}
