@@ -142,3 +142,103 @@ pub fn decode_bytes(
 // The audio crate has no logging dependency; damaged packets are counted by callers through
 // the shorter output. Kept as a function so a logger can be added in one place.
 fn tracing_free_warn(_what: &str) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 16-bit PCM WAV file, written by hand so the test needs no encoder.
+    pub(crate) fn wav(samples: &[i16], rate: u32, channels: u16) -> Vec<u8> {
+        let data_len = (samples.len() * 2) as u32;
+        let mut b = Vec::new();
+        b.extend(b"RIFF");
+        b.extend((36 + data_len).to_le_bytes());
+        b.extend(b"WAVEfmt ");
+        b.extend(16u32.to_le_bytes());
+        b.extend(1u16.to_le_bytes());
+        b.extend(channels.to_le_bytes());
+        b.extend(rate.to_le_bytes());
+        b.extend((rate * u32::from(channels) * 2).to_le_bytes());
+        b.extend((channels * 2).to_le_bytes());
+        b.extend(16u16.to_le_bytes());
+        b.extend(b"data");
+        b.extend(data_len.to_le_bytes());
+        for s in samples {
+            b.extend(s.to_le_bytes());
+        }
+        b
+    }
+
+    fn tone(n: usize) -> Vec<i16> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.05).sin() * 12_000.0) as i16)
+            .collect()
+    }
+
+    #[test]
+    fn wav_decodes_to_the_samples() {
+        let s = tone(4_000);
+        let a = decode_bytes(wav(&s, 22_050, 1), Some("wav"), &AudioLimits::default()).unwrap();
+        assert_eq!(a.sample_rate, 22_050);
+        assert_eq!(a.channels.len(), 1);
+        assert_eq!(a.channels[0].len(), s.len());
+        let err = a.channels[0]
+            .iter()
+            .zip(&s)
+            .map(|(x, y)| (x - f32::from(*y) / 32768.0).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-6, "{err}");
+        // Stereo keeps its channels apart.
+        let inter: Vec<i16> = s.iter().flat_map(|v| [*v, -*v]).collect();
+        let a = decode_bytes(wav(&inter, 16_000, 2), None, &AudioLimits::default()).unwrap();
+        assert_eq!(a.channels.len(), 2);
+        assert!((a.channels[0][10] + a.channels[1][10]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_audio_gives_named_errors_not_panics() {
+        let limits = AudioLimits::default();
+        assert_eq!(
+            decode_bytes(Vec::new(), None, &limits).unwrap_err(),
+            AudioError::Empty
+        );
+        let e = decode_bytes(
+            b"this is a text file, not audio at all".to_vec(),
+            Some("wav"),
+            &limits,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("not a recognised audio container"),
+            "{e}"
+        );
+        let full = wav(&tone(2_000), 16_000, 1);
+        // Every truncation point: an error or a shorter decode, never a panic.
+        for cut in [0usize, 4, 12, 20, 36, 40, 43, 44, 45, 1_000] {
+            match decode_bytes(full[..cut].to_vec(), None, &limits) {
+                Ok(a) => assert!(a.channels[0].len() < 2_000, "cut {cut}"),
+                Err(e) => assert!(!e.to_string().is_empty(), "cut {cut}"),
+            }
+        }
+        let tight = AudioLimits {
+            max_seconds: 0.05,
+            ..AudioLimits::default()
+        };
+        let e = decode_bytes(full.clone(), None, &tight).unwrap_err();
+        assert!(matches!(e, AudioError::TooLong { .. }), "{e}");
+        let e = decode_bytes(wav(&tone(100), 4_000, 1), None, &limits).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("sample rate 4000 Hz is not supported"),
+            "{e}"
+        );
+        let small = AudioLimits {
+            max_bytes: 100,
+            ..AudioLimits::default()
+        };
+        assert!(matches!(
+            decode_bytes(full, None, &small),
+            Err(AudioError::TooLarge { .. })
+        ));
+    }
+}

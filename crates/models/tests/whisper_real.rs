@@ -211,3 +211,120 @@ fn whisper_errors_name_the_broken_file() {
         .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+#[ignore = "needs whisper base weights and the pocketsphinx test data"]
+fn long_audio_loses_and_repeats_no_words_at_window_borders() {
+    let engine = load("whisper-base");
+    let dir = testdata().join("librivox");
+    let mut clips: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wav"))
+        .collect();
+    clips.sort();
+    // Twice through the five clips with pauses: ~55 s, so at least one 30 s border falls mid-speech.
+    let mut samples = Vec::new();
+    let mut reference = String::new();
+    for p in clips.iter().chain(clips.iter()) {
+        samples.extend(audio(p));
+        samples.extend(std::iter::repeat_n(0.0, 8_000));
+        reference.push_str(&std::fs::read_to_string(p.with_extension("txt")).unwrap());
+        reference.push(' ');
+    }
+    assert!(samples.len() > 16_000 * 50);
+    let t = engine
+        .transcribe(&samples, &TranscribeOptions::default(), &mut |_| {})
+        .unwrap();
+    let e = nexus_eval::wer(&reference, &t.text());
+    assert!(
+        e.rate() < 0.04,
+        "WER {:.2} % over {} words: {}",
+        e.rate() * 100.0,
+        e.reference_len,
+        t.text()
+    );
+    // Segments are in order and do not overlap.
+    for w in t.segments.windows(2) {
+        assert!(w[1].start >= w[0].end - 0.01, "{:?} then {:?}", w[0], w[1]);
+    }
+    assert!(t.segments.last().unwrap().end > 50.0);
+}
+
+#[test]
+#[ignore = "needs whisper tiny.en and base weights"]
+fn silence_and_noise_produce_no_text() {
+    for name in ["whisper-tiny.en", "whisper-base"] {
+        let engine = load(name);
+        let silence = vec![0f32; 16_000 * 8];
+        let t = engine
+            .transcribe(&silence, &TranscribeOptions::default(), &mut |_| {})
+            .unwrap();
+        assert!(t.segments.is_empty(), "{name} invented {:?}", t.text());
+        // Faint hiss: the classic source of "Thank you." hallucinations.
+        let mut x: u32 = 12345;
+        let hiss: Vec<f32> = (0..16_000 * 8)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32 - 0.5) * 0.002
+            })
+            .collect();
+        let t = engine
+            .transcribe(&hiss, &TranscribeOptions::default(), &mut |_| {})
+            .unwrap();
+        assert!(t.text().trim().is_empty(), "{name} invented {:?}", t.text());
+    }
+}
+
+/// Language probabilities from faster-whisper 1.2.1 (CTranslate2 4.8.5, float32) on
+/// the same weights and audio: `WhisperModel(...).detect_language(decode_audio(f))`.
+const LID_GOLDEN: &[(&str, &[(&str, f32)])] = &[
+    (
+        "librivox/sense_and_sensibility_01_austen_64kb-0870.wav",
+        &[("en", 0.9979), ("la", 0.0009)],
+    ),
+    (
+        "librivox/sense_and_sensibility_01_austen_64kb-0880.wav",
+        &[("en", 0.9916), ("la", 0.0038)],
+    ),
+    (
+        "librivox/sense_and_sensibility_01_austen_64kb-0920.wav",
+        &[("en", 0.9943), ("ja", 0.0012)],
+    ),
+    // espeak-ng 1.51 `-v cmn -s 140 "今天天气很好，我们去公园散步。"`: the voice reads pinyin tone
+    // digits, so neither engine hears Chinese; the spread-out distribution is a sharp numerical check.
+    // Stored at 16 kHz (resampled once by faster-whisper's decoder) so both engines read the same samples.
+    // Tiled to exactly 30 s: faster-whisper pads short audio's features with zeros where
+    // Whisper (and nexus) pad the audio, so only a full window compares the networks alone.
+    (
+        "espeak_cmn_tone_digits.wav",
+        &[("en", 0.4912), ("th", 0.315), ("vi", 0.051), ("zh", 0.0266)],
+    ),
+];
+
+#[test]
+#[ignore = "needs whisper base weights and the pocketsphinx test data"]
+fn language_probabilities_match_faster_whisper() {
+    let engine = load("whisper-base");
+    for (file, golden) in LID_GOLDEN {
+        let path = if file.starts_with("librivox") {
+            testdata().join(file)
+        } else {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(file)
+        };
+        let mut samples = audio(&path);
+        if !file.starts_with("librivox") {
+            samples = samples.iter().copied().cycle().take(480_000).collect();
+        }
+        let probs = engine.detect_language(&samples).unwrap();
+        for (rank, (lang, p)) in golden.iter().enumerate() {
+            let (ours_lang, ours_p) = &probs[rank];
+            assert_eq!(ours_lang, lang, "{file}: rank {rank}: {:?}", &probs[..4]);
+            assert!((ours_p - p).abs() < 0.01, "{file}: {lang} {ours_p} vs {p}");
+        }
+    }
+}

@@ -45,6 +45,21 @@ impl std::fmt::Debug for WhisperEngine {
 }
 
 impl WhisperEngine {
+    /// Language probabilities of the first 30 s of 16 kHz mono `samples`, most likely first.
+    pub fn detect_language(&self, samples: &[f32]) -> Result<Vec<(String, f32)>> {
+        use candle_core::IndexOp;
+        let mel = self
+            .mel
+            .compute(samples, crate::mel::CHUNK_SAMPLES)?
+            .to_tensor(&self.device)?;
+        let window = mel
+            .i((.., .., 0..crate::mel::CHUNK_FRAMES))?
+            .contiguous()?
+            .to_dtype(self.dtype)?;
+        let audio = self.model.encoder.forward(&window)?;
+        decode::detect_language(&self.model, &self.tokenizer, &audio)
+    }
+
     /// Loads a folder with `config.json`, `model.safetensors` and `tokenizer.json`
     /// (what `nexus models import` writes, or a Hugging Face Whisper checkpoint).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {

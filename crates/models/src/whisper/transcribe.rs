@@ -234,7 +234,20 @@ impl WhisperEngine {
                 ..DecodeOptions::default()
             };
             let t0 = std::time::Instant::now();
-            let r = self.decode_with_fallback(&audio, &base, o)?;
+            let mut r = self.decode_with_fallback(&audio, &base, o)?;
+            if !base.prompt.is_empty() && self.skips_speech(&r.tokens) {
+                // Conditioned on text that already holds these words, Whisper can jump
+                // over repeated speech; the same window without the prompt does not.
+                tracing::debug!(
+                    seek,
+                    "segment far slower than speech; decoding again without the prompt"
+                );
+                let fresh = DecodeOptions {
+                    prompt: Vec::new(),
+                    ..base.clone()
+                };
+                r = self.decode_with_fallback(&audio, &fresh, o)?;
+            }
             tracing::debug!(
                 seek,
                 decode_ms = t0.elapsed().as_millis() as u64,
@@ -373,6 +386,38 @@ impl WhisperEngine {
             segments,
             duration,
         })
+    }
+
+    /// Whether a decoded window has a timestamped segment that covers far more
+    /// time than its words need (over 10 s at over 1 s per word), the mark of
+    /// speech the decoder jumped over.
+    fn skips_speech(&self, tokens: &[u32]) -> bool {
+        let tb = self.tokenizer.specials.timestamp_begin;
+        let mut start: Option<u32> = None;
+        let mut text: Vec<u32> = Vec::new();
+        for &t in tokens {
+            if t < tb {
+                text.push(t);
+                continue;
+            }
+            match start {
+                Some(a) if !text.is_empty() => {
+                    let secs = t.saturating_sub(a) as f32 * 0.02;
+                    let words = self
+                        .tokenizer
+                        .decode(&text)
+                        .map_or(0, |s| s.split_whitespace().count())
+                        .max(1);
+                    if secs > 10.0 && secs / words as f32 > 1.0 {
+                        return true;
+                    }
+                    start = None;
+                    text.clear();
+                }
+                _ => start = Some(t),
+            }
+        }
+        false
     }
 
     /// `<|startoftranscript|>` with language and task tokens, as decoding starts.
