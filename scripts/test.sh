@@ -13,7 +13,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== weights and test speech (pinned by SHA-256; fetched once per machine)" >&2
-cargo run -q --locked -p nexus-cli -- models pull tiny.en base qwen2.5-0.5b-instruct
+cargo run -q --locked -p nexus-cli -- models pull tiny.en base qwen2.5-0.5b-instruct silero-vad
 bash scripts/fetch-testdata.sh
 
 # Tests marked #[ignore = "needs …"] need the weights and data fetched above (or

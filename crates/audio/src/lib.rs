@@ -6,12 +6,14 @@
 //! services call it from their own tasks or threads.
 
 pub mod decode;
+pub mod endpoint;
 pub mod error;
 pub mod limits;
 pub mod pcm;
 pub mod resample;
 
 pub use decode::{DecodedAudio, decode_bytes};
+pub use endpoint::{EndReason, EndpointConfig, EndpointEvent, Endpointer};
 pub use error::{AudioError, Result};
 pub use limits::AudioLimits;
 pub use pcm::{PcmDecoder, PcmSpec, SampleFormat, downmix};

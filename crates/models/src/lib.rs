@@ -5,11 +5,13 @@
 //! and run it on their own threads.
 //!
 //! It owns the Whisper log-mel frontend ([`mel`]) and Whisper recognition and
-//! translation ([`whisper`]), and text translation with Qwen2.5 ([`qwen`]).
+//! translation ([`whisper`]), text translation with Qwen2.5 ([`qwen`]) and
+//! Silero voice activity detection ([`vad`]).
 
 pub mod error;
 pub mod mel;
 pub mod qwen;
+pub mod vad;
 pub mod whisper;
 
 pub use error::{ModelError, Result};
