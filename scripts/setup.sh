@@ -22,7 +22,12 @@ declare -A APT=(
   [python3]=python3
   [curl]=curl
   [git]=git
-  [espeak-ng]=espeak-ng  # synthesised speech for timing and Mandarin tests
+  [espeak-ng]=espeak-ng  # synthesised speech for word-timing tests
+  # Reference encoders: the audio tests encode their own files with them.
+  [flac]=flac
+  [lame]=lame
+  [oggenc]=vorbis-tools
+  [opusenc]=opus-tools
 )
 missing=()
 for cmd in "${!APT[@]}"; do
