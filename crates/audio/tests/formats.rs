@@ -2,6 +2,8 @@
 //! flac, lame, oggenc; a committed AAC fixture) and decoded by our path, then
 //! compared with the source signal.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic with its error
+
 use std::path::Path;
 use std::process::Command;
 
