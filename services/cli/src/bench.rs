@@ -27,6 +27,9 @@ enum BenchCommand {
     /// and of faster-whisper (int8 and float32) on the same files, weights,
     /// thread count and beam.
     Asr(AsrArgs),
+    /// Audio in: decode, downmix + resample to 16 kHz, and Silero VAD throughput on
+    /// a 10-minute 44.1 kHz stereo recording (real speech, looped), one thread.
+    Audio(AudioArgs),
     /// One system on one model, in this process (used by `asr`; prints JSON).
     #[command(hide = true)]
     AsrRun {
@@ -36,6 +39,114 @@ enum BenchCommand {
         beam: usize,
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+struct AudioArgs {
+    /// A 16 kHz speech WAV to loop (default: a LibriVox clip from `scripts/fetch-testdata.sh`).
+    #[arg(long, default_value = ".cache/testdata/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")]
+    speech: PathBuf,
+    /// Minutes of audio.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Where weights are kept.
+    #[arg(long, env = "NEXUS_HOME")]
+    home: Option<PathBuf>,
+}
+
+fn wav_bytes(channels: &[Vec<f32>], rate: u32) -> Vec<u8> {
+    let n = channels[0].len();
+    let ch = channels.len() as u16;
+    let data = (n * channels.len() * 2) as u32;
+    let mut b = Vec::with_capacity(data as usize + 44);
+    b.extend(b"RIFF");
+    b.extend((36 + data).to_le_bytes());
+    b.extend(b"WAVEfmt ");
+    b.extend(16u32.to_le_bytes());
+    b.extend(1u16.to_le_bytes());
+    b.extend(ch.to_le_bytes());
+    b.extend(rate.to_le_bytes());
+    b.extend((rate * u32::from(ch) * 2).to_le_bytes());
+    b.extend((ch * 2).to_le_bytes());
+    b.extend(16u16.to_le_bytes());
+    b.extend(b"data");
+    b.extend(data.to_le_bytes());
+    for i in 0..n {
+        for c in channels {
+            b.extend(((c[i].clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes());
+        }
+    }
+    b
+}
+
+fn audio(args: AudioArgs) -> anyhow::Result<()> {
+    use nexus_audio::AudioLimits;
+    let speech = load_audio(&args.speech, None).with_context(|| "run scripts/fetch-testdata.sh")?;
+    let up = nexus_audio::resample(&[speech], 16_000, 44_100)?.remove(0);
+    let total = (args.minutes * 60.0 * 44_100.0) as usize;
+    let left: Vec<f32> = up.iter().copied().cycle().take(total).collect();
+    let right: Vec<f32> = left.iter().map(|v| v * 0.8).collect();
+    let audio_s = total as f64 / 44_100.0;
+    let mut files = vec![("wav 44.1k stereo", "wav", wav_bytes(&[left, right], 44_100))];
+    let tmp = std::env::temp_dir().join(format!("nexus-bench-audio-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let wav_path = tmp.join("in.wav");
+    std::fs::write(&wav_path, &files[0].2)?;
+    for (label, ext, tool, a) in [
+        ("flac 44.1k stereo", "flac", "flac", vec!["--silent", "-f", "-o", "OUT", "IN"]),
+        ("mp3 128k stereo", "mp3", "lame", vec!["--quiet", "-b", "128", "IN", "OUT"]),
+        ("ogg vorbis q4 stereo", "ogg", "oggenc", vec!["--quiet", "-q", "4", "-o", "OUT", "IN"]),
+    ] {
+        let out = tmp.join(format!("out.{ext}"));
+        let mut cmd = Command::new(tool);
+        for x in &a {
+            match *x {
+                "IN" => cmd.arg(&wav_path),
+                "OUT" => cmd.arg(&out),
+                x => cmd.arg(x),
+            };
+        }
+        match cmd.status() {
+            Ok(s) if s.success() => files.push((label, ext, std::fs::read(&out)?)),
+            _ => eprintln!("{tool} not available; {label} skipped (scripts/setup.sh installs it)"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let store = nexus_weights::Store::new(args.home.unwrap_or_else(nexus_weights::Store::default_root));
+    let vad_path = store.source_dir("silero-vad").join("model.safetensors");
+    let vad = nexus_models::vad::SileroVad::load(&vad_path, &candle_core::Device::Cpu)
+        .with_context(|| "run `nexus models pull silero-vad`")?;
+    println!("Audio in, {:.0} min of speech, one thread (x real time = audio seconds per processing second)", audio_s / 60.0);
+    println!("{:<22} {:>12} {:>14} {:>12} {:>12}", "input", "decode", "to 16k mono", "VAD", "all three");
+    let mut vad_rate = None;
+    for (label, ext, bytes) in files {
+        let t0 = Instant::now();
+        let a = nexus_audio::decode_bytes(bytes, Some(ext), &AudioLimits::default())?;
+        let t_dec = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mono = nexus_audio::to_model_rate(&a.channels, a.sample_rate)?;
+        let t_res = t1.elapsed().as_secs_f64();
+        let t_vad = match vad_rate {
+            Some(t) => t,
+            None => {
+                let t2 = Instant::now();
+                let probs = vad.probabilities(&mono)?;
+                let t = t2.elapsed().as_secs_f64();
+                let voiced = probs.iter().filter(|p| **p > 0.5).count() as f64 / probs.len().max(1) as f64;
+                eprintln!("VAD: {} steps, {:.0} % voiced", probs.len(), voiced * 100.0);
+                vad_rate = Some(t);
+                t
+            }
+        };
+        println!(
+            "{label:<22} {:>11.0}x {:>13.0}x {:>11.0}x {:>11.0}x",
+            audio_s / t_dec,
+            audio_s / t_res,
+            audio_s / t_vad,
+            audio_s / (t_dec + t_res + t_vad)
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +347,7 @@ fn asr(args: AsrArgs) -> anyhow::Result<()> {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Asr(a) => asr(a),
+        BenchCommand::Audio(a) => audio(a),
         BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
     }
 }
