@@ -84,6 +84,9 @@ pub fn decode_bytes(
             "the audio track has no codec parameters".into(),
         ));
     };
+    if params.codec == symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS {
+        return decode_opus_packets(format.as_mut(), track_id, &params, limits);
+    }
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(&params, &AudioDecoderOptions::default())
         .map_err(sym_err)?;
@@ -135,6 +138,52 @@ pub fn decode_bytes(
     }
     Ok(DecodedAudio {
         sample_rate: rate,
+        channels,
+    })
+}
+
+/// Ogg Opus: symphonia demuxes, libopus decodes; the header's pre-skip is dropped.
+fn decode_opus_packets(
+    format: &mut dyn symphonia::core::formats::FormatReader,
+    track_id: u32,
+    params: &symphonia::core::codecs::audio::AudioCodecParameters,
+    limits: &AudioLimits,
+) -> Result<DecodedAudio> {
+    let head = params.extra_data.as_deref().unwrap_or(&[]);
+    let n_ch = params
+        .channels
+        .as_ref()
+        .map(|c| c.count())
+        .filter(|c| *c > 0)
+        .or_else(|| head.get(9).map(|c| usize::from(*c)))
+        .unwrap_or(1);
+    limits.check_format(crate::opus::OPUS_RATE, n_ch as u32)?;
+    let mut dec = crate::opus::OpusPacketDecoder::new(n_ch as u32)?;
+    let mut skip = crate::opus::pre_skip(head) * n_ch;
+    let mut channels = vec![Vec::new(); n_ch];
+    loop {
+        let packet = match format.next_packet() {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(sym_err(e)),
+        };
+        if packet.track_id != track_id {
+            continue;
+        }
+        let pcm = dec.decode(&packet.data)?;
+        let drop = skip.min(pcm.len());
+        skip -= drop;
+        for (i, v) in pcm[drop..].iter().enumerate() {
+            channels[i % n_ch].push(*v);
+        }
+        limits.check_frames(channels[0].len() as u64, crate::opus::OPUS_RATE)?;
+    }
+    if channels[0].is_empty() {
+        return Err(AudioError::Empty);
+    }
+    Ok(DecodedAudio {
+        sample_rate: crate::opus::OPUS_RATE,
         channels,
     })
 }

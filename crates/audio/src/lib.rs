@@ -2,13 +2,15 @@
 //!
 //! Owns turning what users send into the fleet's canonical form: planar `f32`
 //! samples per channel (then mono 16 kHz for the models), with every violated
-//! limit reported as a typed [`AudioError`]. This crate has no async runtime:
+//! limit reported as a typed [`AudioError`]. Opus (Ogg files and raw WebRTC
+//! packets) goes through libopus. This crate has no async runtime:
 //! services call it from their own tasks or threads.
 
 pub mod decode;
 pub mod endpoint;
 pub mod error;
 pub mod limits;
+pub mod opus;
 pub mod pcm;
 pub mod resample;
 
@@ -16,6 +18,7 @@ pub use decode::{DecodedAudio, decode_bytes};
 pub use endpoint::{EndReason, EndpointConfig, EndpointEvent, Endpointer};
 pub use error::{AudioError, Result};
 pub use limits::AudioLimits;
+pub use opus::OpusPacketDecoder;
 pub use pcm::{PcmDecoder, PcmSpec, SampleFormat, downmix};
 pub use resample::{StreamResampler, resample, to_model_rate};
 

@@ -19,7 +19,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryArgs {
     /// Log filter in `tracing` env-filter syntax, e.g. `info,nexus_models=debug`.
-    #[arg(long = "log", env = "NEXUS_LOG", default_value = "info,symphonia=warn", global = true)]
+    #[arg(
+        long = "log",
+        env = "NEXUS_LOG",
+        default_value = "info,symphonia=warn",
+        global = true
+    )]
     pub log_filter: String,
     /// Log line format.
     #[arg(

@@ -44,7 +44,10 @@ enum BenchCommand {
 #[derive(Debug, Args)]
 struct AudioArgs {
     /// A 16 kHz speech WAV to loop (default: a LibriVox clip from `scripts/fetch-testdata.sh`).
-    #[arg(long, default_value = ".cache/testdata/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")]
+    #[arg(
+        long,
+        default_value = ".cache/testdata/librivox/sense_and_sensibility_01_austen_64kb-0870.wav"
+    )]
     speech: PathBuf,
     /// Minutes of audio.
     #[arg(long, default_value_t = 10.0)]
@@ -93,9 +96,24 @@ fn audio(args: AudioArgs) -> anyhow::Result<()> {
     let wav_path = tmp.join("in.wav");
     std::fs::write(&wav_path, &files[0].2)?;
     for (label, ext, tool, a) in [
-        ("flac 44.1k stereo", "flac", "flac", vec!["--silent", "-f", "-o", "OUT", "IN"]),
-        ("mp3 128k stereo", "mp3", "lame", vec!["--quiet", "-b", "128", "IN", "OUT"]),
-        ("ogg vorbis q4 stereo", "ogg", "oggenc", vec!["--quiet", "-q", "4", "-o", "OUT", "IN"]),
+        (
+            "flac 44.1k stereo",
+            "flac",
+            "flac",
+            vec!["--silent", "-f", "-o", "OUT", "IN"],
+        ),
+        (
+            "mp3 128k stereo",
+            "mp3",
+            "lame",
+            vec!["--quiet", "-b", "128", "IN", "OUT"],
+        ),
+        (
+            "ogg vorbis q4 stereo",
+            "ogg",
+            "oggenc",
+            vec!["--quiet", "-q", "4", "-o", "OUT", "IN"],
+        ),
     ] {
         let out = tmp.join(format!("out.{ext}"));
         let mut cmd = Command::new(tool);
@@ -112,12 +130,19 @@ fn audio(args: AudioArgs) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    let store = nexus_weights::Store::new(args.home.unwrap_or_else(nexus_weights::Store::default_root));
+    let store =
+        nexus_weights::Store::new(args.home.unwrap_or_else(nexus_weights::Store::default_root));
     let vad_path = store.source_dir("silero-vad").join("model.safetensors");
     let vad = nexus_models::vad::SileroVad::load(&vad_path, &candle_core::Device::Cpu)
         .with_context(|| "run `nexus models pull silero-vad`")?;
-    println!("Audio in, {:.0} min of speech, one thread (x real time = audio seconds per processing second)", audio_s / 60.0);
-    println!("{:<22} {:>12} {:>14} {:>12} {:>12}", "input", "decode", "to 16k mono", "VAD", "all three");
+    println!(
+        "Audio in, {:.0} min of speech, one thread (x real time = audio seconds per processing second)",
+        audio_s / 60.0
+    );
+    println!(
+        "{:<22} {:>12} {:>14} {:>12} {:>12}",
+        "input", "decode", "to 16k mono", "VAD", "all three"
+    );
     let mut vad_rate = None;
     for (label, ext, bytes) in files {
         let t0 = Instant::now();
@@ -132,7 +157,8 @@ fn audio(args: AudioArgs) -> anyhow::Result<()> {
                 let t2 = Instant::now();
                 let probs = vad.probabilities(&mono)?;
                 let t = t2.elapsed().as_secs_f64();
-                let voiced = probs.iter().filter(|p| **p > 0.5).count() as f64 / probs.len().max(1) as f64;
+                let voiced =
+                    probs.iter().filter(|p| **p > 0.5).count() as f64 / probs.len().max(1) as f64;
                 eprintln!("VAD: {} steps, {:.0} % voiced", probs.len(), voiced * 100.0);
                 vad_rate = Some(t);
                 t
