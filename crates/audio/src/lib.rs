@@ -8,6 +8,7 @@
 
 pub mod decode;
 pub mod endpoint;
+pub mod energy_vad;
 pub mod error;
 pub mod limits;
 pub mod opus;
@@ -16,6 +17,7 @@ pub mod resample;
 
 pub use decode::{DecodedAudio, decode_bytes};
 pub use endpoint::{EndReason, EndpointConfig, EndpointEvent, Endpointer};
+pub use energy_vad::EnergyVad;
 pub use error::{AudioError, Result};
 pub use limits::AudioLimits;
 pub use opus::OpusPacketDecoder;
