@@ -281,6 +281,20 @@ mod tests {
                 .contains("sample rate 4000 Hz is not supported"),
             "{e}"
         );
+        // Headers that claim absurd sizes: refused or decoded as far as the bytes go, never trusted.
+        let mut huge_channels = wav(&tone(64), 16_000, 1);
+        huge_channels[22..24].copy_from_slice(&500u16.to_le_bytes());
+        assert!(decode_bytes(huge_channels, None, &limits).is_err());
+        let mut zero_rate = wav(&tone(64), 16_000, 1);
+        zero_rate[24..28].copy_from_slice(&0u32.to_le_bytes());
+        assert!(decode_bytes(zero_rate, None, &limits).is_err());
+        let mut huge_data = wav(&tone(64), 16_000, 1);
+        huge_data[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge_data[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        match decode_bytes(huge_data, None, &limits) {
+            Ok(a) => assert!(a.channels[0].len() <= 64),
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
         let small = AudioLimits {
             max_bytes: 100,
             ..AudioLimits::default()
