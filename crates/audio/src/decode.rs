@@ -42,8 +42,48 @@ fn sym_err(e: SymError) -> AudioError {
     }
 }
 
+/// Checks a WAV file's `fmt ` chunk against the limits before any decoder
+/// reads it, so absurd headers get a precise error (the fuzzer found one that
+/// overflows arithmetic inside symphonia's WAV reader).
+fn check_wav_header(bytes: &[u8], limits: &AudioLimits) -> Result<()> {
+    if bytes.len() < 12 || &bytes[..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
+        return Ok(());
+    }
+    let mut pos = 12usize;
+    while pos.saturating_add(8) <= bytes.len() {
+        let id = &bytes[pos..pos + 4];
+        let size = u32::from_le_bytes([
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ]) as usize;
+        if id == b"fmt " {
+            let body = &bytes[pos + 8..bytes.len().min(pos.saturating_add(8).saturating_add(size))];
+            if body.len() < 16 {
+                return Err(AudioError::Corrupt(
+                    "WAV fmt chunk is shorter than 16 bytes".into(),
+                ));
+            }
+            let channels = u32::from(u16::from_le_bytes([body[2], body[3]]));
+            let rate = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+            return limits.check_format(rate, channels);
+        }
+        // Chunks are word-aligned.
+        pos = pos
+            .saturating_add(8)
+            .saturating_add(size)
+            .saturating_add(size & 1);
+    }
+    Ok(())
+}
+
 /// Decodes a whole file held in memory. `extension` (e.g. `"mp3"`) is a hint
 /// only; the container is detected from its bytes.
+///
+/// A panic inside a third-party demuxer or codec on malformed data is contained
+/// and reported as [`AudioError::Corrupt`]: bad input must never take down the
+/// task (or the other sessions) that decodes it.
 pub fn decode_bytes(
     bytes: Vec<u8>,
     extension: Option<&str>,
@@ -53,6 +93,28 @@ pub fn decode_bytes(
         return Err(AudioError::Empty);
     }
     limits.check_bytes(bytes.len() as u64)?;
+    check_wav_header(&bytes, limits)?;
+    let ext = extension.map(str::to_owned);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        decode_inner(bytes, ext.as_deref(), limits)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(AudioError::Corrupt(format!(
+            "the decoder failed on malformed data ({what})"
+        )))
+    })
+}
+
+fn decode_inner(
+    bytes: Vec<u8>,
+    extension: Option<&str>,
+    limits: &AudioLimits,
+) -> Result<DecodedAudio> {
     let mut hint = Hint::new();
     if let Some(ext) = extension {
         hint.with_extension(ext);
@@ -284,7 +346,26 @@ mod tests {
         // Headers that claim absurd sizes: refused or decoded as far as the bytes go, never trusted.
         let mut huge_channels = wav(&tone(64), 16_000, 1);
         huge_channels[22..24].copy_from_slice(&500u16.to_le_bytes());
-        assert!(decode_bytes(huge_channels, None, &limits).is_err());
+        let e = decode_bytes(huge_channels, None, &limits).unwrap_err();
+        assert_eq!(e.to_string(), "500 channels is more than the limit of 8");
+        // The fuzzer's find: 63489 channels overflowed symphonia's block-align arithmetic.
+        let crash: Vec<u8> = [
+            82, 73, 70, 70, 100, 31, 0, 0, 87, 65, 86, 69, 102, 109, 116, 32, 16, 0, 0, 0, 1, 0, 1,
+            248, 136, 62, 0, 0, 0, 125, 0, 0, 2, 0, 16, 0, 100, 97, 116, 97, 64, 31, 0, 0, 0, 0,
+            205, 8, 87, 17, 93, 25,
+        ]
+        .to_vec();
+        let e = decode_bytes(crash, None, &limits).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AudioError::Channels {
+                    channels: 63489,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let mut zero_rate = wav(&tone(64), 16_000, 1);
         zero_rate[24..28].copy_from_slice(&0u32.to_le_bytes());
         assert!(decode_bytes(zero_rate, None, &limits).is_err());
