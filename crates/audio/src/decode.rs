@@ -46,10 +46,15 @@ fn sym_err(e: SymError) -> AudioError {
 /// reads it, so absurd headers get a precise error (the fuzzer found one that
 /// overflows arithmetic inside symphonia's WAV reader).
 fn check_wav_header(bytes: &[u8], limits: &AudioLimits) -> Result<()> {
-    if bytes.len() < 12 || &bytes[..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
+    // The probe skips leading junk (ID3/APE tags, garbage), so look where it would.
+    let window = &bytes[..bytes.len().min(1 << 20)];
+    let Some(riff) = window
+        .windows(12)
+        .position(|w| &w[..4] == b"RIFF" && &w[8..12] == b"WAVE")
+    else {
         return Ok(());
-    }
-    let mut pos = 12usize;
+    };
+    let mut pos = riff + 12;
     while pos.saturating_add(8) <= bytes.len() {
         let id = &bytes[pos..pos + 4];
         let size = u32::from_le_bytes([
