@@ -263,26 +263,20 @@ fn tracing_free_warn(_what: &str) {}
 mod tests {
     use super::*;
 
-    /// A 16-bit PCM WAV file, written by hand so the test needs no encoder.
+    /// A 16-bit PCM WAV of interleaved samples.
     pub(crate) fn wav(samples: &[i16], rate: u32, channels: u16) -> Vec<u8> {
-        let data_len = (samples.len() * 2) as u32;
-        let mut b = Vec::new();
-        b.extend(b"RIFF");
-        b.extend((36 + data_len).to_le_bytes());
-        b.extend(b"WAVEfmt ");
-        b.extend(16u32.to_le_bytes());
-        b.extend(1u16.to_le_bytes());
-        b.extend(channels.to_le_bytes());
-        b.extend(rate.to_le_bytes());
-        b.extend((rate * u32::from(channels) * 2).to_le_bytes());
-        b.extend((channels * 2).to_le_bytes());
-        b.extend(16u16.to_le_bytes());
-        b.extend(b"data");
-        b.extend(data_len.to_le_bytes());
-        for s in samples {
-            b.extend(s.to_le_bytes());
-        }
-        b
+        let ch = usize::from(channels);
+        let planar: Vec<Vec<f32>> = (0..ch)
+            .map(|c| {
+                samples
+                    .iter()
+                    .skip(c)
+                    .step_by(ch)
+                    .map(|v| f32::from(*v) / 32767.0)
+                    .collect()
+            })
+            .collect();
+        crate::wav::encode_pcm16(&planar, rate)
     }
 
     fn tone(n: usize) -> Vec<i16> {

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod opus;
 pub mod pcm;
 pub mod resample;
+pub mod wav;
 
 pub use decode::{DecodedAudio, decode_bytes};
 pub use endpoint::{EndReason, EndpointConfig, EndpointEvent, Endpointer};

@@ -22,25 +22,7 @@ fn source() -> Vec<f32> {
 }
 
 fn wav_bytes(x: &[f32]) -> Vec<u8> {
-    let pcm: Vec<i16> = x.iter().map(|v| (v * 32767.0).round() as i16).collect();
-    let data = (pcm.len() * 2) as u32;
-    let mut b = Vec::new();
-    b.extend(b"RIFF");
-    b.extend((36 + data).to_le_bytes());
-    b.extend(b"WAVEfmt ");
-    b.extend(16u32.to_le_bytes());
-    b.extend(1u16.to_le_bytes());
-    b.extend(1u16.to_le_bytes());
-    b.extend(RATE.to_le_bytes());
-    b.extend((RATE * 2).to_le_bytes());
-    b.extend(2u16.to_le_bytes());
-    b.extend(16u16.to_le_bytes());
-    b.extend(b"data");
-    b.extend(data.to_le_bytes());
-    for s in pcm {
-        b.extend(s.to_le_bytes());
-    }
-    b
+    nexus_audio::wav::encode_pcm16(&[x.to_vec()], RATE)
 }
 
 /// Signal-to-noise ratio (dB) of `got` against `want` at the best alignment

@@ -57,31 +57,6 @@ struct AudioArgs {
     home: Option<PathBuf>,
 }
 
-fn wav_bytes(channels: &[Vec<f32>], rate: u32) -> Vec<u8> {
-    let n = channels[0].len();
-    let ch = channels.len() as u16;
-    let data = (n * channels.len() * 2) as u32;
-    let mut b = Vec::with_capacity(data as usize + 44);
-    b.extend(b"RIFF");
-    b.extend((36 + data).to_le_bytes());
-    b.extend(b"WAVEfmt ");
-    b.extend(16u32.to_le_bytes());
-    b.extend(1u16.to_le_bytes());
-    b.extend(ch.to_le_bytes());
-    b.extend(rate.to_le_bytes());
-    b.extend((rate * u32::from(ch) * 2).to_le_bytes());
-    b.extend((ch * 2).to_le_bytes());
-    b.extend(16u16.to_le_bytes());
-    b.extend(b"data");
-    b.extend(data.to_le_bytes());
-    for i in 0..n {
-        for c in channels {
-            b.extend(((c[i].clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes());
-        }
-    }
-    b
-}
-
 fn audio(args: AudioArgs) -> anyhow::Result<()> {
     use nexus_audio::AudioLimits;
     let speech = load_audio(&args.speech, None).with_context(|| "run scripts/fetch-testdata.sh")?;
@@ -90,7 +65,11 @@ fn audio(args: AudioArgs) -> anyhow::Result<()> {
     let left: Vec<f32> = up.iter().copied().cycle().take(total).collect();
     let right: Vec<f32> = left.iter().map(|v| v * 0.8).collect();
     let audio_s = total as f64 / 44_100.0;
-    let mut files = vec![("wav 44.1k stereo", "wav", wav_bytes(&[left, right], 44_100))];
+    let mut files = vec![(
+        "wav 44.1k stereo",
+        "wav",
+        nexus_audio::wav::encode_pcm16(&[left, right], 44_100),
+    )];
     let tmp = std::env::temp_dir().join(format!("nexus-bench-audio-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let wav_path = tmp.join("in.wav");
