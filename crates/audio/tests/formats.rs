@@ -134,6 +134,46 @@ fn ogg_opus_decodes_close_to_the_source() {
     assert!(snr > 15.0, "opus SNR {snr:.1} dB at lag {lag}");
 }
 
+/// Ogg Opus bytes from opusenc for the source signal.
+fn opus_file() -> Vec<u8> {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = tmp.path().join("in.wav");
+    std::fs::write(&wav, wav_bytes(&source())).unwrap();
+    let out = tmp.path().join("out.opus");
+    encode(
+        "opusenc",
+        &["--quiet", "--bitrate", "64", "IN", "OUT"],
+        &wav,
+        &out,
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn ogg_opus_stream_in_odd_chunks_equals_the_whole_file() {
+    let bytes = opus_file();
+    let whole = decode_bytes(bytes.clone(), None, &AudioLimits::default()).unwrap();
+    let mut stream = nexus_audio::OggOpusStream::new();
+    let mut got = Vec::new();
+    // MediaRecorder-like chunking: sizes unrelated to page boundaries (every page CRC is checked).
+    for chunk in bytes.chunks(997) {
+        got.extend(stream.push(chunk).unwrap());
+    }
+    assert_eq!(stream.channels(), Some(1));
+    assert_eq!(got, whole.channels[0]);
+    // A damaged byte inside a page is caught by its checksum.
+    let mut damaged = bytes.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x40;
+    let mut stream = nexus_audio::OggOpusStream::new();
+    let err = damaged
+        .chunks(997)
+        .map(|c| stream.push(c))
+        .find_map(Result::err)
+        .expect("damage must be detected");
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+}
+
 #[test]
 fn aac_in_mp4_decodes_close_to_the_source() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tone.m4a");
