@@ -22,7 +22,7 @@ pub struct TelemetryArgs {
     #[arg(
         long = "log",
         env = "NEXUS_LOG",
-        default_value = "info,symphonia=warn",
+        default_value = "info,symphonia=off",
         global = true
     )]
     pub log_filter: String,
