@@ -20,6 +20,22 @@ pub enum BusError {
     /// A key prefix with characters or length that keys cannot hold.
     #[error("invalid key prefix {0:?}: use 1-32 letters, digits, '-', '_' or '.'")]
     InvalidPrefix(String),
+    /// A stream id that is not `ms-seq`.
+    #[error("invalid stream entry id {0:?}; expected MS-SEQ")]
+    InvalidEntryId(String),
+    /// A work stream's consumers are too far behind: retry later.
+    #[error("stream {stream} is full: group {group} has {backlog} entries not yet acknowledged")]
+    Full {
+        /// The stream.
+        stream: String,
+        /// The slowest group.
+        group: String,
+        /// Its backlog.
+        backlog: usize,
+    },
+    /// The consumer group does not exist.
+    #[error("no consumer group {0}")]
+    NoGroup(String),
     /// An entry lacks a field.
     #[error("stream entry has no {0:?} field")]
     MissingField(&'static str),

@@ -1,0 +1,132 @@
+//! The transport between stages, as one trait with Redis Streams semantics, so
+//! the embedded single process (in memory) and the fleet (Redis) behave alike:
+//! append-only streams with ids `ms-seq`; consumer groups that deliver each
+//! entry to one consumer; explicit acknowledgement; redelivery of entries left
+//! unacknowledged past an idle time; dead-lettering after too many deliveries;
+//! and backpressure when a group falls too far behind.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::codec::BusError;
+
+/// An entry id: milliseconds and a sequence number, ordered like Redis ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EntryId {
+    /// Milliseconds part.
+    pub ms: u64,
+    /// Sequence within the millisecond.
+    pub seq: u64,
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for EntryId {
+    type Err = BusError;
+    fn from_str(s: &str) -> Result<Self, BusError> {
+        let bad = || BusError::InvalidEntryId(s.chars().take(40).collect());
+        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(Self {
+            ms: ms.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Field name to bytes.
+pub type Fields = HashMap<String, Vec<u8>>;
+
+/// An entry as a consumer receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Its id.
+    pub id: EntryId,
+    /// Its fields.
+    pub fields: Fields,
+    /// How many times it has been delivered to this group, this delivery included.
+    pub deliveries: u32,
+}
+
+/// Settings of one work stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// `add` answers [`BusError::Full`] once the slowest group has this many
+    /// entries not yet acknowledged (delivered or not).
+    pub max_backlog: usize,
+    /// Deliveries after which an entry goes to the dead-letter stream.
+    pub max_deliveries: u32,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_backlog: 10_000,
+            max_deliveries: 5,
+        }
+    }
+}
+
+/// A stage-to-stage transport.
+pub trait Bus: Clone + Send + Sync + 'static {
+    /// Appends an entry; [`BusError::Full`] when a group is `max_backlog` behind.
+    fn add(
+        &self,
+        stream: &str,
+        fields: Fields,
+        limits: StreamLimits,
+    ) -> impl Future<Output = Result<EntryId, BusError>> + Send;
+
+    /// Creates a consumer group reading from the stream's start, if absent.
+    fn ensure_group(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// New entries for `consumer`, waiting up to `block` for the first.
+    fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> impl Future<Output = Result<Vec<Entry>, BusError>> + Send;
+
+    /// Acknowledges entries: they will not be delivered again.
+    fn ack(
+        &self,
+        stream: &str,
+        group: &str,
+        ids: &[EntryId],
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Takes over entries another consumer left unacknowledged for `min_idle`
+    /// (it crashed or hung). Entries delivered `max_deliveries` times already
+    /// are moved to `dead_letter` and acknowledged instead of returned.
+    fn claim_stale(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+        limits: StreamLimits,
+        dead_letter: &str,
+    ) -> impl Future<Output = Result<Vec<Entry>, BusError>> + Send;
+
+    /// Entries after `after` in id order, for readers that resume a log.
+    fn range_after(
+        &self,
+        stream: &str,
+        after: Option<EntryId>,
+        count: usize,
+    ) -> impl Future<Output = Result<Vec<Entry>, BusError>> + Send;
+}
