@@ -33,6 +33,9 @@ pub enum BusError {
         /// Its backlog.
         backlog: usize,
     },
+    /// The transport is unreachable or failed; retry later.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
     /// The consumer group does not exist.
     #[error("no consumer group {0}")]
     NoGroup(String),

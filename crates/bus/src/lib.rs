@@ -9,9 +9,11 @@
 pub mod codec;
 pub mod keys;
 pub mod memory;
+pub mod redis_bus;
 pub mod stream;
 
 pub use codec::{BusError, StreamMessage, decode, encode};
 pub use keys::{Keys, SessionId};
 pub use memory::MemoryBus;
+pub use redis_bus::RedisBus;
 pub use stream::{Bus, Entry, EntryId, Fields, StreamLimits};

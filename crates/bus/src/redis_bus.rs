@@ -1,0 +1,362 @@
+//! The Redis Streams [`Bus`] for the fleet.
+//!
+//! Commands map one to one: XADD (after an XINFO GROUPS backlog check), XGROUP
+//! CREATE … MKSTREAM, XREADGROUP (blocking reads on their own connection, so a
+//! wait never stalls the shared multiplexed one), XACK, XPENDING + XCLAIM for
+//! stale entries (XPENDING gives the delivery counts that decide dead-lettering),
+//! and XRANGE with an exclusive start for resumable logs.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Client, Value};
+
+use crate::codec::BusError;
+use crate::stream::{Bus, Entry, EntryId, Fields, StreamLimits};
+
+/// Streams in a Redis server.
+#[derive(Clone)]
+pub struct RedisBus {
+    client: Client,
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> String {
+    bytes(v)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default()
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other).parse().ok(),
+    }
+}
+
+/// `[id, [field, value, …]]` entries.
+fn entries(v: &Value) -> Result<Vec<(EntryId, Fields)>, BusError> {
+    let Value::Array(items) = v else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let Value::Array(pair) = item else { continue };
+        let [id, Value::Array(kv)] = pair.as_slice() else {
+            continue;
+        };
+        let id: EntryId = text(id).parse()?;
+        let fields = kv
+            .chunks_exact(2)
+            .filter_map(|c| {
+                Some((
+                    String::from_utf8_lossy(bytes(&c[0])?).into_owned(),
+                    bytes(&c[1])?.to_vec(),
+                ))
+            })
+            .collect();
+        out.push((id, fields));
+    }
+    Ok(out)
+}
+
+impl RedisBus {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`).
+    pub async fn connect(url: &str) -> Result<Self, BusError> {
+        let client = Client::open(url).map_err(|e| BusError::Unavailable(format!("{url}: {e}")))?;
+        let conn = ConnectionManager::new(client.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Self { client, conn })
+    }
+
+    async fn backlog(&self, stream: &str) -> Result<Option<(String, usize)>, BusError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(v) => v,
+            // No such stream yet: nothing is behind.
+            Err(e) if e.to_string().contains("no such key") => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        };
+        let Value::Array(groups) = reply else {
+            return Ok(None);
+        };
+        let mut worst: Option<(String, usize)> = None;
+        for g in groups {
+            let pairs: Vec<(String, Value)> = match g {
+                Value::Array(kv) => kv
+                    .chunks_exact(2)
+                    .map(|c| (text(&c[0]), c[1].clone()))
+                    .collect(),
+                Value::Map(kv) => kv.into_iter().map(|(k, v)| (text(&k), v)).collect(),
+                _ => continue,
+            };
+            let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let name = get("name").map(|v| text(&v)).unwrap_or_default();
+            let pending = get("pending").as_ref().and_then(int).unwrap_or(0).max(0) as usize;
+            // Entries not yet delivered; Redis reports nil when it cannot tell, then count all.
+            let lag = get("lag").as_ref().and_then(int).unwrap_or(0).max(0) as usize;
+            let behind = pending + lag;
+            if worst.as_ref().is_none_or(|(_, w)| behind > *w) {
+                worst = Some((name, behind));
+            }
+        }
+        Ok(worst)
+    }
+}
+
+impl Bus for RedisBus {
+    async fn add(
+        &self,
+        stream: &str,
+        fields: Fields,
+        limits: StreamLimits,
+    ) -> Result<EntryId, BusError> {
+        if let Some((group, behind)) = self.backlog(stream).await?
+            && behind >= limits.max_backlog
+        {
+            return Err(BusError::Full {
+                stream: stream.to_owned(),
+                group,
+                backlog: behind,
+            });
+        }
+        let mut cmd = redis::cmd("XADD");
+        // Acknowledged history is trimmed; the backlog check above keeps unacknowledged entries within reach.
+        cmd.arg(stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(limits.max_backlog.saturating_mul(4))
+            .arg("*");
+        for (k, v) in &fields {
+            cmd.arg(k.as_str()).arg(v.as_slice());
+        }
+        let mut conn = self.conn.clone();
+        let id: String = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+        id.parse()
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        let r: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, BusError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count.max(1));
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(stream).arg(">");
+        let reply: redis::RedisResult<Value> = if block.is_zero() {
+            let mut conn = self.conn.clone();
+            cmd.query_async(&mut conn).await
+        } else {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(unavailable)?;
+            cmd.query_async(&mut conn).await
+        };
+        let reply = match reply {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("NOGROUP") => {
+                return Err(BusError::NoGroup(format!("{stream}/{group}")));
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let streams = match reply {
+            Value::Array(s) => s,
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![k, v]))
+                .collect(),
+            _ => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for s in streams {
+            if let Value::Array(pair) = s
+                && let [_, list] = pair.as_slice()
+            {
+                out.extend(entries(list)?.into_iter().map(|(id, fields)| Entry {
+                    id,
+                    fields,
+                    deliveries: 1,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[EntryId]) -> Result<(), BusError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(stream).arg(group);
+        for id in ids {
+            cmd.arg(id.to_string());
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim_stale(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+        limits: StreamLimits,
+        dead_letter: &str,
+    ) -> Result<Vec<Entry>, BusError> {
+        let idle_ms = min_idle.as_millis() as u64;
+        let mut conn = self.conn.clone();
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("IDLE")
+            .arg(idle_ms)
+            .arg("-")
+            .arg("+")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(rows) = pending else {
+            return Ok(Vec::new());
+        };
+        let mut claim = Vec::new();
+        let mut dead = Vec::new();
+        for row in rows {
+            let Value::Array(r) = row else { continue };
+            let (Some(id), Some(n)) = (r.first().map(text), r.get(3).and_then(int)) else {
+                continue;
+            };
+            let id: EntryId = id.parse()?;
+            if n >= i64::from(limits.max_deliveries) {
+                dead.push(id);
+            } else {
+                claim.push((id, n as u32));
+            }
+        }
+        for id in dead {
+            let found: Value = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(id.to_string())
+                .arg(id.to_string())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if let Some((_, mut fields)) = entries(&found)?.into_iter().next() {
+                fields.insert(
+                    "dead.from".into(),
+                    format!("{stream}/{group}/{id}").into_bytes(),
+                );
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(dead_letter).arg("*");
+                for (k, v) in &fields {
+                    cmd.arg(k.as_str()).arg(v.as_slice());
+                }
+                let _: String = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+            }
+            self.ack(stream, group, &[id]).await?;
+        }
+        if claim.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(stream).arg(group).arg(consumer).arg(idle_ms);
+        for (id, _) in &claim {
+            cmd.arg(id.to_string());
+        }
+        let claimed: Value = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(entries(&claimed)?
+            .into_iter()
+            .map(|(id, fields)| Entry {
+                deliveries: claim
+                    .iter()
+                    .find(|(c, _)| *c == id)
+                    .map_or(1, |(_, n)| n + 1),
+                id,
+                fields,
+            })
+            .collect())
+    }
+
+    async fn range_after(
+        &self,
+        stream: &str,
+        after: Option<EntryId>,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        let start = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(entries(&reply)?
+            .into_iter()
+            .map(|(id, fields)| Entry {
+                id,
+                fields,
+                deliveries: 0,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,239 @@
+//! The same semantics checked on both transports: the in-memory bus and a real
+//! Redis on 127.0.0.1 (`NEXUS_TEST_REDIS`, default `redis://127.0.0.1:6379`;
+//! the test script starts one if none answers).
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed step should panic with its error
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nexus_bus::{Bus, BusError, Entry, EntryId, Fields, MemoryBus, RedisBus, StreamLimits};
+
+const NOW: Duration = Duration::ZERO;
+
+fn fields(v: &str) -> Fields {
+    HashMap::from([("v".to_string(), v.as_bytes().to_vec())])
+}
+
+fn val(e: &Entry) -> String {
+    String::from_utf8(e.fields["v"].clone()).unwrap()
+}
+
+/// Stream names of one test.
+struct Names {
+    s: String,
+    dlq: String,
+    log: String,
+}
+
+/// Stream names unique to this run, so parallel tests and reruns never collide.
+fn names(test: &str) -> Names {
+    let tag = format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        test,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    Names {
+        s: format!("{tag}:s"),
+        dlq: format!("{tag}:dlq"),
+        log: format!("{tag}:log"),
+    }
+}
+
+async fn redis() -> RedisBus {
+    let url = std::env::var("NEXUS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    RedisBus::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: scripts/redis.sh starts a server"))
+}
+
+async fn cleanup(keys: &[&str]) {
+    let url = std::env::var("NEXUS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+async fn groups_deliver_each_entry_once_per_group(bus: impl Bus, n: &Names) {
+    let s = n.s.as_str();
+    bus.ensure_group(s, "enc").await.unwrap();
+    bus.ensure_group(s, "enc").await.unwrap(); // idempotent
+    bus.ensure_group(s, "audit").await.unwrap();
+    for v in ["a", "b", "c"] {
+        bus.add(s, fields(v), StreamLimits::default())
+            .await
+            .unwrap();
+    }
+    let r1 = bus.read_group(s, "enc", "c1", 2, NOW).await.unwrap();
+    let r2 = bus.read_group(s, "enc", "c2", 2, NOW).await.unwrap();
+    assert_eq!(r1.iter().map(val).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(r2.iter().map(val).collect::<Vec<_>>(), ["c"]);
+    assert_eq!(
+        bus.read_group(s, "audit", "x", 10, NOW)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(r1[0].id < r1[1].id && r1[1].id < r2[0].id);
+    assert_eq!(r1[0].id.to_string().parse::<EntryId>().unwrap(), r1[0].id);
+    assert!(matches!(
+        bus.read_group(s, "nope", "c", 1, NOW).await,
+        Err(BusError::NoGroup(_))
+    ));
+}
+
+async fn unacked_entries_are_redelivered_then_dead_lettered(bus: impl Bus, n: &Names) {
+    let (s, dlq) = (n.s.as_str(), n.dlq.as_str());
+    let limits = StreamLimits {
+        max_deliveries: 2,
+        ..StreamLimits::default()
+    };
+    bus.ensure_group(s, "g").await.unwrap();
+    bus.add(s, fields("x"), limits).await.unwrap();
+    let first = bus.read_group(s, "g", "dead-worker", 1, NOW).await.unwrap();
+    assert_eq!(first[0].deliveries, 1);
+    assert!(
+        bus.claim_stale(s, "g", "w2", Duration::from_secs(60), 10, limits, dlq)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = bus
+        .claim_stale(s, "g", "w2", NOW, 10, limits, dlq)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.len(), again[0].deliveries, val(&again[0])),
+        (1, 2, "x".to_string())
+    );
+    assert!(
+        bus.claim_stale(s, "g", "w3", NOW, 10, limits, dlq)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dead = bus.range_after(dlq, None, 10).await.unwrap();
+    assert_eq!(val(&dead[0]), "x");
+    assert!(
+        String::from_utf8(dead[0].fields["dead.from"].clone())
+            .unwrap()
+            .starts_with(&format!("{s}/g/"))
+    );
+    assert!(
+        bus.claim_stale(s, "g", "w4", NOW, 10, limits, dlq)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn a_full_backlog_pushes_back_until_acked(bus: impl Bus, n: &Names) {
+    let (s, dlq) = (n.s.as_str(), n.dlq.as_str());
+    let limits = StreamLimits {
+        max_backlog: 2,
+        ..StreamLimits::default()
+    };
+    bus.ensure_group(s, "g").await.unwrap();
+    bus.add(s, fields("1"), limits).await.unwrap();
+    bus.add(s, fields("2"), limits).await.unwrap();
+    let e = bus.add(s, fields("3"), limits).await.unwrap_err();
+    assert!(matches!(e, BusError::Full { backlog: 2, .. }), "{e}");
+    let got = bus.read_group(s, "g", "c", 10, NOW).await.unwrap();
+    assert!(
+        bus.add(s, fields("3"), limits).await.is_err(),
+        "delivered but unacknowledged still counts"
+    );
+    bus.ack(s, "g", &[got[0].id]).await.unwrap();
+    bus.add(s, fields("3"), limits).await.unwrap();
+    let reclaimed = bus
+        .claim_stale(s, "g", "c2", NOW, 10, limits, dlq)
+        .await
+        .unwrap();
+    assert!(
+        reclaimed.iter().all(|e| e.id != got[0].id),
+        "acknowledged entries are never redelivered"
+    );
+}
+
+async fn blocked_readers_wake_and_logs_resume(bus: impl Bus, n: &Names) {
+    let (s, log) = (n.s.as_str(), n.log.as_str());
+    bus.ensure_group(s, "g").await.unwrap();
+    let reader = {
+        let bus = bus.clone();
+        let s = s.to_owned();
+        tokio::spawn(async move {
+            bus.read_group(&s, "g", "c", 1, Duration::from_secs(5))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bus.add(s, fields("late"), StreamLimits::default())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), reader)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(val(&got[0]), "late");
+    let mut ids = Vec::new();
+    for v in ["r1", "r2", "r3"] {
+        ids.push(
+            bus.add(log, fields(v), StreamLimits::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let rest = bus.range_after(log, Some(ids[0]), 10).await.unwrap();
+    assert_eq!(rest.iter().map(val).collect::<Vec<_>>(), ["r2", "r3"]);
+    assert_eq!(bus.range_after(log, None, 1).await.unwrap().len(), 1);
+    assert!(
+        bus.read_group(s, "g", "c", 1, Duration::from_millis(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+macro_rules! both {
+    ($name:ident, $check:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn memory() {
+                $check(MemoryBus::new(), &names(stringify!($name))).await;
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                let n = names(stringify!($name));
+                $check(super::redis().await, &n).await;
+                cleanup(&[&n.s, &n.dlq, &n.log]).await;
+            }
+        }
+    };
+}
+
+both!(groups, groups_deliver_each_entry_once_per_group);
+both!(
+    redelivery,
+    unacked_entries_are_redelivered_then_dead_lettered
+);
+both!(backpressure, a_full_backlog_pushes_back_until_acked);
+both!(blocking, blocked_readers_wake_and_logs_resume);
+
+#[tokio::test]
+async fn unreachable_redis_is_a_retryable_error() {
+    let e = RedisBus::connect("redis://127.0.0.1:1").await.unwrap_err();
+    assert!(matches!(e, BusError::Unavailable(_)), "{e}");
+}
