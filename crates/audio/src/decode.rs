@@ -174,10 +174,7 @@ fn decode_inner(
         let buf = match decoder.decode(&packet) {
             Ok(b) => b,
             // A damaged packet is skipped, as players do; a file of nothing but damage fails below.
-            Err(SymError::DecodeError(what)) => {
-                tracing_free_warn(what);
-                continue;
-            }
+            Err(SymError::DecodeError(_)) => continue,
             Err(e) => return Err(sym_err(e)),
         };
         let spec = buf.spec();
@@ -254,10 +251,6 @@ fn decode_opus_packets(
         channels,
     })
 }
-
-// The audio crate has no logging dependency; damaged packets are counted by callers through
-// the shorter output. Kept as a function so a logger can be added in one place.
-fn tracing_free_warn(_what: &str) {}
 
 #[cfg(test)]
 mod tests {

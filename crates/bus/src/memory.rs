@@ -32,12 +32,10 @@ struct Stream {
 }
 
 impl Stream {
-    /// Entries a group has not acknowledged yet.
+    /// Entries a group has not acknowledged yet. `acked` only holds ids still in
+    /// `entries` (`compact` removes both together), so this is a difference of sizes.
     fn backlog(&self, g: &Group) -> usize {
-        self.entries
-            .range(..)
-            .filter(|(id, _)| !g.acked.contains(id))
-            .count()
+        self.entries.len() - g.acked.len()
     }
 
     /// Drops entries every group has acknowledged (a log without groups keeps everything).
@@ -58,6 +56,10 @@ impl Stream {
             }
         }
     }
+}
+
+fn no_group(stream: &str, group: &str) -> BusError {
+    BusError::NoGroup(format!("{stream}/{group}"))
 }
 
 #[derive(Debug, Default)]
@@ -115,11 +117,11 @@ impl MemoryBus {
         let s = st
             .streams
             .get_mut(stream)
-            .ok_or_else(|| BusError::NoGroup(format!("{stream}/{group}")))?;
+            .ok_or_else(|| no_group(stream, group))?;
         let g = s
             .groups
             .get_mut(group)
-            .ok_or_else(|| BusError::NoGroup(format!("{stream}/{group}")))?;
+            .ok_or_else(|| no_group(stream, group))?;
         let now = Instant::now();
         let mut out = Vec::new();
         let start = g.last_delivered;
@@ -216,11 +218,11 @@ impl Bus for MemoryBus {
         let s = st
             .streams
             .get_mut(stream)
-            .ok_or_else(|| BusError::NoGroup(format!("{stream}/{group}")))?;
+            .ok_or_else(|| no_group(stream, group))?;
         let g = s
             .groups
             .get_mut(group)
-            .ok_or_else(|| BusError::NoGroup(format!("{stream}/{group}")))?;
+            .ok_or_else(|| no_group(stream, group))?;
         for id in ids {
             if g.pending.remove(id).is_some() {
                 g.acked.insert(*id);
@@ -248,11 +250,11 @@ impl Bus for MemoryBus {
             let s = st
                 .streams
                 .get_mut(stream)
-                .ok_or_else(|| BusError::NoGroup(format!("{stream}/{group}")))?;
+                .ok_or_else(|| no_group(stream, group))?;
             let g = s
                 .groups
                 .get_mut(group)
-                .ok_or_else(|| BusError::NoGroup(format!("{stream}/{group}")))?;
+                .ok_or_else(|| no_group(stream, group))?;
             let stale: Vec<EntryId> = g
                 .pending
                 .iter()

@@ -7,12 +7,9 @@ use candle_core::Device;
 use nexus_models::qwen::{Translator, language_name};
 
 fn gguf() -> PathBuf {
-    let home = std::env::var_os("NEXUS_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/nexus")
-        });
-    home.join("models/qwen2.5-0.5b-instruct/source/model.gguf")
+    nexus_weights::Store::new(nexus_weights::Store::default_root())
+        .source_dir("qwen2.5-0.5b-instruct")
+        .join("model.gguf")
 }
 
 #[test]

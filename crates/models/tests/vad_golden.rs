@@ -8,12 +8,9 @@ use candle_core::{Device, Tensor};
 use nexus_models::vad::{CHUNK, SileroVad, VadState};
 
 fn weights() -> PathBuf {
-    let home = std::env::var_os("NEXUS_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/nexus")
-        });
-    home.join("models/silero-vad/source/model.safetensors")
+    nexus_weights::Store::new(nexus_weights::Store::default_root())
+        .source_dir("silero-vad")
+        .join("model.safetensors")
 }
 
 fn golden_dir() -> PathBuf {

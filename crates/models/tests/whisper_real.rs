@@ -11,12 +11,7 @@ use candle_core::Device;
 use nexus_models::whisper::{TranscribeOptions, WhisperEngine};
 
 fn model_dir(name: &str) -> PathBuf {
-    let home = std::env::var_os("NEXUS_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/nexus")
-        });
-    home.join("models").join(name)
+    nexus_weights::Store::new(nexus_weights::Store::default_root()).model_dir(name)
 }
 
 fn testdata() -> PathBuf {

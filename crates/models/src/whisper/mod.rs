@@ -45,18 +45,34 @@ impl std::fmt::Debug for WhisperEngine {
 }
 
 impl WhisperEngine {
+    /// Encoder features of the 30 s window starting at mel frame `seek` of a
+    /// `(1, n_mels, frames)` log-mel tensor computed with 30 s of padding.
+    pub fn encode_window(
+        &self,
+        mel: &candle_core::Tensor,
+        seek: usize,
+    ) -> Result<candle_core::Tensor> {
+        use candle_core::IndexOp;
+        let t0 = std::time::Instant::now();
+        let window = mel
+            .i((.., .., seek..seek + crate::mel::CHUNK_FRAMES))?
+            .contiguous()?;
+        let out = self.model.encoder.forward(&window.to_dtype(self.dtype)?)?;
+        tracing::debug!(
+            seek,
+            encode_ms = t0.elapsed().as_millis() as u64,
+            "encoded window"
+        );
+        Ok(out)
+    }
+
     /// Language probabilities of the first 30 s of 16 kHz mono `samples`, most likely first.
     pub fn detect_language(&self, samples: &[f32]) -> Result<Vec<(String, f32)>> {
-        use candle_core::IndexOp;
         let mel = self
             .mel
             .compute(samples, crate::mel::CHUNK_SAMPLES)?
             .to_tensor(&self.device)?;
-        let window = mel
-            .i((.., .., 0..crate::mel::CHUNK_FRAMES))?
-            .contiguous()?
-            .to_dtype(self.dtype)?;
-        let audio = self.model.encoder.forward(&window)?;
+        let audio = self.encode_window(&mel, 0)?;
         decode::detect_language(&self.model, &self.tokenizer, &audio)
     }
 

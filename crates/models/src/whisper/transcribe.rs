@@ -3,7 +3,7 @@
 //! degenerate output, no-speech skipping, conditioning on previous text, and
 //! removal of the phrases Whisper is known to invent over silence.
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 
 use super::WhisperEngine;
 use super::align::{TimedWord, align};
@@ -182,17 +182,6 @@ impl WhisperEngine {
         tracing::debug!(mel_ms = t0.elapsed().as_millis() as u64, "log-mel");
         let mel = mel.to_tensor(&self.device)?;
         let content_frames = samples.len() / HOP_LENGTH;
-        let window = |seek: usize| -> Result<Tensor> {
-            let t0 = std::time::Instant::now();
-            let m = mel.i((.., .., seek..seek + CHUNK_FRAMES))?.contiguous()?;
-            let out = self.model.encoder.forward(&m.to_dtype(self.dtype)?)?;
-            tracing::debug!(
-                seek,
-                encode_ms = t0.elapsed().as_millis() as u64,
-                "encoded window"
-            );
-            Ok(out)
-        };
 
         let tb = self.tokenizer.specials.timestamp_begin;
         let mut prompt_text = String::new();
@@ -218,7 +207,7 @@ impl WhisperEngine {
             progress(seek as f32 / content_frames as f32);
             let time_offset = (seek * HOP_LENGTH) as f32 / SAMPLE_RATE as f32;
             let segment_size = CHUNK_FRAMES.min(content_frames - seek);
-            let audio = window(seek)?;
+            let audio = self.encode_window(&mel, seek)?;
             if language.is_none() {
                 let probs = detect_language(&self.model, &self.tokenizer, &audio)?;
                 language = probs.first().map(|(c, _)| c.clone());
