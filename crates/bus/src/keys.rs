@@ -86,6 +86,12 @@ impl Keys {
     pub fn dead_letter(&self, stage: &str) -> String {
         format!("{}:dead:{{{stage}}}", self.prefix)
     }
+
+    /// Capacity pool of a stage (e.g. `decoder` sessions): the nodes that serve
+    /// it and the leases on its slots live under this one hash tag.
+    pub fn pool(&self, stage: &str) -> String {
+        format!("{}:pool:{{{stage}}}", self.prefix)
+    }
 }
 
 /// The Redis Cluster hash slot of `key` (CRC16/XMODEM of the hash tag, mod 16384).

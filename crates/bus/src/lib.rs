@@ -16,4 +16,4 @@ pub use codec::{BusError, StreamMessage, decode, encode};
 pub use keys::{Keys, SessionId};
 pub use memory::MemoryBus;
 pub use redis_bus::RedisBus;
-pub use stream::{Bus, Entry, EntryId, Fields, StreamLimits};
+pub use stream::{Bus, Entry, EntryId, Fields, Lease, StreamLimits};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::codec::BusError;
-use crate::stream::{Bus, Entry, EntryId, Fields, StreamLimits};
+use crate::stream::{Bus, Entry, EntryId, Fields, Lease, StreamLimits};
 
 #[derive(Debug)]
 struct Pending {
@@ -62,9 +62,46 @@ fn no_group(stream: &str, group: &str) -> BusError {
     BusError::NoGroup(format!("{stream}/{group}"))
 }
 
+/// A capacity pool: nodes' advertised slots and holders' leases, each with its deadline.
+#[derive(Debug, Default)]
+struct Pool {
+    nodes: HashMap<String, (u32, Instant)>,
+    leases: HashMap<String, Instant>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     streams: HashMap<String, Stream>,
+    /// `add_unique` keys per stream, with the id that holds each.
+    unique: HashMap<String, HashMap<String, EntryId>>,
+    /// Deadlines of streams written with a time to live.
+    expiry: HashMap<String, Instant>,
+    last_purge: Option<Instant>,
+    pools: HashMap<String, Pool>,
+}
+
+impl State {
+    /// Forgets expired streams, at most once a second (each look is a scan).
+    fn purge_expired(&mut self, now: Instant) {
+        if self
+            .last_purge
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_purge = Some(now);
+        let dead: Vec<String> = self
+            .expiry
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dead {
+            self.expiry.remove(&k);
+            self.streams.remove(&k);
+            self.unique.remove(&k);
+        }
+    }
 }
 
 /// Streams held in this process. Clones share the same streams.
@@ -304,12 +341,112 @@ impl Bus for MemoryBus {
         after: Option<EntryId>,
         count: usize,
     ) -> Result<Vec<Entry>, BusError> {
-        let st = self.lock();
-        let Some(s) = st.streams.get(stream) else {
-            return Ok(Vec::new());
+        let mut st = self.lock();
+        st.purge_expired(Instant::now());
+        Ok(Self::range(&st, stream, after, count))
+    }
+
+    async fn add_unique(
+        &self,
+        stream: &str,
+        unique: &str,
+        fields: Fields,
+        ttl: Duration,
+    ) -> Result<(EntryId, bool), BusError> {
+        let added = {
+            let mut st = self.lock();
+            let now = Instant::now();
+            st.purge_expired(now);
+            if let Some(id) = st.unique.get(stream).and_then(|u| u.get(unique)) {
+                return Ok((*id, false));
+            }
+            let id = Self::append(&mut st, stream, fields);
+            st.unique
+                .entry(stream.to_owned())
+                .or_default()
+                .insert(unique.to_owned(), id);
+            st.expiry.insert(stream.to_owned(), now + ttl);
+            id
         };
-        Ok(s.entries
-            .iter()
+        self.notify.notify_waiters();
+        Ok((added, true))
+    }
+
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: Option<EntryId>,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, BusError> {
+        let deadline = tokio::time::Instant::now() + block;
+        loop {
+            let notified = self.notify.notified();
+            let got = Self::range(&self.lock(), stream, after, count);
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Self::range(&self.lock(), stream, after, count));
+            }
+        }
+    }
+
+    async fn advertise(
+        &self,
+        pool: &str,
+        node: &str,
+        slots: u32,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let mut st = self.lock();
+        st.pools
+            .entry(pool.to_owned())
+            .or_default()
+            .nodes
+            .insert(node.to_owned(), (slots, Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn lease(&self, pool: &str, holder: &str, ttl: Duration) -> Result<Lease, BusError> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let p = st.pools.entry(pool.to_owned()).or_default();
+        p.nodes.retain(|_, (_, until)| *until > now);
+        p.leases.retain(|_, until| *until > now);
+        let capacity: u32 = p.nodes.values().map(|(n, _)| *n).sum();
+        let used = p.leases.len() as u32;
+        if !p.leases.contains_key(holder) {
+            if capacity == 0 {
+                return Ok(Lease::NoCapacity);
+            }
+            if used >= capacity {
+                return Ok(Lease::Full { capacity });
+            }
+        }
+        p.leases.insert(holder.to_owned(), now + ttl);
+        Ok(Lease::Granted {
+            used: p.leases.len() as u32,
+            capacity,
+        })
+    }
+
+    async fn release(&self, pool: &str, holder: &str) -> Result<(), BusError> {
+        if let Some(p) = self.lock().pools.get_mut(pool) {
+            p.leases.remove(holder);
+        }
+        Ok(())
+    }
+}
+
+impl MemoryBus {
+    fn range(st: &State, stream: &str, after: Option<EntryId>, count: usize) -> Vec<Entry> {
+        let Some(s) = st.streams.get(stream) else {
+            return Vec::new();
+        };
+        let start = after.unwrap_or_default();
+        s.entries
+            .range(start..)
             .filter(|(id, _)| after.is_none_or(|a| **id > a))
             .take(count)
             .map(|(id, f)| Entry {
@@ -317,6 +454,6 @@ impl Bus for MemoryBus {
                 fields: f.clone(),
                 deliveries: 0,
             })
-            .collect())
+            .collect()
     }
 }

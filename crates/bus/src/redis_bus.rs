@@ -6,20 +6,80 @@
 //! stale entries (XPENDING gives the delivery counts that decide dead-lettering),
 //! and XRANGE with an exclusive start for resumable logs.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::{Client, Value};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::{Client, Script, Value};
 
 use crate::codec::BusError;
-use crate::stream::{Bus, Entry, EntryId, Fields, StreamLimits};
+use crate::stream::{Bus, Entry, EntryId, Fields, Lease, StreamLimits};
+
+/// Appends unless the key was seen: KEYS = stream, its key record; ARGV = key,
+/// ttl ms, then field/value pairs. Atomic, so a redelivered result never lands twice.
+const ADD_UNIQUE: &str = r"
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev then return {prev, 0} end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], ARGV[1], id)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return {id, 1}
+";
+
+/// KEYS = nodes hash; ARGV = node, slots, ttl ms. Deadlines use the server's clock.
+const ADVERTISE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. (now + tonumber(ARGV[3])))
+return 1
+";
+
+/// KEYS = nodes hash, leases zset; ARGV = holder, ttl ms.
+/// Returns {granted (1), full (0) or no capacity (-1), capacity, used}.
+const LEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap = 0
+local nodes = redis.call('HGETALL', KEYS[1])
+for i = 1, #nodes, 2 do
+  local slots, untl = string.match(nodes[i + 1], '^(%d+):(%d+)$')
+  if slots and tonumber(untl) > now then
+    cap = cap + tonumber(slots)
+  else
+    redis.call('HDEL', KEYS[1], nodes[i])
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local used = redis.call('ZCARD', KEYS[2])
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  if cap == 0 then return {-1, 0, used} end
+  if used >= cap then return {0, cap, used} end
+  used = used + 1
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+return {1, cap, used}
+";
 
 /// Streams in a Redis server.
 #[derive(Clone)]
 pub struct RedisBus {
     client: Client,
     conn: ConnectionManager,
+    /// Connections for blocking reads, reused: a blocked command holds its
+    /// connection, so it never shares the multiplexed one.
+    blocking: Arc<Mutex<Vec<MultiplexedConnection>>>,
+    scripts: Arc<Scripts>,
 }
+
+struct Scripts {
+    add_unique: Script,
+    advertise: Script,
+    lease: Script,
+}
+
+/// Idle blocking connections kept for reuse.
+const BLOCKING_POOL: usize = 256;
 
 impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,7 +145,38 @@ impl RedisBus {
         let conn = ConnectionManager::new(client.clone())
             .await
             .map_err(unavailable)?;
-        Ok(Self { client, conn })
+        Ok(Self {
+            client,
+            conn,
+            blocking: Arc::default(),
+            scripts: Arc::new(Scripts {
+                add_unique: Script::new(ADD_UNIQUE),
+                advertise: Script::new(ADVERTISE),
+                lease: Script::new(LEASE),
+            }),
+        })
+    }
+
+    /// Runs a blocking command on a connection of its own, reused afterwards
+    /// unless the command failed (the connection may be broken).
+    async fn blocking_query(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+        let idle = self
+            .blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => self.client.get_multiplexed_async_connection().await?,
+        };
+        let r = cmd.query_async(&mut conn).await;
+        if r.is_ok() {
+            let mut pool = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < BLOCKING_POOL {
+                pool.push(conn);
+            }
+        }
+        r
     }
 
     async fn backlog(&self, stream: &str) -> Result<Option<(String, usize)>, BusError> {
@@ -198,12 +289,7 @@ impl Bus for RedisBus {
             let mut conn = self.conn.clone();
             cmd.query_async(&mut conn).await
         } else {
-            let mut conn = self
-                .client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(unavailable)?;
-            cmd.query_async(&mut conn).await
+            self.blocking_query(&cmd).await
         };
         let reply = match reply {
             Ok(v) => v,
@@ -358,5 +444,134 @@ impl Bus for RedisBus {
                 deliveries: 0,
             })
             .collect())
+    }
+
+    async fn add_unique(
+        &self,
+        stream: &str,
+        unique: &str,
+        fields: Fields,
+        ttl: Duration,
+    ) -> Result<(EntryId, bool), BusError> {
+        let mut inv = self.scripts.add_unique.prepare_invoke();
+        inv.key(stream)
+            .key(format!("{stream}:unique"))
+            .arg(unique)
+            .arg(ttl.as_millis().max(1) as u64);
+        for (k, v) in &fields {
+            inv.arg(k.as_str()).arg(v.as_slice());
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        match reply {
+            Value::Array(v) if v.len() == 2 => Ok((text(&v[0]).parse()?, int(&v[1]) == Some(1))),
+            other => Err(BusError::Unavailable(format!(
+                "unexpected reply to an idempotent append: {other:?}"
+            ))),
+        }
+    }
+
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: Option<EntryId>,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, BusError> {
+        if block.is_zero() {
+            return self.range_after(stream, after, count).await;
+        }
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(count.max(1))
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(after.unwrap_or_default().to_string());
+        let reply = self.blocking_query(&cmd).await.map_err(unavailable)?;
+        let streams = match reply {
+            Value::Array(s) => s,
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![k, v]))
+                .collect(),
+            _ => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for s in streams {
+            if let Value::Array(pair) = s
+                && let [_, list] = pair.as_slice()
+            {
+                out.extend(entries(list)?.into_iter().map(|(id, fields)| Entry {
+                    id,
+                    fields,
+                    deliveries: 0,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn advertise(
+        &self,
+        pool: &str,
+        node: &str,
+        slots: u32,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        let _: Value = self
+            .scripts
+            .advertise
+            .key(format!("{pool}:nodes"))
+            .arg(node)
+            .arg(slots)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn lease(&self, pool: &str, holder: &str, ttl: Duration) -> Result<Lease, BusError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = self
+            .scripts
+            .lease
+            .key(format!("{pool}:nodes"))
+            .key(format!("{pool}:leases"))
+            .arg(holder)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(v) = reply else {
+            return Err(BusError::Unavailable(format!(
+                "unexpected reply to a lease: {reply:?}"
+            )));
+        };
+        let n = |i: usize| v.get(i).and_then(int).unwrap_or(0);
+        Ok(match n(0) {
+            1 => Lease::Granted {
+                capacity: n(1) as u32,
+                used: n(2) as u32,
+            },
+            0 => Lease::Full {
+                capacity: n(1) as u32,
+            },
+            _ => Lease::NoCapacity,
+        })
+    }
+
+    async fn release(&self, pool: &str, holder: &str) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("ZREM")
+            .arg(format!("{pool}:leases"))
+            .arg(holder)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 }

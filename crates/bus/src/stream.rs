@@ -73,6 +73,25 @@ impl Default for StreamLimits {
     }
 }
 
+/// Outcome of asking a capacity pool for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// The holder has a slot until the lease's time runs out.
+    Granted {
+        /// Slots leased in the pool, this one included.
+        used: u32,
+        /// Slots the pool's live nodes advertise.
+        capacity: u32,
+    },
+    /// Every advertised slot is leased.
+    Full {
+        /// Slots the pool's live nodes advertise.
+        capacity: u32,
+    },
+    /// No live node advertises capacity (none running, or all stopped advertising).
+    NoCapacity,
+}
+
 /// A stage-to-stage transport.
 pub trait Bus: Clone + Send + Sync + 'static {
     /// Appends an entry; [`BusError::Full`] when a group is `max_backlog` behind.
@@ -129,4 +148,52 @@ pub trait Bus: Clone + Send + Sync + 'static {
         after: Option<EntryId>,
         count: usize,
     ) -> impl Future<Output = Result<Vec<Entry>, BusError>> + Send;
+
+    /// Appends an entry unless this stream already holds one appended under
+    /// `unique`: redelivered work then never adds a second copy of its result.
+    /// Returns the id of the entry holding `unique` and whether this call added
+    /// it. The stream and its record of keys expire `ttl` after the last add.
+    fn add_unique(
+        &self,
+        stream: &str,
+        unique: &str,
+        fields: Fields,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(EntryId, bool), BusError>> + Send;
+
+    /// Like [`Bus::range_after`], waiting up to `block` for the first entry.
+    fn read_after(
+        &self,
+        stream: &str,
+        after: Option<EntryId>,
+        count: usize,
+        block: Duration,
+    ) -> impl Future<Output = Result<Vec<Entry>, BusError>> + Send;
+
+    /// Says that `node` serves `slots` slots of `pool` for the next `ttl`; nodes
+    /// repeat it well within `ttl`, and a node that stops is forgotten after it.
+    fn advertise(
+        &self,
+        pool: &str,
+        node: &str,
+        slots: u32,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Takes a slot of `pool` for `holder`, or renews the one it holds, for `ttl`.
+    /// Renewal always succeeds; a new holder gets a slot only while leases are
+    /// fewer than the capacity the pool's live nodes advertise.
+    fn lease(
+        &self,
+        pool: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Lease, BusError>> + Send;
+
+    /// Gives `holder`'s slot back.
+    fn release(
+        &self,
+        pool: &str,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use nexus_bus::{Bus, BusError, Entry, EntryId, Fields, MemoryBus, RedisBus, StreamLimits};
+use nexus_bus::{Bus, BusError, Entry, EntryId, Fields, Lease, MemoryBus, RedisBus, StreamLimits};
 
 const NOW: Duration = Duration::ZERO;
 
@@ -24,6 +24,7 @@ struct Names {
     s: String,
     dlq: String,
     log: String,
+    pool: String,
 }
 
 /// Stream names unique to this run, so parallel tests and reruns never collide.
@@ -41,6 +42,7 @@ fn names(test: &str) -> Names {
         s: format!("{tag}:s"),
         dlq: format!("{tag}:dlq"),
         log: format!("{tag}:log"),
+        pool: format!("{tag}:pool"),
     }
 }
 
@@ -204,6 +206,108 @@ async fn blocked_readers_wake_and_logs_resume(bus: impl Bus, n: &Names) {
     );
 }
 
+async fn idempotent_results_never_land_twice(bus: impl Bus, n: &Names) {
+    let log = n.log.as_str();
+    let ttl = Duration::from_secs(60);
+    let waiter = {
+        let bus = bus.clone();
+        let log = log.to_owned();
+        tokio::spawn(async move { bus.read_after(&log, None, 10, Duration::from_secs(5)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (a, added) = bus
+        .add_unique(log, "0:1", fields("s0r1"), ttl)
+        .await
+        .unwrap();
+    assert!(added);
+    let woke = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke.iter().map(val).collect::<Vec<_>>(), ["s0r1"]);
+    // A redelivered segment produces the same key: the first entry stands.
+    let (again, added) = bus
+        .add_unique(log, "0:1", fields("s0r1-second-try"), ttl)
+        .await
+        .unwrap();
+    assert_eq!((again, added), (a, false));
+    let (b, added) = bus
+        .add_unique(log, "0:2", fields("s0r2"), ttl)
+        .await
+        .unwrap();
+    assert!(added && b > a);
+    let all = bus.read_after(log, None, 10, NOW).await.unwrap();
+    assert_eq!(all.iter().map(val).collect::<Vec<_>>(), ["s0r1", "s0r2"]);
+    let rest = bus
+        .read_after(log, Some(a), 10, Duration::from_millis(20))
+        .await
+        .unwrap();
+    assert_eq!(rest.iter().map(val).collect::<Vec<_>>(), ["s0r2"]);
+    let none = bus
+        .read_after(log, Some(b), 10, Duration::from_millis(30))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+async fn capacity_pool_leases_slots(bus: impl Bus, n: &Names) {
+    let pool = n.pool.as_str();
+    let long = Duration::from_secs(60);
+    assert_eq!(bus.lease(pool, "a", long).await.unwrap(), Lease::NoCapacity);
+    bus.advertise(pool, "node1", 1, long).await.unwrap();
+    bus.advertise(pool, "node2", 1, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.lease(pool, "a", long).await.unwrap(),
+        Lease::Granted {
+            used: 1,
+            capacity: 2
+        }
+    );
+    assert_eq!(
+        bus.lease(pool, "b", long).await.unwrap(),
+        Lease::Granted {
+            used: 2,
+            capacity: 2
+        }
+    );
+    assert_eq!(
+        bus.lease(pool, "c", long).await.unwrap(),
+        Lease::Full { capacity: 2 }
+    );
+    // Renewing a held lease always works.
+    assert!(matches!(
+        bus.lease(pool, "a", long).await.unwrap(),
+        Lease::Granted { used: 2, .. }
+    ));
+    bus.release(pool, "b").await.unwrap();
+    assert!(matches!(
+        bus.lease(pool, "c", long).await.unwrap(),
+        Lease::Granted { used: 2, .. }
+    ));
+    // node2 stops advertising: its slot goes away; expired leases free theirs.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    bus.release(pool, "c").await.unwrap();
+    assert_eq!(
+        bus.lease(pool, "d", long).await.unwrap(),
+        Lease::Full { capacity: 1 }
+    );
+    bus.advertise(pool, "node1", 3, long).await.unwrap();
+    bus.lease(pool, "e", Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        bus.lease(pool, "d", long).await.unwrap(),
+        Lease::Granted {
+            used: 2,
+            capacity: 3
+        }
+    );
+}
+
 macro_rules! both {
     ($name:ident, $check:ident) => {
         mod $name {
@@ -218,7 +322,12 @@ macro_rules! both {
             async fn redis() {
                 let n = names(stringify!($name));
                 $check(super::redis().await, &n).await;
-                cleanup(&[&n.s, &n.dlq, &n.log]).await;
+                let (unique, nodes, leases) = (
+                    format!("{}:unique", n.log),
+                    format!("{}:nodes", n.pool),
+                    format!("{}:leases", n.pool),
+                );
+                cleanup(&[&n.s, &n.dlq, &n.log, &unique, &nodes, &leases]).await;
             }
         }
     };
@@ -231,6 +340,8 @@ both!(
 );
 both!(backpressure, a_full_backlog_pushes_back_until_acked);
 both!(blocking, blocked_readers_wake_and_logs_resume);
+both!(idempotent, idempotent_results_never_land_twice);
+both!(pool, capacity_pool_leases_slots);
 
 #[tokio::test]
 async fn unreachable_redis_is_a_retryable_error() {
