@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{IndexOp, Tensor};
 
-use super::model::Whisper;
+use super::model::{DecoderState, Whisper};
 use super::tokenizer::WhisperTokenizer;
 use crate::error::{ModelError, Result};
 
@@ -315,6 +315,151 @@ fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.i((.., t - 1))?.to_vec2()?)
 }
 
+/// One greedy decoding (temperature 0, one beam) advanced a token at a time,
+/// so a decoder pool can put many of them, from different sessions and at
+/// different lengths, into one forward pass per step ([`step_batch`]).
+pub struct GreedySequence {
+    state: DecoderState,
+    filters: Filters,
+    language: String,
+    tokens: Vec<u32>,
+    sum_logprob: f32,
+    no_speech_prob: f32,
+    logits: Vec<f32>,
+    remaining: usize,
+    max_positions: usize,
+    eot: u32,
+    done: bool,
+}
+
+impl std::fmt::Debug for GreedySequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GreedySequence")
+            .field("tokens", &self.tokens.len())
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl GreedySequence {
+    /// Detects the language when `opts` leaves it open, feeds the prompt and
+    /// start-of-transcript tokens, and waits for the first [`advance`](Self::advance).
+    pub fn start(
+        model: &Whisper,
+        tok: &WhisperTokenizer,
+        audio: &Tensor,
+        opts: &DecodeOptions,
+    ) -> Result<Self> {
+        if opts.temperature != 0.0 || opts.beam_size > 1 {
+            return Err(ModelError::Input(
+                "a greedy sequence needs temperature 0 and one beam".into(),
+            ));
+        }
+        let language = match &opts.language {
+            Some(l) => l.clone(),
+            None if tok.multilingual => detect_language(model, tok, audio)?
+                .first()
+                .map_or_else(|| "en".to_string(), |(c, _)| c.clone()),
+            None => "en".into(),
+        };
+        let (init, sot_index) = initial_tokens(model, tok, opts, &language)?;
+        let filters = Filters::new(model, tok, opts)?;
+        let mut state = model.decoder.start(audio)?;
+        let first = model.decoder.forward(
+            &Tensor::new(init.as_slice(), audio.device())?.unsqueeze(0)?,
+            &mut state,
+            false,
+        )?;
+        let no_speech_prob = {
+            let l: Vec<f32> = first.logits.i((0, sot_index))?.to_vec1()?;
+            log_softmax(&l)[tok.specials.no_speech as usize].exp()
+        };
+        let logits = last_logits(&first.logits)?.remove(0);
+        let max_positions = model.config.max_target_positions;
+        Ok(Self {
+            state,
+            filters,
+            language,
+            tokens: Vec::new(),
+            sum_logprob: 0.0,
+            no_speech_prob,
+            logits,
+            remaining: opts
+                .sample_len
+                .min(max_positions.saturating_sub(init.len())),
+            max_positions,
+            eot: tok.specials.eot,
+            done: false,
+        })
+    }
+
+    /// Picks the next token from the pending logits. Returns the token to feed
+    /// the model next, or `None` once the sequence is complete.
+    pub fn advance(&mut self) -> Option<u32> {
+        if self.done {
+            return None;
+        }
+        if self.remaining == 0 {
+            self.done = true;
+            return None;
+        }
+        self.filters.apply(&mut self.logits, &self.tokens);
+        let lp = log_softmax(&self.logits);
+        let t = lp
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(self.eot, |(i, _)| i as u32);
+        self.sum_logprob += lp[t as usize];
+        self.tokens.push(t);
+        self.remaining -= 1;
+        if t == self.eot || self.remaining == 0 || self.state.len() + 1 > self.max_positions {
+            self.done = true;
+            return None;
+        }
+        Some(t)
+    }
+
+    /// Whether decoding ended.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Tokens sampled so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The result, once done (or cut short by the caller).
+    pub fn finish(mut self, tok: &WhisperTokenizer) -> Result<DecodeResult> {
+        if let Some(p) = self.tokens.iter().position(|t| *t == self.eot) {
+            self.tokens.truncate(p);
+        }
+        let text = tok.decode(&self.tokens)?;
+        Ok(DecodeResult {
+            avg_logprob: self.sum_logprob / (self.tokens.len() + 1) as f32,
+            compression_ratio: compression_ratio(&text),
+            tokens: self.tokens,
+            text,
+            language: self.language,
+            sum_logprob: self.sum_logprob,
+            no_speech_prob: self.no_speech_prob,
+            temperature: 0.0,
+        })
+    }
+}
+
+/// Feeds `tokens[j]` to `seqs[j]` in one batched forward pass and stores each
+/// sequence's next logits.
+pub fn step_batch(model: &Whisper, seqs: &mut [&mut GreedySequence], tokens: &[u32]) -> Result<()> {
+    let mut states: Vec<&mut DecoderState> = seqs.iter_mut().map(|s| &mut s.state).collect();
+    let logits: Vec<Vec<f32>> = model.decoder.step_batch(tokens, &mut states)?.to_vec2()?;
+    for (s, l) in seqs.iter_mut().zip(logits) {
+        s.logits = l;
+    }
+    Ok(())
+}
+
 /// Decodes one window of encoded audio (1, S, D).
 pub fn decode(
     model: &Whisper,
@@ -322,6 +467,13 @@ pub fn decode(
     audio: &Tensor,
     opts: &DecodeOptions,
 ) -> Result<DecodeResult> {
+    if opts.temperature == 0.0 && opts.beam_size <= 1 {
+        let mut seq = GreedySequence::start(model, tok, audio, opts)?;
+        while let Some(t) = seq.advance() {
+            step_batch(model, &mut [&mut seq], &[t])?;
+        }
+        return seq.finish(tok);
+    }
     let language = match &opts.language {
         Some(l) => l.clone(),
         None if tok.multilingual => detect_language(model, tok, audio)?

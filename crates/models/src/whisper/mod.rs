@@ -13,10 +13,10 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 pub use config::Config;
-pub use decode::{DecodeOptions, DecodeResult, Task};
+pub use decode::{DecodeOptions, DecodeResult, GreedySequence, Task, step_batch};
 pub use model::Whisper;
 pub use tokenizer::WhisperTokenizer;
-pub use transcribe::{Segment, TranscribeOptions, Transcript};
+pub use transcribe::{Segment, TranscribeOptions, Transcript, WindowOutcome};
 
 use crate::error::{ModelError, Result};
 use crate::mel::MelFrontend;

@@ -422,6 +422,83 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// One decoding step for many independent sequences at once: `tokens[j]`
+    /// follows what `states[j]` holds. Sequences may sit at different positions
+    /// and attend to different audio; the projections and the MLP (the weight
+    /// reads that bound a step's time) run once for the whole batch, attention
+    /// runs per sequence over its own cache. Returns logits (B, vocab) in f32.
+    pub fn step_batch(&self, tokens: &[u32], states: &mut [&mut DecoderState]) -> Result<Tensor> {
+        let b = tokens.len();
+        if b != states.len() || b == 0 {
+            candle_core::bail!("{b} tokens for {} decoder states", states.len());
+        }
+        let device = self.positions.device();
+        let offsets: Vec<u32> = states.iter().map(|s| s.len() as u32).collect();
+        if let Some(o) = offsets.iter().find(|o| **o as usize + 1 > self.n_ctx) {
+            candle_core::bail!(
+                "{} tokens exceed the decoder context of {}",
+                o + 1,
+                self.n_ctx
+            );
+        }
+        let pos = self
+            .positions
+            .index_select(&Tensor::new(offsets.as_slice(), device)?, 0)?
+            .unsqueeze(1)?;
+        let mut x = self
+            .embed
+            .forward(&Tensor::new(tokens, device)?.unsqueeze(1)?)?
+            .broadcast_add(&pos)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let a = &blk.attn;
+            let h = blk.attn_ln.forward(&x)?;
+            let (q, k, v) = (a.q.forward(&h)?, a.k.forward(&h)?, a.v.forward(&h)?);
+            let scale = ((q.dim(2)? / a.n_head) as f64).powf(-0.5);
+            let mut outs = Vec::with_capacity(b);
+            for (j, st) in states.iter_mut().enumerate() {
+                let qj = (a.heads(&q.i(j..j + 1)?)? * scale)?;
+                let (kj, vj) = (a.heads(&k.i(j..j + 1)?)?, a.heads(&v.i(j..j + 1)?)?);
+                let (kj, vj) = match &st.cache[i] {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &kj], 2)?, Tensor::cat(&[pv, &vj], 2)?),
+                    None => (kj, vj),
+                };
+                let w = candle_nn::ops::softmax_last_dim(&qj.matmul(&kj.transpose(2, 3)?)?)?;
+                outs.push(w.matmul(&vj)?);
+                st.cache[i] = Some((kj, vj));
+            }
+            x = (&x + a.out.forward(&merge_heads(&outs)?)?)?;
+
+            let (c, cross_ln) = blk
+                .cross
+                .as_ref()
+                .expect("decoder blocks have cross-attention; this is a bug");
+            let h = cross_ln.forward(&x)?;
+            let q = c.q.forward(&h)?;
+            let mut outs = Vec::with_capacity(b);
+            for (j, st) in states.iter().enumerate() {
+                let qj = (c.heads(&q.i(j..j + 1)?)? * scale)?;
+                let (ck, cv) = &st.cross[i];
+                let w = candle_nn::ops::softmax_last_dim(&qj.matmul(&ck.transpose(2, 3)?)?)?;
+                outs.push(w.matmul(cv)?);
+            }
+            x = (&x + c.out.forward(&merge_heads(&outs)?)?)?;
+            x = blk.mlp(&x)?;
+        }
+        let x = self.ln.forward(&x)?;
+        x.broadcast_matmul(&self.embed.embeddings().t()?)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// Per-sequence attention outputs (1, H, 1, dh) → (B, 1, D).
+fn merge_heads(outs: &[Tensor]) -> Result<Tensor> {
+    let out = Tensor::cat(outs, 0)?;
+    let (b, h, t, dh) = out.dims4()?;
+    out.transpose(1, 2)?.reshape((b, t, h * dh))
+}
+
 /// A Whisper model.
 #[derive(Debug, Clone)]
 pub struct Whisper {

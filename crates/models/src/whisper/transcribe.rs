@@ -110,6 +110,17 @@ impl Transcript {
     }
 }
 
+/// What one decoded window yields.
+#[derive(Debug, Clone)]
+pub struct WindowOutcome {
+    /// Its segments, in order.
+    pub segments: Vec<Segment>,
+    /// Mel frames of the window the decoded text covers; the next window starts there.
+    pub consumed: usize,
+    /// The window held no speech.
+    pub silent: bool,
+}
+
 /// Texts Whisper produces over silence or music, learnt from subtitle credits.
 const HALLUCINATIONS: &[&str] = &[
     "thank you.",
@@ -134,11 +145,15 @@ fn rms(samples: &[f32]) -> f32 {
 }
 
 impl WhisperEngine {
-    fn decode_with_fallback(
+    /// Decodes a window, retrying at the next temperature while the output looks
+    /// degenerate (compression ratio, mean log-probability). `first` is an attempt
+    /// at the first temperature already made elsewhere (a decoder pool).
+    pub fn decode_with_fallback(
         &self,
         audio: &Tensor,
         base: &DecodeOptions,
         o: &TranscribeOptions,
+        mut first: Option<DecodeResult>,
     ) -> Result<DecodeResult> {
         let mut last = None;
         for &t in &o.temperatures {
@@ -146,7 +161,10 @@ impl WhisperEngine {
                 temperature: t,
                 ..base.clone()
             };
-            let r = decode(&self.model, &self.tokenizer, audio, &opts)?;
+            let r = match first.take() {
+                Some(r) => r,
+                None => decode(&self.model, &self.tokenizer, audio, &opts)?,
+            };
             let mut fallback = o
                 .compression_ratio_threshold
                 .is_some_and(|th| r.compression_ratio > th)
@@ -183,7 +201,6 @@ impl WhisperEngine {
         let mel = mel.to_tensor(&self.device)?;
         let content_frames = samples.len() / HOP_LENGTH;
 
-        let tb = self.tokenizer.specials.timestamp_begin;
         let mut prompt_text = String::new();
         if let Some(p) = &o.initial_prompt {
             prompt_text.push_str(p.trim());
@@ -223,7 +240,7 @@ impl WhisperEngine {
                 ..DecodeOptions::default()
             };
             let t0 = std::time::Instant::now();
-            let mut r = self.decode_with_fallback(&audio, &base, o)?;
+            let mut r = self.decode_with_fallback(&audio, &base, o, None)?;
             if !base.prompt.is_empty() && self.skips_speech(&r.tokens) {
                 // Conditioned on text that already holds these words, Whisper can jump
                 // over repeated speech; the same window without the prompt does not.
@@ -235,7 +252,7 @@ impl WhisperEngine {
                     prompt: Vec::new(),
                     ..base.clone()
                 };
-                r = self.decode_with_fallback(&audio, &fresh, o)?;
+                r = self.decode_with_fallback(&audio, &fresh, o, None)?;
             }
             tracing::debug!(
                 seek,
@@ -244,119 +261,19 @@ impl WhisperEngine {
                 temperature = r.temperature,
                 "decoded window"
             );
-            if let Some(th) = o.no_speech_threshold {
-                let silent = r.no_speech_prob > th
-                    && !o.logprob_threshold.is_some_and(|lt| r.avg_logprob > lt);
-                if silent {
-                    seek += segment_size;
-                    continue;
-                }
-            }
-            let tokens = &r.tokens;
-            let is_ts: Vec<bool> = tokens.iter().map(|t| *t >= tb).collect();
-            let single_ending =
-                is_ts.len() >= 2 && !is_ts[is_ts.len() - 2] && is_ts[is_ts.len() - 1]
-                    || is_ts.len() == 1 && is_ts[0];
-            let mut cuts: Vec<usize> = (1..tokens.len())
-                .filter(|&i| is_ts[i - 1] && is_ts[i])
-                .collect();
-            let mut current: Vec<(f32, f32, Vec<u32>)> = Vec::new();
-            let ts = |t: u32| (t - tb) as f32 * 0.02;
             let previous_seek = seek;
-            if !cuts.is_empty() {
-                if single_ending {
-                    cuts.push(tokens.len());
-                }
-                let mut last = 0;
-                for &c in &cuts {
-                    let slice = &tokens[last..c];
-                    if let (Some(&a), Some(&b)) = (slice.first(), slice.last())
-                        && a >= tb
-                        && b >= tb
-                    {
-                        current.push((time_offset + ts(a), time_offset + ts(b), slice.to_vec()));
-                    }
-                    last = c;
-                }
-                if single_ending {
-                    seek += segment_size;
-                } else {
-                    seek += (tokens[last - 1] - tb) as usize * 2;
-                }
-            } else {
-                let mut dur = segment_size as f32 * HOP_LENGTH as f32 / SAMPLE_RATE as f32;
-                if let Some(&t) = tokens.iter().rev().find(|t| **t >= tb)
-                    && t != tb
-                {
-                    dur = ts(t);
-                }
-                current.push((time_offset, time_offset + dur, tokens.clone()));
-                seek += segment_size;
+            let quiet = |a: f32, b: f32| {
+                let a = ((a * SAMPLE_RATE as f32) as usize).min(samples.len());
+                let b = ((b * SAMPLE_RATE as f32) as usize).clamp(a, samples.len());
+                rms(&samples[a..b]) < 0.01
+            };
+            let out =
+                self.finish_window(&r, &audio, time_offset, segment_size, &quiet, &lang, o)?;
+            seek += out.consumed;
+            if out.silent {
+                continue;
             }
-            let mut new_segments: Vec<Segment> = Vec::new();
-            for (start, end, toks) in current {
-                let text = self.tokenizer.decode(&toks)?;
-                if start == end || text.trim().is_empty() {
-                    continue;
-                }
-                let a = ((start * SAMPLE_RATE as f32) as usize).min(samples.len());
-                let b = ((end * SAMPLE_RATE as f32) as usize).clamp(a, samples.len());
-                let known = HALLUCINATIONS.contains(&text.trim().to_lowercase().as_str());
-                if known && (rms(&samples[a..b]) < 0.01 || r.no_speech_prob > 0.3) {
-                    tracing::debug!(text = %text, "dropped a known hallucination over quiet audio");
-                    continue;
-                }
-                new_segments.push(Segment {
-                    id: 0,
-                    start,
-                    end,
-                    text,
-                    tokens: toks,
-                    temperature: r.temperature,
-                    avg_logprob: r.avg_logprob,
-                    compression_ratio: r.compression_ratio,
-                    no_speech_prob: r.no_speech_prob,
-                    words: Vec::new(),
-                });
-            }
-            if o.word_timestamps && !new_segments.is_empty() {
-                let text_tokens: Vec<u32> = new_segments
-                    .iter()
-                    .flat_map(|s| {
-                        s.tokens
-                            .iter()
-                            .copied()
-                            .filter(|t| *t < self.tokenizer.specials.eot)
-                    })
-                    .collect();
-                let prefix = self.sot_sequence(o.task, &lang)?;
-                let frames = (segment_size).min(CHUNK_FRAMES);
-                let words = align(
-                    &self.model,
-                    &self.tokenizer,
-                    &audio,
-                    &prefix,
-                    &text_tokens,
-                    frames,
-                    &lang,
-                )?;
-                let mut it = words.into_iter().peekable();
-                for s in &mut new_segments {
-                    let n_text = s
-                        .tokens
-                        .iter()
-                        .filter(|t| **t < self.tokenizer.specials.eot)
-                        .count();
-                    let mut taken = 0;
-                    while taken < n_text {
-                        let Some(w) = it.next() else { break };
-                        taken += self.tokenizer.encode(&w.word).map_or(1, |t| t.len().max(1));
-                        let start = (time_offset + w.start).max(s.start).min(s.end);
-                        let end = (time_offset + w.end).max(start).min(s.end);
-                        s.words.push(TimedWord { start, end, ..w });
-                    }
-                }
-            }
+            let new_segments = out.segments;
             for mut s in new_segments {
                 s.id = segments.len();
                 all_tokens.extend(&s.tokens);
@@ -377,10 +294,146 @@ impl WhisperEngine {
         })
     }
 
+    /// Turns one decoded window into segments: drops it when it is silence,
+    /// cuts it at timestamp pairs, drops known hallucinations over quiet audio
+    /// (`quiet(start_s, end_s)` judges the span), times words when asked, and
+    /// says how many mel frames of the window the text covers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_window(
+        &self,
+        r: &DecodeResult,
+        audio: &Tensor,
+        time_offset: f32,
+        segment_size: usize,
+        quiet: &dyn Fn(f32, f32) -> bool,
+        lang: &str,
+        o: &TranscribeOptions,
+    ) -> Result<WindowOutcome> {
+        let tb = self.tokenizer.specials.timestamp_begin;
+        let consumed;
+        if let Some(th) = o.no_speech_threshold {
+            let silent =
+                r.no_speech_prob > th && !o.logprob_threshold.is_some_and(|lt| r.avg_logprob > lt);
+            if silent {
+                return Ok(WindowOutcome {
+                    segments: Vec::new(),
+                    consumed: segment_size,
+                    silent: true,
+                });
+            }
+        }
+        let tokens = &r.tokens;
+        let is_ts: Vec<bool> = tokens.iter().map(|t| *t >= tb).collect();
+        let single_ending = is_ts.len() >= 2 && !is_ts[is_ts.len() - 2] && is_ts[is_ts.len() - 1]
+            || is_ts.len() == 1 && is_ts[0];
+        let mut cuts: Vec<usize> = (1..tokens.len())
+            .filter(|&i| is_ts[i - 1] && is_ts[i])
+            .collect();
+        let mut current: Vec<(f32, f32, Vec<u32>)> = Vec::new();
+        let ts = |t: u32| (t - tb) as f32 * 0.02;
+        if !cuts.is_empty() {
+            if single_ending {
+                cuts.push(tokens.len());
+            }
+            let mut last = 0;
+            for &c in &cuts {
+                let slice = &tokens[last..c];
+                if let (Some(&a), Some(&b)) = (slice.first(), slice.last())
+                    && a >= tb
+                    && b >= tb
+                {
+                    current.push((time_offset + ts(a), time_offset + ts(b), slice.to_vec()));
+                }
+                last = c;
+            }
+            consumed = if single_ending {
+                segment_size
+            } else {
+                (tokens[last - 1] - tb) as usize * 2
+            };
+        } else {
+            let mut dur = segment_size as f32 * HOP_LENGTH as f32 / SAMPLE_RATE as f32;
+            if let Some(&t) = tokens.iter().rev().find(|t| **t >= tb)
+                && t != tb
+            {
+                dur = ts(t);
+            }
+            current.push((time_offset, time_offset + dur, tokens.clone()));
+            consumed = segment_size;
+        }
+        let mut new_segments: Vec<Segment> = Vec::new();
+        for (start, end, toks) in current {
+            let text = self.tokenizer.decode(&toks)?;
+            if start == end || text.trim().is_empty() {
+                continue;
+            }
+            let known = HALLUCINATIONS.contains(&text.trim().to_lowercase().as_str());
+            if known && (quiet(start, end) || r.no_speech_prob > 0.3) {
+                tracing::debug!(text = %text, "dropped a known hallucination over quiet audio");
+                continue;
+            }
+            new_segments.push(Segment {
+                id: 0,
+                start,
+                end,
+                text,
+                tokens: toks,
+                temperature: r.temperature,
+                avg_logprob: r.avg_logprob,
+                compression_ratio: r.compression_ratio,
+                no_speech_prob: r.no_speech_prob,
+                words: Vec::new(),
+            });
+        }
+        if o.word_timestamps && !new_segments.is_empty() {
+            let text_tokens: Vec<u32> = new_segments
+                .iter()
+                .flat_map(|s| {
+                    s.tokens
+                        .iter()
+                        .copied()
+                        .filter(|t| *t < self.tokenizer.specials.eot)
+                })
+                .collect();
+            let prefix = self.sot_sequence(o.task, lang)?;
+            let frames = (segment_size).min(CHUNK_FRAMES);
+            let words = align(
+                &self.model,
+                &self.tokenizer,
+                audio,
+                &prefix,
+                &text_tokens,
+                frames,
+                lang,
+            )?;
+            let mut it = words.into_iter().peekable();
+            for s in &mut new_segments {
+                let n_text = s
+                    .tokens
+                    .iter()
+                    .filter(|t| **t < self.tokenizer.specials.eot)
+                    .count();
+                let mut taken = 0;
+                while taken < n_text {
+                    let Some(w) = it.next() else { break };
+                    taken += self.tokenizer.encode(&w.word).map_or(1, |t| t.len().max(1));
+                    let start = (time_offset + w.start).max(s.start).min(s.end);
+                    let end = (time_offset + w.end).max(start).min(s.end);
+                    s.words.push(TimedWord { start, end, ..w });
+                }
+            }
+        }
+        Ok(WindowOutcome {
+            segments: new_segments,
+            consumed,
+            silent: false,
+        })
+    }
+
     /// Whether a decoded window has a timestamped segment that covers far more
     /// time than its words need (over 10 s at over 1 s per word), the mark of
     /// speech the decoder jumped over.
-    fn skips_speech(&self, tokens: &[u32]) -> bool {
+    pub fn skips_speech(&self, tokens: &[u32]) -> bool {
         let tb = self.tokenizer.specials.timestamp_begin;
         let mut start: Option<u32> = None;
         let mut text: Vec<u32> = Vec::new();
