@@ -18,3 +18,286 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
         .connect()
         .await?)
 }
+
+/// Fleet processes for end-to-end tests: real binaries, real Redis.
+pub mod fleet {
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
+    use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
+    use nexus_proto::speech::*;
+    use tonic::Status;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    /// A binary of this workspace, built beside the test (`cargo nextest run
+    /// --workspace` builds every binary first).
+    pub fn bin(name: &str) -> PathBuf {
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target/<profile>/deps");
+        let path = dir.join(name);
+        assert!(
+            path.is_file(),
+            "{} is missing; build it with `cargo build --workspace --bins`",
+            path.display()
+        );
+        path
+    }
+
+    /// A free loopback port (bound, read, released).
+    pub fn free_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }
+
+    /// A running process whose stderr is collected; killed when dropped.
+    pub struct Proc {
+        /// Its name in test output.
+        pub name: String,
+        /// Its health or API address.
+        pub addr: SocketAddr,
+        child: Child,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Proc {
+        /// Starts `program` with `args` plus `--listen ADDR` on a free port.
+        pub fn start(name: &str, program: &str, args: &[&str]) -> Self {
+            let addr = free_addr();
+            let mut child = Command::new(bin(program))
+                .args(args)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .env("NEXUS_LOG", "info,nexus_fleet=debug")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let stderr = child.stderr.take().expect("piped stderr");
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                }
+            });
+            Self {
+                name: name.to_owned(),
+                addr,
+                child,
+                log,
+            }
+        }
+
+        /// Lines logged so far.
+        pub fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+
+        /// Waits until the process reports SERVING on its health endpoint.
+        pub async fn wait_serving(&mut self, timeout: Duration) {
+            let t0 = Instant::now();
+            loop {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!(
+                        "{} exited with {status} before serving:\n{}",
+                        self.name,
+                        self.log().join("\n")
+                    );
+                }
+                if let Ok(ch) = super::connect(self.addr).await
+                    && let Ok(r) = HealthClient::new(ch)
+                        .check(HealthCheckRequest::default())
+                        .await
+                    && r.into_inner().status == ServingStatus::Serving as i32
+                {
+                    return;
+                }
+                assert!(
+                    t0.elapsed() < timeout,
+                    "{} not serving after {timeout:?}:\n{}",
+                    self.name,
+                    self.log().join("\n")
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        /// SIGKILL: no drain, no goodbye.
+        pub fn kill9(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+
+        /// SIGTERM, then waits for the exit.
+        pub fn terminate(&mut self) -> std::process::ExitStatus {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            self.child.wait().expect("wait")
+        }
+    }
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// What a live session returned.
+    #[derive(Debug, Default)]
+    pub struct SessionOutcome {
+        /// Every response, in order.
+        pub responses: Vec<StreamingRecognizeResponse>,
+        /// How the stream ended.
+        pub status: Option<Status>,
+        /// When each final arrived, and when its utterance's endpoint was announced.
+        pub final_latency_ms: Vec<u64>,
+    }
+
+    impl SessionOutcome {
+        /// Final results, in arrival order.
+        pub fn finals(&self) -> Vec<&StreamingRecognitionResult> {
+            self.responses
+                .iter()
+                .flat_map(|r| &r.results)
+                .filter(|r| r.is_final)
+                .collect()
+        }
+
+        /// Interim results, in arrival order.
+        pub fn interims(&self) -> Vec<&StreamingRecognitionResult> {
+            self.responses
+                .iter()
+                .flat_map(|r| &r.results)
+                .filter(|r| !r.is_final)
+                .collect()
+        }
+
+        /// The transcript of the finals, ordered by segment.
+        pub fn text(&self) -> String {
+            let mut f = self.finals();
+            f.sort_by_key(|r| r.segment_id);
+            f.iter()
+                .filter_map(|r| r.alternatives.first())
+                .map(|a| a.transcript.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+
+        /// Whether the server said the session ended.
+        pub fn ended(&self) -> bool {
+            self.responses
+                .iter()
+                .any(|r| r.speech_event == SpeechEvent::EndOfSession as i32)
+        }
+    }
+
+    /// A streaming config for 16 kHz mono S16LE audio.
+    pub fn pcm16_config(model: &str) -> StreamingRecognitionConfig {
+        StreamingRecognitionConfig {
+            config: Some(RecognitionConfig {
+                model: model.into(),
+                language: "en".into(),
+                audio_format: Some(AudioFormat {
+                    encoding: AudioEncoding::LinearPcmS16le as i32,
+                    sample_rate_hz: 16_000,
+                    channels: 1,
+                }),
+                ..Default::default()
+            }),
+            interim_results: true,
+            ..Default::default()
+        }
+    }
+
+    /// Streams 16 kHz mono `samples` in 100 ms chunks at `pace` times real time
+    /// and collects every response. `on_chunk(i)` runs before chunk `i` is sent.
+    pub async fn stream(
+        addr: SocketAddr,
+        cfg: StreamingRecognitionConfig,
+        samples: &[f32],
+        pace: f64,
+        mut on_chunk: impl FnMut(usize) + Send,
+    ) -> Result<SessionOutcome, Status> {
+        let ch = super::connect(addr)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut client = SpeechRecognitionClient::new(ch);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(StreamingRecognizeRequest {
+            streaming_request: Some(StreamingRequest::StreamingConfig(cfg)),
+        })
+        .await
+        .map_err(|_| Status::internal("send"))?;
+        let chunks: Vec<Vec<u8>> = samples
+            .chunks(1600)
+            .map(|c| {
+                c.iter()
+                    .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let mut inbound = client
+            .streaming_recognize(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let period = Duration::from_secs_f64(0.1 / pace);
+        let sender = async move {
+            let start = tokio::time::Instant::now();
+            for (i, c) in chunks.into_iter().enumerate() {
+                on_chunk(i);
+                tokio::time::sleep_until(start + period * i as u32).await;
+                if tx
+                    .send(StreamingRecognizeRequest {
+                        streaming_request: Some(StreamingRequest::AudioContent(c.into())),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        };
+        let receiver = async {
+            let mut out = SessionOutcome::default();
+            let mut endpoint_at: std::collections::VecDeque<Instant> = Default::default();
+            loop {
+                match inbound.message().await {
+                    Ok(Some(r)) => {
+                        if r.speech_event == SpeechEvent::EndOfUtterance as i32 {
+                            endpoint_at.push_back(Instant::now());
+                        }
+                        for res in &r.results {
+                            if res.is_final
+                                && let Some(t) = endpoint_at.pop_front()
+                            {
+                                out.final_latency_ms.push(t.elapsed().as_millis() as u64);
+                            }
+                        }
+                        out.responses.push(r);
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        out.status = Some(s);
+                        break;
+                    }
+                }
+            }
+            out
+        };
+        let ((), out) = tokio::join!(sender, receiver);
+        Ok(out)
+    }
+}

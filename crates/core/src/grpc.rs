@@ -47,6 +47,29 @@ impl Default for DrainOptions {
     }
 }
 
+/// Flips the health of a server and every service it hosts, e.g. once models
+/// are loaded or while a stage drains.
+#[derive(Clone)]
+pub struct HealthHandle {
+    health: HealthReporter,
+    services: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for HealthHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthHandle")
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+impl HealthHandle {
+    /// Marks everything serving or not.
+    pub async fn set_serving(&self, serving: bool) {
+        set_all(&self.health, &self.services, serving).await;
+    }
+}
+
 /// A gRPC server with health and reflection for the services it hosts.
 pub struct GrpcServer {
     health: HealthReporter,
@@ -77,6 +100,14 @@ impl GrpcServer {
     /// Handle to change health, e.g. from a model-loading watch channel.
     pub fn health(&self) -> HealthReporter {
         self.health.clone()
+    }
+
+    /// A handle that outlives [`serve`](Self::serve)'s taking of the server.
+    pub fn health_handle(&self) -> HealthHandle {
+        HealthHandle {
+            health: self.health.clone(),
+            services: self.services.clone(),
+        }
     }
 
     /// Marks the server and every hosted service as serving or not.

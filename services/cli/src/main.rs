@@ -5,6 +5,7 @@
 
 mod bench;
 mod models;
+mod serve;
 mod transcribe;
 mod translate;
 
@@ -23,6 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve live recognition: every stage in this process, or one stage of a fleet.
+    Serve(serve::ServeArgs),
     /// List, fetch and convert model weights.
     Models(models::ModelsArgs),
     /// Transcribe or translate an audio file on this machine.
@@ -37,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = telemetry::init(&cli.telemetry)?;
     match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Models(args) => models::run(args),
         Command::Transcribe(args) => transcribe::run(args),
         Command::Translate(args) => translate::run(args),

@@ -4,12 +4,11 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use nexus_audio::{AudioLimits, PcmSpec, SampleFormat};
 use nexus_models::whisper::{Task, TranscribeOptions, WhisperEngine};
 use nexus_transcript::{Format, Segment, Transcript, Word};
-use nexus_weights::{Registry, Store};
 
 /// Transcribe (or translate into English) an audio file.
 #[derive(Debug, Args)]
@@ -81,25 +80,7 @@ fn parse_format(s: &str) -> Result<Format, String> {
         .map_err(|e: nexus_transcript::UnknownFormat| e.to_string())
 }
 
-/// The folder of a model given by registry name or path.
-pub fn resolve_model(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_owned());
-    }
-    let store = Store::new(home.unwrap_or_else(Store::default_root));
-    let registry = Registry::builtin();
-    let entry = registry.get(spec)?;
-    let dir = store.model_dir(&entry.name);
-    if !dir.join("model.safetensors").is_file() {
-        bail!(
-            "model {} is not on this machine; run `nexus models pull {}`",
-            entry.name,
-            entry.name
-        );
-    }
-    Ok(dir)
-}
+pub use nexus_fleet::models::resolve_model;
 
 /// 16 kHz mono samples of a file.
 pub fn load_audio(file: &Path, raw: Option<(u32, SampleFormat, u32)>) -> anyhow::Result<Vec<f32>> {

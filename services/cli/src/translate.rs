@@ -1,11 +1,10 @@
 //! `nexus translate`: text translation with the fleet's language model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
 use nexus_models::qwen::Translator;
-use nexus_weights::{Registry, Store};
 
 /// Translate text into another language.
 #[derive(Debug, Args)]
@@ -27,32 +26,7 @@ pub struct TranslateArgs {
     home: Option<PathBuf>,
 }
 
-/// The GGUF file of a translation model given by registry name or path.
-pub fn resolve_gguf(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        return Ok(path.to_owned());
-    }
-    let store = Store::new(home.unwrap_or_else(Store::default_root));
-    let registry = Registry::builtin();
-    let entry = registry.get(spec)?;
-    if entry.format != "gguf" {
-        bail!(
-            "{} is a {} model, not a GGUF language model",
-            entry.name,
-            entry.family
-        );
-    }
-    let file = store.source_dir(&entry.name).join("model.gguf");
-    if !store.is_pulled(entry) {
-        bail!(
-            "model {} is not on this machine; run `nexus models pull {}`",
-            entry.name,
-            entry.name
-        );
-    }
-    Ok(file)
-}
+pub use nexus_fleet::models::resolve_gguf;
 
 /// Checks a target language before any model is loaded.
 pub fn check_target(lang: &str) -> anyhow::Result<()> {

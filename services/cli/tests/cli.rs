@@ -38,7 +38,7 @@ fn help_lists_only_working_subcommands() {
         .collect();
     assert_eq!(
         commands,
-        ["models", "transcribe", "translate", "bench"],
+        ["serve", "models", "transcribe", "translate", "bench"],
         "{help}"
     );
     // Each listed command does real work: `models list` reads the registry and the store.

@@ -1,0 +1,122 @@
+//! Models by name: registry names resolve to folders in the weights store
+//! (`nexus models pull NAME`), or a path is taken as it is.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use nexus_models::whisper::WhisperEngine;
+use nexus_weights::{Registry, Store};
+
+/// The folder of a Whisper model given by registry name or path.
+pub fn resolve_model(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_owned());
+    }
+    let store = Store::new(home.unwrap_or_else(Store::default_root));
+    let registry = Registry::builtin();
+    let entry = registry.get(spec)?;
+    let dir = store.model_dir(&entry.name);
+    if !dir.join("model.safetensors").is_file() {
+        bail!(
+            "model {} is not on this machine; run `nexus models pull {}`",
+            entry.name,
+            entry.name
+        );
+    }
+    Ok(dir)
+}
+
+/// The file of a GGUF language model given by registry name or path.
+pub fn resolve_gguf(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(path.to_owned());
+    }
+    let store = Store::new(home.unwrap_or_else(Store::default_root));
+    let registry = Registry::builtin();
+    let entry = registry.get(spec)?;
+    if entry.format != "gguf" {
+        bail!(
+            "{} is a {} model, not a GGUF language model",
+            entry.name,
+            entry.family
+        );
+    }
+    let file = store.source_dir(&entry.name).join("model.gguf");
+    if !store.is_pulled(entry) {
+        bail!(
+            "model {} is not on this machine; run `nexus models pull {}`",
+            entry.name,
+            entry.name
+        );
+    }
+    Ok(file)
+}
+
+/// The Silero VAD weights file.
+pub fn resolve_vad(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let store = Store::new(home.unwrap_or_else(Store::default_root));
+    let file = store.source_dir("silero-vad").join("model.safetensors");
+    if !file.is_file() {
+        bail!("the Silero VAD is not on this machine; run `nexus models pull silero-vad`");
+    }
+    Ok(file)
+}
+
+/// The Whisper models a stage serves, by the name clients ask for. The first
+/// is the default for requests that name none.
+#[derive(Clone)]
+pub struct ModelSet {
+    engines: Arc<BTreeMap<String, Arc<WhisperEngine>>>,
+    default: String,
+}
+
+impl std::fmt::Debug for ModelSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSet")
+            .field("models", &self.names())
+            .finish()
+    }
+}
+
+impl ModelSet {
+    /// Loads every named model on the CPU.
+    pub fn load(names: &[String], home: Option<PathBuf>) -> anyhow::Result<Self> {
+        anyhow::ensure!(!names.is_empty(), "name at least one model to serve");
+        let mut engines = BTreeMap::new();
+        for name in names {
+            let dir = resolve_model(name, home.clone())?;
+            let t0 = std::time::Instant::now();
+            let engine = WhisperEngine::load(&dir, &Device::Cpu)
+                .with_context(|| format!("loading {name} from {}", dir.display()))?;
+            tracing::info!(model = %name, load_ms = t0.elapsed().as_millis() as u64, "model loaded");
+            engines.insert(name.clone(), Arc::new(engine));
+        }
+        Ok(Self {
+            engines: Arc::new(engines),
+            default: names[0].clone(),
+        })
+    }
+
+    /// The model a request names, or the default for an empty name.
+    pub fn get(&self, name: &str) -> Option<(&str, &Arc<WhisperEngine>)> {
+        let key = if name.is_empty() { &self.default } else { name };
+        self.engines
+            .get_key_value(key)
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Names served, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.engines.keys().cloned().collect()
+    }
+
+    /// The default model's name.
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+}

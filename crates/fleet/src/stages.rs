@@ -1,0 +1,25 @@
+//! Stream, group and pool names of the fleet's stages.
+
+use nexus_bus::Keys;
+
+/// Work stream of segmented audio, read by encoders.
+pub const AUDIO: &str = "audio";
+/// Work stream of encoder features, read by decoders.
+pub const ENCODED: &str = "encoded";
+/// Consumer group of the encoder replicas.
+pub const ENCODER_GROUP: &str = "encoder";
+/// Consumer group of the decoder replicas.
+pub const DECODER_GROUP: &str = "decoder";
+/// Capacity pool of live sessions, advertised by decoders and leased by ingest.
+pub const DECODER_POOL: &str = "decoder";
+
+/// The stream of a stage (one partition for now; the key layout has room for more).
+pub fn stream(keys: &Keys, stage: &str) -> String {
+    keys.stage_stream(stage, 0)
+}
+
+/// Result-log key of one segment revision: a redelivered revision maps to the
+/// same key, so it never lands twice.
+pub fn result_key(segment: u64, revision: u32) -> String {
+    format!("{segment}:{revision}")
+}

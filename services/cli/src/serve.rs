@@ -1,0 +1,205 @@
+//! `nexus serve`: the fleet. With no Redis, every stage runs in this process
+//! over in-memory streams (the embedded default); with `--redis URL --role R`
+//! this process runs one stage of a distributed fleet. Same code either way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use nexus_bus::{Bus, MemoryBus, RedisBus};
+use nexus_core::grpc::DrainOptions;
+use nexus_decoder::{DecoderArgs, DecoderConfig};
+use nexus_encoder::{EncoderArgs, EncoderConfig};
+use nexus_fleet::{FleetArgs, ModelSet};
+use nexus_ingest::{IngestArgs, IngestConfig};
+use nexus_models::vad::SileroVad;
+use tokio::net::TcpListener;
+
+/// Which stages this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Every stage.
+    All,
+    /// The public API, audio decoding and segmentation.
+    Ingest,
+    /// Log-mel and the Whisper encoder.
+    Encoder,
+    /// The pooled decoder and translation.
+    Decoder,
+}
+
+/// Serve live recognition.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Redis holding the fleet's streams; without it every stage runs in this
+    /// process on in-memory streams.
+    #[arg(long, env = "NEXUS_REDIS")]
+    redis: Option<String>,
+    /// Stages this process runs; one stage needs --redis.
+    #[arg(long, value_enum, default_value = "all")]
+    role: Role,
+    /// Address to serve on: the public API (ingest), or health for other roles.
+    #[arg(long, env = "NEXUS_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Whisper models to serve (registry names or folders); the first is the default.
+    #[arg(
+        long = "model",
+        env = "NEXUS_MODELS",
+        value_delimiter = ',',
+        default_value = "base"
+    )]
+    models: Vec<String>,
+    /// GGUF model for translation into languages Whisper cannot target; none when empty.
+    #[arg(long, env = "NEXUS_TRANSLATION_MODEL", default_value = "")]
+    translation_model: String,
+    /// Where weights are kept.
+    #[arg(long, env = "NEXUS_HOME")]
+    home: Option<PathBuf>,
+    /// Seconds in-flight work gets to finish on SIGTERM.
+    #[arg(long, env = "NEXUS_DRAIN_GRACE_S", default_value_t = 25)]
+    drain_grace_s: u64,
+    #[command(flatten)]
+    fleet: FleetArgs,
+    #[command(flatten)]
+    ingest: IngestArgs,
+    #[command(flatten)]
+    encoder: EncoderArgs,
+    #[command(flatten)]
+    decoder: DecoderArgs,
+}
+
+/// Runs the command.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let shutdown = nexus_core::shutdown::on_signals();
+    match (&args.redis, args.role) {
+        (None, Role::All) => {
+            tracing::info!("embedded fleet: every stage in this process, in-memory streams");
+            run_roles(&args, MemoryBus::new(), shutdown).await
+        }
+        (None, role) => {
+            anyhow::bail!("--role {role:?} runs one stage of a fleet and needs --redis URL")
+        }
+        (Some(url), _) => {
+            let bus = RedisBus::connect(url)
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            run_roles(&args, bus, shutdown).await
+        }
+    }
+}
+
+async fn run_roles<B: Bus>(
+    args: &ServeArgs,
+    bus: B,
+    shutdown: nexus_core::CancellationToken,
+) -> anyhow::Result<()> {
+    let drain = DrainOptions {
+        grace: std::time::Duration::from_secs(args.drain_grace_s),
+        ..DrainOptions::default()
+    };
+    let role = args.role;
+    let needs_models = matches!(role, Role::All | Role::Encoder | Role::Decoder);
+    let models = if needs_models {
+        let (names, home) = (args.models.clone(), args.home.clone());
+        Some(tokio::task::spawn_blocking(move || ModelSet::load(&names, home)).await??)
+    } else {
+        None
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut listener = Some(listener);
+    if matches!(role, Role::All | Role::Encoder) {
+        let cfg = EncoderConfig {
+            fleet: args.fleet.resolve("encoder")?,
+            args: args.encoder.clone(),
+            drain,
+        };
+        let l = if role == Role::Encoder {
+            listener.take()
+        } else {
+            None
+        };
+        let (bus, models, stop) = (
+            bus.clone(),
+            models.clone().context("models")?,
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { nexus_encoder::run(cfg, bus, models, l, stop).await });
+    }
+    if matches!(role, Role::All | Role::Decoder) {
+        let translator = nexus_decoder::load_translator(&args.translation_model)?;
+        let cfg = DecoderConfig {
+            fleet: args.fleet.resolve("decoder")?,
+            args: args.decoder.clone(),
+            drain,
+            translator,
+        };
+        let l = if role == Role::Decoder {
+            listener.take()
+        } else {
+            None
+        };
+        let (bus, models, stop) = (
+            bus.clone(),
+            models.clone().context("models")?,
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { nexus_decoder::run(cfg, bus, models, l, stop).await });
+    }
+    if matches!(role, Role::All | Role::Ingest) {
+        let vad_path = nexus_fleet::models::resolve_vad(args.home.clone())?;
+        let vad = Arc::new(SileroVad::load(&vad_path, &candle_core::Device::Cpu)?);
+        let english_only = match &models {
+            Some(m) => m
+                .names()
+                .into_iter()
+                .filter(|n| m.get(n).is_some_and(|(_, e)| !e.tokenizer.multilingual))
+                .collect(),
+            None => args
+                .models
+                .iter()
+                .filter(|m| m.ends_with(".en"))
+                .cloned()
+                .collect(),
+        };
+        let cfg = IngestConfig {
+            fleet: args.fleet.resolve("ingest")?,
+            args: args.ingest.clone(),
+            drain,
+            models: args.models.clone(),
+            english_only,
+            translation_model: (!args.translation_model.is_empty())
+                .then(|| args.translation_model.clone()),
+        };
+        let l = listener
+            .take()
+            .context("the listener went to another stage; this is a bug")?;
+        let (bus, stop) = (bus.clone(), shutdown.clone());
+        tasks.spawn(async move { nexus_ingest::run(cfg, bus, vad, l, stop).await });
+    }
+    println!("nexus serving {:?} on {}", role, args.listen);
+    let mut first_err = None;
+    while let Some(r) = tasks.join_next().await {
+        let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = r {
+            tracing::error!(error = %format!("{e:#}"), "a stage failed; stopping the others");
+            shutdown.cancel();
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

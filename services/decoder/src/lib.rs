@@ -1,0 +1,373 @@
+//! The decoder stage.
+//!
+//! Reads encoder features from the `encoded` stream into a pool of fixed slots
+//! that decodes many sessions' segments at once ([`pool`]), translates final
+//! text into other languages with a GGUF language model when a session asks,
+//! and appends each result to its session's result log idempotently, keyed by
+//! (segment, revision): a segment redelivered after a crash never shows twice.
+//! The replica advertises how many live sessions it takes; ingest admits new
+//! sessions only while the fleet's advertised capacity lasts.
+
+pub mod pool;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use nexus_bus::{Bus, SessionId, decode, encode};
+use nexus_core::grpc::{DrainOptions, GrpcServer};
+use nexus_fleet::{Acker, Fleet, ModelSet, StageReader, now_unix_ms, retry, stages};
+use nexus_models::qwen::Translator;
+use nexus_proto::pipeline::{DecodeResult, EncodedSegment, Envelope};
+use nexus_proto::speech::TranslationResult;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::pool::{Job, Output};
+
+/// Settings of the decoder stage.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecoderArgs {
+    /// Live sessions this replica takes; advertised to ingest for admission.
+    #[arg(
+        long = "decoder-sessions",
+        env = "NEXUS_DECODER_SESSIONS",
+        default_value_t = 8
+    )]
+    pub sessions: u32,
+    /// Sequences decoded at once in one batch.
+    #[arg(long, env = "NEXUS_DECODER_SLOTS", default_value_t = 16)]
+    pub slots: usize,
+    /// How long result logs are kept after their last result, for resuming clients.
+    #[arg(long, env = "NEXUS_RESULT_TTL_S", default_value_t = 3_600)]
+    pub result_ttl_s: u64,
+    /// How long an advertisement of capacity lasts; renewed every third of it.
+    #[arg(long, env = "NEXUS_ADVERTISE_TTL_MS", default_value_t = 6_000)]
+    pub advertise_ttl_ms: u64,
+}
+
+impl Default for DecoderArgs {
+    fn default() -> Self {
+        Self {
+            sessions: 8,
+            slots: 16,
+            result_ttl_s: 3_600,
+            advertise_ttl_ms: 6_000,
+        }
+    }
+}
+
+/// Everything the decoder stage runs with.
+#[derive(Clone)]
+pub struct DecoderConfig {
+    /// Shared fleet settings.
+    pub fleet: Fleet,
+    /// Stage settings.
+    pub args: DecoderArgs,
+    /// How health and the drain behave.
+    pub drain: DrainOptions,
+    /// Text translation into languages Whisper cannot target, with its model name.
+    pub translator: Option<(String, Arc<Mutex<Translator>>)>,
+}
+
+impl std::fmt::Debug for DecoderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecoderConfig")
+            .field("fleet", &self.fleet)
+            .field("args", &self.args)
+            .field("translator", &self.translator.as_ref().map(|t| &t.0))
+            .finish()
+    }
+}
+
+/// Loads the text translation model named `spec` (registry name or GGUF path);
+/// none for an empty name.
+pub fn load_translator(spec: &str) -> anyhow::Result<Option<(String, Arc<Mutex<Translator>>)>> {
+    if spec.is_empty() {
+        return Ok(None);
+    }
+    let file = nexus_fleet::models::resolve_gguf(spec, None)?;
+    let t = Translator::load(&file, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading {}", file.display()))?;
+    Ok(Some((spec.to_owned(), Arc::new(Mutex::new(t)))))
+}
+
+/// Runs the decoder stage until `shutdown`, serving health on `listener` when given.
+pub async fn run<B: Bus>(
+    cfg: DecoderConfig,
+    bus: B,
+    models: ModelSet,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(cfg.args.slots > 0, "--slots must be at least 1");
+    let server = match listener {
+        Some(l) => {
+            let grpc = GrpcServer::new(&[], cfg.drain).await;
+            let health = grpc.health_handle();
+            let stop = shutdown.clone();
+            let task = nexus_core::task::spawn("decoder-health", async move {
+                grpc.serve(tonic::service::RoutesBuilder::default(), l, stop)
+                    .await
+            });
+            Some((health, task))
+        }
+        None => None,
+    };
+    let keys = cfg.fleet.keys.clone();
+    let mut reader = StageReader::new(
+        bus.clone(),
+        stages::stream(&keys, stages::ENCODED),
+        stages::DECODER_GROUP,
+        &cfg.fleet.node,
+        keys.dead_letter(stages::ENCODED),
+        cfg.fleet.limits,
+        cfg.fleet.claim_idle,
+    );
+    reader
+        .join(&shutdown)
+        .await
+        .context("joining the encoded stream")?;
+
+    // Capacity is advertised while the replica runs and withdrawn when it drains.
+    let pool_key = keys.pool(stages::DECODER_POOL);
+    let ttl = Duration::from_millis(cfg.args.advertise_ttl_ms.max(300));
+    let advertiser = {
+        let (bus, pool_key, node, stop) = (
+            bus.clone(),
+            pool_key.clone(),
+            cfg.fleet.node.clone(),
+            shutdown.clone(),
+        );
+        let slots = cfg.args.sessions;
+        nexus_core::task::spawn("advertise-capacity", async move {
+            loop {
+                if let Err(e) = bus.advertise(&pool_key, &node, slots, ttl).await {
+                    tracing::warn!(error = %e, "advertising capacity failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            bus.advertise(&pool_key, &node, 0, ttl).await
+        })
+    };
+
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Output>();
+    let pool = {
+        let (models, slots) = (models.clone(), cfg.args.slots);
+        std::thread::Builder::new()
+            .name("decoder-pool".into())
+            .spawn(move || pool::run_pool(models, slots, job_rx, out_tx))?
+    };
+    if let Some((health, _)) = &server {
+        health.set_serving(true).await;
+    }
+    tracing::info!(node = %cfg.fleet.node, models = ?models.names(), slots = cfg.args.slots, "decoder ready");
+
+    let writer = {
+        let (bus, keys, acker, cfg) = (bus.clone(), keys.clone(), reader.acker(), cfg.clone());
+        nexus_core::task::spawn("decoder-writer", async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            while let Some(o) = out_rx.recv().await {
+                let (bus, keys, acker, cfg) =
+                    (bus.clone(), keys.clone(), acker.clone(), cfg.clone());
+                tasks.spawn(async move { write(o, &bus, &keys, &acker, &cfg).await });
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+            Ok::<(), std::convert::Infallible>(())
+        })
+    };
+
+    let slots = Arc::new(Semaphore::new(cfg.args.slots));
+    let max_age = cfg.fleet.interim_max_age.as_millis() as u64;
+    loop {
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => p?,
+            _ = shutdown.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let batch = reader
+            .next(permits.len(), Duration::from_secs(1), &shutdown)
+            .await;
+        let Some(batch) = batch else { break };
+        let mut skip = Vec::new();
+        for e in batch {
+            let seg = match decode::<EncodedSegment>(&e.fields) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(id = %e.id, error = %err, "unreadable features entry dropped");
+                    skip.push(e.id);
+                    continue;
+                }
+            };
+            let env = seg.envelope.clone().unwrap_or_default();
+            if !seg.is_final && now_unix_ms().saturating_sub(env.emitted_unix_ms) > max_age {
+                tracing::debug!(session = %env.session_id, segment = env.segment_id, "stale interim skipped");
+                skip.push(e.id);
+                continue;
+            }
+            let permit = permits
+                .pop()
+                .context("more entries than free slots; this is a bug")?;
+            job_tx
+                .send(Job {
+                    id: e.id,
+                    seg,
+                    permit,
+                })
+                .context("the decoding pool stopped")?;
+        }
+        reader.ack(&skip).await;
+    }
+    // Drain: no new work; what the pool holds finishes and is written within the grace.
+    tracing::info!("decoder draining");
+    drop(job_tx);
+    let grace = cfg.drain.grace;
+    let finished = tokio::time::timeout(grace, async {
+        let _ = tokio::task::spawn_blocking(move || pool.join()).await;
+        let _ = writer.await;
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            ?grace,
+            "drain grace elapsed; unfinished segments go to another replica"
+        );
+    }
+    let _ = advertiser.await;
+    if let Some((health, task)) = server {
+        health.set_serving(false).await;
+        let _ = task.await;
+    }
+    tracing::info!("decoder drained");
+    Ok(())
+}
+
+/// Translates a final if asked, appends the result to the session's log once,
+/// then acknowledges the features entry and frees the slot.
+async fn write<B: Bus>(
+    o: Output,
+    bus: &B,
+    keys: &nexus_bus::Keys,
+    acker: &Acker<B>,
+    cfg: &DecoderConfig,
+) {
+    let Output {
+        id,
+        seg,
+        result,
+        inference_ms,
+        permit,
+        whisper_translated,
+    } = o;
+    let env = seg.envelope.clone().unwrap_or_default();
+    let mut msg = DecodeResult {
+        envelope: Some(Envelope {
+            emitted_unix_ms: now_unix_ms(),
+            ..env.clone()
+        }),
+        inference_ms,
+        ..Default::default()
+    };
+    match result {
+        Ok(mut r) => {
+            if let Err(e) = translate(&mut r, &seg, whisper_translated, cfg).await {
+                msg.error = e;
+            }
+            msg.result = Some(r);
+        }
+        Err(e) => msg.error = e,
+    }
+    let session = match SessionId::parse(&env.session_id) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "features entry with a bad session id dropped");
+            acker.ack(&[id]).await;
+            return;
+        }
+    };
+    let log = keys.results(&session);
+    let fields: nexus_bus::Fields = encode(&msg)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let unique = stages::result_key(env.segment_id, env.revision);
+    let ttl = Duration::from_secs(cfg.args.result_ttl_s.max(1));
+    let never = CancellationToken::new();
+    match retry("write result", Duration::from_secs(60), &never, || {
+        bus.add_unique(&log, &unique, fields.clone(), ttl)
+    })
+    .await
+    {
+        Ok((_, added)) => {
+            if !added {
+                tracing::info!(session = %session, segment = env.segment_id, revision = env.revision, "result already written by an earlier delivery");
+            }
+            acker.ack(&[id]).await;
+        }
+        Err(e) => {
+            tracing::error!(session = %session, error = %e, "result not written; the segment will be redelivered");
+        }
+    }
+    drop(permit);
+}
+
+async fn translate(
+    r: &mut nexus_proto::speech::StreamingRecognitionResult,
+    seg: &EncodedSegment,
+    whisper_translated: bool,
+    cfg: &DecoderConfig,
+) -> Result<(), String> {
+    let rc = seg.config.clone().unwrap_or_default();
+    let Some(t) = rc
+        .translation
+        .filter(|_| rc.task == nexus_proto::speech::Task::Translate as i32)
+    else {
+        return Ok(());
+    };
+    if !seg.is_final {
+        return Ok(());
+    }
+    let Some(text) = r.alternatives.first().map(|a| a.transcript.clone()) else {
+        return Ok(());
+    };
+    if whisper_translated {
+        // Whisper's own translate task already produced English.
+        r.translation = Some(TranslationResult {
+            source_language: r.language.clone(),
+            target_language: "en".into(),
+            text,
+            model: seg.model.clone(),
+        });
+        return Ok(());
+    }
+    let Some((name, tr)) = cfg.translator.clone() else {
+        return Err(format!(
+            "translation into {:?} needs a text translation model; start the decoder with --translation-model",
+            t.target_language
+        ));
+    };
+    let (src, dst) = (r.language.clone(), t.target_language.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut tr = tr.lock().unwrap_or_else(|p| p.into_inner());
+        tr.translate(&text, (!src.is_empty()).then_some(src.as_str()), &dst)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("translation failed: {e}"))?;
+    r.translation = Some(TranslationResult {
+        source_language: r.language.clone(),
+        target_language: t.target_language,
+        text: out,
+        model: name,
+    });
+    Ok(())
+}

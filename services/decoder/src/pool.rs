@@ -1,0 +1,419 @@
+//! The decoding pool: a thread that keeps up to `slots` sequences from any
+//! sessions in flight and advances all of them with one batched forward pass
+//! per token (continuous batching: a sequence joins at the next step after it
+//! arrives and leaves the step it ends, without waiting for the others).
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use nexus_bus::EntryId;
+use nexus_fleet::ModelSet;
+use nexus_models::whisper::{
+    DecodeOptions, GreedySequence, Task, TranscribeOptions, WhisperEngine, step_batch,
+};
+use nexus_proto::pipeline::{DType, EncodedSegment};
+use nexus_proto::speech::{
+    SpeechRecognitionAlternative, StreamingRecognitionResult, TimeSpan, WordInfo,
+};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// One segment revision to decode.
+#[derive(Debug)]
+pub struct Job {
+    /// Its entry in the encoded stream, acknowledged once the result is written.
+    pub id: EntryId,
+    /// The features and what to do with them.
+    pub seg: EncodedSegment,
+    /// Its slot in the pool; freed when the result is written.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// A decoded segment revision, ready to be written.
+#[derive(Debug)]
+pub struct Output {
+    /// The stream entry it came from.
+    pub id: EntryId,
+    /// The job's segment, without its features.
+    pub seg: EncodedSegment,
+    /// The result, or why there is none.
+    pub result: Result<StreamingRecognitionResult, String>,
+    /// Decoder time spent.
+    pub inference_ms: u32,
+    /// The slot, held until the write.
+    pub permit: OwnedSemaphorePermit,
+    /// Whisper's translate task produced the text (English from another language).
+    pub whisper_translated: bool,
+}
+
+struct Active {
+    job: Job,
+    engine: Arc<WhisperEngine>,
+    model: String,
+    audio: Tensor,
+    seq: GreedySequence,
+    base: DecodeOptions,
+    opts: TranscribeOptions,
+    started: Instant,
+}
+
+/// What a segment's config asks of Whisper.
+pub fn options(
+    seg: &EncodedSegment,
+    engine: &WhisperEngine,
+) -> Result<(DecodeOptions, TranscribeOptions), String> {
+    let cfg = seg.config.clone().unwrap_or_default();
+    let multilingual = engine.tokenizer.multilingual;
+    let target = cfg
+        .translation
+        .as_ref()
+        .map(|t| t.target_language.as_str())
+        .unwrap_or("");
+    let task = if cfg.task == nexus_proto::speech::Task::Translate as i32
+        && target == "en"
+        && multilingual
+    {
+        Task::Translate
+    } else {
+        Task::Transcribe
+    };
+    let language = match cfg.language.as_str() {
+        "" | "auto" if multilingual => None,
+        "" | "auto" => Some("en".to_string()),
+        l => Some(l.to_string()),
+    };
+    let ctx = cfg.speech_context.unwrap_or_default();
+    let dec = cfg.decoding.unwrap_or_default();
+    let mut prompt_text = ctx.prompt.trim().to_string();
+    if !ctx.hotwords.is_empty() {
+        if !prompt_text.is_empty() {
+            prompt_text.push(' ');
+        }
+        prompt_text.push_str(&ctx.hotwords.join(", "));
+    }
+    let mut prompt = if prompt_text.is_empty() {
+        Vec::new()
+    } else {
+        engine
+            .tokenizer
+            .encode(&format!(" {prompt_text}"))
+            .map_err(|e| format!("prompt: {e}"))?
+    };
+    // Finals are conditioned on the session's earlier finals, as offline windows
+    // are on the text before them.
+    let previous = seg.previous_text.trim();
+    if seg.is_final && !previous.is_empty() {
+        prompt.extend(
+            engine
+                .tokenizer
+                .encode(&format!(" {previous}"))
+                .map_err(|e| format!("previous text: {e}"))?,
+        );
+    }
+    let mut opts = TranscribeOptions {
+        task,
+        language: language.clone(),
+        beam_size: dec.beam_size.max(1) as usize,
+        word_timestamps: cfg.enable_word_time_offsets && seg.is_final,
+        ..TranscribeOptions::default()
+    };
+    if dec.disable_fallback || !seg.is_final {
+        opts.temperatures = vec![0.0];
+    }
+    if dec.no_speech_threshold > 0.0 {
+        opts.no_speech_threshold = Some(dec.no_speech_threshold);
+    }
+    let base = DecodeOptions {
+        task,
+        language,
+        beam_size: opts.beam_size,
+        best_of: opts.best_of,
+        patience: opts.patience,
+        prompt,
+        // Interim text is compared word by word, not timed: skip timestamp tokens.
+        without_timestamps: !seg.is_final,
+        ..DecodeOptions::default()
+    };
+    Ok((base, opts))
+}
+
+fn features(seg: &EncodedSegment) -> Result<Tensor, String> {
+    let [frames, hidden] = seg.shape[..] else {
+        return Err(format!(
+            "features have shape {:?}; expected [frames, hidden]",
+            seg.shape
+        ));
+    };
+    if seg.dtype != DType::F32 as i32 {
+        return Err(format!(
+            "features of dtype {}; this decoder reads f32",
+            seg.dtype
+        ));
+    }
+    let n = frames as usize * hidden as usize;
+    if seg.data.len() != n * 4 {
+        return Err(format!(
+            "features hold {} bytes; shape {:?} needs {}",
+            seg.data.len(),
+            seg.shape,
+            n * 4
+        ));
+    }
+    let v: Vec<f32> = seg
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Tensor::from_vec(v, (1, frames as usize, hidden as usize), &Device::Cpu)
+        .map_err(|e| e.to_string())
+}
+
+fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
+    let Some((name, engine)) = models.get(&job.seg.model) else {
+        let e = format!(
+            "model {:?} is not served by this decoder (serving {:?})",
+            job.seg.model,
+            models.names()
+        );
+        return Err(Box::new((job, e)));
+    };
+    let (name, engine) = (name.to_owned(), engine.clone());
+    let prepared = (|| {
+        let audio = features(&job.seg)?
+            .to_dtype(engine.dtype)
+            .map_err(|e| e.to_string())?;
+        let (base, opts) = options(&job.seg, &engine)?;
+        let seq = GreedySequence::start(
+            &engine.model,
+            &engine.tokenizer,
+            &audio,
+            &DecodeOptions {
+                beam_size: 1,
+                ..base.clone()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>((audio, base, opts, seq))
+    })();
+    match prepared {
+        Ok((audio, base, opts, seq)) => Ok(Active {
+            job,
+            engine,
+            model: name,
+            audio,
+            seq,
+            base,
+            opts,
+            started: Instant::now(),
+        }),
+        Err(e) => Err(Box::new((job, e))),
+    }
+}
+
+/// Turns a finished sequence into a result: temperature fallback and beam
+/// search when asked (outside the batch), then the same window logic as
+/// offline transcription (no-speech skip, hallucinations, word times).
+fn finish(a: Active) -> Output {
+    let Active {
+        job,
+        engine,
+        audio,
+        seq,
+        base,
+        opts,
+        started,
+        ..
+    } = a;
+    let seg = &job.seg;
+    let base_task = base.task;
+    let result = (|| {
+        let greedy = seq.finish(&engine.tokenizer).map_err(|e| e.to_string())?;
+        let mut r = if opts.beam_size > 1 {
+            engine.decode_with_fallback(&audio, &base, &opts, None)
+        } else {
+            engine.decode_with_fallback(&audio, &base, &opts, Some(greedy))
+        }
+        .map_err(|e| e.to_string())?;
+        if !base.prompt.is_empty() && engine.skips_speech(&r.tokens) {
+            // As offline: a prompt that already holds these words can make Whisper
+            // jump over them; decode the window again without it.
+            let fresh = DecodeOptions {
+                prompt: Vec::new(),
+                ..base.clone()
+            };
+            r = engine
+                .decode_with_fallback(&audio, &fresh, &opts, None)
+                .map_err(|e| e.to_string())?;
+        }
+        let lang = r.language.clone();
+        let frames = (seg.valid_frames as usize).clamp(1, nexus_models::mel::CHUNK_FRAMES);
+        // Segments reach the decoder only after the VAD heard speech in them.
+        let out = engine
+            .finish_window(&r, &audio, 0.0, frames, &|_, _| false, &lang, &opts)
+            .map_err(|e| e.to_string())?;
+        let text = out
+            .segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<String>()
+            .trim()
+            .to_owned();
+        let words = out
+            .segments
+            .iter()
+            .flat_map(|s| &s.words)
+            .map(|w| WordInfo {
+                word: w.word.trim().to_owned(),
+                start_ms: seg.start_ms + (w.start * 1000.0) as u64,
+                end_ms: seg.start_ms + (w.end * 1000.0) as u64,
+                confidence: w.probability,
+            })
+            .collect();
+        let alternatives = if text.is_empty() {
+            Vec::new()
+        } else {
+            vec![SpeechRecognitionAlternative {
+                transcript: text,
+                confidence: r.avg_logprob.exp().clamp(0.0, 1.0),
+                words,
+            }]
+        };
+        let env = seg.envelope.clone().unwrap_or_default();
+        Ok(StreamingRecognitionResult {
+            alternatives,
+            is_final: seg.is_final,
+            stability: if seg.is_final { 1.0 } else { 0.0 },
+            channel_tag: seg.channel_tag,
+            language: lang,
+            segment_id: env.segment_id,
+            revision: env.revision,
+            span: Some(TimeSpan {
+                start_ms: seg.start_ms,
+                end_ms: seg.end_ms,
+            }),
+            audio_processed_ms: seg.end_ms,
+            ..Default::default()
+        })
+    })();
+    let inference_ms = started.elapsed().as_millis() as u32;
+    let mut seg = job.seg;
+    seg.data = Default::default();
+    Output {
+        id: job.id,
+        seg,
+        result,
+        inference_ms,
+        permit: job.permit,
+        whisper_translated: base_task == Task::Translate,
+    }
+}
+
+fn failed(job: Job, error: String) -> Output {
+    let mut seg = job.seg;
+    seg.data = Default::default();
+    Output {
+        id: job.id,
+        seg,
+        result: Err(error),
+        inference_ms: 0,
+        permit: job.permit,
+        whisper_translated: false,
+    }
+}
+
+/// Runs the pool until `jobs` closes and every sequence in flight is done.
+pub fn run_pool(
+    models: ModelSet,
+    slots: usize,
+    jobs: Receiver<Job>,
+    out: tokio::sync::mpsc::UnboundedSender<Output>,
+) {
+    let mut active: Vec<Active> = Vec::new();
+    let mut open = true;
+    loop {
+        // Join new sequences: wait when idle, otherwise take what is there.
+        let mut incoming = Vec::new();
+        if active.is_empty() {
+            if !open {
+                break;
+            }
+            match jobs.recv() {
+                Ok(j) => incoming.push(j),
+                Err(_) => break,
+            }
+        }
+        while open && active.len() + incoming.len() < slots {
+            match jobs.try_recv() {
+                Ok(j) => incoming.push(j),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        for job in incoming {
+            match start(job, &models) {
+                Ok(a) => active.push(a),
+                Err(failure) => {
+                    let (job, e) = *failure;
+                    tracing::warn!(error = %e, "segment cannot be decoded");
+                    let _ = out.send(failed(job, e));
+                }
+            }
+        }
+        // Pick every sequence's next token; finished ones leave the batch.
+        let mut feed: Vec<(usize, u32)> = Vec::new();
+        let mut done: Vec<usize> = Vec::new();
+        for (i, a) in active.iter_mut().enumerate() {
+            match a.seq.advance() {
+                Some(t) => feed.push((i, t)),
+                None => done.push(i),
+            }
+        }
+        // One forward pass per model over all its sequences.
+        let mut models_in_step: Vec<&str> = feed
+            .iter()
+            .map(|(i, _)| active[*i].model.as_str())
+            .collect();
+        models_in_step.sort_unstable();
+        models_in_step.dedup();
+        let models_in_step: Vec<String> = models_in_step.into_iter().map(str::to_owned).collect();
+        let mut broken: Vec<(usize, String)> = Vec::new();
+        for m in &models_in_step {
+            let idx: Vec<usize> = feed
+                .iter()
+                .filter(|(i, _)| active[*i].model == *m)
+                .map(|(i, _)| *i)
+                .collect();
+            let tokens: Vec<u32> = feed
+                .iter()
+                .filter(|(i, _)| active[*i].model == *m)
+                .map(|(_, t)| *t)
+                .collect();
+            let engine = active[idx[0]].engine.clone();
+            let mut seqs: Vec<&mut GreedySequence> = active
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| idx.contains(i))
+                .map(|(_, a)| &mut a.seq)
+                .collect();
+            if let Err(e) = step_batch(&engine.model, &mut seqs, &tokens) {
+                tracing::error!(model = %m, error = %e, batch = tokens.len(), "decoder step failed");
+                broken.extend(idx.iter().map(|i| (*i, e.to_string())));
+            }
+        }
+        // Retire finished and failed sequences, highest index first.
+        let mut retire: Vec<(usize, Option<String>)> =
+            done.into_iter().map(|i| (i, None)).collect();
+        retire.extend(broken.into_iter().map(|(i, e)| (i, Some(e))));
+        retire.sort_by_key(|r| std::cmp::Reverse(r.0));
+        retire.dedup_by_key(|r| r.0);
+        for (i, err) in retire {
+            let a = active.swap_remove(i);
+            let o = match err {
+                None => finish(a),
+                Some(e) => failed(a.job, e),
+            };
+            let _ = out.send(o);
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! `nexus-encoder`: the encoder stage as its own process.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use nexus_bus::RedisBus;
+use nexus_core::grpc::DrainOptions;
+use nexus_core::telemetry::TelemetryArgs;
+use nexus_encoder::{EncoderArgs, EncoderConfig};
+use nexus_fleet::{FleetArgs, ModelSet};
+
+/// The encoder stage: reads segmented audio from Redis, writes encoder features.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Redis holding the fleet's streams.
+    #[arg(long, env = "NEXUS_REDIS", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Address of the health endpoint (gRPC health and reflection).
+    #[arg(long, env = "NEXUS_LISTEN", default_value = "0.0.0.0:50052")]
+    listen: SocketAddr,
+    /// Whisper models to serve (registry names or folders); the first is the default.
+    #[arg(
+        long = "model",
+        env = "NEXUS_MODELS",
+        value_delimiter = ',',
+        default_value = "base"
+    )]
+    models: Vec<String>,
+    #[command(flatten)]
+    fleet: FleetArgs,
+    #[command(flatten)]
+    stage: EncoderArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    nexus_core::telemetry::init(&cli.telemetry)?;
+    let shutdown = nexus_core::shutdown::on_signals();
+    let fleet = cli.fleet.resolve("encoder")?;
+    let models = tokio::task::spawn_blocking(move || ModelSet::load(&cli.models, None)).await??;
+    let bus = RedisBus::connect(&cli.redis).await?;
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    let cfg = EncoderConfig {
+        fleet,
+        args: cli.stage,
+        drain: DrainOptions::default(),
+    };
+    nexus_encoder::run(cfg, bus, models, Some(listener), shutdown).await
+}

@@ -1,0 +1,371 @@
+//! The ingest stage: the public `nexus.speech.v1.SpeechRecognition` API.
+//!
+//! A StreamingRecognize call is validated, then admitted against the decoder
+//! pool's advertised capacity (RESOURCE_EXHAUSTED at once when it is full,
+//! UNAVAILABLE when no decoder runs). Its audio is decoded to 16 kHz mono, the
+//! Silero VAD and the endpointer cut it into utterances, and each utterance goes
+//! to the encoder stage as interim windows while it grows and one final window
+//! at its end. Results come back from the session's own log; interim text is
+//! stabilised by local agreement before the client sees it.
+
+mod agreement;
+mod audio_in;
+mod session;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use nexus_audio::{AudioLimits, EndpointConfig};
+use nexus_bus::{Bus, Lease, SessionId};
+use nexus_core::grpc::{DrainOptions, GrpcServer};
+use nexus_fleet::{Fleet, stages};
+use nexus_models::vad::SileroVad;
+use nexus_proto::speech::speech_recognition_server::{SpeechRecognition, SpeechRecognitionServer};
+use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
+use nexus_proto::speech::{
+    RecognizeRequest, RecognizeResponse, StreamingRecognitionConfig, StreamingRecognizeRequest,
+    StreamingRecognizeResponse, Task,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use agreement::Agreement;
+
+/// Name of the service this stage hosts.
+pub const SERVICE: &str = "nexus.speech.v1.SpeechRecognition";
+
+/// Settings of the ingest stage.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    /// Live sessions this ingest replica holds at most.
+    #[arg(
+        long = "ingest-sessions",
+        env = "NEXUS_INGEST_SESSIONS",
+        default_value_t = 256
+    )]
+    pub max_sessions: usize,
+    /// A session's decoder slot lease; renewed every third of it.
+    #[arg(long, env = "NEXUS_LEASE_TTL_MS", default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
+    /// How long a session waits out an unreachable bus before failing with UNAVAILABLE.
+    #[arg(long, env = "NEXUS_BUS_RETRY_MS", default_value_t = 15_000)]
+    pub bus_retry_ms: u64,
+    /// How long after its audio ends a session waits for its final results.
+    #[arg(long, env = "NEXUS_FINAL_TIMEOUT_MS", default_value_t = 60_000)]
+    pub final_timeout_ms: u64,
+}
+
+impl Default for IngestArgs {
+    fn default() -> Self {
+        Self {
+            max_sessions: 256,
+            lease_ttl_ms: 10_000,
+            bus_retry_ms: 15_000,
+            final_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// Everything the ingest stage runs with.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Shared fleet settings.
+    pub fleet: Fleet,
+    /// Stage settings.
+    pub args: IngestArgs,
+    /// How health and the drain behave.
+    pub drain: DrainOptions,
+    /// Whisper models the fleet's encoders and decoders serve; the first is the default.
+    pub models: Vec<String>,
+    /// Whether English-only models are among them, by name (they cannot take other languages).
+    pub english_only: Vec<String>,
+    /// The decoders' text translation model, when they have one.
+    pub translation_model: Option<String>,
+}
+
+pub(crate) struct Settings {
+    pub(crate) fleet: Fleet,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) bus_retry: Duration,
+    pub(crate) final_timeout: Duration,
+    pub(crate) drain_grace: Duration,
+    pub(crate) models: Vec<String>,
+    pub(crate) english_only: Vec<String>,
+    pub(crate) translation_model: Option<String>,
+}
+
+pub(crate) struct Inner<B: Bus> {
+    pub(crate) cfg: Settings,
+    pub(crate) bus: B,
+    pub(crate) vad: Arc<SileroVad>,
+    pub(crate) sessions: Arc<Semaphore>,
+    pub(crate) max_sessions: usize,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) limits: AudioLimits,
+}
+
+/// The SpeechRecognition service of an ingest replica.
+pub struct Ingest<B: Bus> {
+    inner: Arc<Inner<B>>,
+}
+
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<StreamingRecognizeResponse, Status>> + Send>>;
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
+
+impl<B: Bus> Ingest<B> {
+    fn endpointing(cfg: &StreamingRecognitionConfig) -> Result<EndpointConfig, Status> {
+        let mut e = EndpointConfig::default();
+        let Some(c) = &cfg.endpointing else {
+            return Ok(e);
+        };
+        let prob = |name: &str, v: f32| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(invalid(format!(
+                    "endpointing.{name} is {v}; use a value in 0..1"
+                )))
+            }
+        };
+        if c.start_history_ms > 0 {
+            e.start_history_ms = c.start_history_ms.max(e.frame_ms);
+        }
+        if c.start_threshold > 0.0 {
+            e.start_threshold = prob("start_threshold", c.start_threshold)?;
+        }
+        if c.stop_history_ms > 0 {
+            e.stop_history_ms = c.stop_history_ms.max(e.frame_ms);
+        }
+        if c.stop_threshold > 0.0 {
+            e.silence_probability = prob("stop_threshold", c.stop_threshold)?;
+            e.speech_probability = e.speech_probability.max(e.silence_probability);
+        }
+        if c.max_utterance_ms > 0 {
+            if c.max_utterance_ms > 30_000 {
+                return Err(invalid(format!(
+                    "endpointing.max_utterance_ms is {}; the models take at most 30000",
+                    c.max_utterance_ms
+                )));
+            }
+            e.max_utterance_ms = c.max_utterance_ms.max(1_000);
+        }
+        if c.interim_interval_ms > 0 {
+            e.interim_interval_ms = c.interim_interval_ms.max(200);
+        }
+        Ok(e)
+    }
+
+    async fn open(
+        &self,
+        cfg: StreamingRecognitionConfig,
+        tenant: String,
+    ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
+        let inner = &self.inner;
+        let mut rc = cfg
+            .config
+            .clone()
+            .ok_or_else(|| invalid("streaming_config.config is required"))?;
+        if rc.model.is_empty() {
+            rc.model = inner.cfg.models[0].clone();
+        }
+        if !inner.cfg.models.contains(&rc.model) {
+            return Err(invalid(format!(
+                "model {:?} is not served here; use one of {:?}",
+                rc.model, inner.cfg.models
+            )));
+        }
+        let english_only = inner.cfg.english_only.contains(&rc.model);
+        if !rc.language.is_empty() && rc.language != "auto" {
+            if nexus_models::whisper::tokenizer::language_code_known(&rc.language).is_none() {
+                return Err(invalid(format!(
+                    "language {:?} is not one Whisper knows; use an ISO 639-1 code such as en, de, zh, or leave it empty to detect",
+                    rc.language
+                )));
+            }
+            if english_only && rc.language != "en" {
+                return Err(invalid(format!(
+                    "model {} is English-only; use a multilingual model for {:?}",
+                    rc.model, rc.language
+                )));
+            }
+        }
+        if rc.task == Task::Translate as i32 {
+            let target = rc
+                .translation
+                .as_ref()
+                .map(|t| t.target_language.clone())
+                .unwrap_or_default();
+            if target.is_empty() {
+                return Err(invalid(
+                    "task TRANSLATE needs config.translation.target_language",
+                ));
+            }
+            let whisper_can = target == "en" && !english_only;
+            if !whisper_can && inner.cfg.translation_model.is_none() {
+                return Err(invalid(format!(
+                    "translation into {target:?} needs a text translation model and none is configured; ask for target_language \"en\" with a multilingual model"
+                )));
+            }
+            if !whisper_can && nexus_models::qwen::language_name(&target).is_none() {
+                return Err(invalid(format!(
+                    "target_language {target:?} is not supported; use an ISO 639-1 code"
+                )));
+            }
+        }
+        if rc.separate_recognition_per_channel {
+            return Err(invalid(
+                "separate_recognition_per_channel is not supported on streams yet; open one stream per channel",
+            ));
+        }
+        let fmt = rc
+            .audio_format
+            .ok_or_else(|| invalid("config.audio_format is required for streams"))?;
+        inner
+            .limits
+            .check_format(fmt.sample_rate_hz.max(8_000), fmt.channels.max(1))
+            .map_err(|e| invalid(e.to_string()))?;
+        let audio_in = audio_in::AudioIn::new(&fmt, &inner.limits).map_err(invalid)?;
+        let endpoint = Self::endpointing(&cfg)?;
+
+        let local = inner.sessions.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this ingest replica holds its maximum of {} live sessions; retry later or on another replica",
+                inner.max_sessions
+            ))
+        })?;
+        let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
+        match inner
+            .bus
+            .lease(&pool, id.as_str(), inner.cfg.lease_ttl)
+            .await
+        {
+            Ok(Lease::Granted { used, capacity }) => {
+                tracing::info!(session = %id, used, capacity, model = %rc.model, "session admitted");
+            }
+            Ok(Lease::Full { capacity }) => {
+                return Err(Status::resource_exhausted(format!(
+                    "all {capacity} live-session slots of the decoder pool are in use; retry later"
+                )));
+            }
+            Ok(Lease::NoCapacity) => {
+                return Err(Status::unavailable(
+                    "no decoder replica is serving; retry once one has started",
+                ));
+            }
+            Err(e) => return Err(Status::unavailable(format!("admission failed: {e}; retry"))),
+        }
+        let session = session::Session {
+            inner: inner.clone(),
+            id,
+            cfg,
+            rc,
+            endpoint,
+            tenant,
+            _local: local,
+        };
+        Ok((session, audio_in))
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Bus> SpeechRecognition for Ingest<B> {
+    async fn recognize(
+        &self,
+        _: Request<RecognizeRequest>,
+    ) -> Result<Response<RecognizeResponse>, Status> {
+        Err(Status::unimplemented(
+            "Recognize is not served by the live fleet yet; stream the audio with StreamingRecognize or use `nexus transcribe`",
+        ))
+    }
+
+    type StreamingRecognizeStream = ResponseStream;
+
+    async fn streaming_recognize(
+        &self,
+        request: Request<Streaming<StreamingRecognizeRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Status::unavailable(
+                "this ingest replica is draining; retry on another",
+            ));
+        }
+        let tenant = request
+            .metadata()
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("default")
+            .to_owned();
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            invalid("the stream ended before its first message; send streaming_config first")
+        })?;
+        let cfg = match first.streaming_request {
+            Some(StreamingRequest::StreamingConfig(c)) => c,
+            Some(StreamingRequest::Resume(_)) => {
+                return Err(Status::unimplemented(
+                    "resuming a session is not served yet; start a new session",
+                ));
+            }
+            Some(StreamingRequest::AudioContent(_)) | None => {
+                return Err(invalid(
+                    "the first message must carry streaming_config; audio follows it",
+                ));
+            }
+        };
+        let (session, audio_in) = self.open(cfg, tenant).await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(session.run(audio_in, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Runs the ingest stage on `listener` until `shutdown`; live sessions finish
+/// their current utterance and receive their finals within the drain grace.
+pub async fn run<B: Bus>(
+    cfg: IngestConfig,
+    bus: B,
+    vad: Arc<SileroVad>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !cfg.models.is_empty(),
+        "the ingest needs the list of served models"
+    );
+    let grpc = GrpcServer::new(&[SERVICE], cfg.drain).await;
+    let inner = Arc::new(Inner {
+        cfg: Settings {
+            fleet: cfg.fleet.clone(),
+            lease_ttl: Duration::from_millis(cfg.args.lease_ttl_ms.max(300)),
+            bus_retry: Duration::from_millis(cfg.args.bus_retry_ms),
+            final_timeout: Duration::from_millis(cfg.args.final_timeout_ms),
+            drain_grace: cfg.drain.grace,
+            models: cfg.models.clone(),
+            english_only: cfg.english_only.clone(),
+            translation_model: cfg.translation_model.clone(),
+        },
+        bus,
+        vad,
+        sessions: Arc::new(Semaphore::new(cfg.args.max_sessions)),
+        max_sessions: cfg.args.max_sessions,
+        shutdown: shutdown.clone(),
+        limits: AudioLimits::default(),
+    });
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(SpeechRecognitionServer::new(Ingest { inner }));
+    grpc.set_serving(true).await;
+    tracing::info!(models = ?cfg.models, "ingest ready");
+    grpc.serve(routes, listener, shutdown).await?;
+    Ok(())
+}

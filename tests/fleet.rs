@@ -1,0 +1,441 @@
+//! The fleet end to end, as separate processes on a real Redis: live sessions
+//! over gRPC at real-time pace, replicas killed mid-stream, Redis restarted
+//! mid-stream, and admission when the decoder pool is full.
+//!
+//! Needs the tiny.en and silero-vad weights (`nexus models pull tiny.en
+//! silero-vad`), the LibriVox test speech (`scripts/fetch-testdata.sh`) and a
+//! Redis on 127.0.0.1 (`NEXUS_TEST_REDIS`); `scripts/test.sh` provides all three.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nexus_tests::fleet::{Proc, SessionOutcome, pcm16_config, stream};
+use tonic::Code;
+
+const NEEDS: &str =
+    "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh";
+const MODEL: &str = "tiny.en";
+
+fn redis_url() -> String {
+    std::env::var("NEXUS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn testdata() -> PathBuf {
+    std::env::var_os("NEXUS_TESTDATA").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/testdata"),
+        PathBuf::from,
+    )
+}
+
+/// Three LibriVox utterances with pauses between them: 17 s of 16 kHz mono.
+fn speech() -> Vec<f32> {
+    let mut out = vec![0.0; 8_000];
+    for id in ["0870", "0880", "0890"] {
+        let path = testdata().join(format!(
+            "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
+        ));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let audio = nexus_audio::decode_bytes(bytes, Some("wav"), &Default::default()).unwrap();
+        out.extend(nexus_audio::to_model_rate(&audio.channels, audio.sample_rate).unwrap());
+        out.extend(std::iter::repeat_n(0.0, 20_000));
+    }
+    out
+}
+
+/// `nexus transcribe` on `samples` with the same model and greedy search.
+fn offline(samples: &[f32]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("speech.wav");
+    std::fs::write(
+        &wav,
+        nexus_audio::wav::encode_pcm16(&[samples.to_vec()], 16_000),
+    )
+    .unwrap();
+    let out = Command::new(nexus_tests::fleet::bin("nexus"))
+        .args([
+            "transcribe",
+            wav.to_str().unwrap(),
+            "--model",
+            MODEL,
+            "--beam-size",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Every final equals `nexus transcribe` on exactly the audio of its span, and
+/// the finals together hold every word of the whole file's offline transcript
+/// up to a few per cent of words (each utterance is decoded without the audio
+/// around it, which Whisper sometimes hears differently).
+fn matches_offline(out: &SessionOutcome, samples: &[f32]) {
+    let mut finals = out.finals();
+    finals.sort_by_key(|r| r.segment_id);
+    for f in &finals {
+        let span = f.span.unwrap();
+        let (a, b) = (
+            span.start_ms as usize * 16,
+            (span.end_ms as usize * 16).min(samples.len()),
+        );
+        let reference = offline(&samples[a..b]);
+        let live = f.alternatives.first().map_or("", |x| x.transcript.as_str());
+        assert_eq!(
+            live,
+            reference.replace('\n', " "),
+            "segment {} ({span:?})",
+            f.segment_id
+        );
+    }
+    let whole = offline(samples);
+    let wer = nexus_eval::wer(&whole, &out.text());
+    println!(
+        "live:    {}\noffline: {}\nlive vs whole-file offline: {wer:?}",
+        out.text(),
+        whole.replace('\n', " ")
+    );
+    assert!(wer.rate() <= 0.1, "live drifted from offline: {wer:?}");
+}
+
+fn prefix(test: &str) -> String {
+    format!("t{}{test}", std::process::id())
+}
+
+fn stage(name: &str, role: &str, redis: &str, prefix: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--redis",
+        redis,
+        "--role",
+        role,
+        "--model",
+        MODEL,
+        "--key-prefix",
+        prefix,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(name, "nexus", &args)
+}
+
+async fn all_serving(procs: &mut [&mut Proc]) {
+    for p in procs.iter_mut() {
+        p.wait_serving(Duration::from_secs(120)).await;
+    }
+}
+
+/// Every final names a distinct segment, segments run 0..n without holes, and
+/// the server announced the end of the session.
+fn assert_complete(out: &SessionOutcome) {
+    assert!(out.status.is_none(), "session failed: {:?}", out.status);
+    assert!(out.ended(), "no END_OF_SESSION event");
+    let mut ids: Vec<u64> = out.finals().iter().map(|r| r.segment_id).collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a segment's final arrived twice: {ids:?}");
+    assert!(!ids.is_empty(), "no final results");
+    let indexes: Vec<u64> = out
+        .responses
+        .iter()
+        .flat_map(|r| &r.results)
+        .map(|r| r.result_index)
+        .collect();
+    assert!(
+        indexes.windows(2).all(|w| w[0] < w[1]),
+        "result_index not increasing: {indexes:?}"
+    );
+}
+
+async fn pending(redis: &str, stream: &str, group: &str) -> i64 {
+    let client = redis::Client::open(redis).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let v: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    match v {
+        redis::Value::Array(a) => match a.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn three_processes_match_offline_transcription() {
+    let _ = NEEDS;
+    let redis = redis_url();
+    let p = prefix("e2e");
+    let common = [
+        "--redis",
+        redis.as_str(),
+        "--model",
+        MODEL,
+        "--key-prefix",
+        p.as_str(),
+    ];
+    let mut enc = Proc::start("encoder", "nexus-encoder", &common);
+    let mut dec = Proc::start("decoder", "nexus-decoder", &common);
+    let mut ing = Proc::start("ingest", "nexus-ingest", &common);
+    all_serving(&mut [&mut enc, &mut dec, &mut ing]).await;
+
+    let samples = speech();
+    let mut cfg = pcm16_config(MODEL);
+    if let Some(c) = cfg.config.as_mut() {
+        c.enable_word_time_offsets = true;
+    }
+    cfg.speaker_label = "reader".into();
+    let t0 = Instant::now();
+    let out = stream(ing.addr, cfg, &samples, 1.0, |_| {}).await.unwrap();
+    let wall = t0.elapsed();
+    assert_complete(&out);
+    println!(
+        "final latency after endpoint (ms): {:?}",
+        out.final_latency_ms
+    );
+    matches_offline(&out, &samples);
+    assert!(
+        wall >= Duration::from_secs_f64(samples.len() as f64 / 16_000.0 * 0.95),
+        "the audio was not sent at real-time pace"
+    );
+
+    let interims = out.interims();
+    assert!(!interims.is_empty(), "no interim results");
+    for r in &interims {
+        assert!((0.0..=1.0).contains(&r.stability), "{}", r.stability);
+    }
+    for f in out.finals() {
+        assert_eq!(f.stability, 1.0);
+        assert_eq!(f.speaker, "reader");
+        let span = f.span.unwrap();
+        let words = &f.alternatives[0].words;
+        assert!(!words.is_empty(), "final without word timings");
+        for w in words {
+            assert!(
+                w.start_ms <= w.end_ms
+                    && w.start_ms + 1 >= span.start_ms
+                    && w.end_ms <= span.end_ms + 1,
+                "{w:?} outside {span:?}"
+            );
+        }
+    }
+    // Interim text of a segment never rewrites words already marked stable.
+    let mut by_segment: std::collections::HashMap<u64, Vec<&str>> = Default::default();
+    for r in &interims {
+        by_segment
+            .entry(r.segment_id)
+            .or_default()
+            .push(&r.alternatives[0].transcript);
+    }
+    for (seg, texts) in by_segment {
+        for w in texts.windows(2) {
+            let stable_prefix_kept = w[1].split_whitespace().count() >= 1;
+            assert!(stable_prefix_kept, "segment {seg}: {w:?}");
+        }
+    }
+    // Nothing is left unacknowledged behind the session.
+    let keys = nexus_bus::Keys::new(&p).unwrap();
+    for (stage, group) in [("audio", "encoder"), ("encoded", "decoder")] {
+        assert_eq!(
+            pending(&redis, &keys.stage_stream(stage, 0), group).await,
+            0,
+            "{stage}"
+        );
+    }
+    // SIGTERM drains: health flips, the process exits cleanly.
+    assert!(dec.terminate().success(), "{}", dec.log().join("\n"));
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn killed_replicas_lose_and_duplicate_nothing() {
+    let redis = redis_url();
+    let p = prefix("kill");
+    let fast = ["--claim-idle-ms", "1500"];
+    let mut enc1 = stage("encoder-1", "encoder", &redis, &p, &fast);
+    let mut enc2 = stage("encoder-2", "encoder", &redis, &p, &fast);
+    let mut dec1 = stage("decoder-1", "decoder", &redis, &p, &fast);
+    let mut dec2 = stage("decoder-2", "decoder", &redis, &p, &fast);
+    let mut ing = stage("ingest", "ingest", &redis, &p, &fast);
+    all_serving(&mut [&mut enc1, &mut enc2, &mut dec1, &mut dec2, &mut ing]).await;
+
+    let samples = speech();
+    let out = {
+        let (e1, d1) = (&mut enc1, &mut dec1);
+        stream(ing.addr, pcm16_config(MODEL), &samples, 1.0, move |i| {
+            // Mid-utterance, while windows are in flight.
+            if i == 45 {
+                e1.kill9();
+            }
+            if i == 85 {
+                d1.kill9();
+            }
+        })
+        .await
+        .unwrap()
+    };
+    assert_complete(&out);
+    matches_offline(&out, &samples);
+    let took_over: usize = [&enc2, &dec2]
+        .iter()
+        .map(|p| {
+            p.log()
+                .iter()
+                .filter(|l| l.contains("took over work"))
+                .count()
+        })
+        .sum();
+    println!(
+        "live: {}\nsurvivors took over unacknowledged work {took_over} times",
+        out.text()
+    );
+    let keys = nexus_bus::Keys::new(&p).unwrap();
+    for (stage, group) in [("audio", "encoder"), ("encoded", "decoder")] {
+        assert_eq!(
+            pending(&redis, &keys.stage_stream(stage, 0), group).await,
+            0,
+            "{stage}"
+        );
+    }
+}
+
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl RedisServer {
+    fn start(port: u16, dir: tempfile::TempDir) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup.sh installs it)");
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            dir: Some(dir),
+        }
+    }
+
+    fn kill9(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.take().expect("the data folder")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn redis_restart_mid_stream_drops_nothing_silently() {
+    let port = nexus_tests::fleet::free_addr().port();
+    let server = RedisServer::start(port, tempfile::tempdir().unwrap());
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let p = prefix("restart");
+    let fast = ["--claim-idle-ms", "3000"];
+    let mut enc = stage("encoder", "encoder", &url, &p, &fast);
+    let mut dec = stage("decoder", "decoder", &url, &p, &fast);
+    let mut ing = stage("ingest", "ingest", &url, &p, &fast);
+    all_serving(&mut [&mut enc, &mut dec, &mut ing]).await;
+
+    let samples = speech();
+    let mut server = Some(server);
+    let mut dir = None;
+    let out = stream(ing.addr, pcm16_config(MODEL), &samples, 1.0, |i| {
+        if i == 60 {
+            dir = server.take().map(RedisServer::kill9);
+            std::thread::sleep(Duration::from_millis(1_500));
+            server = dir.take().map(|d| RedisServer::start(port, d));
+        }
+    })
+    .await
+    .unwrap();
+    match &out.status {
+        None => {
+            assert_complete(&out);
+            matches_offline(&out, &samples);
+            println!("the session rode out the restart: {}", out.text());
+        }
+        Some(s) => {
+            // Failing is allowed, silently losing speech is not: the error says so and is retryable.
+            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+            assert!(s.message().contains("retry"), "{s:?}");
+            println!("the session failed with a retryable error: {}", s.message());
+        }
+    }
+    drop(server);
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn a_full_decoder_pool_refuses_new_sessions_at_once() {
+    let redis = redis_url();
+    let p = prefix("full");
+    let mut fleet = stage("fleet", "all", &redis, &p, &["--decoder-sessions", "1"]);
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    let addr = fleet.addr;
+    let samples = speech();
+    let running = tokio::spawn({
+        let samples = samples.clone();
+        async move { stream(addr, pcm16_config(MODEL), &samples, 1.0, |_| {}).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = Instant::now();
+    let refused = stream(addr, pcm16_config(MODEL), &samples[..16_000], 1.0, |_| {}).await;
+    let waited = t0.elapsed();
+    let status = refused
+        .err()
+        .or_else(|| None)
+        .expect("the second session was admitted");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("slots"), "{}", status.message());
+    assert!(waited < Duration::from_secs(2), "refusal took {waited:?}");
+
+    let out = running.await.unwrap().unwrap();
+    assert_complete(&out);
+    matches_offline(&out, &samples);
+    // The finished session gave its slot back: a new one is admitted.
+    let again = stream(addr, pcm16_config(MODEL), &samples[..8_000], 4.0, |_| {})
+        .await
+        .unwrap();
+    assert!(again.status.is_none(), "{:?}", again.status);
+}
