@@ -323,3 +323,91 @@ fn language_probabilities_match_faster_whisper() {
         }
     }
 }
+
+/// Continuous batching changes nothing: sequences decoded together in one
+/// batched step per token, joining and leaving at different steps, produce the
+/// tokens each produces alone.
+#[test]
+#[ignore = "needs whisper tiny.en weights and the pocketsphinx test data"]
+fn batched_greedy_decoding_matches_one_at_a_time() {
+    use nexus_models::mel::CHUNK_SAMPLES;
+    use nexus_models::whisper::{DecodeOptions, GreedySequence, step_batch};
+
+    let e = load("whisper-tiny.en");
+    let clips = ["0870", "0880", "0890", "0930"];
+    let windows: Vec<candle_core::Tensor> = clips
+        .iter()
+        .map(|id| {
+            let samples = audio(&testdata().join(format!(
+                "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
+            )));
+            let mel = e
+                .mel
+                .compute(&samples, CHUNK_SAMPLES)
+                .unwrap()
+                .to_tensor(&e.device)
+                .unwrap();
+            e.encode_window(&mel, 0).unwrap()
+        })
+        .collect();
+    let opts = DecodeOptions {
+        language: Some("en".into()),
+        beam_size: 1,
+        temperature: 0.0,
+        ..DecodeOptions::default()
+    };
+    let alone: Vec<Vec<u32>> = windows
+        .iter()
+        .map(|w| {
+            nexus_models::whisper::decode::decode(&e.model, &e.tokenizer, w, &opts)
+                .unwrap()
+                .tokens
+        })
+        .collect();
+
+    // Two sequences start together; the others join after 3 and 7 steps.
+    let mut seqs: Vec<Option<GreedySequence>> = Vec::new();
+    let mut done: Vec<Option<Vec<u32>>> = vec![None; windows.len()];
+    let mut step = 0;
+    let mut joined = 0;
+    loop {
+        let joins = match step {
+            0 => 2,
+            3 | 7 => 1,
+            _ => 0,
+        };
+        for _ in 0..joins {
+            seqs.push(Some(
+                GreedySequence::start(&e.model, &e.tokenizer, &windows[joined], &opts).unwrap(),
+            ));
+            joined += 1;
+        }
+        let mut feed = Vec::new();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if let Some(seq) = s {
+                match seq.advance() {
+                    Some(t) => feed.push((i, t)),
+                    None => done[i] = Some(s.take().unwrap().finish(&e.tokenizer).unwrap().tokens),
+                }
+            }
+        }
+        if feed.is_empty() && joined == windows.len() {
+            break;
+        }
+        let tokens: Vec<u32> = feed.iter().map(|(_, t)| *t).collect();
+        let mut batch: Vec<&mut GreedySequence> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| feed.iter().any(|(f, _)| f == i))
+            .filter_map(|(_, s)| s.as_mut())
+            .collect();
+        if !batch.is_empty() {
+            step_batch(&e.model, &mut batch, &tokens).unwrap();
+        }
+        step += 1;
+    }
+    for (i, (a, b)) in alone.iter().zip(&done).enumerate() {
+        assert_eq!(Some(a), b.as_ref(), "clip {}", clips[i]);
+    }
+    assert!(alone.iter().all(|t| t.len() > 5));
+}
