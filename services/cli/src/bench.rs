@@ -30,6 +30,9 @@ enum BenchCommand {
     /// Audio in: decode, downmix + resample to 16 kHz, and Silero VAD throughput on
     /// a 10-minute 44.1 kHz stereo recording (real speech, looped), one thread.
     Audio(AudioArgs),
+    /// Stage-to-stage transport: append, group read and ack per hop, in memory
+    /// and on Redis, with audio-window and encoder-feature payloads.
+    Bus(crate::bench_bus::BusArgs),
     /// One system on one model, in this process (used by `asr`; prints JSON).
     #[command(hide = true)]
     AsrRun {
@@ -353,6 +356,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Asr(a) => asr(a),
         BenchCommand::Audio(a) => audio(a),
+        BenchCommand::Bus(a) => crate::bench_bus::run(a),
         BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
     }
 }

@@ -4,6 +4,7 @@
 //! placeholders.
 
 mod bench;
+mod bench_bus;
 mod models;
 mod serve;
 mod transcribe;
