@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 use nexus_tests::fleet::{Proc, SessionOutcome, pcm16_config, stream};
 use tonic::Code;
 
-const NEEDS: &str =
-    "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh";
 const MODEL: &str = "tiny.en";
 
 fn redis_url() -> String {
@@ -175,7 +173,6 @@ async fn pending(redis: &str, stream: &str, group: &str) -> i64 {
 #[tokio::test]
 #[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
 async fn three_processes_match_offline_transcription() {
-    let _ = NEEDS;
     let redis = redis_url();
     let p = prefix("e2e");
     let common = [
@@ -231,18 +228,26 @@ async fn three_processes_match_offline_transcription() {
             );
         }
     }
-    // Interim text of a segment never rewrites words already marked stable.
-    let mut by_segment: std::collections::HashMap<u64, Vec<&str>> = Default::default();
+    // Interim text of a segment never rewrites words already marked stable:
+    // the stable share of one interim is a prefix of every later one.
+    let mut by_segment: std::collections::HashMap<u64, Vec<(&str, f32)>> = Default::default();
     for r in &interims {
         by_segment
             .entry(r.segment_id)
             .or_default()
-            .push(&r.alternatives[0].transcript);
+            .push((&r.alternatives[0].transcript, r.stability));
     }
-    for (seg, texts) in by_segment {
-        for w in texts.windows(2) {
-            let stable_prefix_kept = w[1].split_whitespace().count() >= 1;
-            assert!(stable_prefix_kept, "segment {seg}: {w:?}");
+    for (seg, shown) in by_segment {
+        for w in shown.windows(2) {
+            let words: Vec<&str> = w[0].0.split_whitespace().collect();
+            let stable = (w[0].1 * words.len() as f32).round() as usize;
+            let next: Vec<&str> = w[1].0.split_whitespace().collect();
+            assert!(
+                next.len() >= stable && next[..stable] == words[..stable],
+                "segment {seg}: stable words of {:?} rewritten in {:?}",
+                w[0].0,
+                w[1].0
+            );
         }
     }
     // Nothing is left unacknowledged behind the session.

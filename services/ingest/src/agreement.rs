@@ -28,8 +28,11 @@ impl Agreement {
             .zip(&words)
             .take_while(|(a, b)| norm(a) == norm(b))
             .count();
+        // Only words past the committed ones are added: two hypotheses that agree
+        // with each other but not with committed words never rewrite those.
         if agreed > self.committed.len() {
-            self.committed = words[..agreed].to_vec();
+            let n = self.committed.len();
+            self.committed.extend_from_slice(&words[n..agreed]);
         }
         self.previous = words.clone();
         let tail = words.get(self.committed.len()..).unwrap_or(&[]);
@@ -66,6 +69,19 @@ mod tests {
         let (t, s) = a.update("the quick brown fox jumps");
         assert_eq!(t, "the quick brown fox jumps");
         assert!(s < 1.0);
+    }
+
+    #[test]
+    fn agreeing_revisions_never_rewrite_committed_words() {
+        let mut a = Agreement::default();
+        a.update("the quick");
+        a.update("the quick brown");
+        a.update("a quick brown fox");
+        // The two latest agree on "a quick brown fox": "brown fox" join the
+        // committed words, and "the" stays.
+        let (t, s) = a.update("a quick brown fox jumps");
+        assert_eq!(t, "the quick brown fox jumps");
+        assert!((s - 4.0 / 5.0).abs() < 1e-6);
     }
 
     #[test]
