@@ -237,17 +237,10 @@ impl Bus for MemoryBus {
         count: usize,
         block: Duration,
     ) -> Result<Vec<Entry>, BusError> {
-        let deadline = tokio::time::Instant::now() + block;
-        loop {
-            let notified = self.notify.notified();
-            let got = Self::take_new(&mut self.lock(), stream, group, consumer, count)?;
-            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(got);
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Self::take_new(&mut self.lock(), stream, group, consumer, count);
-            }
-        }
+        self.wait_for(block, |st| {
+            Self::take_new(st, stream, group, consumer, count)
+        })
+        .await
     }
 
     async fn ack(&self, stream: &str, group: &str, ids: &[EntryId]) -> Result<(), BusError> {
@@ -379,17 +372,8 @@ impl Bus for MemoryBus {
         count: usize,
         block: Duration,
     ) -> Result<Vec<Entry>, BusError> {
-        let deadline = tokio::time::Instant::now() + block;
-        loop {
-            let notified = self.notify.notified();
-            let got = Self::range(&self.lock(), stream, after, count);
-            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(got);
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(Self::range(&self.lock(), stream, after, count));
-            }
-        }
+        self.wait_for(block, |st| Ok(Self::range(st, stream, after, count)))
+            .await
     }
 
     async fn advertise(
@@ -440,6 +424,25 @@ impl Bus for MemoryBus {
 }
 
 impl MemoryBus {
+    /// Runs `take` until it finds entries or `block` passes, waking on every add.
+    async fn wait_for(
+        &self,
+        block: Duration,
+        mut take: impl FnMut(&mut State) -> Result<Vec<Entry>, BusError>,
+    ) -> Result<Vec<Entry>, BusError> {
+        let deadline = tokio::time::Instant::now() + block;
+        loop {
+            let notified = self.notify.notified();
+            let got = take(&mut self.lock())?;
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return take(&mut self.lock());
+            }
+        }
+    }
+
     fn range(st: &State, stream: &str, after: Option<EntryId>, count: usize) -> Vec<Entry> {
         let Some(s) = st.streams.get(stream) else {
             return Vec::new();

@@ -138,6 +138,32 @@ fn entries(v: &Value) -> Result<Vec<(EntryId, Fields)>, BusError> {
     Ok(out)
 }
 
+/// Entries of an XREAD/XREADGROUP reply (RESP2 arrays or RESP3 maps of streams),
+/// each marked with `deliveries`.
+fn read_reply(reply: Value, deliveries: u32) -> Result<Vec<Entry>, BusError> {
+    let streams = match reply {
+        Value::Array(s) => s,
+        Value::Map(m) => m
+            .into_iter()
+            .map(|(k, v)| Value::Array(vec![k, v]))
+            .collect(),
+        _ => return Ok(Vec::new()),
+    };
+    let mut out = Vec::new();
+    for s in streams {
+        if let Value::Array(pair) = s
+            && let [_, list] = pair.as_slice()
+        {
+            out.extend(entries(list)?.into_iter().map(|(id, fields)| Entry {
+                id,
+                fields,
+                deliveries,
+            }));
+        }
+    }
+    Ok(out)
+}
+
 impl RedisBus {
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`).
     pub async fn connect(url: &str) -> Result<Self, BusError> {
@@ -298,27 +324,7 @@ impl Bus for RedisBus {
             }
             Err(e) => return Err(unavailable(e)),
         };
-        let streams = match reply {
-            Value::Array(s) => s,
-            Value::Map(m) => m
-                .into_iter()
-                .map(|(k, v)| Value::Array(vec![k, v]))
-                .collect(),
-            _ => return Ok(Vec::new()),
-        };
-        let mut out = Vec::new();
-        for s in streams {
-            if let Value::Array(pair) = s
-                && let [_, list] = pair.as_slice()
-            {
-                out.extend(entries(list)?.into_iter().map(|(id, fields)| Entry {
-                    id,
-                    fields,
-                    deliveries: 1,
-                }));
-            }
-        }
-        Ok(out)
+        read_reply(reply, 1)
     }
 
     async fn ack(&self, stream: &str, group: &str, ids: &[EntryId]) -> Result<(), BusError> {
@@ -490,27 +496,7 @@ impl Bus for RedisBus {
             .arg(stream)
             .arg(after.unwrap_or_default().to_string());
         let reply = self.blocking_query(&cmd).await.map_err(unavailable)?;
-        let streams = match reply {
-            Value::Array(s) => s,
-            Value::Map(m) => m
-                .into_iter()
-                .map(|(k, v)| Value::Array(vec![k, v]))
-                .collect(),
-            _ => return Ok(Vec::new()),
-        };
-        let mut out = Vec::new();
-        for s in streams {
-            if let Value::Array(pair) = s
-                && let [_, list] = pair.as_slice()
-            {
-                out.extend(entries(list)?.into_iter().map(|(id, fields)| Entry {
-                    id,
-                    fields,
-                    deliveries: 0,
-                }));
-            }
-        }
-        Ok(out)
+        read_reply(reply, 0)
     }
 
     async fn advertise(

@@ -17,6 +17,22 @@ pub use reader::{Acker, StageReader, retry};
 
 use nexus_bus::{Keys, StreamLimits};
 
+/// What a stage binary run against Redis needs besides its stage settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StageProcessArgs {
+    /// Redis holding the fleet's streams.
+    #[arg(long, env = "NEXUS_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// Whisper models the fleet serves (registry names or folders); the first is the default.
+    #[arg(
+        long = "model",
+        env = "NEXUS_MODELS",
+        value_delimiter = ',',
+        default_value = "base"
+    )]
+    pub models: Vec<String>,
+}
+
 /// Settings every stage of one fleet shares.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FleetArgs {

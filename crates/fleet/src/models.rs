@@ -67,6 +67,16 @@ pub fn resolve_vad(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(file)
 }
 
+/// The English-only models among `names`, told by name (`*.en`) for processes
+/// that do not load them; a process that loads them asks their tokenizer.
+pub fn english_only_by_name(names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|m| m.ends_with(".en"))
+        .cloned()
+        .collect()
+}
+
 /// The Whisper models a stage serves, by the name clients ask for. The first
 /// is the default for requests that name none.
 #[derive(Clone)]

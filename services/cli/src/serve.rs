@@ -166,12 +166,7 @@ async fn run_roles<B: Bus>(
                 .into_iter()
                 .filter(|n| m.get(n).is_some_and(|(_, e)| !e.tokenizer.multilingual))
                 .collect(),
-            None => args
-                .models
-                .iter()
-                .filter(|m| m.ends_with(".en"))
-                .cloned()
-                .collect(),
+            None => nexus_fleet::models::english_only_by_name(&args.models),
         };
         let cfg = IngestConfig {
             fleet: args.fleet.resolve("ingest")?,

@@ -7,26 +7,17 @@ use nexus_bus::RedisBus;
 use nexus_core::grpc::DrainOptions;
 use nexus_core::telemetry::TelemetryArgs;
 use nexus_decoder::{DecoderArgs, DecoderConfig};
-use nexus_fleet::{FleetArgs, ModelSet};
+use nexus_fleet::{FleetArgs, ModelSet, StageProcessArgs};
 
 /// The decoder stage: reads encoder features from Redis, writes results to session logs.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// Redis holding the fleet's streams.
-    #[arg(long, env = "NEXUS_REDIS", default_value = "redis://127.0.0.1:6379")]
-    redis: String,
     /// Address of the health endpoint (gRPC health and reflection).
     #[arg(long, env = "NEXUS_LISTEN", default_value = "0.0.0.0:50053")]
     listen: SocketAddr,
-    /// Whisper models to serve (registry names or folders); the first is the default.
-    #[arg(
-        long = "model",
-        env = "NEXUS_MODELS",
-        value_delimiter = ',',
-        default_value = "base"
-    )]
-    models: Vec<String>,
+    #[command(flatten)]
+    process: StageProcessArgs,
     /// GGUF model for translation into languages Whisper cannot target; none when empty.
     #[arg(long, env = "NEXUS_TRANSLATION_MODEL", default_value = "")]
     translation_model: String,
@@ -44,10 +35,10 @@ async fn main() -> anyhow::Result<()> {
     nexus_core::telemetry::init(&cli.telemetry)?;
     let shutdown = nexus_core::shutdown::on_signals();
     let fleet = cli.fleet.resolve("decoder")?;
-    let names = cli.models.clone();
+    let names = cli.process.models.clone();
     let models = tokio::task::spawn_blocking(move || ModelSet::load(&names, None)).await??;
     let translator = nexus_decoder::load_translator(&cli.translation_model)?;
-    let bus = RedisBus::connect(&cli.redis).await?;
+    let bus = RedisBus::connect(&cli.process.redis).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let cfg = DecoderConfig {
         fleet,

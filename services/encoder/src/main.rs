@@ -7,26 +7,17 @@ use nexus_bus::RedisBus;
 use nexus_core::grpc::DrainOptions;
 use nexus_core::telemetry::TelemetryArgs;
 use nexus_encoder::{EncoderArgs, EncoderConfig};
-use nexus_fleet::{FleetArgs, ModelSet};
+use nexus_fleet::{FleetArgs, ModelSet, StageProcessArgs};
 
 /// The encoder stage: reads segmented audio from Redis, writes encoder features.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// Redis holding the fleet's streams.
-    #[arg(long, env = "NEXUS_REDIS", default_value = "redis://127.0.0.1:6379")]
-    redis: String,
     /// Address of the health endpoint (gRPC health and reflection).
     #[arg(long, env = "NEXUS_LISTEN", default_value = "0.0.0.0:50052")]
     listen: SocketAddr,
-    /// Whisper models to serve (registry names or folders); the first is the default.
-    #[arg(
-        long = "model",
-        env = "NEXUS_MODELS",
-        value_delimiter = ',',
-        default_value = "base"
-    )]
-    models: Vec<String>,
+    #[command(flatten)]
+    process: StageProcessArgs,
     #[command(flatten)]
     fleet: FleetArgs,
     #[command(flatten)]
@@ -41,8 +32,9 @@ async fn main() -> anyhow::Result<()> {
     nexus_core::telemetry::init(&cli.telemetry)?;
     let shutdown = nexus_core::shutdown::on_signals();
     let fleet = cli.fleet.resolve("encoder")?;
-    let models = tokio::task::spawn_blocking(move || ModelSet::load(&cli.models, None)).await??;
-    let bus = RedisBus::connect(&cli.redis).await?;
+    let models =
+        tokio::task::spawn_blocking(move || ModelSet::load(&cli.process.models, None)).await??;
+    let bus = RedisBus::connect(&cli.process.redis).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let cfg = EncoderConfig {
         fleet,

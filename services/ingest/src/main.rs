@@ -7,7 +7,7 @@ use clap::Parser;
 use nexus_bus::RedisBus;
 use nexus_core::grpc::DrainOptions;
 use nexus_core::telemetry::TelemetryArgs;
-use nexus_fleet::FleetArgs;
+use nexus_fleet::{FleetArgs, StageProcessArgs};
 use nexus_ingest::{IngestArgs, IngestConfig};
 use nexus_models::vad::SileroVad;
 
@@ -15,20 +15,11 @@ use nexus_models::vad::SileroVad;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// Redis holding the fleet's streams.
-    #[arg(long, env = "NEXUS_REDIS", default_value = "redis://127.0.0.1:6379")]
-    redis: String,
     /// Address of the public gRPC API.
     #[arg(long, env = "NEXUS_LISTEN", default_value = "0.0.0.0:50051")]
     listen: SocketAddr,
-    /// Whisper models the fleet's encoders and decoders serve; the first is the default.
-    #[arg(
-        long = "model",
-        env = "NEXUS_MODELS",
-        value_delimiter = ',',
-        default_value = "base"
-    )]
-    models: Vec<String>,
+    #[command(flatten)]
+    process: StageProcessArgs,
     /// The decoders' text translation model; none when empty.
     #[arg(long, env = "NEXUS_TRANSLATION_MODEL", default_value = "")]
     translation_model: String,
@@ -50,19 +41,14 @@ async fn main() -> anyhow::Result<()> {
         &nexus_fleet::models::resolve_vad(None)?,
         &candle_core::Device::Cpu,
     )?);
-    let bus = RedisBus::connect(&cli.redis).await?;
+    let bus = RedisBus::connect(&cli.process.redis).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let cfg = IngestConfig {
         fleet,
         args: cli.stage,
         drain: DrainOptions::default(),
-        english_only: cli
-            .models
-            .iter()
-            .filter(|m| m.ends_with(".en"))
-            .cloned()
-            .collect(),
-        models: cli.models,
+        english_only: nexus_fleet::models::english_only_by_name(&cli.process.models),
+        models: cli.process.models,
         translation_model: (!cli.translation_model.is_empty()).then_some(cli.translation_model),
     };
     nexus_ingest::run(cfg, bus, vad, listener, shutdown).await
