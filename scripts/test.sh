@@ -19,6 +19,9 @@ bash scripts/fetch-testdata.sh
 # Tests marked #[ignore = "needs …"] need the weights and data fetched above (or
 # the registry's network): this command provides them, so it runs those too.
 echo "== tests" >&2
+# The fleet tests start the stage binaries as processes; `cargo test` alone
+# builds only binaries of packages that have integration tests of their own.
+cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast --run-ignored all
 else
