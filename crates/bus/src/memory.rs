@@ -415,6 +415,21 @@ impl Bus for MemoryBus {
         })
     }
 
+    async fn pool_usage(&self, pool: &str) -> Result<(u32, u32), BusError> {
+        let st = self.lock();
+        let now = Instant::now();
+        Ok(st.pools.get(pool).map_or((0, 0), |p| {
+            (
+                p.leases.values().filter(|u| **u > now).count() as u32,
+                p.nodes
+                    .values()
+                    .filter(|(_, u)| *u > now)
+                    .map(|(n, _)| *n)
+                    .sum(),
+            )
+        }))
+    }
+
     async fn release(&self, pool: &str, holder: &str) -> Result<(), BusError> {
         if let Some(p) = self.lock().pools.get_mut(pool) {
             p.leases.remove(holder);

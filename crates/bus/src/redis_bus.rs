@@ -61,6 +61,19 @@ redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 return {1, cap, used}
 ";
 
+/// KEYS = nodes hash, leases zset. Returns {used, capacity}, read-only.
+const USAGE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap = 0
+local nodes = redis.call('HGETALL', KEYS[1])
+for i = 1, #nodes, 2 do
+  local slots, untl = string.match(nodes[i + 1], '^(%d+):(%d+)$')
+  if slots and tonumber(untl) > now then cap = cap + tonumber(slots) end
+end
+return {redis.call('ZCOUNT', KEYS[2], now, '+inf'), cap}
+";
+
 /// Streams in a Redis server.
 #[derive(Clone)]
 pub struct RedisBus {
@@ -76,6 +89,7 @@ struct Scripts {
     add_unique: Script,
     advertise: Script,
     lease: Script,
+    usage: Script,
 }
 
 /// Idle blocking connections kept for reuse.
@@ -179,6 +193,7 @@ impl RedisBus {
                 add_unique: Script::new(ADD_UNIQUE),
                 advertise: Script::new(ADVERTISE),
                 lease: Script::new(LEASE),
+                usage: Script::new(USAGE),
             }),
         })
     }
@@ -548,6 +563,25 @@ impl Bus for RedisBus {
             },
             _ => Lease::NoCapacity,
         })
+    }
+
+    async fn pool_usage(&self, pool: &str) -> Result<(u32, u32), BusError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = self
+            .scripts
+            .usage
+            .key(format!("{pool}:nodes"))
+            .key(format!("{pool}:leases"))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(v) = reply else {
+            return Err(BusError::Unavailable(format!(
+                "unexpected reply to a pool query: {reply:?}"
+            )));
+        };
+        let n = |i: usize| v.get(i).and_then(int).unwrap_or(0) as u32;
+        Ok((n(0), n(1)))
     }
 
     async fn release(&self, pool: &str, holder: &str) -> Result<(), BusError> {

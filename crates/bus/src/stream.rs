@@ -190,6 +190,9 @@ pub trait Bus: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Lease, BusError>> + Send;
 
+    /// Slots of `pool` in use and advertised by live nodes, as `(used, capacity)`.
+    fn pool_usage(&self, pool: &str) -> impl Future<Output = Result<(u32, u32), BusError>> + Send;
+
     /// Gives `holder`'s slot back.
     fn release(
         &self,

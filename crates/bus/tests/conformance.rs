@@ -255,6 +255,7 @@ async fn capacity_pool_leases_slots(bus: impl Bus, n: &Names) {
     let pool = n.pool.as_str();
     let long = Duration::from_secs(60);
     assert_eq!(bus.lease(pool, "a", long).await.unwrap(), Lease::NoCapacity);
+    assert_eq!(bus.pool_usage(pool).await.unwrap(), (0, 0));
     bus.advertise(pool, "node1", 1, long).await.unwrap();
     bus.advertise(pool, "node2", 1, Duration::from_millis(300))
         .await
@@ -277,6 +278,7 @@ async fn capacity_pool_leases_slots(bus: impl Bus, n: &Names) {
         bus.lease(pool, "c", long).await.unwrap(),
         Lease::Full { capacity: 2 }
     );
+    assert_eq!(bus.pool_usage(pool).await.unwrap(), (2, 2));
     // Renewing a held lease always works.
     assert!(matches!(
         bus.lease(pool, "a", long).await.unwrap(),
@@ -290,6 +292,7 @@ async fn capacity_pool_leases_slots(bus: impl Bus, n: &Names) {
     // node2 stops advertising: its slot goes away; expired leases free theirs.
     tokio::time::sleep(Duration::from_millis(400)).await;
     bus.release(pool, "c").await.unwrap();
+    assert_eq!(bus.pool_usage(pool).await.unwrap(), (1, 1));
     assert_eq!(
         bus.lease(pool, "d", long).await.unwrap(),
         Lease::Full { capacity: 1 }
