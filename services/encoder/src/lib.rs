@@ -26,12 +26,19 @@ pub struct EncoderArgs {
     /// Mel frames one batch may hold (a 30 s window is 3000).
     #[arg(long, env = "NEXUS_ENCODER_FRAME_BUDGET", default_value_t = 12_000)]
     pub frame_budget: usize,
+    /// Encode interim windows over the full 30 s like finals. By default an
+    /// interim window is encoded over its audio plus `INTERIM_MARGIN_MS` only
+    /// (a 5 s utterance costs a sixth of a full window); finals always get the
+    /// full window, so final text equals offline transcription.
+    #[arg(long, env = "NEXUS_ENCODER_INTERIM_FULL_WINDOW")]
+    pub interim_full_window: bool,
 }
 
 impl Default for EncoderArgs {
     fn default() -> Self {
         Self {
             frame_budget: 12_000,
+            interim_full_window: false,
         }
     }
 }
@@ -101,8 +108,14 @@ pub async fn run<B: Bus>(
         let (jobs, skip) = plan(batch, max_age);
         reader.ack(&skip).await;
         for (model, group) in jobs {
+            // Finals went first; interims that aged meanwhile are not worth encoding.
+            let (group, stale) = drop_stale(group, max_age);
+            reader.ack(&stale).await;
+            if group.is_empty() {
+                continue;
+            }
             let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
-            match encode_group(&models, &model, group).await {
+            match encode_group(&models, &model, group, cfg.args.interim_full_window).await {
                 Ok(out) => {
                     for seg in out {
                         let fields = encode(&seg)
@@ -159,9 +172,22 @@ async fn write<B: Bus>(
 
 type Group = Vec<(EntryId, AudioSegment)>;
 
+/// Interim windows older than `max_age` (shown text would be stale before it
+/// arrives), split off from the rest.
+fn drop_stale(group: Group, max_age: Duration) -> (Group, Vec<EntryId>) {
+    let now = now_unix_ms();
+    let (keep, stale): (Group, Group) = group.into_iter().partition(|(_, s)| {
+        let emitted = s.envelope.as_ref().map_or(0, |e| e.emitted_unix_ms);
+        s.is_final || now.saturating_sub(emitted) <= max_age.as_millis() as u64
+    });
+    (keep, stale.into_iter().map(|(id, _)| id).collect())
+}
+
 /// Splits a batch into work by model and entries to acknowledge unread: corrupt
 /// ones, and interim windows superseded by a newer entry of the same utterance
-/// in this batch or older than `max_age`.
+/// in this batch or older than `max_age`. Final windows come first, in their
+/// own batches: a final caption is what a user waits for, an interim one only
+/// previews it, so under load interims wait (and age out) rather than finals.
 fn plan(batch: Vec<Entry>, max_age: Duration) -> (Vec<(String, Group)>, Vec<EntryId>) {
     let mut skip = Vec::new();
     let mut segs: Vec<(EntryId, AudioSegment)> = Vec::new();
@@ -185,7 +211,7 @@ fn plan(batch: Vec<Entry>, max_age: Duration) -> (Vec<(String, Group)>, Vec<Entr
         *e = (*e).max(r);
     }
     let now = now_unix_ms();
-    let mut by_model: Vec<(String, Group)> = Vec::new();
+    let mut by_model: Vec<(String, bool, Group)> = Vec::new();
     for (id, s) in segs {
         let env = s.envelope.clone().unwrap_or_default();
         if !s.is_final {
@@ -202,12 +228,32 @@ fn plan(batch: Vec<Entry>, max_age: Duration) -> (Vec<(String, Group)>, Vec<Entr
             .as_ref()
             .map(|c| c.model.clone())
             .unwrap_or_default();
-        match by_model.iter_mut().find(|(m, _)| *m == model) {
-            Some((_, g)) => g.push((id, s)),
-            None => by_model.push((model, vec![(id, s)])),
+        let is_final = s.is_final;
+        match by_model
+            .iter_mut()
+            .find(|(m, f, _)| *m == model && *f == is_final)
+        {
+            Some((_, _, g)) => g.push((id, s)),
+            None => by_model.push((model, is_final, vec![(id, s)])),
         }
     }
-    (by_model, skip)
+    by_model.sort_by_key(|(_, is_final, _)| !*is_final);
+    let jobs = by_model.into_iter().map(|(m, _, g)| (m, g)).collect();
+    (jobs, skip)
+}
+
+/// Audio after the end of an interim window that its encoding still covers.
+pub const INTERIM_MARGIN_MS: usize = 2_000;
+
+/// Mel frames to encode for a window of `samples`: the full window for finals,
+/// the audio plus a margin (in whole seconds) for interims.
+fn context_frames(samples: usize, is_final: bool, full_window: bool) -> usize {
+    if is_final || full_window {
+        return CHUNK_FRAMES;
+    }
+    let hop = nexus_models::mel::HOP_LENGTH;
+    let frames = (samples + SAMPLE_RATE as usize * INTERIM_MARGIN_MS / 1000).div_ceil(hop);
+    frames.div_ceil(100).saturating_mul(100).min(CHUNK_FRAMES)
 }
 
 /// Encodes one model's segments in one batch.
@@ -215,6 +261,7 @@ async fn encode_group(
     models: &ModelSet,
     model: &str,
     group: Group,
+    full_window: bool,
 ) -> anyhow::Result<Vec<EncodedSegment>> {
     let (name, engine) = models.get(model).with_context(|| {
         format!(
@@ -228,6 +275,12 @@ async fn encode_group(
         let t0 = std::time::Instant::now();
         let mut mels = Vec::with_capacity(group.len());
         let mut valid = Vec::with_capacity(group.len());
+        // One batch is one length: the longest context any of its windows needs.
+        let context = group
+            .iter()
+            .map(|(_, s)| context_frames(s.pcm_f32le.len() / 4, s.is_final, full_window))
+            .max()
+            .unwrap_or(CHUNK_FRAMES);
         for (_, s) in &group {
             anyhow::ensure!(
                 s.sample_rate_hz == SAMPLE_RATE,
@@ -241,12 +294,12 @@ async fn encode_group(
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
             anyhow::ensure!(!samples.is_empty(), "segment holds no audio");
-            valid.push((samples.len() / nexus_models::mel::HOP_LENGTH).min(CHUNK_FRAMES) as u32);
+            valid.push((samples.len() / nexus_models::mel::HOP_LENGTH).min(context) as u32);
             let mel = engine
                 .mel
                 .compute(&samples, CHUNK_SAMPLES)?
                 .to_tensor(&engine.device)?;
-            mels.push(mel.i((.., .., ..CHUNK_FRAMES))?.contiguous()?);
+            mels.push(mel.i((.., .., ..context))?.contiguous()?);
         }
         let batch = Tensor::cat(&mels, 0)?.to_dtype(engine.dtype)?;
         let feats = engine
@@ -257,7 +310,14 @@ async fn encode_group(
         let (b, frames, hidden) = feats.dims3()?;
         tracing::debug!(
             batch = b,
+            finals = group.iter().filter(|(_, s)| s.is_final).count(),
             encode_ms = t0.elapsed().as_millis() as u64,
+            oldest_wait_ms = group
+                .iter()
+                .map(|(_, s)| now_unix_ms()
+                    .saturating_sub(s.envelope.as_ref().map_or(0, |e| e.emitted_unix_ms)))
+                .max()
+                .unwrap_or(0),
             "encoded batch"
         );
         let mut out = Vec::with_capacity(b);
@@ -289,4 +349,82 @@ async fn encode_group(
         Ok(out)
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use nexus_proto::speech::RecognitionConfig as StageConfig;
+
+    use super::*;
+
+    fn entry(
+        ms: u64,
+        session: &str,
+        segment: u64,
+        revision: u32,
+        is_final: bool,
+        age_ms: u64,
+    ) -> Entry {
+        let seg = AudioSegment {
+            envelope: Some(Envelope {
+                session_id: session.into(),
+                segment_id: segment,
+                revision,
+                emitted_unix_ms: now_unix_ms() - age_ms,
+                ..Default::default()
+            }),
+            config: Some(StageConfig {
+                model: "tiny.en".into(),
+                ..Default::default()
+            }),
+            is_final,
+            ..Default::default()
+        };
+        Entry {
+            id: EntryId { ms, seq: 0 },
+            fields: encode(&seg)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            deliveries: 1,
+        }
+    }
+
+    #[test]
+    fn interims_are_encoded_over_their_audio_and_a_margin_only() {
+        // 3 s of audio + 2 s margin = 500 mel frames (10 ms each).
+        assert_eq!(context_frames(48_000, false, false), 500);
+        assert_eq!(context_frames(48_001, false, false), 600);
+        assert_eq!(context_frames(48_000, true, false), CHUNK_FRAMES);
+        assert_eq!(context_frames(48_000, false, true), CHUNK_FRAMES);
+        assert_eq!(context_frames(29 * 16_000, false, false), CHUNK_FRAMES);
+    }
+
+    #[test]
+    fn finals_are_encoded_before_interims_and_stale_interims_not_at_all() {
+        let max_age = Duration::from_millis(2_000);
+        let batch = vec![
+            entry(1, "a", 0, 1, false, 100),  // interim, superseded by 2
+            entry(2, "a", 0, 2, false, 100),  // interim, newest
+            entry(3, "b", 4, 1, false, 5000), // interim, too old
+            entry(4, "c", 0, 3, true, 5000),  // final: never too old
+            entry(5, "d", 1, 1, true, 10),    // final
+        ];
+        let (jobs, skip) = plan(batch, max_age);
+        let ids: Vec<Vec<u64>> = jobs
+            .iter()
+            .map(|(_, g)| g.iter().map(|(id, _)| id.ms).collect())
+            .collect();
+        assert_eq!(ids, vec![vec![4, 5], vec![2]]);
+        let mut skip: Vec<u64> = skip.iter().map(|id| id.ms).collect();
+        skip.sort();
+        assert_eq!(skip, vec![1, 3]);
+
+        let group = jobs.into_iter().nth(1).unwrap().1;
+        let (keep, stale) = drop_stale(group, Duration::ZERO);
+        assert!(
+            keep.is_empty() && stale.len() == 1,
+            "an interim ages out while finals encode"
+        );
+    }
 }
