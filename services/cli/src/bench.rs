@@ -33,6 +33,10 @@ enum BenchCommand {
     /// Stage-to-stage transport: append, group read and ack per hop, in memory
     /// and on Redis, with audio-window and encoder-feature payloads.
     Bus(crate::bench_bus::BusArgs),
+    /// Live capacity: concurrent real-time sessions per model on the embedded
+    /// and the Redis fleet, with final-caption latency after the endpoint and
+    /// after the end of speech.
+    Fleet(crate::bench_fleet::FleetArgs),
     /// One system on one model, in this process (used by `asr`; prints JSON).
     #[command(hide = true)]
     AsrRun {
@@ -357,6 +361,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Asr(a) => asr(a),
         BenchCommand::Audio(a) => audio(a),
         BenchCommand::Bus(a) => crate::bench_bus::run(a),
+        BenchCommand::Fleet(a) => crate::bench_fleet::run(a),
         BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
     }
 }

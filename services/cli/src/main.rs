@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_bus;
+mod bench_fleet;
 mod models;
 mod serve;
 mod transcribe;
