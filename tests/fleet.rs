@@ -8,25 +8,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nexus_tests::fleet::{Proc, SessionOutcome, pcm16_config, stream};
+use nexus_tests::fleet::{
+    Proc, SessionOutcome, pcm16_config, prefix, redis_url, stage, stream, testdata,
+};
 use tonic::Code;
 
-const MODEL: &str = "tiny.en";
-
-fn redis_url() -> String {
-    std::env::var("NEXUS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn testdata() -> PathBuf {
-    std::env::var_os("NEXUS_TESTDATA").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/testdata"),
-        PathBuf::from,
-    )
-}
+use nexus_tests::fleet::MODEL;
 
 /// Three LibriVox utterances with pauses between them: 17 s of 16 kHz mono.
 fn speech() -> Vec<f32> {
@@ -101,26 +91,6 @@ fn matches_offline(out: &SessionOutcome, samples: &[f32]) {
         whole.replace('\n', " ")
     );
     assert!(wer.rate() <= 0.1, "live drifted from offline: {wer:?}");
-}
-
-fn prefix(test: &str) -> String {
-    format!("t{}{test}", std::process::id())
-}
-
-fn stage(name: &str, role: &str, redis: &str, prefix: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "serve",
-        "--redis",
-        redis,
-        "--role",
-        role,
-        "--model",
-        MODEL,
-        "--key-prefix",
-        prefix,
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(name, "nexus", &args)
 }
 
 async fn all_serving(procs: &mut [&mut Proc]) {

@@ -53,6 +53,44 @@ pub mod fleet {
         path
     }
 
+    /// The model the fleet tests serve.
+    pub const MODEL: &str = "tiny.en";
+
+    /// The Redis the tests use.
+    pub fn redis_url() -> String {
+        std::env::var("NEXUS_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    /// Where `scripts/fetch-testdata.sh` put the test speech.
+    pub fn testdata() -> PathBuf {
+        std::env::var_os("NEXUS_TESTDATA").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/testdata"),
+            PathBuf::from,
+        )
+    }
+
+    /// A key prefix of its own for one test in this process.
+    pub fn prefix(test: &str) -> String {
+        format!("t{}{test}", std::process::id())
+    }
+
+    /// `nexus serve` for one role on Redis, serving [`MODEL`].
+    pub fn stage(name: &str, role: &str, redis: &str, prefix: &str, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "serve",
+            "--redis",
+            redis,
+            "--role",
+            role,
+            "--model",
+            MODEL,
+            "--key-prefix",
+            prefix,
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(name, "nexus", &args)
+    }
+
     /// A free loopback port (bound, read, released).
     pub fn free_addr() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

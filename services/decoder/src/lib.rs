@@ -19,7 +19,7 @@ use nexus_core::grpc::{DrainOptions, GrpcServer};
 use nexus_fleet::{Acker, Fleet, ModelSet, StageReader, now_unix_ms, retry, stages};
 use nexus_models::qwen::Translator;
 use nexus_proto::pipeline::{DecodeResult, EncodedSegment, Envelope};
-use nexus_proto::speech::TranslationResult;
+use nexus_proto::speech::{SpeechRecognitionResult, TranslationResult};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -269,6 +269,15 @@ async fn write<B: Bus>(
         whisper_translated,
     } = o;
     let env = seg.envelope.clone().unwrap_or_default();
+    tracing::debug!(
+        session = %env.session_id,
+        segment = env.segment_id,
+        revision = env.revision,
+        is_final = seg.is_final,
+        inference_ms,
+        since_encoded_ms = now_unix_ms().saturating_sub(env.emitted_unix_ms),
+        "decoded"
+    );
     let mut msg = DecodeResult {
         envelope: Some(Envelope {
             emitted_unix_ms: now_unix_ms(),
@@ -278,11 +287,12 @@ async fn write<B: Bus>(
         ..Default::default()
     };
     match result {
-        Ok(mut r) => {
-            if let Err(e) = translate(&mut r, &seg, whisper_translated, cfg).await {
+        Ok((mut r, mut segments)) => {
+            if let Err(e) = translate(&mut r, &mut segments, &seg, whisper_translated, cfg).await {
                 msg.error = e;
             }
             msg.result = Some(r);
+            msg.segments = segments;
         }
         Err(e) => msg.error = e,
     }
@@ -322,6 +332,7 @@ async fn write<B: Bus>(
 
 async fn translate(
     r: &mut nexus_proto::speech::StreamingRecognitionResult,
+    segments: &mut [SpeechRecognitionResult],
     seg: &EncodedSegment,
     whisper_translated: bool,
     cfg: &DecoderConfig,
@@ -333,41 +344,58 @@ async fn translate(
     else {
         return Ok(());
     };
-    if !seg.is_final {
+    if !seg.is_final || r.alternatives.is_empty() {
         return Ok(());
     }
-    let Some(text) = r.alternatives.first().map(|a| a.transcript.clone()) else {
-        return Ok(());
+    let text_of = |s: &SpeechRecognitionResult| {
+        s.alternatives
+            .first()
+            .map(|a| a.transcript.clone())
+            .unwrap_or_default()
     };
-    if whisper_translated {
+    // Each timed segment is translated on its own, so subtitles stay in step;
+    // the utterance's translation joins them.
+    let mut texts: Vec<String> = segments.iter().map(text_of).collect();
+    if texts.is_empty() {
+        texts.push(r.alternatives[0].transcript.clone());
+    }
+    let (model, target) = if whisper_translated {
         // Whisper's own translate task already produced English.
-        r.translation = Some(TranslationResult {
-            source_language: r.language.clone(),
-            target_language: "en".into(),
-            text,
-            model: seg.model.clone(),
-        });
-        return Ok(());
-    }
-    let Some((name, tr)) = cfg.translator.clone() else {
-        return Err(format!(
-            "translation into {:?} needs a text translation model; start the decoder with --translation-model",
-            t.target_language
-        ));
+        (seg.model.clone(), "en".to_string())
+    } else {
+        let Some((name, tr)) = cfg.translator.clone() else {
+            return Err(format!(
+                "translation into {:?} needs a text translation model; start the decoder with --translation-model",
+                t.target_language
+            ));
+        };
+        let (src, dst) = (r.language.clone(), t.target_language.clone());
+        texts = tokio::task::spawn_blocking(move || {
+            let mut tr = tr.lock().unwrap_or_else(|p| p.into_inner());
+            texts
+                .iter()
+                .map(|text| tr.translate(text, (!src.is_empty()).then_some(src.as_str()), &dst))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("translation failed: {e}"))?;
+        (name, t.target_language)
     };
-    let (src, dst) = (r.language.clone(), t.target_language.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut tr = tr.lock().unwrap_or_else(|p| p.into_inner());
-        tr.translate(&text, (!src.is_empty()).then_some(src.as_str()), &dst)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("translation failed: {e}"))?;
-    r.translation = Some(TranslationResult {
+    let result = |text: String| TranslationResult {
         source_language: r.language.clone(),
-        target_language: t.target_language,
-        text: out,
-        model: name,
-    });
+        target_language: target.clone(),
+        text,
+        model: model.clone(),
+    };
+    for (s, text) in segments.iter_mut().zip(&texts) {
+        s.translation = Some(result(text.clone()));
+    }
+    let sep = if nexus_models::whisper::align::written_without_spaces(&target) {
+        ""
+    } else {
+        " "
+    };
+    r.translation = Some(result(texts.join(sep)));
     Ok(())
 }

@@ -15,7 +15,8 @@ use nexus_models::whisper::{
 };
 use nexus_proto::pipeline::{DType, EncodedSegment};
 use nexus_proto::speech::{
-    SpeechRecognitionAlternative, StreamingRecognitionResult, TimeSpan, WordInfo,
+    SpeechRecognitionAlternative, SpeechRecognitionResult, StreamingRecognitionResult, TimeSpan,
+    WordInfo,
 };
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -37,8 +38,8 @@ pub struct Output {
     pub id: EntryId,
     /// The job's segment, without its features.
     pub seg: EncodedSegment,
-    /// The result, or why there is none.
-    pub result: Result<StreamingRecognitionResult, String>,
+    /// The result and, for finals, its timed segments; or why there is none.
+    pub result: Result<(StreamingRecognitionResult, Vec<SpeechRecognitionResult>), String>,
     /// Decoder time spent.
     pub inference_ms: u32,
     /// The slot, held until the write.
@@ -279,8 +280,41 @@ fn finish(a: Active) -> Output {
                 words,
             }]
         };
+        let at = |t: f32| seg.start_ms + (f64::from(t) * 1000.0).round() as u64;
+        let segments = if seg.is_final {
+            out.segments
+                .iter()
+                .filter(|s| !s.text.trim().is_empty())
+                .map(|s| SpeechRecognitionResult {
+                    alternatives: vec![SpeechRecognitionAlternative {
+                        transcript: s.text.trim().to_owned(),
+                        confidence: s.avg_logprob.exp().clamp(0.0, 1.0),
+                        words: s
+                            .words
+                            .iter()
+                            .map(|w| WordInfo {
+                                word: w.word.trim().to_owned(),
+                                start_ms: at(w.start),
+                                end_ms: at(w.end),
+                                confidence: w.probability,
+                            })
+                            .collect(),
+                    }],
+                    channel_tag: seg.channel_tag,
+                    language: lang.clone(),
+                    span: Some(TimeSpan {
+                        start_ms: at(s.start),
+                        end_ms: at(s.end).min(seg.end_ms.max(at(s.start))),
+                    }),
+                    translation: None,
+                    no_speech_probability: s.no_speech_prob,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let env = seg.envelope.clone().unwrap_or_default();
-        Ok(StreamingRecognitionResult {
+        let result = StreamingRecognitionResult {
             alternatives,
             is_final: seg.is_final,
             stability: if seg.is_final { 1.0 } else { 0.0 },
@@ -294,7 +328,8 @@ fn finish(a: Active) -> Output {
             }),
             audio_processed_ms: seg.end_ms,
             ..Default::default()
-        })
+        };
+        Ok((result, segments))
     })();
     let inference_ms = started.elapsed().as_millis() as u32;
     let mut seg = job.seg;

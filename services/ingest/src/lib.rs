@@ -10,6 +10,8 @@
 
 mod agreement;
 mod audio_in;
+mod models;
+mod recognize;
 mod session;
 
 use std::pin::Pin;
@@ -22,11 +24,12 @@ use nexus_bus::{Bus, Lease, SessionId};
 use nexus_core::grpc::{DrainOptions, GrpcServer};
 use nexus_fleet::{Fleet, stages};
 use nexus_models::vad::SileroVad;
+use nexus_proto::speech::models_server::ModelsServer;
 use nexus_proto::speech::speech_recognition_server::{SpeechRecognition, SpeechRecognitionServer};
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::{
-    RecognizeRequest, RecognizeResponse, StreamingRecognitionConfig, StreamingRecognizeRequest,
-    StreamingRecognizeResponse, Task,
+    RecognitionConfig, RecognizeRequest, RecognizeResponse, StreamingRecognitionConfig,
+    StreamingRecognizeRequest, StreamingRecognizeResponse, Task,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -36,8 +39,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use agreement::Agreement;
 
-/// Name of the service this stage hosts.
+/// Name of the main service this stage hosts.
 pub const SERVICE: &str = "nexus.speech.v1.SpeechRecognition";
+/// Every service this stage hosts.
+pub const SERVICES: &[&str] = &[SERVICE, "nexus.speech.v1.Models"];
 
 /// Settings of the ingest stage.
 #[derive(Debug, Clone, clap::Args)]
@@ -58,6 +63,12 @@ pub struct IngestArgs {
     /// How long after its audio ends a session waits for its final results.
     #[arg(long, env = "NEXUS_FINAL_TIMEOUT_MS", default_value_t = 60_000)]
     pub final_timeout_ms: u64,
+    /// Largest audio a Recognize call may carry, in MiB.
+    #[arg(long, env = "NEXUS_MAX_AUDIO_MB", default_value_t = 100)]
+    pub max_audio_mb: u64,
+    /// Folder whose files Recognize may read through `file://` URIs; none when unset.
+    #[arg(long, env = "NEXUS_FILE_ROOT")]
+    pub file_root: Option<std::path::PathBuf>,
 }
 
 impl Default for IngestArgs {
@@ -67,6 +78,8 @@ impl Default for IngestArgs {
             lease_ttl_ms: 10_000,
             bus_retry_ms: 15_000,
             final_timeout_ms: 60_000,
+            max_audio_mb: 100,
+            file_root: None,
         }
     }
 }
@@ -97,6 +110,7 @@ pub(crate) struct Settings {
     pub(crate) models: Vec<String>,
     pub(crate) english_only: Vec<String>,
     pub(crate) translation_model: Option<String>,
+    pub(crate) file_root: Option<std::path::PathBuf>,
 }
 
 pub(crate) struct Inner<B: Bus> {
@@ -117,7 +131,14 @@ pub struct Ingest<B: Bus> {
 type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<StreamingRecognizeResponse, Status>> + Send>>;
 
-fn invalid(msg: impl Into<String>) -> Status {
+fn tenant_of(meta: &tonic::metadata::MetadataMap) -> String {
+    meta.get("x-tenant")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("default")
+        .to_owned()
+}
+
+pub(crate) fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }
 
@@ -164,16 +185,10 @@ impl<B: Bus> Ingest<B> {
         Ok(e)
     }
 
-    async fn open(
-        &self,
-        cfg: StreamingRecognitionConfig,
-        tenant: String,
-    ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
+    /// Checks what a request asks of the models and fills in the default model;
+    /// the error says what to change.
+    pub(crate) fn check_config(&self, rc: &mut RecognitionConfig) -> Result<(), Status> {
         let inner = &self.inner;
-        let mut rc = cfg
-            .config
-            .clone()
-            .ok_or_else(|| invalid("streaming_config.config is required"))?;
         if rc.model.is_empty() {
             rc.model = inner.cfg.models[0].clone();
         }
@@ -221,6 +236,48 @@ impl<B: Bus> Ingest<B> {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Takes one slot of the decoder pool for `id`: RESOURCE_EXHAUSTED at once
+    /// when every slot is in use, UNAVAILABLE when no decoder serves.
+    pub(crate) async fn admit(&self, id: &SessionId, model: &str) -> Result<(), Status> {
+        let inner = &self.inner;
+        let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
+        match inner
+            .bus
+            .lease(&pool, id.as_str(), inner.cfg.lease_ttl)
+            .await
+        {
+            Ok(Lease::Granted { used, capacity }) => {
+                tracing::info!(session = %id, used, capacity, model = %model, "session admitted");
+            }
+            Ok(Lease::Full { capacity }) => {
+                return Err(Status::resource_exhausted(format!(
+                    "all {capacity} live-session slots of the decoder pool are in use; retry later"
+                )));
+            }
+            Ok(Lease::NoCapacity) => {
+                return Err(Status::unavailable(
+                    "no decoder replica is serving; retry once one has started",
+                ));
+            }
+            Err(e) => return Err(Status::unavailable(format!("admission failed: {e}; retry"))),
+        }
+        Ok(())
+    }
+
+    async fn open(
+        &self,
+        cfg: StreamingRecognitionConfig,
+        tenant: String,
+    ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
+        let inner = &self.inner;
+        let mut rc = cfg
+            .config
+            .clone()
+            .ok_or_else(|| invalid("streaming_config.config is required"))?;
+        self.check_config(&mut rc)?;
         if rc.separate_recognition_per_channel {
             return Err(invalid(
                 "separate_recognition_per_channel is not supported on streams yet; open one stream per channel",
@@ -244,27 +301,7 @@ impl<B: Bus> Ingest<B> {
         })?;
         let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
             .map_err(|e| Status::internal(e.to_string()))?;
-        let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
-        match inner
-            .bus
-            .lease(&pool, id.as_str(), inner.cfg.lease_ttl)
-            .await
-        {
-            Ok(Lease::Granted { used, capacity }) => {
-                tracing::info!(session = %id, used, capacity, model = %rc.model, "session admitted");
-            }
-            Ok(Lease::Full { capacity }) => {
-                return Err(Status::resource_exhausted(format!(
-                    "all {capacity} live-session slots of the decoder pool are in use; retry later"
-                )));
-            }
-            Ok(Lease::NoCapacity) => {
-                return Err(Status::unavailable(
-                    "no decoder replica is serving; retry once one has started",
-                ));
-            }
-            Err(e) => return Err(Status::unavailable(format!("admission failed: {e}; retry"))),
-        }
+        self.admit(&id, &rc.model).await?;
         let session = session::Session {
             inner: inner.clone(),
             id,
@@ -282,11 +319,16 @@ impl<B: Bus> Ingest<B> {
 impl<B: Bus> SpeechRecognition for Ingest<B> {
     async fn recognize(
         &self,
-        _: Request<RecognizeRequest>,
+        request: Request<RecognizeRequest>,
     ) -> Result<Response<RecognizeResponse>, Status> {
-        Err(Status::unimplemented(
-            "Recognize is not served by the live fleet yet; stream the audio with StreamingRecognize or use `nexus transcribe`",
-        ))
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Status::unavailable(
+                "this ingest replica is draining; retry on another",
+            ));
+        }
+        let tenant = tenant_of(request.metadata());
+        let r = self.recognize_audio(request.into_inner(), tenant).await?;
+        Ok(Response::new(r))
     }
 
     type StreamingRecognizeStream = ResponseStream;
@@ -300,12 +342,7 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
                 "this ingest replica is draining; retry on another",
             ));
         }
-        let tenant = request
-            .metadata()
-            .get("x-tenant")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("default")
-            .to_owned();
+        let tenant = tenant_of(request.metadata());
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             invalid("the stream ended before its first message; send streaming_config first")
@@ -343,7 +380,7 @@ pub async fn run<B: Bus>(
         !cfg.models.is_empty(),
         "the ingest needs the list of served models"
     );
-    let grpc = GrpcServer::new(&[SERVICE], cfg.drain).await;
+    let grpc = GrpcServer::new(SERVICES, cfg.drain).await;
     let inner = Arc::new(Inner {
         cfg: Settings {
             fleet: cfg.fleet.clone(),
@@ -354,16 +391,31 @@ pub async fn run<B: Bus>(
             models: cfg.models.clone(),
             english_only: cfg.english_only.clone(),
             translation_model: cfg.translation_model.clone(),
+            file_root: cfg.args.file_root.clone(),
         },
         bus,
         vad,
         sessions: Arc::new(Semaphore::new(cfg.args.max_sessions)),
         max_sessions: cfg.args.max_sessions,
         shutdown: shutdown.clone(),
-        limits: AudioLimits::default(),
+        limits: AudioLimits {
+            max_bytes: cfg.args.max_audio_mb.max(1) << 20,
+            ..AudioLimits::default()
+        },
     });
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(SpeechRecognitionServer::new(Ingest { inner }));
+    // Recognize carries whole files: the audio limit, not gRPC's 4 MB default,
+    // bounds them. Up to twice the limit the call gets INVALID_ARGUMENT naming
+    // it; beyond that the transport refuses the message (RESOURCE_EXHAUSTED).
+    let max_message =
+        usize::try_from(inner.limits.max_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
+    routes.add_service(
+        SpeechRecognitionServer::new(Ingest {
+            inner: inner.clone(),
+        })
+        .max_decoding_message_size(max_message),
+    );
+    routes.add_service(ModelsServer::new(models::ModelsService(Ingest { inner })));
     grpc.set_serving(true).await;
     tracing::info!(models = ?cfg.models, "ingest ready");
     grpc.serve(routes, listener, shutdown).await?;

@@ -491,7 +491,7 @@ impl<B: Bus> Session<B> {
 }
 
 /// Reads the session's result log as it grows and hands entries to the session.
-async fn follow<B: Bus>(
+pub(crate) async fn follow<B: Bus>(
     bus: B,
     log: String,
     budget: Duration,

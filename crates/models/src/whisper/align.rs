@@ -98,6 +98,11 @@ fn median_filter(row: &[f32], width: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Whether `language` (ISO 639-1) is written without spaces between words.
+pub fn written_without_spaces(language: &str) -> bool {
+    matches!(language, "zh" | "ja" | "th" | "lo" | "my" | "yue")
+}
+
 /// Splits text tokens into words: by leading space and punctuation, or per
 /// character for languages written without spaces.
 pub fn split_words(
@@ -118,7 +123,7 @@ pub fn split_words(
     if !current.is_empty() {
         units.push((tok.decode(&current).unwrap_or_default(), current));
     }
-    if matches!(language, "zh" | "ja" | "th" | "lo" | "my" | "yue") {
+    if written_without_spaces(language) {
         return units.into_iter().unzip();
     }
     let mut words: Vec<String> = Vec::new();
