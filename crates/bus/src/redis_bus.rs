@@ -95,6 +95,9 @@ struct Scripts {
 /// Idle blocking connections kept for reuse.
 const BLOCKING_POOL: usize = 256;
 
+/// How much longer than its BLOCK a blocking read may take before it counts as lost.
+const BLOCK_MARGIN: Duration = Duration::from_secs(2);
+
 impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBus").finish_non_exhaustive()
@@ -198,9 +201,13 @@ impl RedisBus {
         })
     }
 
-    /// Runs a blocking command on a connection of its own, reused afterwards
-    /// unless the command failed (the connection may be broken).
-    async fn blocking_query(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+    /// Runs a command that blocks on the server for up to `block` on a
+    /// connection of its own, reused afterwards unless the command failed (the
+    /// connection may be broken). These connections have no client-side
+    /// response timeout (the client's default of 500 ms would cut every longer
+    /// BLOCK short and leave the server still blocked on the connection); the
+    /// whole call is bounded by `block` plus a margin instead.
+    async fn blocking_query(&self, cmd: &redis::Cmd, block: Duration) -> redis::RedisResult<Value> {
         let idle = self
             .blocking
             .lock()
@@ -208,9 +215,20 @@ impl RedisBus {
             .pop();
         let mut conn = match idle {
             Some(c) => c,
-            None => self.client.get_multiplexed_async_connection().await?,
+            None => {
+                let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+                self.client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await?
+            }
         };
-        let r = cmd.query_async(&mut conn).await;
+        let r = match tokio::time::timeout(block + BLOCK_MARGIN, cmd.query_async(&mut conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no reply to a blocking read in time",
+            ))),
+        };
         if r.is_ok() {
             let mut pool = self.blocking.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() < BLOCKING_POOL {
@@ -330,7 +348,7 @@ impl Bus for RedisBus {
             let mut conn = self.conn.clone();
             cmd.query_async(&mut conn).await
         } else {
-            self.blocking_query(&cmd).await
+            self.blocking_query(&cmd, block).await
         };
         let reply = match reply {
             Ok(v) => v,
@@ -510,7 +528,10 @@ impl Bus for RedisBus {
             .arg("STREAMS")
             .arg(stream)
             .arg(after.unwrap_or_default().to_string());
-        let reply = self.blocking_query(&cmd).await.map_err(unavailable)?;
+        let reply = self
+            .blocking_query(&cmd, block)
+            .await
+            .map_err(unavailable)?;
         read_reply(reply, 0)
     }
 
