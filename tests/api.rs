@@ -17,22 +17,12 @@ use nexus_proto::speech::{
     AudioEncoding, AudioFormat, Capability, ListModelsRequest, RecognitionConfig, RecognizeRequest,
     RecognizeResponse,
 };
-use nexus_tests::fleet::{MODEL, Proc, prefix, redis_url, stage, testdata};
+use nexus_tests::fleet::{MODEL, Proc, prefix, redis_url, speech, stage};
 use tonic::{Code, Status};
 
-/// Three LibriVox utterances with pauses between them, as a 16 kHz WAV.
+/// The shared test speech as a 16 kHz WAV.
 fn speech_wav() -> Vec<u8> {
-    let mut out = vec![0.0; 8_000];
-    for id in ["0870", "0880", "0890"] {
-        let path = testdata().join(format!(
-            "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
-        ));
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let audio = nexus_audio::decode_bytes(bytes, Some("wav"), &Default::default()).unwrap();
-        out.extend(nexus_audio::to_model_rate(&audio.channels, audio.sample_rate).unwrap());
-        out.extend(std::iter::repeat_n(0.0, 20_000));
-    }
-    nexus_audio::wav::encode_pcm16(&[out], 16_000)
+    nexus_audio::wav::encode_pcm16(&[speech()], 16_000)
 }
 
 fn offline(wav: &std::path::Path) -> String {

@@ -12,26 +12,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nexus_tests::fleet::{
-    Proc, SessionOutcome, pcm16_config, prefix, redis_url, stage, stream, testdata,
+    Proc, SessionOutcome, pcm16_config, prefix, redis_url, speech, stage, stream,
 };
 use tonic::Code;
 
 use nexus_tests::fleet::MODEL;
-
-/// Three LibriVox utterances with pauses between them: 17 s of 16 kHz mono.
-fn speech() -> Vec<f32> {
-    let mut out = vec![0.0; 8_000];
-    for id in ["0870", "0880", "0890"] {
-        let path = testdata().join(format!(
-            "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
-        ));
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let audio = nexus_audio::decode_bytes(bytes, Some("wav"), &Default::default()).unwrap();
-        out.extend(nexus_audio::to_model_rate(&audio.channels, audio.sample_rate).unwrap());
-        out.extend(std::iter::repeat_n(0.0, 20_000));
-    }
-    out
-}
 
 /// `nexus transcribe` on `samples` with the same model and greedy search.
 fn offline(samples: &[f32]) -> String {

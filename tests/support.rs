@@ -69,6 +69,25 @@ pub mod fleet {
         )
     }
 
+    /// Three LibriVox utterances with pauses between them: 17 s of 16 kHz mono.
+    pub fn speech() -> Vec<f32> {
+        let mut out = vec![0.0; 8_000];
+        for id in ["0870", "0880", "0890"] {
+            let path = testdata().join(format!(
+                "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
+            ));
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let audio = nexus_audio::decode_bytes(bytes, Some("wav"), &Default::default())
+                .expect("test speech decodes");
+            out.extend(
+                nexus_audio::to_model_rate(&audio.channels, audio.sample_rate)
+                    .expect("test speech resamples"),
+            );
+            out.extend(std::iter::repeat_n(0.0, 20_000));
+        }
+        out
+    }
+
     /// A key prefix of its own for one test in this process.
     pub fn prefix(test: &str) -> String {
         format!("t{}{test}", std::process::id())
