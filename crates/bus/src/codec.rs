@@ -78,7 +78,9 @@ stream_message!(
     AudioSegment,
     EncodedSegment,
     DecodeResult,
-    SpeechCodes
+    SpeechCodes,
+    TranslateTask,
+    TranslateDone,
 );
 
 /// The fields of an entry carrying `msg`.

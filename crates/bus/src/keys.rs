@@ -82,6 +82,17 @@ impl Keys {
         format!("{}:{{s.{session}}}:state", self.prefix)
     }
 
+    /// A record of a batch job: `part` is `status`, `spec`, `audio`, `result`,
+    /// `cancel` or `runner`; all parts of a job share one hash tag.
+    pub fn job(&self, job: &SessionId, part: &str) -> String {
+        format!("{}:{{j.{job}}}:{part}", self.prefix)
+    }
+
+    /// The job a tenant's idempotency key names.
+    pub fn job_idempotency(&self, tenant: &str, key: &str) -> String {
+        format!("{}:jobkey:{tenant}:{key}", self.prefix)
+    }
+
     /// Dead-letter stream of a stage: entries that failed too many deliveries.
     pub fn dead_letter(&self, stage: &str) -> String {
         format!("{}:dead:{{{stage}}}", self.prefix)

@@ -78,6 +78,8 @@ struct State {
     expiry: HashMap<String, Instant>,
     last_purge: Option<Instant>,
     pools: HashMap<String, Pool>,
+    /// Records with their deadlines.
+    records: HashMap<String, (Vec<u8>, Instant)>,
 }
 
 impl State {
@@ -101,6 +103,7 @@ impl State {
             self.streams.remove(&k);
             self.unique.remove(&k);
         }
+        self.records.retain(|_, (_, until)| *until > now);
     }
 }
 
@@ -434,6 +437,70 @@ impl Bus for MemoryBus {
         if let Some(p) = self.lock().pools.get_mut(pool) {
             p.leases.remove(holder);
         }
+        Ok(())
+    }
+
+    async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+    ) -> Result<(), BusError> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let g = st
+            .streams
+            .get_mut(stream)
+            .and_then(|s| s.groups.get_mut(group))
+            .ok_or_else(|| no_group(stream, group))?;
+        for id in ids {
+            if let Some(p) = g.pending.get_mut(id) {
+                p.delivered_at = now;
+                p.consumer = consumer.to_owned();
+            }
+        }
+        Ok(())
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), BusError> {
+        let until = Instant::now() + ttl;
+        self.lock().records.insert(key.to_owned(), (value, until));
+        Ok(())
+    }
+
+    async fn put_new(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        match st.records.get(key) {
+            Some((v, until)) if *until > now => Ok(Some(v.clone())),
+            _ => {
+                st.records.insert(key.to_owned(), (value, now + ttl));
+                Ok(None)
+            }
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        match st.records.get(key) {
+            Some((v, until)) if *until > now => Ok(Some(v.clone())),
+            Some(_) => {
+                st.records.remove(key);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BusError> {
+        self.lock().records.remove(key);
         Ok(())
     }
 }

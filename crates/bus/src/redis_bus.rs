@@ -615,4 +615,83 @@ impl Bus for RedisBus {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+    ) -> Result<(), BusError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        // Min-idle 0 claims to ourselves and resets the idle time; JUSTID
+        // leaves the delivery counter alone.
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(stream).arg(group).arg(consumer).arg(0);
+        for id in ids {
+            cmd.arg(id.to_string());
+        }
+        let _: Value = cmd
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn put_new(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        let mut conn = self.conn.clone();
+        // SET NX GET: stores only when absent and answers what was there.
+        let before: Option<Vec<u8>> = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(before)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
 }

@@ -141,6 +141,17 @@ pub trait Bus: Clone + Send + Sync + 'static {
         dead_letter: &str,
     ) -> impl Future<Output = Result<Vec<Entry>, BusError>> + Send;
 
+    /// Marks entries `consumer` still works on as fresh, so that
+    /// [`Bus::claim_stale`] does not hand them to another consumer (a long
+    /// translation, say); their delivery counts stay as they are.
+    fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[EntryId],
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
     /// Entries after `after` in id order, for readers that resume a log.
     fn range_after(
         &self,
@@ -199,4 +210,27 @@ pub trait Bus: Clone + Send + Sync + 'static {
         pool: &str,
         holder: &str,
     ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Stores a record under `key` for `ttl`, replacing what was there.
+    fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Stores a record under `key` for `ttl` unless one is there; returns the
+    /// record that was there (`None` when this call stored `value`).
+    fn put_new(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, BusError>> + Send;
+
+    /// The record under `key`, if any.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, BusError>> + Send;
+
+    /// Removes the record under `key`.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), BusError>> + Send;
 }

@@ -311,6 +311,73 @@ async fn capacity_pool_leases_slots(bus: impl Bus, n: &Names) {
     );
 }
 
+/// Records: replaced by put, kept by put_new, gone after delete or their time.
+async fn records_keep_the_first_or_the_latest(bus: impl Bus, n: &Names) {
+    let (k, long) = (&n.s, Duration::from_secs(60));
+    assert_eq!(bus.get(k).await.unwrap(), None);
+    assert_eq!(bus.put_new(k, b"a".to_vec(), long).await.unwrap(), None);
+    assert_eq!(
+        bus.put_new(k, b"b".to_vec(), long).await.unwrap(),
+        Some(b"a".to_vec())
+    );
+    assert_eq!(bus.get(k).await.unwrap(), Some(b"a".to_vec()));
+    bus.put(k, b"c".to_vec(), long).await.unwrap();
+    assert_eq!(bus.get(k).await.unwrap(), Some(b"c".to_vec()));
+    bus.delete(k).await.unwrap();
+    assert_eq!(bus.get(k).await.unwrap(), None);
+    bus.put(k, b"d".to_vec(), Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(bus.get(k).await.unwrap(), None);
+    assert_eq!(bus.put_new(k, b"e".to_vec(), long).await.unwrap(), None);
+}
+
+/// Touched entries do not look idle; untouched they are claimed again.
+async fn touched_entries_stay_with_their_consumer(bus: impl Bus, n: &Names) {
+    bus.ensure_group(&n.s, "g").await.unwrap();
+    bus.add(&n.s, fields("1"), StreamLimits::default())
+        .await
+        .unwrap();
+    let got = bus
+        .read_group(&n.s, "g", "c1", 10, Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    let ids = [got[0].id];
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        bus.touch(&n.s, "g", "c1", &ids).await.unwrap();
+        let stolen = bus
+            .claim_stale(
+                &n.s,
+                "g",
+                "c2",
+                Duration::from_millis(200),
+                10,
+                StreamLimits::default(),
+                &n.dlq,
+            )
+            .await
+            .unwrap();
+        assert!(stolen.is_empty(), "a touched entry was claimed");
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let stolen = bus
+        .claim_stale(
+            &n.s,
+            "g",
+            "c2",
+            Duration::from_millis(200),
+            10,
+            StreamLimits::default(),
+            &n.dlq,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stolen.len(), 1);
+}
+
 macro_rules! both {
     ($name:ident, $check:ident) => {
         mod $name {
@@ -345,6 +412,8 @@ both!(backpressure, a_full_backlog_pushes_back_until_acked);
 both!(blocking, blocked_readers_wake_and_logs_resume);
 both!(idempotent, idempotent_results_never_land_twice);
 both!(pool, capacity_pool_leases_slots);
+both!(records, records_keep_the_first_or_the_latest);
+both!(touch, touched_entries_stay_with_their_consumer);
 
 #[tokio::test]
 async fn unreachable_redis_is_a_retryable_error() {

@@ -75,6 +75,7 @@ pub struct GrpcServer {
     health: HealthReporter,
     services: Vec<&'static str>,
     drain: DrainOptions,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl GrpcServer {
@@ -94,7 +95,14 @@ impl GrpcServer {
             health,
             services: services.to_vec(),
             drain,
+            tls: None,
         }
+    }
+
+    /// Serves over TLS with this configuration.
+    pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Handle to change health, e.g. from a model-loading watch channel.
@@ -139,7 +147,11 @@ impl GrpcServer {
 
         let addr = listener.local_addr().ok();
         let stop = CancellationToken::new();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
