@@ -78,6 +78,29 @@ impl<B: Bus> StageReader<B> {
         }
     }
 
+    /// A reader of one of the fleet's stages (`crate::stages`) in `group`
+    /// under this replica's name, its group created (waiting for the bus to
+    /// answer) before it returns.
+    pub async fn for_stage(
+        bus: B,
+        fleet: &crate::Fleet,
+        stage: &str,
+        group: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, BusError> {
+        let reader = Self::new(
+            bus,
+            crate::stages::stream(&fleet.keys, stage),
+            group,
+            &fleet.node,
+            fleet.keys.dead_letter(stage),
+            fleet.limits,
+            fleet.claim_idle,
+        );
+        reader.join(shutdown).await?;
+        Ok(reader)
+    }
+
     /// Creates the consumer group if needed, waiting for the bus to answer.
     pub async fn join(&self, shutdown: &CancellationToken) -> Result<(), BusError> {
         retry("join group", Duration::MAX, shutdown, || {
@@ -164,6 +187,7 @@ impl<B: Bus> StageReader<B> {
             bus: self.bus.clone(),
             stream: self.stream.clone(),
             group: self.group.clone(),
+            consumer: self.consumer.clone(),
         }
     }
 
@@ -179,9 +203,48 @@ pub struct Acker<B: Bus> {
     bus: B,
     stream: String,
     group: String,
+    consumer: String,
+}
+
+/// How long [`Acker::keep_fresh`] keeps entries fresh at most.
+pub const KEEP_FRESH_MAX: Duration = Duration::from_secs(300);
+
+/// Keeps entries fresh while it lives (see [`Acker::keep_fresh`]).
+#[derive(Debug)]
+pub struct KeepFresh(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepFresh {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl<B: Bus> Acker<B> {
+    /// Marks `ids` as still in work every `every` until the guard drops, so a
+    /// long step (a queue, a translation) is not taken over as if this replica
+    /// had died. It stops after [`KEEP_FRESH_MAX`]: work stuck that long is
+    /// left for another replica to take over, as from a hung one.
+    pub fn keep_fresh(&self, ids: Vec<EntryId>, every: Duration) -> KeepFresh {
+        let me = self.clone();
+        let until = tokio::time::Instant::now() + KEEP_FRESH_MAX;
+        KeepFresh(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if tokio::time::Instant::now() >= until {
+                    tracing::warn!(stream = %me.stream, ?ids, "entries in work too long; no longer kept fresh");
+                    return;
+                }
+                if let Err(e) = me
+                    .bus
+                    .touch(&me.stream, &me.group, &me.consumer, &ids)
+                    .await
+                {
+                    tracing::warn!(stream = %me.stream, error = %e, "keeping entries fresh failed");
+                }
+            }
+        }))
+    }
+
     /// Acknowledges finished entries, retrying through an outage for up to a minute.
     /// An entry that cannot be acknowledged is redelivered later; results are
     /// idempotent, so that costs work, never correctness.

@@ -6,6 +6,14 @@ use nexus_bus::Keys;
 pub const AUDIO: &str = "audio";
 /// Work stream of encoder features, read by decoders.
 pub const ENCODED: &str = "encoded";
+/// Work stream of text translation requests, read by decoders with a translation model.
+pub const TRANSLATE: &str = "translate";
+/// Work stream of batch transcription jobs, read by job runners (ingest replicas).
+pub const JOBS: &str = "jobs";
+/// Work stream of batch jobs with a positive priority, read before [`JOBS`].
+pub const JOBS_URGENT: &str = "jobs-urgent";
+/// Consumer group of the job runners.
+pub const JOB_GROUP: &str = "jobs";
 /// Consumer group of the encoder replicas.
 pub const ENCODER_GROUP: &str = "encoder";
 /// Consumer group of the decoder replicas.

@@ -18,7 +18,7 @@ use nexus_bus::{Bus, SessionId, decode, encode};
 use nexus_core::grpc::{DrainOptions, GrpcServer};
 use nexus_fleet::{Acker, Fleet, ModelSet, StageReader, now_unix_ms, retry, stages};
 use nexus_models::qwen::Translator;
-use nexus_proto::pipeline::{DecodeResult, EncodedSegment, Envelope};
+use nexus_proto::pipeline::{DecodeResult, EncodedSegment, Envelope, TranslateDone, TranslateTask};
 use nexus_proto::speech::{SpeechRecognitionResult, TranslationResult};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -116,19 +116,15 @@ pub async fn run<B: Bus>(
         None => None,
     };
     let keys = cfg.fleet.keys.clone();
-    let mut reader = StageReader::new(
+    let mut reader = StageReader::for_stage(
         bus.clone(),
-        stages::stream(&keys, stages::ENCODED),
+        &cfg.fleet,
+        stages::ENCODED,
         stages::DECODER_GROUP,
-        &cfg.fleet.node,
-        keys.dead_letter(stages::ENCODED),
-        cfg.fleet.limits,
-        cfg.fleet.claim_idle,
-    );
-    reader
-        .join(&shutdown)
-        .await
-        .context("joining the encoded stream")?;
+        &shutdown,
+    )
+    .await
+    .context("joining the encoded stream")?;
 
     // Capacity is advertised while the replica runs and withdrawn when it drains.
     let pool_key = keys.pool(stages::DECODER_POOL);
@@ -153,6 +149,32 @@ pub async fn run<B: Bus>(
             }
             bus.advertise(&pool_key, &node, 0, ttl).await
         })
+    };
+
+    let translations = match cfg.translator.clone() {
+        Some(t) => {
+            let reader = StageReader::for_stage(
+                bus.clone(),
+                &cfg.fleet,
+                stages::TRANSLATE,
+                stages::DECODER_GROUP,
+                &shutdown,
+            )
+            .await
+            .context("joining the translate stream")?;
+            let (bus, keys, stop, ttl, fresh) = (
+                bus.clone(),
+                keys.clone(),
+                shutdown.clone(),
+                Duration::from_secs(cfg.args.result_ttl_s.max(1)),
+                cfg.fleet.claim_idle / 3,
+            );
+            Some(nexus_core::task::spawn("decoder-translate", async move {
+                serve_translations(reader, bus, keys, t, (ttl, fresh), stop).await;
+                Ok::<(), std::convert::Infallible>(())
+            }))
+        }
+        None => None,
     };
 
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
@@ -184,6 +206,7 @@ pub async fn run<B: Bus>(
     };
 
     let slots = Arc::new(Semaphore::new(cfg.args.slots));
+    let acker = reader.acker();
     let max_age = cfg.fleet.interim_max_age.as_millis() as u64;
     loop {
         let first = tokio::select! {
@@ -222,6 +245,9 @@ pub async fn run<B: Bus>(
                     id: e.id,
                     seg,
                     permit,
+                    // Queued behind others and decoded (and translated), an
+                    // entry can stay unacknowledged past the claim idle time.
+                    fresh: Some(acker.keep_fresh(vec![e.id], cfg.fleet.claim_idle / 3)),
                 })
                 .context("the decoding pool stopped")?;
         }
@@ -243,12 +269,92 @@ pub async fn run<B: Bus>(
         );
     }
     let _ = advertiser.await;
+    if let Some(t) = translations {
+        let _ = t.await;
+    }
     if let Some((health, task)) = server {
         health.set_serving(false).await;
         let _ = task.await;
     }
     tracing::info!("decoder drained");
     Ok(())
+}
+
+/// Answers TranslateText requests one at a time (the model is one mutex).
+async fn serve_translations<B: Bus>(
+    mut reader: StageReader<B>,
+    bus: B,
+    keys: nexus_bus::Keys,
+    (name, tr): (String, Arc<Mutex<Translator>>),
+    (ttl, fresh): (Duration, Duration),
+    shutdown: CancellationToken,
+) {
+    while let Some(batch) = reader.next(1, Duration::from_secs(1), &shutdown).await {
+        for e in batch {
+            let task = match decode::<TranslateTask>(&e.fields) {
+                Ok(t) => t,
+                Err(err) => {
+                    tracing::error!(id = %e.id, error = %err, "unreadable translate entry dropped");
+                    reader.ack(&[e.id]).await;
+                    continue;
+                }
+            };
+            let env = task.envelope.clone().unwrap_or_default();
+            let _fresh = reader.acker().keep_fresh(vec![e.id], fresh);
+            let t0 = std::time::Instant::now();
+            let (src, dst, texts, tr2) = (
+                task.source_language.clone(),
+                task.target_language.clone(),
+                task.texts.clone(),
+                tr.clone(),
+            );
+            let out = tokio::task::spawn_blocking(move || {
+                let mut tr = tr2.lock().unwrap_or_else(|p| p.into_inner());
+                texts
+                    .iter()
+                    .map(|t| tr.translate(t, (!src.is_empty()).then_some(src.as_str()), &dst))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let mut done = TranslateDone {
+                envelope: Some(Envelope {
+                    emitted_unix_ms: now_unix_ms(),
+                    ..env.clone()
+                }),
+                model: name.clone(),
+                inference_ms: t0.elapsed().as_millis() as u32,
+                ..Default::default()
+            };
+            match out {
+                Ok(texts) => done.texts = texts,
+                Err(err) => done.error = format!("translation failed: {err}"),
+            }
+            let Ok(request) = SessionId::parse(&env.session_id) else {
+                tracing::error!(id = %e.id, "translate entry with a bad request id dropped");
+                reader.ack(&[e.id]).await;
+                continue;
+            };
+            let fields: nexus_bus::Fields = encode(&done)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            let log = keys.results(&request);
+            let never = CancellationToken::new();
+            match retry("write translation", Duration::from_secs(60), &never, || {
+                bus.add_unique(&log, "translation", fields.clone(), ttl)
+            })
+            .await
+            {
+                Ok(_) => reader.ack(&[e.id]).await,
+                Err(err) => {
+                    tracing::error!(request = %request, error = %err, "translation not written; it will be redelivered")
+                }
+            }
+        }
+    }
 }
 
 /// Translates a final if asked, appends the result to the session's log once,
@@ -266,6 +372,7 @@ async fn write<B: Bus>(
         result,
         inference_ms,
         permit,
+        fresh,
         whisper_translated,
     } = o;
     let env = seg.envelope.clone().unwrap_or_default();
@@ -327,6 +434,7 @@ async fn write<B: Bus>(
             tracing::error!(session = %session, error = %e, "result not written; the segment will be redelivered");
         }
     }
+    drop(fresh);
     drop(permit);
 }
 

@@ -29,6 +29,8 @@ pub struct Job {
     pub seg: EncodedSegment,
     /// Its slot in the pool; freed when the result is written.
     pub permit: OwnedSemaphorePermit,
+    /// Keeps its entry from looking abandoned while it waits and decodes.
+    pub fresh: Option<nexus_fleet::reader::KeepFresh>,
 }
 
 /// A decoded segment revision, ready to be written.
@@ -44,6 +46,8 @@ pub struct Output {
     pub inference_ms: u32,
     /// The slot, held until the write.
     pub permit: OwnedSemaphorePermit,
+    /// Keeps its entry fresh until the write.
+    pub fresh: Option<nexus_fleet::reader::KeepFresh>,
     /// Whisper's translate task produced the text (English from another language).
     pub whisper_translated: bool,
 }
@@ -340,6 +344,7 @@ fn finish(a: Active) -> Output {
         result,
         inference_ms,
         permit: job.permit,
+        fresh: job.fresh,
         whisper_translated: base_task == Task::Translate,
     }
 }
@@ -353,6 +358,7 @@ fn failed(job: Job, error: String) -> Output {
         result: Err(error),
         inference_ms: 0,
         permit: job.permit,
+        fresh: job.fresh,
         whisper_translated: false,
     }
 }

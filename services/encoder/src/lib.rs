@@ -76,19 +76,15 @@ pub async fn run<B: Bus>(
         None => None,
     };
     let keys = &cfg.fleet.keys;
-    let mut reader = StageReader::new(
+    let mut reader = StageReader::for_stage(
         bus.clone(),
-        stages::stream(keys, stages::AUDIO),
+        &cfg.fleet,
+        stages::AUDIO,
         stages::ENCODER_GROUP,
-        &cfg.fleet.node,
-        keys.dead_letter(stages::AUDIO),
-        cfg.fleet.limits,
-        cfg.fleet.claim_idle,
-    );
-    reader
-        .join(&shutdown)
-        .await
-        .context("joining the audio stream")?;
+        &shutdown,
+    )
+    .await
+    .context("joining the audio stream")?;
     if let Some((health, _)) = &server {
         health.set_serving(true).await;
     }
