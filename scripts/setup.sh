@@ -28,6 +28,7 @@ declare -A APT=(
   [lame]=lame
   [oggenc]=vorbis-tools
   [opusenc]=opus-tools
+  [openssl]=openssl
 )
 missing=()
 for cmd in "${!APT[@]}"; do
@@ -55,5 +56,13 @@ fi
 if ! cargo --version >/dev/null 2>&1; then
   log "installing the pinned Rust toolchain"
   rustup toolchain install "$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)" --profile minimal -c rustfmt -c clippy
+fi
+# Independent clients the API tests drive: OpenAI's Python package, and the
+# srt / webvtt-py parsers that check our subtitles. Pinned, in a venv of our own.
+PY_CLIENTS=(openai==3.54.0 srt==3.5.3 webvtt-py==0.6.0)
+if ! .venv/bin/python -c 'import openai, srt, webvtt' >/dev/null 2>&1; then
+  log "installing the Python test clients: ${PY_CLIENTS[*]}"
+  python3 -m venv .venv || { as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && python3 -m venv .venv; }
+  .venv/bin/python -m pip install -q --disable-pip-version-check "${PY_CLIENTS[@]}"
 fi
 log "ready: $(cargo --version)"

@@ -114,17 +114,25 @@ fn start_server(args: &FleetArgs, model: &str, bus: &str) -> anyhow::Result<Serv
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["serve", "--listen", &addr.to_string(), "--model", model])
-        // Admission must not be what limits a level: the benchmark finds the
-        // number to configure.
-        .args(["--decoder-sessions", "256", "--drain-grace-s", "5"])
-        .args(&args.serve_args)
-        .env(
-            "NEXUS_LOG",
-            std::env::var("NEXUS_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "serve",
+        "--listen",
+        &addr.to_string(),
+        "--http-listen",
+        "none",
+        "--model",
+        model,
+    ])
+    // Admission must not be what limits a level: the benchmark finds the
+    // number to configure.
+    .args(["--decoder-sessions", "256", "--drain-grace-s", "5"])
+    .args(&args.serve_args)
+    .env(
+        "NEXUS_LOG",
+        std::env::var("NEXUS_LOG").unwrap_or_else(|_| "warn".into()),
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     if let Some(home) = &args.home {
         cmd.arg("--home").arg(home);
     }

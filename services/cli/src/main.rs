@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve live recognition: every stage in this process, or one stage of a fleet.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// List, fetch and convert model weights.
     Models(models::ModelsArgs),
     /// Transcribe or translate an audio file on this machine.
@@ -36,16 +36,48 @@ enum Command {
     Translate(translate::TranslateArgs),
     /// Measure speed, memory and accuracy beside the reference engines.
     Bench(bench::BenchArgs),
+    /// API keys: print the digest under which the keys file stores a key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `nexus keys`.
+#[derive(Debug, clap::Subcommand)]
+enum KeysCommand {
+    /// Prints the SHA-256 digest of KEY for the `sha256` field of the keys file.
+    Hash {
+        /// The API key.
+        key: String,
+    },
+    /// Makes a new random key and prints it with its keys-file entry.
+    New {
+        /// The tenant the key belongs to.
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = telemetry::init(&cli.telemetry)?;
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Models(args) => models::run(args),
         Command::Transcribe(args) => transcribe::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Keys(KeysCommand::Hash { key }) => {
+            println!("{}", nexus_ingest::auth::hash_key(&key));
+            Ok(())
+        }
+        Command::Keys(KeysCommand::New { tenant }) => {
+            let key = format!("nx-{}", uuid::Uuid::new_v4().simple());
+            println!("key: {key}");
+            println!(
+                "\n[[keys]]\ntenant = {tenant:?}\nsha256 = \"{}\"",
+                nexus_ingest::auth::hash_key(&key)
+            );
+            Ok(())
+        }
     }
 }

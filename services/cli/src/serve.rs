@@ -177,9 +177,18 @@ async fn run_roles<B: Bus>(
             translation_model: (!args.translation_model.is_empty())
                 .then(|| args.translation_model.clone()),
         };
-        let l = listener
-            .take()
-            .context("the listener went to another stage; this is a bug")?;
+        let l = nexus_ingest::Listeners {
+            grpc: listener
+                .take()
+                .context("the listener went to another stage; this is a bug")?,
+            http: args.ingest.bind_http().await?,
+        };
+        if let Some(h) = &l.http {
+            println!(
+                "nexus HTTP API (OpenAI-compatible) on http://{}",
+                h.local_addr()?
+            );
+        }
         let (bus, stop) = (bus.clone(), shutdown.clone());
         tasks.spawn(async move { nexus_ingest::run(cfg, bus, vad, l, stop).await });
     }

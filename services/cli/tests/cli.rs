@@ -38,8 +38,34 @@ fn help_lists_only_working_subcommands() {
         .collect();
     assert_eq!(
         commands,
-        ["serve", "models", "transcribe", "translate", "bench"],
+        [
+            "serve",
+            "models",
+            "transcribe",
+            "translate",
+            "bench",
+            "keys"
+        ],
         "{help}"
+    );
+    // `keys hash` prints the SHA-256 the keys file stores (FIPS 180-2's "abc").
+    let out = nexus(&["keys", "hash", "abc"], tmp.path());
+    assert_eq!(
+        text(&out).trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let out = nexus(&["keys", "new", "--tenant", "acme"], tmp.path());
+    let new = text(&out);
+    let key = new
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("key: ")
+        .to_owned();
+    let hashed = nexus(&["keys", "hash", &key], tmp.path());
+    assert!(
+        new.contains(text(&hashed).trim()) && new.contains("tenant = \"acme\""),
+        "{new}"
     );
     // Each listed command does real work: `models list` reads the registry and the store.
     let out = nexus(&["models", "list"], tmp.path());

@@ -10,9 +10,16 @@
 
 mod agreement;
 mod audio_in;
+pub mod auth;
+mod http;
+pub mod jobs;
 mod models;
 mod recognize;
+mod resume;
 mod session;
+pub mod tls;
+mod transcript;
+mod translate;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +34,8 @@ use nexus_models::vad::SileroVad;
 use nexus_proto::speech::models_server::ModelsServer;
 use nexus_proto::speech::speech_recognition_server::{SpeechRecognition, SpeechRecognitionServer};
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
+use nexus_proto::speech::transcription_jobs_server::TranscriptionJobsServer;
+use nexus_proto::speech::translation_server::TranslationServer;
 use nexus_proto::speech::{
     RecognitionConfig, RecognizeRequest, RecognizeResponse, StreamingRecognitionConfig,
     StreamingRecognizeRequest, StreamingRecognizeResponse, Task,
@@ -42,7 +51,12 @@ pub use agreement::Agreement;
 /// Name of the main service this stage hosts.
 pub const SERVICE: &str = "nexus.speech.v1.SpeechRecognition";
 /// Every service this stage hosts.
-pub const SERVICES: &[&str] = &[SERVICE, "nexus.speech.v1.Models"];
+pub const SERVICES: &[&str] = &[
+    SERVICE,
+    "nexus.speech.v1.Models",
+    "nexus.speech.v1.Translation",
+    "nexus.speech.v1.TranscriptionJobs",
+];
 
 /// Settings of the ingest stage.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,12 +77,40 @@ pub struct IngestArgs {
     /// How long after its audio ends a session waits for its final results.
     #[arg(long, env = "NEXUS_FINAL_TIMEOUT_MS", default_value_t = 60_000)]
     pub final_timeout_ms: u64,
+    /// How long a live session whose client dropped waits to be resumed (0: it ends at once).
+    #[arg(long, env = "NEXUS_RESUME_GRACE_MS", default_value_t = 30_000)]
+    pub resume_grace_ms: u64,
     /// Largest audio a Recognize call may carry, in MiB.
     #[arg(long, env = "NEXUS_MAX_AUDIO_MB", default_value_t = 100)]
     pub max_audio_mb: u64,
     /// Folder whose files Recognize may read through `file://` URIs; none when unset.
     #[arg(long, env = "NEXUS_FILE_ROOT")]
     pub file_root: Option<std::path::PathBuf>,
+    /// API keys file (TOML: SHA-256 digests of keys, their tenants and limits);
+    /// without it the API is open and refuses to listen beyond loopback.
+    #[arg(long, env = "NEXUS_API_KEYS")]
+    pub api_keys: Option<std::path::PathBuf>,
+    /// Serve without API keys on a non-loopback address (behind a gateway that authenticates).
+    #[arg(long, env = "NEXUS_ALLOW_OPEN")]
+    pub allow_open: bool,
+    /// Address of the OpenAI-compatible HTTP API; `none` leaves it off.
+    #[arg(long, env = "NEXUS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: String,
+    /// Calls one tenant may have in progress when the keys file sets no limit (0: unbounded).
+    #[arg(long, env = "NEXUS_TENANT_MAX_CONCURRENT", default_value_t = 0)]
+    pub tenant_max_concurrent: u32,
+    /// Calls one tenant may start per minute when the keys file sets no limit (0: unbounded).
+    #[arg(long, env = "NEXUS_TENANT_RPM", default_value_t = 0)]
+    pub tenant_requests_per_minute: u32,
+    /// PEM certificate chain: the gRPC and HTTP APIs speak TLS (needs --tls-key).
+    #[arg(long, env = "NEXUS_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "NEXUS_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Settings of the batch job runner.
+    #[command(flatten)]
+    pub jobs: jobs::JobArgs,
 }
 
 impl Default for IngestArgs {
@@ -78,8 +120,17 @@ impl Default for IngestArgs {
             lease_ttl_ms: 10_000,
             bus_retry_ms: 15_000,
             final_timeout_ms: 60_000,
+            resume_grace_ms: 30_000,
             max_audio_mb: 100,
             file_root: None,
+            api_keys: None,
+            allow_open: false,
+            http_listen: "none".into(),
+            tenant_max_concurrent: 0,
+            tenant_requests_per_minute: 0,
+            jobs: jobs::JobArgs::default(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -106,6 +157,7 @@ pub(crate) struct Settings {
     pub(crate) lease_ttl: Duration,
     pub(crate) bus_retry: Duration,
     pub(crate) final_timeout: Duration,
+    pub(crate) resume_grace: Duration,
     pub(crate) drain_grace: Duration,
     pub(crate) models: Vec<String>,
     pub(crate) english_only: Vec<String>,
@@ -121,6 +173,43 @@ pub(crate) struct Inner<B: Bus> {
     pub(crate) max_sessions: usize,
     pub(crate) shutdown: CancellationToken,
     pub(crate) limits: AudioLimits,
+    pub(crate) access: auth::Access,
+    pub(crate) jobs: jobs::JobArgs,
+    /// Sessions whose client went away, by id: their tenant and the way to hand them a resumed call.
+    pub(crate) parked: std::sync::Mutex<std::collections::HashMap<String, Parked>>,
+}
+
+pub(crate) type Parked = (String, mpsc::Sender<session::Reattach>);
+
+impl<B: Bus> Inner<B> {
+    /// Queues audio for the encoders, riding out bus outages and a full
+    /// audio stage for up to `--bus-retry-ms`; the last error after that
+    /// (`BusError::Full` when the stage stayed full).
+    pub(crate) async fn queue_audio(
+        &self,
+        fields: nexus_bus::Fields,
+    ) -> Result<(), nexus_bus::BusError> {
+        let stream = stages::stream(&self.cfg.fleet.keys, stages::AUDIO);
+        let limits = self.cfg.fleet.limits;
+        let budget = self.cfg.bus_retry;
+        let never = CancellationToken::new();
+        let t0 = std::time::Instant::now();
+        loop {
+            let left = budget.saturating_sub(t0.elapsed());
+            match nexus_fleet::retry("queue audio", left, &never, || {
+                self.bus.add(&stream, fields.clone(), limits)
+            })
+            .await
+            {
+                Ok(_) => return Ok(()),
+                Err(nexus_bus::BusError::Full { backlog, .. }) if t0.elapsed() < budget => {
+                    tracing::debug!(backlog, "audio stage full; waiting");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 /// The SpeechRecognition service of an ingest replica.
@@ -128,15 +217,39 @@ pub struct Ingest<B: Bus> {
     inner: Arc<Inner<B>>,
 }
 
-type ResponseStream =
-    Pin<Box<dyn Stream<Item = Result<StreamingRecognizeResponse, Status>> + Send>>;
-
-fn tenant_of(meta: &tonic::metadata::MetadataMap) -> String {
-    meta.get("x-tenant")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("default")
-        .to_owned()
+impl<B: Bus> Clone for Ingest<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
 }
+
+impl IngestArgs {
+    /// Binds the HTTP API's listener, unless it is off.
+    pub async fn bind_http(&self) -> anyhow::Result<Option<TcpListener>> {
+        let a = self.http_listen.trim();
+        if a.is_empty() || a == "none" {
+            return Ok(None);
+        }
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the HTTP API on {a}: {e}"))?;
+        Ok(Some(l))
+    }
+}
+
+/// Where an ingest replica listens.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC API (and health).
+    pub grpc: TcpListener,
+    /// The OpenAI-compatible HTTP API; none to leave it off.
+    pub http: Option<TcpListener>,
+}
+
+pub(crate) type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<StreamingRecognizeResponse, Status>> + Send>>;
 
 pub(crate) fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
@@ -270,7 +383,7 @@ impl<B: Bus> Ingest<B> {
     async fn open(
         &self,
         cfg: StreamingRecognitionConfig,
-        tenant: String,
+        grant: auth::Grant,
     ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
         let inner = &self.inner;
         let mut rc = cfg
@@ -308,7 +421,8 @@ impl<B: Bus> Ingest<B> {
             cfg,
             rc,
             endpoint,
-            tenant,
+            tenant: grant.tenant.clone(),
+            _grant: grant,
             _local: local,
         };
         Ok((session, audio_in))
@@ -326,8 +440,10 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
                 "this ingest replica is draining; retry on another",
             ));
         }
-        let tenant = tenant_of(request.metadata());
-        let r = self.recognize_audio(request.into_inner(), tenant).await?;
+        let grant = self.inner.access.admit_grpc(request.metadata())?;
+        let r = self
+            .recognize_audio(request.into_inner(), grant.tenant.clone())
+            .await?;
         Ok(Response::new(r))
     }
 
@@ -342,25 +458,22 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
                 "this ingest replica is draining; retry on another",
             ));
         }
-        let tenant = tenant_of(request.metadata());
+        let tenant = self.inner.access.authenticate_grpc(request.metadata())?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             invalid("the stream ended before its first message; send streaming_config first")
         })?;
         let cfg = match first.streaming_request {
             Some(StreamingRequest::StreamingConfig(c)) => c,
-            Some(StreamingRequest::Resume(_)) => {
-                return Err(Status::unimplemented(
-                    "resuming a session is not served yet; start a new session",
-                ));
-            }
+            Some(StreamingRequest::Resume(r)) => return self.resume(r, tenant, inbound).await,
             Some(StreamingRequest::AudioContent(_)) | None => {
                 return Err(invalid(
                     "the first message must carry streaming_config; audio follows it",
                 ));
             }
         };
-        let (session, audio_in) = self.open(cfg, tenant).await?;
+        let grant = self.inner.access.limit(tenant)?;
+        let (session, audio_in) = self.open(cfg, grant).await?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(session.run(audio_in, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -373,20 +486,44 @@ pub async fn run<B: Bus>(
     cfg: IngestConfig,
     bus: B,
     vad: Arc<SileroVad>,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         !cfg.models.is_empty(),
         "the ingest needs the list of served models"
     );
-    let grpc = GrpcServer::new(SERVICES, cfg.drain).await;
+    let access = match &cfg.args.api_keys {
+        Some(path) => auth::Access::load(path)?,
+        None => auth::Access::open(auth::Limits {
+            max_concurrent: cfg.args.tenant_max_concurrent,
+            requests_per_minute: cfg.args.tenant_requests_per_minute,
+        }),
+    };
+    if !access.requires_keys() && !cfg.args.allow_open {
+        let mut addrs = vec![listeners.grpc.local_addr()?];
+        if let Some(h) = &listeners.http {
+            addrs.push(h.local_addr()?);
+        }
+        if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            anyhow::bail!(
+                "refusing to serve the API without keys on {a}: give --api-keys FILE, listen on 127.0.0.1, or pass --allow-open when a gateway in front authenticates"
+            );
+        }
+    }
+    let listener = listeners.grpc;
+    let tls = tls::TlsFiles::from_args(cfg.args.tls_cert.clone(), cfg.args.tls_key.clone())?;
+    let mut grpc = GrpcServer::new(SERVICES, cfg.drain).await;
+    if let Some(t) = &tls {
+        grpc = grpc.with_tls(t.grpc()?);
+    }
     let inner = Arc::new(Inner {
         cfg: Settings {
             fleet: cfg.fleet.clone(),
             lease_ttl: Duration::from_millis(cfg.args.lease_ttl_ms.max(300)),
             bus_retry: Duration::from_millis(cfg.args.bus_retry_ms),
             final_timeout: Duration::from_millis(cfg.args.final_timeout_ms),
+            resume_grace: Duration::from_millis(cfg.args.resume_grace_ms),
             drain_grace: cfg.drain.grace,
             models: cfg.models.clone(),
             english_only: cfg.english_only.clone(),
@@ -402,6 +539,9 @@ pub async fn run<B: Bus>(
             max_bytes: cfg.args.max_audio_mb.max(1) << 20,
             ..AudioLimits::default()
         },
+        access,
+        jobs: cfg.args.jobs.clone(),
+        parked: Default::default(),
     });
     let mut routes = tonic::service::RoutesBuilder::default();
     // Recognize carries whole files: the audio limit, not gRPC's 4 MB default,
@@ -415,9 +555,59 @@ pub async fn run<B: Bus>(
         })
         .max_decoding_message_size(max_message),
     );
-    routes.add_service(ModelsServer::new(models::ModelsService(Ingest { inner })));
+    routes.add_service(ModelsServer::new(models::ModelsService(Ingest {
+        inner: inner.clone(),
+    })));
+    routes.add_service(TranslationServer::new(translate::TranslationService(
+        Ingest {
+            inner: inner.clone(),
+        },
+    )));
+    routes.add_service(TranscriptionJobsServer::new(jobs::JobsService(Ingest {
+        inner: inner.clone(),
+    })));
+    let runner = tokio::spawn(jobs::run_jobs(
+        Ingest {
+            inner: inner.clone(),
+        },
+        shutdown.clone(),
+    ));
+    let http = match listeners.http {
+        Some(l) => {
+            let addr = l.local_addr()?;
+            let app = http::router(Ingest {
+                inner: inner.clone(),
+            });
+            let stop = shutdown.clone();
+            tracing::info!(%addr, tls = tls.is_some(), "HTTP API listening");
+            Some(match &tls {
+                Some(t) => tokio::spawn(serve_http(t.http(l)?, app, stop)),
+                None => tokio::spawn(serve_http(l, app, stop)),
+            })
+        }
+        None => None,
+    };
     grpc.set_serving(true).await;
-    tracing::info!(models = ?cfg.models, "ingest ready");
+    tracing::info!(models = ?cfg.models, keys = inner.access.requires_keys(), "ingest ready");
     grpc.serve(routes, listener, shutdown).await?;
+    if let Some(h) = http {
+        h.await??;
+    }
+    let _ = runner.await;
     Ok(())
+}
+
+/// Serves the HTTP API on `listener` (plain TCP or TLS) until `stop`.
+async fn serve_http<L>(
+    listener: L,
+    app: axum::Router,
+    stop: CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
 }

@@ -42,7 +42,10 @@ async fn main() -> anyhow::Result<()> {
         &candle_core::Device::Cpu,
     )?);
     let bus = RedisBus::connect(&cli.process.redis).await?;
-    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    let listeners = nexus_ingest::Listeners {
+        grpc: tokio::net::TcpListener::bind(cli.listen).await?,
+        http: cli.stage.bind_http().await?,
+    };
     let cfg = IngestConfig {
         fleet,
         args: cli.stage,
@@ -51,5 +54,5 @@ async fn main() -> anyhow::Result<()> {
         models: cli.process.models,
         translation_model: (!cli.translation_model.is_empty()).then_some(cli.translation_model),
     };
-    nexus_ingest::run(cfg, bus, vad, listener, shutdown).await
+    nexus_ingest::run(cfg, bus, vad, listeners, shutdown).await
 }

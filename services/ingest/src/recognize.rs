@@ -5,7 +5,7 @@
 //! a few at a time so one long file cannot flood the stages that live sessions
 //! share, and come back as timed segments from the session's result log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use nexus_audio::{
@@ -13,7 +13,7 @@ use nexus_audio::{
     SampleFormat,
 };
 use nexus_bus::{Bus, BusError, EntryId, SessionId, encode};
-use nexus_fleet::{now_unix_ms, retry, stages};
+use nexus_fleet::{now_unix_ms, stages};
 use nexus_proto::pipeline::{AudioSegment, DecodeResult, Envelope};
 use nexus_proto::speech::recognize_request::AudioSource;
 use nexus_proto::speech::{
@@ -112,7 +112,44 @@ fn decode_audio(
     }
 }
 
+/// What a whole-audio request reports while it runs: segments that became
+/// final in time order (each window's once every earlier window is done) and
+/// how much of the audio is done.
+#[derive(Debug, Clone)]
+pub(crate) struct Progress {
+    /// Segments of the windows completed since the last report, in order.
+    pub(crate) segments: Vec<SpeechRecognitionResult>,
+    /// Audio covered by the completed windows in order, ms (the whole audio at the end).
+    pub(crate) processed_ms: u64,
+    /// The audio's duration, ms.
+    pub(crate) duration_ms: u64,
+}
+
+/// A whole-audio request, decoded and planned, ready to run.
+pub(crate) struct Prepared {
+    pub(crate) rc: RecognitionConfig,
+    channels: Vec<Vec<f32>>,
+    plan: Vec<Window>,
+    /// Voice probability per VAD frame, per channel.
+    probs: Vec<Vec<f32>>,
+    pub(crate) duration_ms: u64,
+}
+
+/// Voiced audio after a window's last segment that is decoded again.
+const REMAINDER_SPEECH_MS: u64 = 1_000;
+
+/// Milliseconds of frames with voice between two sample positions.
+fn voiced_ms(probs: &[f32], from: u64, to: u64) -> u64 {
+    let frame = nexus_models::vad::CHUNK as u64;
+    let (a, b) = ((from / frame) as usize, (to.div_ceil(frame)) as usize);
+    let voiced = probs
+        .get(a..b.min(probs.len()))
+        .map_or(0, |p| p.iter().filter(|p| **p >= 0.5).count()) as u64;
+    voiced * frame * 1000 / u64::from(MODEL_SAMPLE_RATE)
+}
+
 /// One window on its way through the stages.
+#[derive(Clone)]
 struct Window {
     channel_tag: u32,
     start: u64,
@@ -126,7 +163,12 @@ impl<B: Bus> Ingest<B> {
         req: RecognizeRequest,
         tenant: String,
     ) -> Result<RecognizeResponse, Status> {
-        let inner = self.inner.clone();
+        let prepared = self.prepare(req).await?;
+        self.recognize_prepared(prepared, &tenant, None).await
+    }
+
+    /// Validates a request, reads and decodes its audio and plans its windows.
+    pub(crate) async fn prepare(&self, req: RecognizeRequest) -> Result<Prepared, Status> {
         let mut rc = req.config.ok_or_else(|| invalid("config is required"))?;
         self.check_config(&mut rc)?;
         let bytes = match req.audio_source {
@@ -139,6 +181,16 @@ impl<B: Bus> Ingest<B> {
                 return Err(invalid("no audio: set content (the file's bytes) or uri"));
             }
         };
+        self.prepare_bytes(rc, bytes).await
+    }
+
+    /// Decodes checked audio bytes and plans their windows.
+    pub(crate) async fn prepare_bytes(
+        &self,
+        rc: RecognitionConfig,
+        bytes: Vec<u8>,
+    ) -> Result<Prepared, Status> {
+        let inner = self.inner.clone();
         inner
             .limits
             .check_bytes(bytes.len() as u64)
@@ -151,8 +203,9 @@ impl<B: Bus> Ingest<B> {
         let duration_ms = channels.iter().map(Vec::len).max().unwrap_or(0) as u64 * 1000
             / u64::from(MODEL_SAMPLE_RATE);
         let vad = inner.vad.clone();
-        let (channels, plan) = tokio::task::spawn_blocking(move || {
+        let (channels, plan, probs) = tokio::task::spawn_blocking(move || {
             let mut plan = Vec::new();
+            let mut all = Vec::new();
             for (i, c) in channels.iter().enumerate() {
                 let probs = vad.probabilities(c).map_err(|e| e.to_string())?;
                 for (start, end) in windows(&probs, c.len() as u64) {
@@ -162,26 +215,57 @@ impl<B: Bus> Ingest<B> {
                         end,
                     });
                 }
+                all.push(probs);
             }
-            Ok::<_, String>((channels, plan))
+            Ok::<_, String>((channels, plan, all))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(format!("voice activity detection failed: {e}")))?;
+        Ok(Prepared {
+            rc,
+            channels,
+            plan,
+            probs,
+            duration_ms,
+        })
+    }
 
+    /// Runs a prepared request through the stages, reporting on `progress`.
+    pub(crate) async fn recognize_prepared(
+        &self,
+        p: Prepared,
+        tenant: &str,
+        progress: Option<mpsc::UnboundedSender<Progress>>,
+    ) -> Result<RecognizeResponse, Status> {
+        let inner = self.inner.clone();
         let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut results = Vec::new();
-        if !plan.is_empty() {
-            self.admit(&id, &rc.model).await?;
-            let r = self
-                .run_windows(&id, &rc, &tenant, &channels, &plan, duration_ms)
-                .await;
+        let duration_ms = p.duration_ms;
+        if !p.plan.is_empty() {
+            self.admit(&id, &p.rc.model).await?;
+            if let Some(tx) = &progress {
+                // Admitted: the request holds a decoder slot from here on.
+                let _ = tx.send(Progress {
+                    segments: Vec::new(),
+                    processed_ms: 0,
+                    duration_ms,
+                });
+            }
+            let r = self.run_windows(&id, tenant, &p, progress.as_ref()).await;
             let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
             if let Err(e) = inner.bus.release(&pool, id.as_str()).await {
                 tracing::warn!(request = %id, error = %e, "releasing the request's slot failed; its lease expires");
             }
             results = r?;
+        }
+        if let Some(p) = &progress {
+            let _ = p.send(Progress {
+                segments: Vec::new(),
+                processed_ms: duration_ms,
+                duration_ms,
+            });
         }
         results.sort_by_key(|r| (r.span.as_ref().map_or(0, |s| s.start_ms), r.channel_tag));
         let mut votes: HashMap<&str, u64> = HashMap::new();
@@ -193,19 +277,28 @@ impl<B: Bus> Ingest<B> {
             .into_iter()
             .max_by_key(|(_, v)| *v)
             .map(|(l, _)| l.to_owned())
-            .unwrap_or_else(|| rc.language.clone());
-        tracing::info!(request = %id, windows = plan.len(), segments = results.len(), duration_ms, "recognized");
+            .unwrap_or_else(|| p.rc.language.clone());
+        tracing::info!(request = %id, windows = p.plan.len(), segments = results.len(), duration_ms, "recognized");
         Ok(RecognizeResponse {
             results,
             audio_duration_ms: duration_ms,
             language,
-            model: rc.model,
+            model: p.rc.model,
             request_id: id.to_string(),
         })
     }
 
     /// Reads a `file://` location under the configured root.
-    async fn read_uri(&self, uri: &str) -> Result<Vec<u8>, Status> {
+    pub(crate) async fn read_uri(&self, uri: &str) -> Result<Vec<u8>, Status> {
+        let full = self.check_uri(uri).await?;
+        tokio::fs::read(&full)
+            .await
+            .map_err(|e| invalid(format!("uri {uri:?}: {e}")))
+    }
+
+    /// The file a `file://` location names under `--file-root`, checked to
+    /// exist there and to fit the audio limit, without reading it.
+    pub(crate) async fn check_uri(&self, uri: &str) -> Result<std::path::PathBuf, Status> {
         let Some(root) = self.inner.cfg.file_root.clone() else {
             return Err(invalid(format!(
                 "uri {uri:?}: this server reads no locations; send the audio as content"
@@ -232,22 +325,27 @@ impl<B: Bus> Ingest<B> {
             .limits
             .check_bytes(meta.len())
             .map_err(|e| invalid(format!("uri {uri:?}: {e}")))?;
-        tokio::fs::read(&full)
-            .await
-            .map_err(|e| invalid(format!("uri {uri:?}: {e}")))
+        if !meta.is_file() {
+            return Err(invalid(format!("uri {uri:?} is not a file")));
+        }
+        Ok(full)
     }
 
     /// Sends the windows (a few at a time) and collects their timed segments.
+    /// Whisper sometimes ends a window's text early, leaving later speech in
+    /// it undecoded; such a remainder (at least [`REMAINDER_SPEECH_MS`] of
+    /// voiced audio after the last segment) goes out again as a window of its
+    /// own, as offline decoding seeks past its last timestamp.
     async fn run_windows(
         &self,
         id: &SessionId,
-        rc: &RecognitionConfig,
         tenant: &str,
-        channels: &[Vec<f32>],
-        plan: &[Window],
-        duration_ms: u64,
+        p: &Prepared,
+        progress: Option<&mpsc::UnboundedSender<Progress>>,
     ) -> Result<Vec<SpeechRecognitionResult>, Status> {
         let inner = &self.inner;
+        let (rc, channels, duration_ms) = (&p.rc, &p.channels, p.duration_ms);
+        let mut plan = p.plan.clone();
         let stop = CancellationToken::new();
         let _stop_follower = stop.clone().drop_guard();
         let (tx, mut rx) = mpsc::channel::<Result<(EntryId, DecodeResult), String>>(64);
@@ -261,21 +359,23 @@ impl<B: Bus> Ingest<B> {
         // Generous: the whole audio at real-time pace, on top of the live budget.
         let deadline =
             Instant::now() + inner.cfg.final_timeout + Duration::from_millis(duration_ms);
-        let mut pending: BTreeMap<u64, &Window> = BTreeMap::new();
-        let mut done: BTreeMap<u64, Vec<SpeechRecognitionResult>> = BTreeMap::new();
-        let mut next = 0usize;
+        let mut queue: VecDeque<usize> = (0..plan.len()).collect();
+        let mut pending: HashSet<usize> = HashSet::new();
+        let mut done: HashMap<usize, Vec<SpeechRecognitionResult>> = HashMap::new();
+        let mut emitted: HashSet<usize> = HashSet::new();
         let lease_ttl = inner.cfg.lease_ttl;
         let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
         let mut renew = tokio::time::interval(lease_ttl / 3);
         renew.tick().await;
+        let ms = |s: u64| s * 1000 / u64::from(MODEL_SAMPLE_RATE);
         while done.len() < plan.len() {
-            while next < plan.len() && pending.len() < IN_FLIGHT {
+            while pending.len() < IN_FLIGHT {
+                let Some(next) = queue.pop_front() else { break };
                 let w = &plan[next];
                 let ch = &channels[w.channel_tag.saturating_sub(1) as usize];
                 self.publish_window(id, rc, tenant, next as u64, w, ch)
                     .await?;
-                pending.insert(next as u64, w);
-                next += 1;
+                pending.insert(next);
             }
             let msg = tokio::select! {
                 m = rx.recv() => m,
@@ -303,18 +403,64 @@ impl<B: Bus> Ingest<B> {
                 None => return Err(Status::internal("the result follower stopped")),
             };
             let env = msg.envelope.clone().unwrap_or_default();
-            let Some(w) = pending.remove(&env.segment_id) else {
+            let index = env.segment_id as usize;
+            if !pending.remove(&index) {
                 continue; // a redelivered duplicate
-            };
+            }
+            let w = plan[index].clone();
             if !msg.error.is_empty() {
                 return Err(Status::internal(format!(
                     "the window at {} - {} ms could not be decoded: {}",
-                    w.start * 1000 / u64::from(MODEL_SAMPLE_RATE),
-                    w.end * 1000 / u64::from(MODEL_SAMPLE_RATE),
+                    ms(w.start),
+                    ms(w.end),
                     msg.error
                 )));
             }
-            done.insert(env.segment_id, msg.segments);
+            let covered = msg
+                .segments
+                .iter()
+                .filter_map(|s| s.span.map(|s| s.end_ms))
+                .max()
+                .map(|end| end * u64::from(MODEL_SAMPLE_RATE) / 1000);
+            if let Some(covered) = covered
+                && covered > w.start
+                && covered < w.end
+            {
+                let probs = &p.probs[w.channel_tag.saturating_sub(1) as usize];
+                if voiced_ms(probs, covered, w.end) >= REMAINDER_SPEECH_MS {
+                    tracing::debug!(request = %id, from_ms = ms(covered), to_ms = ms(w.end), "speech after the window's text; decoding the remainder");
+                    plan.push(Window {
+                        channel_tag: w.channel_tag,
+                        start: covered,
+                        end: w.end,
+                    });
+                    queue.push_front(plan.len() - 1);
+                }
+            }
+            done.insert(index, msg.segments);
+            if let Some(tx) = progress {
+                // Report the windows that now complete an unbroken run from the start.
+                let mut order: Vec<usize> = (0..plan.len()).collect();
+                order.sort_by_key(|i| (plan[*i].channel_tag, plan[*i].start));
+                let mut segments = Vec::new();
+                let mut processed_ms = None;
+                for i in order {
+                    if emitted.contains(&i) {
+                        continue;
+                    }
+                    let Some(s) = done.get(&i) else { break };
+                    segments.extend(s.iter().cloned());
+                    processed_ms = Some(ms(plan[i].end));
+                    emitted.insert(i);
+                }
+                if let Some(processed_ms) = processed_ms {
+                    let _ = tx.send(Progress {
+                        segments,
+                        processed_ms: processed_ms.min(duration_ms),
+                        duration_ms,
+                    });
+                }
+            }
         }
         Ok(done.into_values().flatten().collect())
     }
@@ -358,34 +504,14 @@ impl<B: Bus> Ingest<B> {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
-        let stream = stages::stream(&inner.cfg.fleet.keys, stages::AUDIO);
-        let budget = inner.cfg.bus_retry;
-        let never = CancellationToken::new();
-        let t0 = Instant::now();
-        loop {
-            let left = budget.saturating_sub(t0.elapsed());
-            match retry("publish window", left, &never, || {
-                inner
-                    .bus
-                    .add(&stream, fields.clone(), inner.cfg.fleet.limits)
-            })
-            .await
-            {
-                Ok(_) => return Ok(()),
-                Err(BusError::Full { .. }) if t0.elapsed() < budget => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(BusError::Full { backlog, .. }) => {
-                    return Err(Status::resource_exhausted(format!(
-                        "the encoder stage is {backlog} segments behind; retry later"
-                    )));
-                }
-                Err(e) => {
-                    return Err(Status::unavailable(format!(
-                        "audio could not be queued: {e}; retry"
-                    )));
-                }
-            }
+        match inner.queue_audio(fields).await {
+            Ok(()) => Ok(()),
+            Err(BusError::Full { backlog, .. }) => Err(Status::resource_exhausted(format!(
+                "the encoder stage is {backlog} segments behind; retry later"
+            ))),
+            Err(e) => Err(Status::unavailable(format!(
+                "audio could not be queued: {e}; retry"
+            ))),
         }
     }
 }
@@ -421,6 +547,17 @@ mod tests {
         // The first window holds both 10 s utterances; the third starts a new one.
         assert!((w[0].1 as f64 / sr - 22.0).abs() < 1.0, "{w:?}");
         assert!((w[1].0 as f64 / sr - 24.0).abs() < 0.5, "{w:?}");
+    }
+
+    #[test]
+    fn voiced_time_is_counted_between_positions() {
+        // 1 s silence, 2 s speech, 1 s silence.
+        let p = probs(&[(0.0, 1.0), (0.9, 2.0), (0.1, 1.0)]);
+        let sr = u64::from(MODEL_SAMPLE_RATE);
+        assert!((voiced_ms(&p, 0, 4 * sr) as i64 - 2000).abs() <= 40);
+        assert!((voiced_ms(&p, 2 * sr, 4 * sr) as i64 - 1000).abs() <= 40);
+        assert_eq!(voiced_ms(&p, 3 * sr + sr / 10, 4 * sr), 0);
+        assert_eq!(voiced_ms(&p, 10 * sr, 11 * sr), 0);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! back from the session's log, until the client half-closes (or a single
 //! utterance ends, or the server drains) and every final has arrived.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,11 +32,13 @@ pub struct Session<B: Bus> {
     pub(crate) rc: RecognitionConfig,
     pub(crate) endpoint: EndpointConfig,
     pub(crate) tenant: String,
+    /// The caller's place among its tenant's calls, held while the session runs.
+    pub(crate) _grant: crate::auth::Grant,
     /// Held while the session runs; returned to the ingest's bound on drop.
     pub(crate) _local: tokio::sync::OwnedSemaphorePermit,
 }
 
-type Out = mpsc::Sender<Result<StreamingRecognizeResponse, Status>>;
+pub(crate) type Out = mpsc::Sender<Result<StreamingRecognizeResponse, Status>>;
 
 struct Live {
     endpointer: Endpointer,
@@ -55,6 +57,20 @@ struct Live {
     result_index: u64,
     processed: u64,
     input_done: bool,
+    /// The client's response stream; none while the client is away.
+    out: Option<Out>,
+    /// Responses that carried results, for a client that resumes.
+    history: VecDeque<StreamingRecognizeResponse>,
+}
+
+/// Responses kept for a client that resumes.
+const HISTORY: usize = 1_024;
+
+/// A resumed call handed to its parked session.
+pub(crate) struct Reattach {
+    pub(crate) inbound: Streaming<StreamingRecognizeRequest>,
+    pub(crate) out: Out,
+    pub(crate) after: u64,
 }
 
 fn ms(samples: u64) -> u64 {
@@ -68,7 +84,7 @@ impl<B: Bus> Session<B> {
     pub async fn run(
         self,
         mut decoder: AudioIn,
-        mut inbound: Streaming<StreamingRecognizeRequest>,
+        inbound: Streaming<StreamingRecognizeRequest>,
         out: Out,
     ) {
         let id = self.id.clone();
@@ -82,30 +98,6 @@ impl<B: Bus> Session<B> {
             res_tx,
             stop.clone(),
         ));
-        let r = self
-            .drive(&mut decoder, &mut inbound, &out, &mut res_rx)
-            .await;
-        stop.cancel();
-        let _ = follower.await;
-        if let Err(e) = self.inner.bus.release(&pool, id.as_str()).await {
-            tracing::warn!(session = %id, error = %e, "releasing the session's slot failed; its lease expires");
-        }
-        match r {
-            Ok(()) => tracing::info!(session = %id, "session ended"),
-            Err(status) => {
-                tracing::warn!(session = %id, code = ?status.code(), message = status.message(), "session failed");
-                let _ = out.send(Err(status)).await;
-            }
-        }
-    }
-
-    async fn drive(
-        &self,
-        decoder: &mut AudioIn,
-        inbound: &mut Streaming<StreamingRecognizeRequest>,
-        out: &Out,
-        results: &mut mpsc::Receiver<Result<(EntryId, DecodeResult), String>>,
-    ) -> Result<(), Status> {
         let mut live = Live {
             endpointer: Endpointer::new(self.endpoint.clone(), MODEL_SAMPLE_RATE),
             vad: VadState::default(),
@@ -122,9 +114,49 @@ impl<B: Bus> Session<B> {
             result_index: 0,
             processed: 0,
             input_done: false,
+            out: Some(out),
+            history: VecDeque::new(),
         };
+        let r = self
+            .drive(&mut live, &mut decoder, inbound, &mut res_rx)
+            .await;
+        self.unpark();
+        stop.cancel();
+        let _ = follower.await;
+        if let Err(e) = self.inner.bus.release(&pool, id.as_str()).await {
+            tracing::warn!(session = %id, error = %e, "releasing the session's slot failed; its lease expires");
+        }
+        match r {
+            Ok(()) => tracing::info!(session = %id, "session ended"),
+            Err(status) => {
+                tracing::warn!(session = %id, code = ?status.code(), message = status.message(), "session failed");
+                if let Some(out) = &live.out {
+                    let _ = out.send(Err(status)).await;
+                }
+            }
+        }
+    }
+
+    fn unpark(&self) {
+        self.inner
+            .parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.id.as_str());
+    }
+
+    async fn drive(
+        &self,
+        live: &mut Live,
+        decoder: &mut AudioIn,
+        inbound: Streaming<StreamingRecognizeRequest>,
+        results: &mut mpsc::Receiver<Result<(EntryId, DecodeResult), String>>,
+    ) -> Result<(), Status> {
+        let mut inbound = Some(inbound);
+        let grace = self.inner.cfg.resume_grace;
+        let mut away: Option<(tokio::time::Instant, mpsc::Receiver<Reattach>)> = None;
         self.respond(
-            out,
+            live,
             StreamingRecognizeResponse {
                 session_id: self.id.to_string(),
                 ..Default::default()
@@ -138,9 +170,28 @@ impl<B: Bus> Session<B> {
         let mut deadline: Option<tokio::time::Instant> = None;
         let shutdown = self.inner.shutdown.clone();
         loop {
-            if live.input_done && live.expected_finals.is_subset(&live.finals) {
+            if (live.out.is_none() || inbound.is_none()) && away.is_none() {
+                // The client went away. Park the session for the resume grace:
+                // audio in hand is still decoded and results are kept for it.
+                live.out = None;
+                inbound = None;
+                if grace.is_zero() {
+                    tracing::info!(session = %self.id, "client gone; session ends");
+                    return Ok(());
+                }
+                let (tx, rx) = mpsc::channel(1);
+                self.inner
+                    .parked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(self.id.to_string(), (self.tenant.clone(), tx));
+                tracing::info!(session = %self.id, ?grace, "client gone; session parked for resuming");
+                away = Some((tokio::time::Instant::now() + grace, rx));
+            }
+            if live.input_done && live.expected_finals.is_subset(&live.finals) && live.out.is_some()
+            {
                 self.respond(
-                    out,
+                    live,
                     StreamingRecognizeResponse {
                         session_id: self.id.to_string(),
                         speech_event: SpeechEvent::EndOfSession as i32,
@@ -157,13 +208,54 @@ impl<B: Bus> Session<B> {
                     None => std::future::pending().await,
                 }
             };
+            let next_msg = async {
+                match inbound.as_mut() {
+                    Some(i) => i.message().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let reattach = async {
+                match away.as_mut() {
+                    Some((until, rx)) => tokio::select! {
+                        r = rx.recv() => r,
+                        _ = tokio::time::sleep_until(*until) => None,
+                    },
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                msg = inbound.message(), if !live.input_done => {
+                r = reattach => {
+                    let Some(r) = r else {
+                        tracing::info!(session = %self.id, "not resumed within the grace; session ends");
+                        return Ok(());
+                    };
+                    self.unpark();
+                    away = None;
+                    tracing::info!(session = %self.id, after = r.after, "session resumed");
+                    live.out = Some(r.out);
+                    inbound = Some(r.inbound);
+                    let replay: Vec<StreamingRecognizeResponse> = live
+                        .history
+                        .iter()
+                        .filter(|h| h.results.iter().any(|x| x.result_index > r.after))
+                        .cloned()
+                        .collect();
+                    let hello = StreamingRecognizeResponse {
+                        session_id: self.id.to_string(),
+                        ..Default::default()
+                    };
+                    for m in std::iter::once(hello).chain(replay) {
+                        if let Some(o) = &live.out && o.send(Ok(m)).await.is_err() {
+                            live.out = None;
+                        }
+                    }
+                }
+                msg = next_msg, if !live.input_done => {
                     match msg {
                         Ok(Some(m)) => match m.streaming_request {
                             Some(StreamingRequest::AudioContent(bytes)) => {
                                 let samples = decoder.push(&bytes).map_err(|e| Status::invalid_argument(format!("audio at {} ms: {e}", ms(live.processed))))?;
-                                self.feed(&mut live, &samples, out).await?;
+                                self.feed(live, &samples).await?;
                             }
                             Some(_) => return Err(Status::invalid_argument(
                                 "streaming_config and resume belong in the first message only; later messages carry audio_content",
@@ -172,20 +264,20 @@ impl<B: Bus> Session<B> {
                         },
                         Ok(None) => {
                             let tail = decoder.finish().map_err(Status::invalid_argument)?;
-                            self.feed(&mut live, &tail, out).await?;
-                            self.end_input(&mut live, out).await?;
+                            self.feed(live, &tail).await?;
+                            self.end_input(live).await?;
                             deadline = Some(tokio::time::Instant::now() + self.inner.cfg.final_timeout);
                         }
                         Err(status) => {
-                            // The client went away: nobody is left to read results.
+                            // The client went away; it may resume.
                             tracing::info!(session = %self.id, error = %status, "client stream broke");
-                            return Ok(());
+                            inbound = None;
                         }
                     }
                 }
                 r = results.recv() => {
                     match r {
-                        Some(Ok((_, msg))) => self.on_result(&mut live, msg, out).await?,
+                        Some(Ok((_, msg))) => self.on_result(live, msg).await?,
                         Some(Err(e)) => return Err(Status::unavailable(format!(
                             "results of session {} cannot be read ({e}); retry, resuming after result_index {}", self.id, live.result_index
                         ))),
@@ -199,7 +291,7 @@ impl<B: Bus> Session<B> {
                 }
                 _ = shutdown.cancelled(), if !live.input_done => {
                     tracing::info!(session = %self.id, "server draining: finishing the session");
-                    self.end_input(&mut live, out).await?;
+                    self.end_input(live).await?;
                     deadline = Some(tokio::time::Instant::now() + self.inner.cfg.final_timeout.min(self.inner.cfg.drain_grace));
                 }
                 _ = wait_final => {
@@ -213,14 +305,25 @@ impl<B: Bus> Session<B> {
         }
     }
 
-    async fn respond(&self, out: &Out, r: StreamingRecognizeResponse) -> Result<(), Status> {
-        out.send(Ok(r))
-            .await
-            .map_err(|_| Status::cancelled("the client went away"))
+    /// Sends a response; a client that went away is noted (it may resume),
+    /// and responses with results are kept for it.
+    async fn respond(&self, live: &mut Live, r: StreamingRecognizeResponse) -> Result<(), Status> {
+        if !r.results.is_empty() {
+            if live.history.len() == HISTORY {
+                live.history.pop_front();
+            }
+            live.history.push_back(r.clone());
+        }
+        if let Some(out) = &live.out
+            && out.send(Ok(r)).await.is_err()
+        {
+            live.out = None;
+        }
+        Ok(())
     }
 
     /// Runs the VAD over new samples and acts on endpoint events.
-    async fn feed(&self, live: &mut Live, samples: &[f32], out: &Out) -> Result<(), Status> {
+    async fn feed(&self, live: &mut Live, samples: &[f32]) -> Result<(), Status> {
         if live.input_done {
             return Ok(());
         }
@@ -240,7 +343,7 @@ impl<B: Bus> Session<B> {
                 .step(&mut [&mut live.vad], &[&chunk])
                 .map_err(|e| Status::internal(format!("voice activity detection failed: {e}")))?[0];
             if let Some(ev) = live.endpointer.push(p) {
-                self.on_event(live, ev, out).await?;
+                self.on_event(live, ev).await?;
                 if live.input_done {
                     return Ok(());
                 }
@@ -259,19 +362,19 @@ impl<B: Bus> Session<B> {
         Ok(())
     }
 
-    async fn end_input(&self, live: &mut Live, out: &Out) -> Result<(), Status> {
+    async fn end_input(&self, live: &mut Live) -> Result<(), Status> {
         if let Some(ev) = live.endpointer.finish() {
-            self.on_event(live, ev, out).await?;
+            self.on_event(live, ev).await?;
         }
         live.input_done = true;
         Ok(())
     }
 
-    async fn on_event(&self, live: &mut Live, ev: EndpointEvent, out: &Out) -> Result<(), Status> {
+    async fn on_event(&self, live: &mut Live, ev: EndpointEvent) -> Result<(), Status> {
         match ev {
             EndpointEvent::Started { start, .. } => {
                 self.respond(
-                    out,
+                    live,
                     StreamingRecognizeResponse {
                         session_id: self.id.to_string(),
                         speech_event: SpeechEvent::SpeechStarted as i32,
@@ -299,7 +402,7 @@ impl<B: Bus> Session<B> {
             } => {
                 self.publish(live, segment, start, end, true).await?;
                 self.respond(
-                    out,
+                    live,
                     StreamingRecognizeResponse {
                         session_id: self.id.to_string(),
                         speech_event: SpeechEvent::EndOfUtterance as i32,
@@ -391,38 +494,21 @@ impl<B: Bus> Session<B> {
             }
             return Ok(());
         }
-        let never = CancellationToken::new();
-        let budget = self.inner.cfg.bus_retry;
-        let t0 = std::time::Instant::now();
-        loop {
-            let left = budget.saturating_sub(t0.elapsed());
-            match retry("publish final segment", left, &never, || {
-                bus.add(&stream, fields.clone(), limits)
-            })
-            .await
-            {
-                Ok(_) => return Ok(()),
-                Err(BusError::Full { backlog, .. }) if t0.elapsed() < budget => {
-                    tracing::debug!(session = %self.id, backlog, "audio stage full; waiting");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(BusError::Full { backlog, .. }) => {
-                    return Err(Status::resource_exhausted(format!(
-                        "the encoder stage is {backlog} segments behind; segment {segment} could not be queued within {budget:?}"
-                    )));
-                }
-                Err(e) => {
-                    return Err(Status::unavailable(format!(
-                        "segment {segment} ({} - {} ms) could not be queued: {e}; retry the session",
-                        ms(start),
-                        ms(end)
-                    )));
-                }
-            }
+        match self.inner.queue_audio(fields).await {
+            Ok(()) => Ok(()),
+            Err(BusError::Full { backlog, .. }) => Err(Status::resource_exhausted(format!(
+                "the encoder stage is {backlog} segments behind; segment {segment} could not be queued within {:?}",
+                self.inner.cfg.bus_retry
+            ))),
+            Err(e) => Err(Status::unavailable(format!(
+                "segment {segment} ({} - {} ms) could not be queued: {e}; retry the session",
+                ms(start),
+                ms(end)
+            ))),
         }
     }
 
-    async fn on_result(&self, live: &mut Live, msg: DecodeResult, out: &Out) -> Result<(), Status> {
+    async fn on_result(&self, live: &mut Live, msg: DecodeResult) -> Result<(), Status> {
         live.result_index += 1;
         let env = msg.envelope.clone().unwrap_or_default();
         let key = (env.segment_id, env.revision);
@@ -479,7 +565,7 @@ impl<B: Bus> Session<B> {
             r.stability = stability;
         }
         self.respond(
-            out,
+            live,
             StreamingRecognizeResponse {
                 session_id: self.id.to_string(),
                 results: vec![r],
@@ -491,11 +577,11 @@ impl<B: Bus> Session<B> {
 }
 
 /// Reads the session's result log as it grows and hands entries to the session.
-pub(crate) async fn follow<B: Bus>(
+pub(crate) async fn follow<B: Bus, M: nexus_bus::StreamMessage + Send + 'static>(
     bus: B,
     log: String,
     budget: Duration,
-    tx: mpsc::Sender<Result<(EntryId, DecodeResult), String>>,
+    tx: mpsc::Sender<Result<(EntryId, M), String>>,
     stop: CancellationToken,
 ) {
     let mut after = None;
@@ -508,7 +594,7 @@ pub(crate) async fn follow<B: Bus>(
             Ok(entries) => {
                 for e in entries {
                     after = Some(e.id);
-                    match decode::<DecodeResult>(&e.fields) {
+                    match decode::<M>(&e.fields) {
                         Ok(m) => {
                             if tx.send(Ok((e.id, m))).await.is_err() {
                                 return;

@@ -1,0 +1,64 @@
+//! Recognition results as user-facing transcripts (text, JSON, SRT, WebVTT),
+//! shared by the HTTP API and batch jobs.
+
+use nexus_proto::speech::{RecognizeResponse, SpeechRecognitionResult, Task};
+use nexus_transcript::{Segment, Transcript, Word};
+
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// One recognition result as a transcript segment numbered `id`.
+pub(crate) fn segment(id: usize, r: &SpeechRecognitionResult) -> Segment {
+    let span = r.span.unwrap_or_default();
+    let alt = r.alternatives.first().cloned().unwrap_or_default();
+    let confidence = f64::from(alt.confidence);
+    Segment {
+        id,
+        start: seconds(span.start_ms),
+        end: seconds(span.end_ms),
+        text: format!(" {}", alt.transcript.trim()),
+        tokens: Vec::new(),
+        temperature: 0.0,
+        avg_logprob: if confidence > 0.0 {
+            confidence.ln()
+        } else {
+            0.0
+        },
+        compression_ratio: 0.0,
+        no_speech_prob: f64::from(r.no_speech_probability),
+        words: alt
+            .words
+            .iter()
+            .map(|w| Word {
+                word: format!(" {}", w.word.trim()),
+                start: seconds(w.start_ms),
+                end: seconds(w.end_ms),
+                probability: f64::from(w.confidence),
+            })
+            .collect(),
+        translation: r.translation.as_ref().map(|t| t.text.trim().to_owned()),
+    }
+}
+
+/// A whole recognition as a transcript.
+pub(crate) fn transcript(resp: &RecognizeResponse, task: Task, target: Option<&str>) -> Transcript {
+    let translated = task == Task::Translate;
+    Transcript {
+        task: if translated {
+            "translate"
+        } else {
+            "transcribe"
+        }
+        .to_owned(),
+        language: resp.language.clone(),
+        duration: seconds(resp.audio_duration_ms),
+        segments: resp
+            .results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| segment(i, r))
+            .collect(),
+        target_language: translated.then(|| target.unwrap_or("en").to_owned()),
+    }
+}
