@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use nexus_proto::speech::models_client::ModelsClient;
@@ -17,34 +16,12 @@ use nexus_proto::speech::{
     AudioEncoding, AudioFormat, Capability, ListModelsRequest, RecognitionConfig, RecognizeRequest,
     RecognizeResponse,
 };
-use nexus_tests::fleet::{MODEL, Proc, prefix, redis_url, speech, stage};
+use nexus_tests::fleet::{MODEL, Proc, english_config, prefix, redis_url, speech, stage};
 use tonic::{Code, Status};
 
 /// The shared test speech as a 16 kHz WAV.
 fn speech_wav() -> Vec<u8> {
     nexus_audio::wav::encode_pcm16(&[speech()], 16_000)
-}
-
-fn offline(wav: &std::path::Path) -> String {
-    let out = Command::new(nexus_tests::fleet::bin("nexus"))
-        .args(["transcribe", wav.to_str().unwrap(), "--model", MODEL])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn config() -> RecognitionConfig {
-    RecognitionConfig {
-        model: MODEL.into(),
-        language: "en".into(),
-        enable_word_time_offsets: true,
-        ..Default::default()
-    }
 }
 
 async fn recognize(
@@ -88,9 +65,13 @@ async fn recognize_returns_timed_segments_of_whole_files() {
     );
     fleet.wait_serving(Duration::from_secs(120)).await;
 
-    let r = recognize(&fleet, config(), AudioSource::Content(wav.clone().into()))
-        .await
-        .unwrap();
+    let r = recognize(
+        &fleet,
+        english_config(),
+        AudioSource::Content(wav.clone().into()),
+    )
+    .await
+    .unwrap();
     assert!(!r.request_id.is_empty());
     assert_eq!(r.model, MODEL);
     assert_eq!(r.language, "en");
@@ -98,7 +79,7 @@ async fn recognize_returns_timed_segments_of_whole_files() {
     assert_eq!(r.audio_duration_ms, duration);
     // Every word of the offline transcript, up to Whisper hearing an utterance
     // alone a little differently from inside a longer window.
-    let reference = offline(&dir.path().join("speech.wav"));
+    let reference = nexus_tests::fleet::transcribe_file(&dir.path().join("speech.wav"), &[]);
     let got = text(&r);
     let wer = nexus_eval::wer(&reference, &got);
     assert!(
@@ -127,7 +108,7 @@ async fn recognize_returns_timed_segments_of_whole_files() {
     // The same file by location.
     let by_uri = recognize(
         &fleet,
-        config(),
+        english_config(),
         AudioSource::Uri("file:///speech.wav".into()),
     )
     .await
@@ -136,9 +117,13 @@ async fn recognize_returns_timed_segments_of_whole_files() {
 
     // Silence holds no speech: no results, no error.
     let silence = nexus_audio::wav::encode_pcm16(&[vec![0.0; 48_000]], 16_000);
-    let r = recognize(&fleet, config(), AudioSource::Content(silence.into()))
-        .await
-        .unwrap();
+    let r = recognize(
+        &fleet,
+        english_config(),
+        AudioSource::Content(silence.into()),
+    )
+    .await
+    .unwrap();
     assert!(r.results.is_empty(), "{:?}", r.results);
     assert_eq!(r.audio_duration_ms, 3_000);
 
@@ -171,7 +156,7 @@ async fn recognize_returns_timed_segments_of_whole_files() {
             "unknown model",
             RecognitionConfig {
                 model: "whisper-huge".into(),
-                ..config()
+                ..english_config()
             },
             AudioSource::Content(wav.clone().into()),
             "is not served here; use one of",
@@ -180,26 +165,26 @@ async fn recognize_returns_timed_segments_of_whole_files() {
             "unknown language",
             RecognitionConfig {
                 language: "xx".into(),
-                ..config()
+                ..english_config()
             },
             AudioSource::Content(wav.clone().into()),
             "is not one Whisper knows",
         ),
         (
             "empty audio",
-            config(),
+            english_config(),
             AudioSource::Content(Vec::new().into()),
             "content is empty",
         ),
         (
             "not audio",
-            config(),
+            english_config(),
             AudioSource::Content(b"this is not a sound file at all".to_vec().into()),
             "the audio could not be read",
         ),
         (
             "too large",
-            config(),
+            english_config(),
             AudioSource::Content(vec![0u8; 1_500_000].into()),
             "the limit is 1048576 bytes",
         ),
@@ -211,20 +196,20 @@ async fn recognize_returns_timed_segments_of_whole_files() {
                     sample_rate_hz: 48_000,
                     channels: 1,
                 }),
-                ..config()
+                ..english_config()
             },
             AudioSource::Content(wav.clone().into()),
             "OPUS_PACKETS is a streaming format",
         ),
         (
             "location outside the root",
-            config(),
+            english_config(),
             AudioSource::Uri("file:///../../etc/passwd".into()),
             "outside the readable root",
         ),
         (
             "unsupported scheme",
-            config(),
+            english_config(),
             AudioSource::Uri("ftp://example/speech.wav".into()),
             "only file:// locations",
         ),

@@ -27,23 +27,7 @@ fn offline(samples: &[f32]) -> String {
         nexus_audio::wav::encode_pcm16(&[samples.to_vec()], 16_000),
     )
     .unwrap();
-    let out = Command::new(nexus_tests::fleet::bin("nexus"))
-        .args([
-            "transcribe",
-            wav.to_str().unwrap(),
-            "--model",
-            MODEL,
-            "--beam-size",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    nexus_tests::fleet::transcribe_file(&wav, &["--beam-size", "1"])
 }
 
 /// Every final equals `nexus transcribe` on exactly the audio of its span, and
@@ -140,7 +124,8 @@ async fn three_processes_match_offline_transcription() {
     ];
     let mut enc = Proc::start("encoder", "nexus-encoder", &common);
     let mut dec = Proc::start("decoder", "nexus-decoder", &common);
-    let mut ing = Proc::start("ingest", "nexus-ingest", &common);
+    let ingest_args = [&common[..], &["--http-listen", "none"]].concat();
+    let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
     all_serving(&mut [&mut enc, &mut dec, &mut ing]).await;
 
     let samples = speech();

@@ -106,6 +106,9 @@ pub mod fleet {
             "--key-prefix",
             prefix,
         ];
+        if !extra.contains(&"--http-listen") {
+            args.extend_from_slice(&["--http-listen", "none"]);
+        }
         args.extend_from_slice(extra);
         Proc::start(name, "nexus", &args)
     }
@@ -279,6 +282,46 @@ pub mod fleet {
         }
     }
 
+    /// 16 kHz mono `samples` as 16-bit little-endian PCM chunks of
+    /// `chunk` samples each.
+    pub fn pcm16_chunks(samples: &[f32], chunk: usize) -> Vec<Vec<u8>> {
+        samples
+            .chunks(chunk)
+            .map(|c| {
+                c.iter()
+                    .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The transcript of the audio file at `path` by `nexus transcribe` with
+    /// [`MODEL`], the offline reference of the fleet tests; `extra` adds
+    /// options (`--beam-size 1` for greedy search).
+    pub fn transcribe_file(path: &std::path::Path, extra: &[&str]) -> String {
+        let out = std::process::Command::new(bin("nexus"))
+            .args(["transcribe", path.to_str().unwrap(), "--model", MODEL])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A recognition config for [`MODEL`] in English with word times.
+    pub fn english_config() -> nexus_proto::speech::RecognitionConfig {
+        nexus_proto::speech::RecognitionConfig {
+            model: MODEL.into(),
+            language: "en".into(),
+            enable_word_time_offsets: true,
+            ..Default::default()
+        }
+    }
+
     /// Streams 16 kHz mono `samples` in 100 ms chunks at `pace` times real time
     /// and collects every response. `on_chunk(i)` runs before chunk `i` is sent.
     pub async fn stream(
@@ -298,14 +341,7 @@ pub mod fleet {
         })
         .await
         .map_err(|_| Status::internal("send"))?;
-        let chunks: Vec<Vec<u8>> = samples
-            .chunks(1600)
-            .map(|c| {
-                c.iter()
-                    .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
-                    .collect()
-            })
-            .collect();
+        let chunks = pcm16_chunks(samples, 1600);
         let mut inbound = client
             .streaming_recognize(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
