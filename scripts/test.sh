@@ -12,16 +12,18 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# One build of every binary and test target, with the workspace's features
+# unified: a `cargo run -p` or `cargo test -p` here would rebuild shared
+# dependencies with other features.
+echo "== cargo build --workspace --bins --tests" >&2
+cargo build --workspace --bins --tests --locked
 echo "== weights and test speech (pinned by SHA-256; fetched once per machine)" >&2
-cargo run -q --locked -p nexus-cli -- models pull tiny.en base qwen2.5-0.5b-instruct silero-vad
+"${CARGO_TARGET_DIR:-target}/debug/nexus" models pull tiny.en base qwen2.5-0.5b-instruct silero-vad
 bash scripts/fetch-testdata.sh
 
 # Tests marked #[ignore = "needs …"] need the weights and data fetched above (or
 # the registry's network): this command provides them, so it runs those too.
 echo "== tests" >&2
-# The fleet tests start the stage binaries as processes; `cargo test` alone
-# builds only binaries of packages that have integration tests of their own.
-cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast --run-ignored all
 else
