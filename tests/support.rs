@@ -300,16 +300,18 @@ pub mod fleet {
     /// options (`--beam-size 1` for greedy search).
     pub fn transcribe_file(path: &std::path::Path, extra: &[&str]) -> String {
         let out = std::process::Command::new(bin("nexus"))
-            .args(["transcribe", path.to_str().unwrap(), "--model", MODEL])
+            .arg("transcribe")
+            .arg(path)
+            .args(["--model", MODEL])
             .args(extra)
             .output()
-            .unwrap();
+            .expect("nexus transcribe runs");
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// A recognition config for [`MODEL`] in English with word times.
