@@ -37,7 +37,21 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn bad(message: impl Into<String>, param: &'static str) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// The error's message.
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn bad(message: impl Into<String>, param: &'static str) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
@@ -117,6 +131,23 @@ pub(crate) fn router<B: Bus>(ingest: Ingest<B>) -> axum::Router {
         .route("/v1/audio/translations", post(translations::<B>))
         .route("/v1/models", get(list_models::<B>))
         .route("/v1/models/{id}", get(get_model::<B>))
+        .route("/", get(crate::webrtc::page))
+        .route("/captions", get(crate::webrtc::page))
+        .route("/v1/webrtc/sessions", post(crate::webrtc::offer::<B>))
+        .route(
+            "/v1/webrtc/sessions/{id}",
+            axum::routing::delete(crate::webrtc::end::<B>),
+        )
+        .route("/v1/rooms/{room}", get(crate::webrtc::room_info::<B>))
+        .route("/v1/rooms/{room}/events", get(crate::webrtc::events::<B>))
+        .route(
+            "/v1/rooms/{room}/captions.vtt",
+            get(crate::webrtc::vtt::<B>),
+        )
+        .route(
+            "/v1/rooms/{room}/captions.srt",
+            get(crate::webrtc::srt::<B>),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(ingest)
 }

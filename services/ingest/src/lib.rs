@@ -16,10 +16,12 @@ pub mod jobs;
 mod models;
 mod recognize;
 mod resume;
+mod rooms;
 mod session;
 pub mod tls;
 mod transcript;
 mod translate;
+pub mod webrtc;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -111,6 +113,9 @@ pub struct IngestArgs {
     /// Settings of the batch job runner.
     #[command(flatten)]
     pub jobs: jobs::JobArgs,
+    /// Settings of live captioning over WebRTC.
+    #[command(flatten)]
+    pub webrtc: webrtc::WebRtcArgs,
 }
 
 impl Default for IngestArgs {
@@ -129,6 +134,7 @@ impl Default for IngestArgs {
             tenant_max_concurrent: 0,
             tenant_requests_per_minute: 0,
             jobs: jobs::JobArgs::default(),
+            webrtc: webrtc::WebRtcArgs::default(),
             tls_cert: None,
             tls_key: None,
         }
@@ -177,6 +183,8 @@ pub(crate) struct Inner<B: Bus> {
     pub(crate) jobs: jobs::JobArgs,
     /// Sessions whose client went away, by id: their tenant and the way to hand them a resumed call.
     pub(crate) parked: std::sync::Mutex<std::collections::HashMap<String, Parked>>,
+    /// WebRTC sessions and caption rooms.
+    pub(crate) webrtc: webrtc::WebRtc,
 }
 
 pub(crate) type Parked = (String, mpsc::Sender<session::Reattach>);
@@ -424,6 +432,7 @@ impl<B: Bus> Ingest<B> {
             tenant: grant.tenant.clone(),
             _grant: grant,
             _local: local,
+            resumable: true,
         };
         Ok((session, audio_in))
     }
@@ -475,7 +484,7 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
         let grant = self.inner.access.limit(tenant)?;
         let (session, audio_in) = self.open(cfg, grant).await?;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(session.run(audio_in, inbound, tx));
+        tokio::spawn(session.run(audio_in, Box::pin(inbound), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -542,6 +551,7 @@ pub async fn run<B: Bus>(
         access,
         jobs: cfg.args.jobs.clone(),
         parked: Default::default(),
+        webrtc: webrtc::WebRtc::new(cfg.args.webrtc.clone())?,
     });
     let mut routes = tonic::service::RoutesBuilder::default();
     // Recognize carries whole files: the audio limit, not gRPC's 4 MB default,

@@ -24,8 +24,9 @@ impl<B: Bus> Ingest<B> {
         &self,
         r: ResumeSession,
         tenant: String,
-        mut inbound: Streaming<StreamingRecognizeRequest>,
+        inbound: Streaming<StreamingRecognizeRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let mut inbound: crate::session::Inbound = Box::pin(inbound);
         let id = SessionId::parse(&r.session_id).map_err(|_| {
             invalid(format!(
                 "resume.session_id {:?} is not a session id; use the session_id of the session's first response",

@@ -18,7 +18,7 @@ use nexus_proto::speech::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use crate::Inner;
 use crate::agreement::Agreement;
@@ -36,7 +36,15 @@ pub struct Session<B: Bus> {
     pub(crate) _grant: crate::auth::Grant,
     /// Held while the session runs; returned to the ingest's bound on drop.
     pub(crate) _local: tokio::sync::OwnedSemaphorePermit,
+    /// Whether a client that goes away may resume the session (gRPC
+    /// streams); otherwise the session ends with its client (WebRTC).
+    pub(crate) resumable: bool,
 }
+
+/// A session's incoming messages, from a gRPC stream or another source.
+pub(crate) type Inbound = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<StreamingRecognizeRequest, Status>> + Send>,
+>;
 
 pub(crate) type Out = mpsc::Sender<Result<StreamingRecognizeResponse, Status>>;
 
@@ -68,7 +76,7 @@ const HISTORY: usize = 1_024;
 
 /// A resumed call handed to its parked session.
 pub(crate) struct Reattach {
-    pub(crate) inbound: Streaming<StreamingRecognizeRequest>,
+    pub(crate) inbound: Inbound,
     pub(crate) out: Out,
     pub(crate) after: u64,
 }
@@ -81,12 +89,7 @@ impl<B: Bus> Session<B> {
     /// Runs the session to its end, sending responses on `out`.
     /// `decoder` is kept out of `self`: it is not `Sync`, and the session is
     /// borrowed across awaits.
-    pub async fn run(
-        self,
-        mut decoder: AudioIn,
-        inbound: Streaming<StreamingRecognizeRequest>,
-        out: Out,
-    ) {
+    pub async fn run(self, mut decoder: AudioIn, inbound: Inbound, out: Out) {
         let id = self.id.clone();
         let pool = self.inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
         let stop = CancellationToken::new();
@@ -149,11 +152,15 @@ impl<B: Bus> Session<B> {
         &self,
         live: &mut Live,
         decoder: &mut AudioIn,
-        inbound: Streaming<StreamingRecognizeRequest>,
+        inbound: Inbound,
         results: &mut mpsc::Receiver<Result<(EntryId, DecodeResult), String>>,
     ) -> Result<(), Status> {
         let mut inbound = Some(inbound);
-        let grace = self.inner.cfg.resume_grace;
+        let grace = if self.resumable {
+            self.inner.cfg.resume_grace
+        } else {
+            Duration::ZERO
+        };
         let mut away: Option<(tokio::time::Instant, mpsc::Receiver<Reattach>)> = None;
         self.respond(
             live,
@@ -210,7 +217,15 @@ impl<B: Bus> Session<B> {
             };
             let next_msg = async {
                 match inbound.as_mut() {
-                    Some(i) => i.message().await,
+                    Some(i) => futures::StreamExt::next(i).await.transpose(),
+                    None => std::future::pending().await,
+                }
+            };
+            // A client that drops its response stream is gone, even while
+            // the session has nothing to send it.
+            let out_closed = async {
+                match &live.out {
+                    Some(o) => o.closed().await,
                     None => std::future::pending().await,
                 }
             };
@@ -274,6 +289,10 @@ impl<B: Bus> Session<B> {
                             inbound = None;
                         }
                     }
+                }
+                _ = out_closed => {
+                    tracing::info!(session = %self.id, "client closed its response stream");
+                    live.out = None;
                 }
                 r = results.recv() => {
                     match r {
