@@ -29,11 +29,16 @@ declare -A APT=(
   [oggenc]=vorbis-tools
   [opusenc]=opus-tools
   [openssl]=openssl
+  # The WebRTC tests drive the captions page in real headless Chromium.
+  [chromium]=chromium
+  [node]=nodejs
+  [npm]=npm
 )
 missing=()
 for cmd in "${!APT[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${APT[$cmd]}")
 done
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 if python3 -c 'import sys' 2>/dev/null && ! python3 -m pip --version >/dev/null 2>&1; then
   missing+=(python3-pip)
 fi
@@ -64,5 +69,10 @@ if ! .venv/bin/python -c 'import openai, srt, webvtt' >/dev/null 2>&1; then
   log "installing the Python test clients: ${PY_CLIENTS[*]}"
   python3 -m venv .venv || { as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && python3 -m venv .venv; }
   .venv/bin/python -m pip install -q --disable-pip-version-check "${PY_CLIENTS[@]}"
+fi
+# The page driver of the WebRTC tests: playwright-core, pinned by its lock file.
+if [ ! -f tests/browser/node_modules/playwright-core/package.json ]; then
+  log "installing the browser test driver (tests/browser: playwright-core)"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
 log "ready: $(cargo --version)"
