@@ -1041,6 +1041,69 @@ mod tests {
     }
 
     #[test]
+    fn responses_become_room_captions_in_the_room_clock() {
+        use nexus_proto::speech::{
+            SpeechRecognitionAlternative, StreamingRecognitionResult, TimeSpan, TranslationResult,
+            WordInfo,
+        };
+        let result = |is_final: bool| StreamingRecognitionResult {
+            alternatives: vec![SpeechRecognitionAlternative {
+                transcript: " Go forward. ".into(),
+                words: vec![WordInfo {
+                    word: "Go".into(),
+                    start_ms: 100,
+                    end_ms: 300,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            is_final,
+            segment_id: 3,
+            revision: 2,
+            language: "en".into(),
+            span: Some(TimeSpan {
+                start_ms: 100,
+                end_ms: 900,
+            }),
+            translation: is_final.then(|| TranslationResult {
+                target_language: "de".into(),
+                text: "Geh vorwärts.".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let resp = StreamingRecognizeResponse {
+            results: vec![result(false), result(true)],
+            ..Default::default()
+        };
+        let evs = captions(&resp, "Ada", "s1", 5_000);
+        let CaptionEvent::Interim(i) = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        assert_eq!(
+            (i.start_ms, i.end_ms, i.text.as_str()),
+            (5_100, 5_900, "Go forward.")
+        );
+        assert_eq!(i.translation, None);
+        let CaptionEvent::Final(f) = &evs[1] else {
+            panic!("{evs:?}")
+        };
+        assert_eq!(f.participant, "Ada");
+        assert_eq!((f.segment, f.revision), (3, 2));
+        assert_eq!(f.words[0].start_ms, 5_100);
+        assert_eq!(
+            f.translation.as_ref().map(|t| t.text.as_str()),
+            Some("Geh vorwärts.")
+        );
+        // No alternative, no caption.
+        let empty = StreamingRecognizeResponse {
+            results: vec![StreamingRecognitionResult::default()],
+            ..Default::default()
+        };
+        assert!(captions(&empty, "Ada", "s1", 0).is_empty());
+    }
+
+    #[test]
     fn port_ranges_are_checked() {
         let mut a = WebRtcArgs {
             udp_ports: "50000-50001".into(),
