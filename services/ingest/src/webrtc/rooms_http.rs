@@ -1,0 +1,162 @@
+//! The room endpoints: server-sent events, live WebVTT, SRT, room state, and
+//! the captions page.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use nexus_bus::Bus;
+use tokio::sync::broadcast;
+
+use crate::Ingest;
+use crate::http::ApiError;
+use crate::rooms::{self, CaptionEvent, Room};
+
+use super::{RoomQuery, bad, tenant_of};
+
+fn room_of<B: Bus>(
+    ingest: &Ingest<B>,
+    headers: &HeaderMap,
+    room: &str,
+    q: &RoomQuery,
+) -> Result<Arc<Room>, ApiError> {
+    let tenant = tenant_of(
+        ingest,
+        headers,
+        q.access_token.as_deref(),
+        q.tenant.as_deref(),
+    )?;
+    rooms::check_name("room", room, false).map_err(|e| bad(e, "room"))?;
+    ingest.inner.webrtc.rooms.get(&tenant, room).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no room {room:?} on this server; it opens when someone publishes into it"),
+        )
+    })
+}
+
+/// `GET /v1/rooms/{room}/events`: the room's captions as server-sent events
+/// (`interim`, `final`, `joined`, `left`, `error`), the last finals first.
+pub(crate) async fn events<B: Bus>(
+    State(ingest): State<Ingest<B>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    Query(q): Query<RoomQuery>,
+) -> Result<Response, ApiError> {
+    let tenant = tenant_of(
+        &ingest,
+        &headers,
+        q.access_token.as_deref(),
+        q.tenant.as_deref(),
+    )?;
+    rooms::check_name("room", &room, false).map_err(|e| bad(e, "room"))?;
+    // Viewers may come before the first speaker: the room opens for them.
+    let room = ingest
+        .inner
+        .webrtc
+        .rooms
+        .open(&tenant, &room)
+        .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e))?;
+    let (replay, rx) = room.subscribe();
+    let first = futures::stream::iter(replay.into_iter().map(|c| Arc::new(CaptionEvent::Final(c))));
+    let live = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => return Some((ev, rx)),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures::StreamExt;
+    let stream = first.chain(live).map(|ev| {
+        let name = match &*ev {
+            CaptionEvent::Interim(_) => "interim",
+            CaptionEvent::Final(_) => "final",
+            CaptionEvent::Joined { .. } => "joined",
+            CaptionEvent::Left { .. } => "left",
+            CaptionEvent::Error { .. } => "error",
+        };
+        Event::default().event(name).json_data(&*ev)
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// `GET /v1/rooms/{room}/captions.vtt`: a rolling WebVTT cue list of the last
+/// `window_s` seconds (default 60), for HLS subtitle playlists.
+pub(crate) async fn vtt<B: Bus>(
+    State(ingest): State<Ingest<B>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    Query(q): Query<RoomQuery>,
+) -> Result<Response, ApiError> {
+    let room = room_of(&ingest, &headers, &room, &q)?;
+    let window = q.window_s.unwrap_or(60).saturating_mul(1000);
+    let since = room.clock_ms().saturating_sub(window);
+    let body = rooms::webvtt(&room.cues(since), q.translated.unwrap_or(false));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/vtt; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /v1/rooms/{room}/captions.srt`: every caption of the room so far.
+pub(crate) async fn srt<B: Bus>(
+    State(ingest): State<Ingest<B>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    Query(q): Query<RoomQuery>,
+) -> Result<Response, ApiError> {
+    let room = room_of(&ingest, &headers, &room, &q)?;
+    let body = rooms::srt(&room.cues(0), q.translated.unwrap_or(false));
+    let disposition = format!("attachment; filename=\"{}.srt\"", room.name);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/x-subrip; charset=utf-8".to_owned(),
+            ),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /v1/rooms/{room}`: who publishes and how many captions there are.
+pub(crate) async fn room_info<B: Bus>(
+    State(ingest): State<Ingest<B>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    Query(q): Query<RoomQuery>,
+) -> Result<Response, ApiError> {
+    let room = room_of(&ingest, &headers, &room, &q)?;
+    Ok(axum::Json(serde_json::json!({
+        "room": room.name,
+        "publishers": room.publishers(),
+        "captions": room.cues(0).len(),
+        "clock_ms": room.clock_ms(),
+    }))
+    .into_response())
+}
+
+/// The captions page: plain HTML and JavaScript, no build step.
+pub(crate) async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../static/captions.html"),
+    )
+        .into_response()
+}
