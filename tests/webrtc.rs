@@ -119,7 +119,7 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
     let dir = tempfile::tempdir().unwrap();
     let http = free_addr();
     let p = prefix("webrtc");
-    let _fleet = fleet(&p, http, &[]).await;
+    let _fleet = fleet(&p, http, &["--translation-model", "qwen2.5-0.5b-instruct"]).await;
     let base = format!("http://{http}");
 
     // One speaker: the page's finals read like offline transcription.
@@ -204,6 +204,8 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
         "base": base,
         "wavs": [a_path, b_path],
         "names": ["Alice", "Bob"],
+        // Bob asks for German: his lines carry a translation.
+        "targets": ["", "de"],
         "room": "standup",
         "speak_s": alice.len() as f64 / 16_000.0 + 4.0,
         "screenshot": artifacts().join("captions-room-viewer.png"),
@@ -226,6 +228,16 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
         seen.iter().all(|(p, _)| p == "Alice" || p == "Bob"),
         "{seen:?}"
     );
+    // Translation when asked, and only then. (The 0.5B model's German is
+    // rough: "Go forward ten meters." has come out as "Zwei Meter weiter.")
+    for c in report["captions"].as_array().unwrap() {
+        let tr = c["translation"].as_str().unwrap_or_default().to_lowercase();
+        match (c["participant"].as_str(), c["final"].as_bool()) {
+            (Some("Bob"), Some(true)) => assert!(tr.contains("meter"), "{c}"),
+            (Some("Alice"), _) => assert!(tr.is_empty(), "{c}"),
+            _ => {}
+        }
+    }
 }
 
 #[tokio::test]

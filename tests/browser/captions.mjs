@@ -8,7 +8,8 @@
 //   publish: one browser publishes `wav` as `name` into `room`, stops after
 //            `speak_s` seconds and reports the page's final captions.
 //   room:    a viewer page watches `room` while two browsers publish `wavs`
-//            as `names`; reports what the viewer shows.
+//            as `names` (translated into `targets`, where given); reports
+//            what the viewer shows.
 //   kill:    one browser publishes until its first caption shows, then the
 //            browser is killed (SIGKILL to its process group).
 import { chromium } from "playwright-core";
@@ -38,10 +39,10 @@ function pageUrl(q) {
   return cfg.base + "/?" + new URLSearchParams(q).toString();
 }
 
-async function openPublisher(browser, name, room) {
+async function openPublisher(browser, name, room, target) {
   const page = await browser.newPage({ viewport: { width: 900, height: 900 } });
   page.on("console", (m) => process.stderr.write(`[${name}] ${m.text()}\n`));
-  await page.goto(pageUrl({ name, room, language: "en", key: cfg.key || "" }));
+  await page.goto(pageUrl({ name, room, language: "en", target: target || "", key: cfg.key || "" }));
   await page.click("#start");
   await page.waitForFunction(
     () => /Live|Could not/.test(document.getElementById("status").textContent),
@@ -61,6 +62,7 @@ async function shown(page) {
       participant: el.dataset.participant,
       final: el.classList.contains("final"),
       text: t.textContent,
+      translation: el.querySelector(".tr").textContent,
       color: st.color,
       italic: st.fontStyle === "italic",
     };
@@ -112,8 +114,8 @@ async function main() {
         () => document.getElementById("status").textContent.startsWith("Watching"),
         null, { timeout: 30000 });
       const pages = await Promise.all([
-        openPublisher(a.browser, cfg.names[0], cfg.room),
-        openPublisher(b.browser, cfg.names[1], cfg.room),
+        openPublisher(a.browser, cfg.names[0], cfg.room, (cfg.targets || [])[0]),
+        openPublisher(b.browser, cfg.names[1], cfg.room, (cfg.targets || [])[1]),
       ]);
       await watch(viewer, cfg.speak_s);
       await Promise.all(pages.map(stop));

@@ -37,6 +37,9 @@ enum BenchCommand {
     /// and the Redis fleet, with final-caption latency after the endpoint and
     /// after the end of speech.
     Fleet(crate::bench_fleet::FleetArgs),
+    /// Text translation: seconds per sentence and tokens per second of the
+    /// Qwen GGUF as the fleet loads it, beside the same file as stored.
+    Translate(crate::bench_translate::TranslateBenchArgs),
     /// One system on one model, in this process (used by `asr`; prints JSON).
     #[command(hide = true)]
     AsrRun {
@@ -362,6 +365,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Audio(a) => audio(a),
         BenchCommand::Bus(a) => crate::bench_bus::run(a),
         BenchCommand::Fleet(a) => crate::bench_fleet::run(a),
+        BenchCommand::Translate(a) => crate::bench_translate::run(a),
         BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
     }
 }

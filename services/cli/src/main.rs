@@ -6,6 +6,7 @@
 mod bench;
 mod bench_bus;
 mod bench_fleet;
+mod bench_translate;
 mod models;
 mod serve;
 mod transcribe;

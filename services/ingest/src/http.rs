@@ -138,16 +138,10 @@ pub(crate) fn router<B: Bus>(ingest: Ingest<B>) -> axum::Router {
             "/v1/webrtc/sessions/{id}",
             axum::routing::delete(crate::webrtc::end::<B>),
         )
-        .route("/v1/rooms/{room}", get(crate::webrtc::room_info::<B>))
+        .route("/v1/rooms/{room}", get(crate::webrtc::room_info))
         .route("/v1/rooms/{room}/events", get(crate::webrtc::events::<B>))
-        .route(
-            "/v1/rooms/{room}/captions.vtt",
-            get(crate::webrtc::vtt::<B>),
-        )
-        .route(
-            "/v1/rooms/{room}/captions.srt",
-            get(crate::webrtc::srt::<B>),
-        )
+        .route("/v1/rooms/{room}/captions.vtt", get(crate::webrtc::vtt))
+        .route("/v1/rooms/{room}/captions.srt", get(crate::webrtc::srt))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(ingest)
 }

@@ -178,14 +178,27 @@ impl std::fmt::Debug for Translator {
 }
 
 impl Translator {
-    /// Loads a Qwen2 GGUF file.
+    /// Loads a Qwen2 GGUF file, its slow block formats requantised to Q8_0
+    /// (see [`SLOW_BLOCKS`]).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let mut f = std::fs::File::open(path)
             .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_reader(&mut f, path, device)
+        Self::from_reader(&mut f, path, device, true)
     }
 
-    fn from_reader<R: Read + Seek>(r: &mut R, path: &Path, device: &Device) -> Result<Self> {
+    /// Loads a Qwen2 GGUF file with its tensors as stored (for comparison).
+    pub fn load_as_stored(path: &Path, device: &Device) -> Result<Self> {
+        let mut f = std::fs::File::open(path)
+            .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
+        Self::from_reader(&mut f, path, device, false)
+    }
+
+    fn from_reader<R: Read + Seek>(
+        r: &mut R,
+        path: &Path,
+        device: &Device,
+        requantize: bool,
+    ) -> Result<Self> {
         let ct = gguf_file::Content::read(r)
             .map_err(|e| ModelError::Load(format!("{}: not a GGUF file: {e}", path.display())))?;
         let arch = ct
@@ -201,7 +214,12 @@ impl Translator {
         }
         let tokenizer = tokenizer_from_gguf(&ct)?;
         let load = |e: candle_core::Error| ModelError::Load(format!("{}: {e}", path.display()));
-        let model = match requantized(&ct, r).map_err(load)? {
+        let buf = if requantize {
+            requantized(&ct, r).map_err(load)?
+        } else {
+            None
+        };
+        let model = match buf {
             Some(buf) => {
                 let mut c = std::io::Cursor::new(buf);
                 let ct = gguf_file::Content::read(&mut c).map_err(load)?;

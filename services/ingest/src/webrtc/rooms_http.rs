@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,25 +18,42 @@ use crate::rooms::{self, CaptionEvent, Room};
 
 use super::{RoomQuery, bad, tenant_of};
 
-fn room_of<B: Bus>(
-    ingest: &Ingest<B>,
-    headers: &HeaderMap,
-    room: &str,
-    q: &RoomQuery,
-) -> Result<Arc<Room>, ApiError> {
-    let tenant = tenant_of(
-        ingest,
-        headers,
-        q.access_token.as_deref(),
-        q.tenant.as_deref(),
-    )?;
-    rooms::check_name("room", room, false).map_err(|e| bad(e, "room"))?;
-    ingest.inner.webrtc.rooms.get(&tenant, room).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no room {room:?} on this server; it opens when someone publishes into it"),
-        )
-    })
+/// A room that exists, its name from the path and checked, with the query:
+/// the extractor of the subtitle and state endpoints.
+pub(crate) struct RoomAccess(Arc<Room>, RoomQuery);
+
+impl<B: Bus> FromRequestParts<Ingest<B>> for RoomAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, ingest: &Ingest<B>) -> Result<Self, ApiError> {
+        let Path(room) = Path::<String>::from_request_parts(parts, ingest)
+            .await
+            .map_err(|e| bad(e.body_text(), "room"))?;
+        let Query(q) = Query::<RoomQuery>::from_request_parts(parts, ingest)
+            .await
+            .map_err(|e| bad(e.body_text(), "query"))?;
+        let tenant = tenant_of(
+            ingest,
+            &parts.headers,
+            q.access_token.as_deref(),
+            q.tenant.as_deref(),
+        )?;
+        rooms::check_name("room", &room, false).map_err(|e| bad(e, "room"))?;
+        let found = ingest
+            .inner
+            .webrtc
+            .rooms
+            .get(&tenant, &room)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no room {room:?} on this server; it opens when someone publishes into it"
+                    ),
+                )
+            })?;
+        Ok(Self(found, q))
+    }
 }
 
 /// `GET /v1/rooms/{room}/events`: the room's captions as server-sent events
@@ -89,37 +107,25 @@ pub(crate) async fn events<B: Bus>(
 
 /// `GET /v1/rooms/{room}/captions.vtt`: a rolling WebVTT cue list of the last
 /// `window_s` seconds (default 60), for HLS subtitle playlists.
-pub(crate) async fn vtt<B: Bus>(
-    State(ingest): State<Ingest<B>>,
-    headers: HeaderMap,
-    Path(room): Path<String>,
-    Query(q): Query<RoomQuery>,
-) -> Result<Response, ApiError> {
-    let room = room_of(&ingest, &headers, &room, &q)?;
+pub(crate) async fn vtt(RoomAccess(room, q): RoomAccess) -> Response {
     let window = q.window_s.unwrap_or(60).saturating_mul(1000);
     let since = room.clock_ms().saturating_sub(window);
     let body = rooms::webvtt(&room.cues(since), q.translated.unwrap_or(false));
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "text/vtt; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// `GET /v1/rooms/{room}/captions.srt`: every caption of the room so far.
-pub(crate) async fn srt<B: Bus>(
-    State(ingest): State<Ingest<B>>,
-    headers: HeaderMap,
-    Path(room): Path<String>,
-    Query(q): Query<RoomQuery>,
-) -> Result<Response, ApiError> {
-    let room = room_of(&ingest, &headers, &room, &q)?;
+pub(crate) async fn srt(RoomAccess(room, q): RoomAccess) -> Response {
     let body = rooms::srt(&room.cues(0), q.translated.unwrap_or(false));
     let disposition = format!("attachment; filename=\"{}.srt\"", room.name);
-    Ok((
+    (
         [
             (
                 header::CONTENT_TYPE,
@@ -129,24 +135,18 @@ pub(crate) async fn srt<B: Bus>(
         ],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// `GET /v1/rooms/{room}`: who publishes and how many captions there are.
-pub(crate) async fn room_info<B: Bus>(
-    State(ingest): State<Ingest<B>>,
-    headers: HeaderMap,
-    Path(room): Path<String>,
-    Query(q): Query<RoomQuery>,
-) -> Result<Response, ApiError> {
-    let room = room_of(&ingest, &headers, &room, &q)?;
-    Ok(axum::Json(serde_json::json!({
+pub(crate) async fn room_info(RoomAccess(room, _): RoomAccess) -> Response {
+    axum::Json(serde_json::json!({
         "room": room.name,
         "publishers": room.publishers(),
         "captions": room.cues(0).len(),
         "clock_ms": room.clock_ms(),
     }))
-    .into_response())
+    .into_response()
 }
 
 /// The captions page: plain HTML and JavaScript, no build step.
