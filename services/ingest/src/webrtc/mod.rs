@@ -22,7 +22,8 @@ use axum::response::{IntoResponse, Response};
 use nexus_bus::Bus;
 use nexus_fleet::stages;
 use nexus_proto::speech::{
-    AudioEncoding, AudioFormat, RecognitionConfig, StreamingRecognitionConfig, TranslationConfig,
+    AudioEncoding, AudioFormat, RecognitionConfig, StreamingRecognitionConfig, Task,
+    TranslationConfig,
 };
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde::Deserialize;
@@ -300,6 +301,11 @@ pub(crate) async fn offer<B: Bus>(
                 sample_rate_hz: OPUS_RATE,
                 channels: 1,
             }),
+            task: if q.target_language.is_empty() {
+                Task::Transcribe as i32
+            } else {
+                Task::Translate as i32
+            },
             translation: (!q.target_language.is_empty()).then(|| TranslationConfig {
                 target_language: q.target_language.clone(),
                 ..Default::default()
