@@ -323,43 +323,36 @@ async fn bad_offers_get_clear_errors() {
     let http = free_addr();
     let p = prefix("webrtcbad");
     let _fleet = fleet(&p, http, &[]).await;
-    let post = |path: &'static str, ctype: &'static str, body: &'static str| async move {
-        reqwest_free::request(
+    for (query, ctype, body, status, says) in [
+        ("room=r&name=n", "text/plain", "v=0", 415, "application/sdp"),
+        ("room=a%20b&name=n", "application/sdp", "v=0", 400, "room"),
+        (
+            "room=r&name=n",
+            "application/sdp",
+            "v=0\r\n",
+            400,
+            "no audio section",
+        ),
+        (
+            "room=r&name=n",
+            "application/sdp",
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nnonsense\r\n",
+            400,
+            "SDP offer was refused",
+        ),
+    ] {
+        let path = format!("/v1/webrtc/sessions?{query}");
+        let (s, b) = reqwest_free::request(
             http,
             "POST",
-            path,
+            &path,
             &[("content-type", ctype)],
             body.as_bytes(),
         )
-        .await
-    };
-    let (s, b) = post("/v1/webrtc/sessions?room=r&name=n", "text/plain", "v=0").await;
-    assert_eq!(s, 415, "{b}");
-    assert!(b.contains("application/sdp"), "{b}");
-    let (s, b) = post(
-        "/v1/webrtc/sessions?room=a%20b&name=n",
-        "application/sdp",
-        "v=0",
-    )
-    .await;
-    assert_eq!(s, 400, "{b}");
-    assert!(b.contains("room"), "{b}");
-    let (s, b) = post(
-        "/v1/webrtc/sessions?room=r&name=n",
-        "application/sdp",
-        "v=0\r\n",
-    )
-    .await;
-    assert_eq!(s, 400, "{b}");
-    assert!(b.contains("no audio section"), "{b}");
-    let (s, b) = post(
-        "/v1/webrtc/sessions?room=r&name=n",
-        "application/sdp",
-        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nnonsense\r\n",
-    )
-    .await;
-    assert_eq!(s, 400, "{b}");
-    assert!(b.contains("SDP offer was refused"), "{b}");
+        .await;
+        assert_eq!(s, status, "{query} {ctype}: {b}");
+        assert!(b.contains(says), "{query} {ctype}: {b}");
+    }
     let (s, b) = reqwest_free::request(http, "DELETE", "/v1/webrtc/sessions/nope", &[], b"").await;
     assert_eq!(s, 404, "{b}");
     // The page itself.
