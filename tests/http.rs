@@ -211,7 +211,7 @@ async fn openai_client_auth_limits_and_text_translation() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("3 requests per minute"), "{e:?}");
     // Over HTTP too, with OpenAI's error body.
-    let client = reqwest_free::Client::new(http);
+    let client = nexus_tests::http_client::Client::new(http);
     let (status, body) = client.get("/v1/models", Some("solo-key")).await;
     assert_eq!(status, 429, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -512,97 +512,6 @@ async fn an_open_api_is_refused_beyond_loopback() {
 
 /// A few lines of HTTP/1.1 over a TCP stream: enough to read status codes and
 /// bodies without pulling a client library into the tests.
-mod reqwest_free {
-    use std::net::SocketAddr;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    pub struct Client(SocketAddr);
-
-    impl Client {
-        pub fn new(addr: SocketAddr) -> Self {
-            Self(addr)
-        }
-
-        async fn send(&self, head: String, body: &[u8]) -> (u16, String) {
-            let mut s = tokio::net::TcpStream::connect(self.0).await.unwrap();
-            s.write_all(head.as_bytes()).await.unwrap();
-            s.write_all(body).await.unwrap();
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await.unwrap();
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let status = text
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            (status, body)
-        }
-
-        fn auth(key: Option<&str>) -> String {
-            key.map(|k| format!("Authorization: Bearer {k}\r\n"))
-                .unwrap_or_default()
-        }
-
-        pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, String) {
-            let head = format!(
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n",
-                Self::auth(key)
-            );
-            self.send(head, b"").await
-        }
-
-        pub async fn post_file(
-            &self,
-            path: &str,
-            key: Option<&str>,
-            fields: &[(&str, &str)],
-            file: &[u8],
-        ) -> (u16, String) {
-            let mut body = Vec::new();
-            for (k, v) in fields {
-                body.extend_from_slice(
-                    format!("--b\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
-                        .as_bytes(),
-                );
-            }
-            body.extend_from_slice(
-                b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n",
-            );
-            body.extend_from_slice(file);
-            body.extend_from_slice(b"\r\n--b--\r\n");
-            let head = format!(
-                "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n{}\r\n",
-                body.len(),
-                Self::auth(key)
-            );
-            self.send(head, &body).await
-        }
-
-        pub async fn post_form(
-            &self,
-            path: &str,
-            key: Option<&str>,
-            name: &str,
-            value: &str,
-        ) -> (u16, String) {
-            let body = format!(
-                "--b\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n--b--\r\n"
-            );
-            let head = format!(
-                "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n{}\r\n",
-                body.len(),
-                Self::auth(key)
-            );
-            self.send(head, body.as_bytes()).await
-        }
-    }
-}
-
 #[tokio::test]
 #[ignore = "needs the tiny.en and silero-vad weights, openssl, .venv and Redis; scripts/test.sh"]
 async fn tls_serves_grpc_and_http() {

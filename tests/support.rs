@@ -396,3 +396,140 @@ pub mod fleet {
         Ok(out)
     }
 }
+
+/// A minimal HTTP/1.1 client over one TCP connection per call, enough for
+/// the tests' checks of status lines and bodies.
+pub mod http_client {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client of one server.
+    pub struct Client(SocketAddr);
+
+    impl Client {
+        /// A client of the server at `addr`.
+        pub fn new(addr: SocketAddr) -> Self {
+            Self(addr)
+        }
+
+        async fn send(&self, head: String, body: &[u8]) -> (u16, String) {
+            let mut s = tokio::net::TcpStream::connect(self.0)
+                .await
+                .expect("the server accepts");
+            s.write_all(head.as_bytes()).await.expect("request sent");
+            s.write_all(body).await.expect("request sent");
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.expect("response read");
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let status = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let body = if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                dechunk(body)
+            } else {
+                body.to_owned()
+            };
+            (status, body)
+        }
+
+        /// Any request: `method path` with `headers` and `body`.
+        pub async fn request(
+            &self,
+            method: &str,
+            path: &str,
+            headers: &[(&str, &str)],
+            body: &[u8],
+        ) -> (u16, String) {
+            let mut head = format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+                body.len()
+            );
+            for (k, v) in headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            self.send(head, body).await
+        }
+
+        fn auth(key: Option<&str>) -> String {
+            key.map(|k| format!("Authorization: Bearer {k}\r\n"))
+                .unwrap_or_default()
+        }
+
+        /// `GET path`, with a bearer key if given.
+        pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, String) {
+            let head = format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n",
+                Self::auth(key)
+            );
+            self.send(head, b"").await
+        }
+
+        /// A multipart upload of `file` with `fields`.
+        pub async fn post_file(
+            &self,
+            path: &str,
+            key: Option<&str>,
+            fields: &[(&str, &str)],
+            file: &[u8],
+        ) -> (u16, String) {
+            let mut body = Vec::new();
+            for (k, v) in fields {
+                body.extend_from_slice(
+                    format!("--b\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                        .as_bytes(),
+                );
+            }
+            body.extend_from_slice(
+                b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n",
+            );
+            body.extend_from_slice(file);
+            body.extend_from_slice(b"\r\n--b--\r\n");
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n{}\r\n",
+                body.len(),
+                Self::auth(key)
+            );
+            self.send(head, &body).await
+        }
+
+        /// A multipart form of one field.
+        pub async fn post_form(
+            &self,
+            path: &str,
+            key: Option<&str>,
+            name: &str,
+            value: &str,
+        ) -> (u16, String) {
+            let body = format!(
+                "--b\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n--b--\r\n"
+            );
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n{}\r\n",
+                body.len(),
+                Self::auth(key)
+            );
+            self.send(head, body.as_bytes()).await
+        }
+    }
+
+    fn dechunk(mut s: &str) -> String {
+        let mut out = String::new();
+        while let Some((size, rest)) = s.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || rest.len() < n {
+                break;
+            }
+            out.push_str(&rest[..n]);
+            s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+        }
+        out
+    }
+}

@@ -15,6 +15,7 @@ use nexus_tests::fleet::{
     MODEL, Proc, free_addr, pcm16_config, prefix, redis_url, speech, stage, testdata,
     transcribe_file,
 };
+use nexus_tests::http_client::Client;
 use serde_json::Value;
 use tonic::Code;
 
@@ -119,7 +120,7 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
     let dir = tempfile::tempdir().unwrap();
     let http = free_addr();
     let p = prefix("webrtc");
-    let _fleet = fleet(&p, http, &["--translation-model", "qwen2.5-0.5b-instruct"]).await;
+    let fleet = fleet(&p, http, &["--translation-model", "qwen2.5-0.5b-instruct"]).await;
     let base = format!("http://{http}");
 
     // One speaker: the page's finals read like offline transcription.
@@ -168,17 +169,22 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
     );
 
     // The room's subtitles: live WebVTT and the SRT download.
-    let client = reqwest_free::get(http, "/v1/rooms/solo/captions.vtt").await;
+    let client = Client::new(http)
+        .get("/v1/rooms/solo/captions.vtt", None)
+        .await;
     assert_eq!(client.0, 200, "{}", client.1);
     assert!(client.1.starts_with("WEBVTT\n"), "{}", client.1);
     assert!(client.1.contains("<v Ada>"), "{}", client.1);
-    let srt = reqwest_free::get(http, "/v1/rooms/solo/captions.srt").await;
+    let srt = Client::new(http)
+        .get("/v1/rooms/solo/captions.srt", None)
+        .await;
     assert_eq!(srt.0, 200);
     let cues = srt::parse(&srt.1);
     assert_eq!(cues.len(), got.len(), "{}", srt.1);
     assert!(cues.windows(2).all(|w| w[0].0 <= w[1].0), "{}", srt.1);
     assert_eq!(
-        reqwest_free::get(http, "/v1/rooms/nobody-here/captions.srt")
+        Client::new(http)
+            .get("/v1/rooms/nobody-here/captions.srt", None)
             .await
             .0,
         404
@@ -216,7 +222,8 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
     let b_text = nexus_eval::normalize_english(&text_of(&seen, "Bob"));
     assert!(
         b_text.contains("forward") && (b_text.contains("ten") || b_text.contains("10")),
-        "Bob's captions: {b_text:?}\n{seen:?}"
+        "Bob's captions: {b_text:?}\n{seen:?}\n{report}\n{}",
+        fleet.log().join("\n")
     );
     let wer = nexus_eval::wer(&a_ref, &a_text);
     assert!(
@@ -342,83 +349,23 @@ async fn bad_offers_get_clear_errors() {
         ),
     ] {
         let path = format!("/v1/webrtc/sessions?{query}");
-        let (s, b) = reqwest_free::request(
-            http,
-            "POST",
-            &path,
-            &[("content-type", ctype)],
-            body.as_bytes(),
-        )
-        .await;
+        let (s, b) = Client::new(http)
+            .request("POST", &path, &[("content-type", ctype)], body.as_bytes())
+            .await;
         assert_eq!(s, status, "{query} {ctype}: {b}");
         assert!(b.contains(says), "{query} {ctype}: {b}");
     }
-    let (s, b) = reqwest_free::request(http, "DELETE", "/v1/webrtc/sessions/nope", &[], b"").await;
+    let (s, b) = Client::new(http)
+        .request("DELETE", "/v1/webrtc/sessions/nope", &[], b"")
+        .await;
     assert_eq!(s, 404, "{b}");
     // The page itself.
-    let (s, page) = reqwest_free::get(http, "/").await;
+    let (s, page) = Client::new(http).get("/", None).await;
     assert_eq!(s, 200);
     assert!(
         page.contains("<title>Nexus live captions</title>"),
         "{page}"
     );
-}
-
-/// A minimal HTTP/1.1 client over a TCP socket, enough for these checks.
-mod reqwest_free {
-    use std::net::SocketAddr;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    pub async fn request(
-        addr: SocketAddr,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> (u16, String) {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        s.write_all(body).await.unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.unwrap();
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text[9..12].parse().unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        (status, body)
-    }
-
-    fn dechunk(mut s: &str) -> String {
-        let mut out = String::new();
-        while let Some((size, rest)) = s.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&rest[..n]);
-            s = &rest[n + 2..];
-        }
-        out
-    }
-
-    pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-        request(addr, "GET", path, &[], b"").await
-    }
 }
 
 /// Cue start times (ms) of an SRT document.
