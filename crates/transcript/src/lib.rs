@@ -124,7 +124,12 @@ impl Format {
 }
 
 fn timestamp(seconds: f64, decimal: char) -> String {
-    let ms = (seconds.max(0.0) * 1000.0).round() as u64;
+    cue_timestamp((seconds.max(0.0) * 1000.0).round() as u64, decimal)
+}
+
+/// A subtitle time, `HH:MM:SS` then `decimal` (`,` for SubRip, `.` for
+/// WebVTT) and milliseconds.
+pub fn cue_timestamp(ms: u64, decimal: char) -> String {
     format!(
         "{:02}:{:02}:{:02}{decimal}{:03}",
         ms / 3_600_000,
@@ -135,7 +140,7 @@ fn timestamp(seconds: f64, decimal: char) -> String {
 }
 
 /// A cue's text: one line, no blank lines (which would end the cue), no `-->`.
-fn cue_text(text: &str) -> String {
+pub fn cue_text(text: &str) -> String {
     text.trim()
         .replace("-->", "->")
         .lines()

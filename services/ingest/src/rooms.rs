@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nexus_transcript::{cue_text, cue_timestamp};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -60,6 +61,19 @@ pub(crate) enum CaptionEvent {
         session: String,
         message: String,
     },
+}
+
+impl CaptionEvent {
+    /// The event's type, as its JSON `type` field and the SSE event name.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            CaptionEvent::Interim(_) => "interim",
+            CaptionEvent::Final(_) => "final",
+            CaptionEvent::Joined { .. } => "joined",
+            CaptionEvent::Left { .. } => "left",
+            CaptionEvent::Error { .. } => "error",
+        }
+    }
 }
 
 /// The text of one utterance of one participant.
@@ -249,21 +263,22 @@ pub(crate) fn check_name(what: &str, s: &str, spaces: bool) -> Result<(), String
     }
 }
 
-fn timestamp(ms: u64, sep: char) -> String {
-    format!(
-        "{:02}:{:02}:{:02}{sep}{:03}",
-        ms / 3_600_000,
-        ms / 60_000 % 60,
-        ms / 1000 % 60,
-        ms % 1000
-    )
-}
-
+/// Cue text for WebVTT: one line (`cue_text`, which also turns `-->` into
+/// `->`) with `&`, `<` and `>` escaped.
 fn escape_vtt(s: &str) -> String {
-    s.replace('&', "&amp;")
+    cue_text(s)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
-        .replace("-->", "--&gt;")
+}
+
+/// What a cue shows: the translation when asked for and present, else the
+/// speech's text.
+fn shown(c: &Caption, translated: bool) -> &str {
+    match (&c.translation, translated) {
+        (Some(t), true) if !t.text.is_empty() => &t.text,
+        _ => &c.text,
+    }
 }
 
 /// A WebVTT document of `cues`, each labelled with its speaker as a voice
@@ -272,18 +287,14 @@ fn escape_vtt(s: &str) -> String {
 pub(crate) fn webvtt(cues: &[Caption], translated: bool) -> String {
     let mut out = String::from("WEBVTT\nX-TIMESTAMP-MAP=MPEGTS:0,LOCAL:00:00:00.000\n\n");
     for c in cues {
-        let text = match (&c.translation, translated) {
-            (Some(t), true) if !t.text.is_empty() => &t.text,
-            _ => &c.text,
-        };
         out.push_str(&format!(
             "{}-{}\n{} --> {}\n<v {}>{}\n\n",
             c.session.get(..8).unwrap_or(&c.session),
             c.segment,
-            timestamp(c.start_ms, '.'),
-            timestamp(c.end_ms.max(c.start_ms + 1), '.'),
+            cue_timestamp(c.start_ms, '.'),
+            cue_timestamp(c.end_ms.max(c.start_ms + 1), '.'),
             escape_vtt(&c.participant),
-            escape_vtt(text.trim())
+            escape_vtt(shown(c, translated))
         ));
     }
     out
@@ -293,17 +304,13 @@ pub(crate) fn webvtt(cues: &[Caption], translated: bool) -> String {
 pub(crate) fn srt(cues: &[Caption], translated: bool) -> String {
     let mut out = String::new();
     for (i, c) in cues.iter().enumerate() {
-        let text = match (&c.translation, translated) {
-            (Some(t), true) if !t.text.is_empty() => &t.text,
-            _ => &c.text,
-        };
         out.push_str(&format!(
             "{}\n{} --> {}\n{}: {}\n\n",
             i + 1,
-            timestamp(c.start_ms, ','),
-            timestamp(c.end_ms.max(c.start_ms + 1), ','),
+            cue_timestamp(c.start_ms, ','),
+            cue_timestamp(c.end_ms.max(c.start_ms + 1), ','),
             c.participant,
-            text.trim()
+            cue_text(shown(c, translated))
         ));
     }
     out
@@ -370,6 +377,15 @@ mod tests {
         assert_eq!(r.publishers(), vec!["alice".to_owned()]);
         let json = serde_json::to_value(CaptionEvent::Interim(cap("alice", 1, 0, 1, "x"))).unwrap();
         assert_eq!(json["type"], "interim");
+        for ev in [
+            CaptionEvent::Final(cap("a", 0, 0, 1, "x")),
+            CaptionEvent::Left {
+                participant: "a".into(),
+                session: "s".into(),
+            },
+        ] {
+            assert_eq!(serde_json::to_value(&ev).unwrap()["type"], ev.kind());
+        }
         assert_eq!(json["participant"], "alice");
         assert_eq!(json["translation"]["language"], "de");
     }

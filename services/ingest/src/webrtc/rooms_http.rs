@@ -32,28 +32,39 @@ impl<B: Bus> FromRequestParts<Ingest<B>> for RoomAccess {
         let Query(q) = Query::<RoomQuery>::from_request_parts(parts, ingest)
             .await
             .map_err(|e| bad(e.body_text(), "query"))?;
-        let tenant = tenant_of(
-            ingest,
-            &parts.headers,
-            q.access_token.as_deref(),
-            q.tenant.as_deref(),
-        )?;
-        rooms::check_name("room", &room, false).map_err(|e| bad(e, "room"))?;
-        let found = ingest
-            .inner
-            .webrtc
-            .rooms
-            .get(&tenant, &room)
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "no room {room:?} on this server; it opens when someone publishes into it"
-                    ),
-                )
-            })?;
+        let found = find_room(ingest, &parts.headers, &room, &q, false)?;
         Ok(Self(found, q))
     }
+}
+
+/// The tenant's room `name`: opened if `open`, else NOT_FOUND when it does
+/// not exist.
+fn find_room<B: Bus>(
+    ingest: &Ingest<B>,
+    headers: &HeaderMap,
+    name: &str,
+    q: &RoomQuery,
+    open: bool,
+) -> Result<Arc<Room>, ApiError> {
+    let tenant = tenant_of(
+        ingest,
+        headers,
+        q.access_token.as_deref(),
+        q.tenant.as_deref(),
+    )?;
+    rooms::check_name("room", name, false).map_err(|e| bad(e, "room"))?;
+    let rooms = &ingest.inner.webrtc.rooms;
+    if open {
+        return rooms
+            .open(&tenant, name)
+            .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e));
+    }
+    rooms.get(&tenant, name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no room {name:?} on this server; it opens when someone publishes into it"),
+        )
+    })
 }
 
 /// `GET /v1/rooms/{room}/events`: the room's captions as server-sent events
@@ -64,20 +75,8 @@ pub(crate) async fn events<B: Bus>(
     Path(room): Path<String>,
     Query(q): Query<RoomQuery>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant_of(
-        &ingest,
-        &headers,
-        q.access_token.as_deref(),
-        q.tenant.as_deref(),
-    )?;
-    rooms::check_name("room", &room, false).map_err(|e| bad(e, "room"))?;
     // Viewers may come before the first speaker: the room opens for them.
-    let room = ingest
-        .inner
-        .webrtc
-        .rooms
-        .open(&tenant, &room)
-        .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e))?;
+    let room = find_room(&ingest, &headers, &room, &q, true)?;
     let (replay, rx) = room.subscribe();
     let first = futures::stream::iter(replay.into_iter().map(|c| Arc::new(CaptionEvent::Final(c))));
     let live = futures::stream::unfold(rx, |mut rx| async move {
@@ -90,16 +89,9 @@ pub(crate) async fn events<B: Bus>(
         }
     });
     use futures::StreamExt;
-    let stream = first.chain(live).map(|ev| {
-        let name = match &*ev {
-            CaptionEvent::Interim(_) => "interim",
-            CaptionEvent::Final(_) => "final",
-            CaptionEvent::Joined { .. } => "joined",
-            CaptionEvent::Left { .. } => "left",
-            CaptionEvent::Error { .. } => "error",
-        };
-        Event::default().event(name).json_data(&*ev)
-    });
+    let stream = first
+        .chain(live)
+        .map(|ev| Event::default().event(ev.kind()).json_data(&*ev));
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
