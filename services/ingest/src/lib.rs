@@ -190,6 +190,15 @@ pub(crate) struct Inner<B: Bus> {
 pub(crate) type Parked = (String, mpsc::Sender<session::Reattach>);
 
 impl<B: Bus> Inner<B> {
+    /// Gives the decoder-pool slot of `id` back; when that fails, the lease
+    /// lapses by its TTL.
+    pub(crate) async fn release_slot(&self, id: &SessionId) {
+        let pool = self.cfg.fleet.keys.pool(stages::DECODER_POOL);
+        if let Err(e) = self.bus.release(&pool, id.as_str()).await {
+            tracing::warn!(id = %id, error = %e, "releasing a decoder slot failed; its lease expires");
+        }
+    }
+
     /// Queues audio for the encoders, riding out bus outages and a full
     /// audio stage for up to `--bus-retry-ms`; the last error after that
     /// (`BusError::Full` when the stage stayed full).

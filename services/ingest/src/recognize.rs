@@ -254,10 +254,7 @@ impl<B: Bus> Ingest<B> {
                 });
             }
             let r = self.run_windows(&id, tenant, &p, progress.as_ref()).await;
-            let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
-            if let Err(e) = inner.bus.release(&pool, id.as_str()).await {
-                tracing::warn!(request = %id, error = %e, "releasing the request's slot failed; its lease expires");
-            }
+            inner.release_slot(&id).await;
             results = r?;
         }
         if let Some(p) = &progress {

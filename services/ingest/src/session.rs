@@ -91,7 +91,6 @@ impl<B: Bus> Session<B> {
     /// borrowed across awaits.
     pub async fn run(self, mut decoder: AudioIn, inbound: Inbound, out: Out) {
         let id = self.id.clone();
-        let pool = self.inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
         let stop = CancellationToken::new();
         let (res_tx, mut res_rx) = mpsc::channel::<Result<(EntryId, DecodeResult), String>>(256);
         let follower = tokio::spawn(follow(
@@ -126,9 +125,7 @@ impl<B: Bus> Session<B> {
         self.unpark();
         stop.cancel();
         let _ = follower.await;
-        if let Err(e) = self.inner.bus.release(&pool, id.as_str()).await {
-            tracing::warn!(session = %id, error = %e, "releasing the session's slot failed; its lease expires");
-        }
+        self.inner.release_slot(&id).await;
         match r {
             Ok(()) => tracing::info!(session = %id, "session ended"),
             Err(status) => {

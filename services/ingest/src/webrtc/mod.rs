@@ -20,7 +20,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use nexus_bus::Bus;
-use nexus_fleet::stages;
 use nexus_proto::speech::{
     AudioEncoding, AudioFormat, RecognitionConfig, StreamingRecognitionConfig, Task,
     TranslationConfig,
@@ -322,51 +321,45 @@ pub(crate) async fn offer<B: Bus>(
     let (mut session, audio_in) = ingest.open(cfg, grant).await?;
     session.resumable = false;
     let id = session.id.to_string();
-    let release = |inner: &Arc<crate::Inner<B>>, id: String| {
-        let inner = inner.clone();
-        async move {
-            let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
-            let _ = inner.bus.release(&pool, &id).await;
-        }
-    };
     let port = match inner.webrtc.take_port() {
         Ok(p) => p,
         Err(e) => {
-            release(&inner, id).await;
+            inner.release_slot(&session.id).await;
             return Err(e);
         }
     };
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let pc = match build_peer(&inner.webrtc.args, port, ev_tx, sdp).await {
-        Ok(pc) => pc,
-        Err(e) => {
-            inner.webrtc.give_port(port);
-            release(&inner, id).await;
-            return Err(e);
-        }
-    };
-    // Non-trickle: the answer carries every candidate.
-    let gathered = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut early = Vec::new();
-        while let Some(ev) = ev_rx.recv().await {
-            match ev {
-                PeerEvent::Gathered => return early,
-                other => early.push(other),
+    let negotiated = async {
+        let pc = build_peer(&inner.webrtc.args, port, ev_tx, sdp).await?;
+        // Non-trickle: the answer carries every candidate.
+        let gathered = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut early = Vec::new();
+            while let Some(ev) = ev_rx.recv().await {
+                match ev {
+                    PeerEvent::Gathered => return early,
+                    other => early.push(other),
+                }
+            }
+            early
+        })
+        .await;
+        match (gathered, pc.local_description().await) {
+            (Ok(early), Some(answer)) => Ok((pc, early, answer)),
+            _ => {
+                let _ = pc.close().await;
+                Err(ApiError::from(Status::internal(
+                    "gathering ICE candidates failed; see the server log",
+                )))
             }
         }
-        early
-    })
+    }
     .await;
-    let answer = pc.local_description().await;
-    let (early, answer) = match (gathered, answer) {
-        (Ok(early), Some(a)) => (early, a),
-        _ => {
-            let _ = pc.close().await;
+    let (pc, early, answer) = match negotiated {
+        Ok(n) => n,
+        Err(e) => {
             inner.webrtc.give_port(port);
-            release(&inner, id).await;
-            return Err(
-                Status::internal("gathering ICE candidates failed; see the server log").into(),
-            );
+            inner.release_slot(&session.id).await;
+            return Err(e);
         }
     };
     let stop = CancellationToken::new();
