@@ -7,12 +7,14 @@
 //! and its state always live on one shard.
 
 pub mod codec;
+pub mod jobs;
 pub mod keys;
 pub mod memory;
 pub mod redis_bus;
 pub mod stream;
 
 pub use codec::{BusError, StreamMessage, decode, encode};
+pub use jobs::JobStore;
 pub use keys::{Keys, SessionId};
 pub use memory::MemoryBus;
 pub use redis_bus::RedisBus;

@@ -8,12 +8,7 @@ pub const AUDIO: &str = "audio";
 pub const ENCODED: &str = "encoded";
 /// Work stream of text translation requests, read by decoders with a translation model.
 pub const TRANSLATE: &str = "translate";
-/// Work stream of batch transcription jobs, read by job runners (ingest replicas).
-pub const JOBS: &str = "jobs";
-/// Work stream of batch jobs with a positive priority, read before [`JOBS`].
-pub const JOBS_URGENT: &str = "jobs-urgent";
-/// Consumer group of the job runners.
-pub const JOB_GROUP: &str = "jobs";
+pub use nexus_bus::jobs::{JOB_GROUP, JOBS, JOBS_URGENT};
 /// Consumer group of the encoder replicas.
 pub const ENCODER_GROUP: &str = "encoder";
 /// Consumer group of the decoder replicas.

@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use futures::Stream;
+use nexus_bus::jobs::{FIELD_JOB, JobStore, Submitted, terminal};
 use nexus_bus::{Bus, BusError, SessionId, StreamLimits};
 use nexus_fleet::{StageReader, now_unix_ms, stages};
 use nexus_proto::pipeline::JobSpec;
@@ -80,12 +81,6 @@ impl JobArgs {
     }
 }
 
-fn terminal(state: i32) -> bool {
-    state == JobState::Succeeded as i32
-        || state == JobState::Failed as i32
-        || state == JobState::Cancelled as i32
-}
-
 fn state_name(state: i32) -> &'static str {
     JobState::try_from(state).map_or("UNKNOWN", |s| s.as_str_name())
 }
@@ -113,20 +108,22 @@ impl<B: Bus> Ingest<B> {
         self.inner.cfg.fleet.keys.job(id, part)
     }
 
+    /// The fleet's job records.
+    pub(crate) fn job_store(&self) -> JobStore<B> {
+        JobStore::new(
+            self.inner.bus.clone(),
+            self.inner.cfg.fleet.keys.clone(),
+            self.inner.jobs.ttl(),
+            self.inner.jobs.limits(),
+        )
+    }
+
     fn job_id(id: &str) -> Result<SessionId, Status> {
         SessionId::parse(id).map_err(|_| invalid(format!("job_id {id:?} is not a job id")))
     }
 
     async fn put_job(&self, job: &Job) -> Result<(), BusError> {
-        let id = SessionId::parse(&job.job_id)?;
-        self.inner
-            .bus
-            .put(
-                &self.key(&id, "status"),
-                job.encode_to_vec(),
-                self.inner.jobs.ttl(),
-            )
-            .await
+        self.job_store().put_status(job).await
     }
 
     /// The job as its owner sees it; NOT_FOUND for unknown jobs and other tenants' jobs.
@@ -140,13 +137,11 @@ impl<B: Bus> Ingest<B> {
     async fn check_owner(&self, id: &SessionId, tenant: &str) -> Result<(), Status> {
         let not_found = || Status::not_found(format!("no job {id}; it may have expired"));
         let spec = self
-            .inner
-            .bus
-            .get(&self.key(id, "spec"))
+            .job_store()
+            .spec(id)
             .await
             .map_err(bus_status)?
             .ok_or_else(not_found)?;
-        let spec = JobSpec::decode(spec.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
         if self.inner.access.requires_keys() && spec.tenant != tenant {
             return Err(not_found());
         }
@@ -155,26 +150,11 @@ impl<B: Bus> Ingest<B> {
 
     /// The job's status record, cancelled when a cancel request is pending.
     async fn job_status(&self, id: &SessionId) -> Result<Job, Status> {
-        let bus = &self.inner.bus;
-        let not_found = || Status::not_found(format!("no job {id}; it may have expired"));
-        let status = bus
-            .get(&self.key(id, "status"))
+        self.job_store()
+            .status(id)
             .await
             .map_err(bus_status)?
-            .ok_or_else(not_found)?;
-        let mut job =
-            Job::decode(status.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
-        if !terminal(job.state)
-            && bus
-                .get(&self.key(id, "cancel"))
-                .await
-                .map_err(bus_status)?
-                .is_some()
-        {
-            job.state = JobState::Cancelled as i32;
-            job.error = "cancelled by request".into();
-        }
-        Ok(job)
+            .ok_or_else(|| Status::not_found(format!("no job {id}; it may have expired")))
     }
 
     async fn submit(&self, r: SubmitJobRequest, tenant: String) -> Result<Job, Status> {
@@ -260,32 +240,16 @@ impl<B: Bus> Ingest<B> {
             labels: r.labels,
             ..Default::default()
         };
-        if let Some(c) = content {
-            bus.put(&self.key(&id, "audio"), c.to_vec(), ttl)
-                .await
-                .map_err(bus_status)?;
-        }
-        bus.put(&self.key(&id, "spec"), spec.encode_to_vec(), ttl)
+        match self
+            .job_store()
+            .submit(&spec, &job, content.map(|c| c.to_vec()), r.priority > 0)
             .await
-            .map_err(bus_status)?;
-        self.put_job(&job).await.map_err(bus_status)?;
-        let stream = stages::stream(
-            &inner.cfg.fleet.keys,
-            if r.priority > 0 {
-                stages::JOBS_URGENT
-            } else {
-                stages::JOBS
-            },
-        );
-        let fields: nexus_bus::Fields = vec![("job".to_owned(), id.as_str().as_bytes().to_vec())]
-            .into_iter()
-            .collect();
-        match bus.add(&stream, fields, inner.jobs.limits()).await {
-            Ok(_) => {}
+        {
+            Ok(Submitted::Queued) => {}
+            Ok(Submitted::Exists) => {
+                return Err(Status::internal(format!("job id {id} was taken; retry")));
+            }
             Err(BusError::Full { backlog, .. }) => {
-                for part in ["status", "spec", "audio"] {
-                    let _ = bus.delete(&self.key(&id, part)).await;
-                }
                 return Err(Status::resource_exhausted(format!(
                     "{backlog} jobs are queued already; retry later"
                 )));
@@ -304,14 +268,7 @@ impl<B: Bus> Ingest<B> {
                 state_name(job.state)
             )));
         }
-        let bus = &self.inner.bus;
-        bus.put(
-            &self.key(id, "cancel"),
-            b"1".to_vec(),
-            self.inner.jobs.ttl(),
-        )
-        .await
-        .map_err(bus_status)?;
+        self.job_store().cancel(id).await.map_err(bus_status)?;
         self.load_job(id, tenant).await
     }
 
@@ -342,9 +299,8 @@ impl<B: Bus> Ingest<B> {
         };
         let fmt = format_of(format).ok_or_else(|| invalid("unknown format"))?;
         let stored = self
-            .inner
-            .bus
-            .get(&self.key(&id, "result"))
+            .job_store()
+            .result(&id)
             .await
             .map_err(bus_status)?
             .ok_or_else(|| Status::not_found(format!("the transcript of job {id} has expired")))?;
@@ -513,7 +469,7 @@ pub(crate) async fn run_jobs<B: Bus>(ingest: Ingest<B>, shutdown: CancellationTo
             let _permit = permit;
             let Some(id) = entry
                 .fields
-                .get("job")
+                .get(FIELD_JOB)
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|s| SessionId::parse(s).ok())
             else {
@@ -677,10 +633,7 @@ impl<B: Bus> Ingest<B> {
     }
 
     async fn cancelled(&self, id: &SessionId) -> bool {
-        matches!(
-            self.inner.bus.get(&self.key(id, "cancel")).await,
-            Ok(Some(_))
-        )
+        matches!(self.job_store().cancel_requested(id).await, Ok(true))
     }
 
     async fn finish(&self, job: &mut Job, state: JobState, error: &str) -> bool {
@@ -709,7 +662,12 @@ impl<B: Bus> Ingest<B> {
                 Err(s) => return Outcome::Fail(s.message().to_owned()),
             }
         };
-        let rc = spec.config.clone().unwrap_or_default();
+        // Jobs may come from elsewhere than this API (the Kubernetes
+        // operator writes them to the bus directly): check them here too.
+        let mut rc = spec.config.clone().unwrap_or_default();
+        if let Err(s) = self.check_config(&mut rc) {
+            return Outcome::Fail(s.message().to_owned());
+        }
         let prepared = match self.prepare_bytes(rc.clone(), bytes).await {
             Ok(p) => p,
             Err(s) => return Outcome::Fail(s.message().to_owned()),
@@ -762,11 +720,7 @@ impl<B: Bus> Ingest<B> {
             Ok(v) => v,
             Err(e) => return Outcome::Fail(format!("the transcript could not be stored: {e}")),
         };
-        if let Err(e) = inner
-            .bus
-            .put(&self.key(id, "result"), stored, inner.jobs.ttl())
-            .await
-        {
+        if let Err(e) = self.job_store().put_result(id, stored).await {
             return Outcome::Retry(format!("storing the transcript: {e}"));
         }
         job.outputs = spec
