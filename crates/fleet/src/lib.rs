@@ -31,6 +31,9 @@ pub struct StageProcessArgs {
         default_value = "base"
     )]
     pub models: Vec<String>,
+    /// Device the models run on: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "NEXUS_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 /// Settings every stage of one fleet shares.

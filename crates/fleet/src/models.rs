@@ -96,12 +96,21 @@ impl std::fmt::Debug for ModelSet {
 impl ModelSet {
     /// Loads every named model on the CPU.
     pub fn load(names: &[String], home: Option<PathBuf>) -> anyhow::Result<Self> {
+        Self::load_on(names, home, &Device::Cpu)
+    }
+
+    /// Loads every named model on `device`.
+    pub fn load_on(
+        names: &[String],
+        home: Option<PathBuf>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(!names.is_empty(), "name at least one model to serve");
         let mut engines = BTreeMap::new();
         for name in names {
             let dir = resolve_model(name, home.clone())?;
             let t0 = std::time::Instant::now();
-            let engine = WhisperEngine::load(&dir, &Device::Cpu)
+            let engine = WhisperEngine::load(&dir, device)
                 .with_context(|| format!("loading {name} from {}", dir.display()))?;
             tracing::info!(model = %name, load_ms = t0.elapsed().as_millis() as u64, "model loaded");
             engines.insert(name.clone(), Arc::new(engine));

@@ -8,10 +8,12 @@
 //! translation ([`whisper`]), text translation with Qwen2.5 ([`qwen`]) and
 //! Silero voice activity detection ([`vad`]).
 
+pub mod device;
 pub mod error;
 pub mod mel;
 pub mod qwen;
 pub mod vad;
 pub mod whisper;
 
+pub use device::parse_device;
 pub use error::{ModelError, Result};

@@ -138,7 +138,8 @@ async fn run_roles<B: Bus>(
         tasks.spawn(async move { nexus_encoder::run(cfg, bus, models, l, stop).await });
     }
     if matches!(role, Role::All | Role::Decoder) {
-        let translator = nexus_decoder::load_translator(&args.translation_model)?;
+        let translator =
+            nexus_decoder::load_translator(&args.translation_model, &candle_core::Device::Cpu)?;
         let cfg = DecoderConfig {
             fleet: args.fleet.resolve("decoder")?,
             args: args.decoder.clone(),

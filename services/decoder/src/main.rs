@@ -35,9 +35,11 @@ async fn main() -> anyhow::Result<()> {
     nexus_core::telemetry::init(&cli.telemetry)?;
     let shutdown = nexus_core::shutdown::on_signals();
     let fleet = cli.fleet.resolve("decoder")?;
+    let device = nexus_models::parse_device(&cli.process.device)?;
     let names = cli.process.models.clone();
-    let models = tokio::task::spawn_blocking(move || ModelSet::load(&names, None)).await??;
-    let translator = nexus_decoder::load_translator(&cli.translation_model)?;
+    let translator = nexus_decoder::load_translator(&cli.translation_model, &device)?;
+    let models =
+        tokio::task::spawn_blocking(move || ModelSet::load_on(&names, None, &device)).await??;
     let bus = RedisBus::connect(&cli.process.redis).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let cfg = DecoderConfig {

@@ -186,7 +186,8 @@ fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
     let (name, engine) = (name.to_owned(), engine.clone());
     let prepared = (|| {
         let audio = features(&job.seg)?
-            .to_dtype(engine.dtype)
+            .to_device(&engine.device)
+            .and_then(|t| t.to_dtype(engine.dtype))
             .map_err(|e| e.to_string())?;
         let (base, opts) = options(&job.seg, &engine)?;
         let seq = GreedySequence::start(

@@ -32,8 +32,10 @@ async fn main() -> anyhow::Result<()> {
     nexus_core::telemetry::init(&cli.telemetry)?;
     let shutdown = nexus_core::shutdown::on_signals();
     let fleet = cli.fleet.resolve("encoder")?;
+    let device = nexus_models::parse_device(&cli.process.device)?;
+    let names = cli.process.models.clone();
     let models =
-        tokio::task::spawn_blocking(move || ModelSet::load(&cli.process.models, None)).await??;
+        tokio::task::spawn_blocking(move || ModelSet::load_on(&names, None, &device)).await??;
     let bus = RedisBus::connect(&cli.process.redis).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let cfg = EncoderConfig {
