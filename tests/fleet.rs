@@ -123,10 +123,45 @@ async fn three_processes_match_offline_transcription() {
         p.as_str(),
     ];
     let mut enc = Proc::start("encoder", "nexus-encoder", &common);
-    let mut dec = Proc::start("decoder", "nexus-decoder", &common);
+    // The decoder's admin port: its slot gauges are the autoscaler's signal.
+    let admin = nexus_tests::fleet::free_addr();
+    let admin_arg = admin.to_string();
+    let dec_args = [&common[..], &["--admin-listen", admin_arg.as_str()]].concat();
+    let mut dec = Proc::start("decoder", "nexus-decoder", &dec_args);
     let ingest_args = [&common[..], &["--http-listen", "none"]].concat();
     let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
     all_serving(&mut [&mut enc, &mut dec, &mut ing]).await;
+    let scrape = move || async move {
+        let (status, body) = nexus_tests::http_client::Client::new(admin)
+            .get("/metrics", None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let gauge = |name: &str| -> u64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no {name} in {body}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        (
+            gauge("nexus_decoder_slots_total"),
+            gauge("nexus_decoder_slots_free"),
+            gauge("nexus_decoder_slots_used"),
+        )
+    };
+    assert_eq!(scrape().await, (16, 16, 0), "an idle decoder's slots");
+    let busiest = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let busiest = busiest.clone();
+        tokio::spawn(async move {
+            loop {
+                let (_, _, used) = scrape().await;
+                busiest.fetch_max(used, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
 
     let samples = speech();
     let mut cfg = pcm16_config(MODEL);
@@ -137,7 +172,13 @@ async fn three_processes_match_offline_transcription() {
     let t0 = Instant::now();
     let out = stream(ing.addr, cfg, &samples, 1.0, |_| {}).await.unwrap();
     let wall = t0.elapsed();
+    sampler.abort();
     assert_complete(&out);
+    assert!(
+        busiest.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "the decoder's used-slot gauge never moved during a session"
+    );
+    assert_eq!(scrape().await.1, 16, "slots are free again after the session");
     println!(
         "final latency after endpoint (ms): {:?}",
         out.final_latency_ms

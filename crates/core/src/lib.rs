@@ -5,6 +5,7 @@
 //! ([`telemetry`]) and gRPC serving with health and reflection ([`grpc`]).
 //! Nothing here knows about models or audio.
 
+pub mod admin;
 pub mod error;
 pub mod grpc;
 pub mod shutdown;

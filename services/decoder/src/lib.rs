@@ -45,6 +45,10 @@ pub struct DecoderArgs {
     /// How long an advertisement of capacity lasts; renewed every third of it.
     #[arg(long, env = "NEXUS_ADVERTISE_TTL_MS", default_value_t = 6_000)]
     pub advertise_ttl_ms: u64,
+    /// Admin port (`/metrics`: decoding slots total, free and used, for
+    /// autoscaling live capacity); off when unset.
+    #[arg(long, env = "NEXUS_ADMIN_LISTEN")]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DecoderArgs {
@@ -54,6 +58,7 @@ impl Default for DecoderArgs {
             slots: 16,
             result_ttl_s: 3_600,
             advertise_ttl_ms: 6_000,
+            admin_listen: None,
         }
     }
 }
@@ -83,13 +88,16 @@ impl std::fmt::Debug for DecoderConfig {
 
 /// Loads the text translation model named `spec` (registry name or GGUF path);
 /// none for an empty name.
-pub fn load_translator(spec: &str) -> anyhow::Result<Option<(String, Arc<Mutex<Translator>>)>> {
+pub fn load_translator(
+    spec: &str,
+    device: &candle_core::Device,
+) -> anyhow::Result<Option<(String, Arc<Mutex<Translator>>)>> {
     if spec.is_empty() {
         return Ok(None);
     }
     let file = nexus_fleet::models::resolve_gguf(spec, None)?;
-    let t = Translator::load(&file, &candle_core::Device::Cpu)
-        .with_context(|| format!("loading {}", file.display()))?;
+    let t =
+        Translator::load(&file, device).with_context(|| format!("loading {}", file.display()))?;
     Ok(Some((spec.to_owned(), Arc::new(Mutex::new(t)))))
 }
 
@@ -206,6 +214,15 @@ pub async fn run<B: Bus>(
     };
 
     let slots = Arc::new(Semaphore::new(cfg.args.slots));
+    if let Some(addr) = cfg.args.admin_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin port {addr}"))?;
+        let (slots, total, sessions) = (slots.clone(), cfg.args.slots, cfg.args.sessions);
+        let render: nexus_core::admin::Render =
+            Arc::new(move || slot_metrics(total, slots.available_permits(), sessions));
+        tokio::spawn(nexus_core::admin::serve(listener, render, shutdown.clone()));
+    }
     let acker = reader.acker();
     let max_age = cfg.fleet.interim_max_age.as_millis() as u64;
     loop {
@@ -506,4 +523,25 @@ async fn translate(
     };
     r.translation = Some(result(texts.join(sep)));
     Ok(())
+}
+
+/// The decoder's capacity gauges in the Prometheus text format: the
+/// autoscaler's signal for live capacity.
+fn slot_metrics(total: usize, free: usize, sessions: u32) -> String {
+    let used = total.saturating_sub(free);
+    format!(
+        "# HELP nexus_decoder_slots_total Sequences this replica decodes at once.\n\
+         # TYPE nexus_decoder_slots_total gauge\n\
+         nexus_decoder_slots_total {total}\n\
+         # HELP nexus_decoder_slots_free Decoding slots free now.\n\
+         # TYPE nexus_decoder_slots_free gauge\n\
+         nexus_decoder_slots_free {free}\n\
+         # HELP nexus_decoder_slots_used Decoding slots busy now.\n\
+         # TYPE nexus_decoder_slots_used gauge\n\
+         nexus_decoder_slots_used {used}\n\
+         # HELP nexus_decoder_sessions_advertised Live sessions this replica offers ingest.\n\
+         # TYPE nexus_decoder_sessions_advertised gauge\n\
+         nexus_decoder_sessions_advertised {sessions}\n\
+         # EOF\n"
+    )
 }
