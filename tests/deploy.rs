@@ -1,0 +1,454 @@
+//! The Kubernetes deliverables: the Helm chart (lint, render, schema
+//! validation for Kubernetes 1.30+), what it renders against what the binaries
+//! expect, the plain manifests in deploy/ kept in step with it, and the
+//! Dockerfiles against the workspace's binaries.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tool(rel: &str) -> PathBuf {
+    let p = root().join(rel);
+    assert!(
+        p.is_file(),
+        "{} is missing; run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.current_dir(root()).output().expect("the tool runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const CHART: &str = "helm/nexus-fleet";
+const VALUES: [&str; 3] = ["default", "gpu", "keda"];
+
+fn render(values: &str) -> String {
+    run(Command::new(tool(".tools/bin/helm")).args([
+        "template",
+        "nexus-fleet",
+        CHART,
+        "--namespace",
+        "nexus",
+        "--include-crds",
+        "-f",
+        &format!("{CHART}/ci/{values}-values.yaml"),
+    ]))
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .expect("rendered YAML parses")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn env(container: &Value) -> BTreeMap<String, String> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap_or("<from>").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs helm and kubernetes-validate (scripts/setup.sh)"]
+fn the_chart_lints_renders_and_validates_for_default_gpu_and_keda_values() {
+    for v in VALUES {
+        let values = format!("{CHART}/ci/{v}-values.yaml");
+        run(Command::new(tool(".tools/bin/helm")).args(["lint", "--strict", CHART, "-f", &values]));
+        let out = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(out.path(), render(v)).unwrap();
+        for k8s in ["1.30.0", "1.33.0"] {
+            let report = run(Command::new(tool(".venv/bin/kubernetes-validate")).args([
+                "--strict",
+                "--quiet",
+                "-k",
+                k8s,
+                out.path().to_str().unwrap(),
+            ]));
+            // Custom resources of other projects (KEDA, the Prometheus operator)
+            // have no schema there; they are checked below instead.
+            for line in report.lines() {
+                assert!(
+                    line.contains("Couldn't find schema for kind ScaledObject")
+                        || line.contains("Couldn't find schema for kind ServiceMonitor"),
+                    "{v} values, Kubernetes {k8s}: {line}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs helm (scripts/setup.sh)"]
+fn the_rendered_fleet_matches_what_the_binaries_expect() {
+    let grace = nexus_core::grpc::DrainOptions::default().grace.as_secs();
+    for v in VALUES {
+        let d = docs(&render(v));
+        for dep in of_kind(&d, "Deployment") {
+            let name = dep["metadata"]["name"].as_str().unwrap();
+            let pod = &dep["spec"]["template"]["spec"];
+            let tgp = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+            assert!(
+                tgp > grace,
+                "{name}: grace period {tgp} s is not above the drain grace {grace} s"
+            );
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+            for c in pod["containers"].as_array().unwrap() {
+                assert_eq!(
+                    c["securityContext"]["allowPrivilegeEscalation"], false,
+                    "{name}"
+                );
+                let ports: Vec<&Value> = c["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| &p["containerPort"])
+                    .collect();
+                if let Some(port) = c["readinessProbe"]["grpc"]["port"].as_u64() {
+                    assert!(
+                        ports.iter().any(|p| p.as_u64() == Some(port)),
+                        "{name}: gRPC probe on {port}, not a container port"
+                    );
+                    let listen = env(c)["NEXUS_LISTEN"].clone();
+                    assert!(
+                        listen.ends_with(&format!(":{port}")),
+                        "{name}: listens on {listen}, probed on {port}"
+                    );
+                }
+            }
+        }
+        // The CRD in the chart is the one the operator's types describe.
+        let crd = find(
+            &d,
+            "CustomResourceDefinition",
+            "transcriptionjobs.speech.nexus-fleet.dev",
+        );
+        let ours = docs(&nexus_operator::crd_yaml().unwrap());
+        assert_eq!(
+            crd, &ours[0],
+            "the chart's CRD is stale: run scripts/render-deploy.sh"
+        );
+
+        let gpu = v == "gpu";
+        for stage in ["encoder", "decoder"] {
+            let dep = find(&d, "Deployment", &format!("nexus-fleet-{stage}"));
+            let pod = &dep["spec"]["template"]["spec"];
+            let c = &pod["containers"][0];
+            assert_eq!(
+                c["image"].as_str().unwrap().contains("-cuda:"),
+                gpu,
+                "{v} {stage}"
+            );
+            assert_eq!(env(c)["NEXUS_DEVICE"], if gpu { "cuda" } else { "cpu" });
+            assert_eq!(
+                c["resources"]["limits"]["nvidia.com/gpu"].as_u64(),
+                gpu.then_some(1),
+                "{v} {stage}"
+            );
+            assert_eq!(pod["tolerations"].is_array(), gpu, "{v} {stage}");
+            // Its weights are pulled before it starts.
+            let init = &pod["initContainers"][0];
+            assert_eq!(init["args"][0], "models");
+            assert_eq!(init["args"][2], "base");
+        }
+
+        let keda = v == "keda";
+        assert_eq!(
+            of_kind(&d, "HorizontalPodAutoscaler").is_empty(),
+            keda,
+            "{v}"
+        );
+        assert_eq!(of_kind(&d, "ScaledObject").is_empty(), !keda, "{v}");
+        if keda {
+            let keys = nexus_bus::Keys::new("nexus").unwrap();
+            for (target, stage, group, min) in [
+                ("encoder", "audio", "encoder", 1),
+                ("decoder", "encoded", "decoder", 1),
+                ("batch", "jobs", "jobs", 0),
+            ] {
+                let so = find(&d, "ScaledObject", &format!("nexus-fleet-{target}"));
+                assert_eq!(so["spec"]["minReplicaCount"], min, "{target}");
+                let trig = &so["spec"]["triggers"][0];
+                assert_eq!(trig["type"], "redis-streams");
+                assert_eq!(
+                    trig["metadata"]["stream"],
+                    keys.stage_stream(stage, 0),
+                    "{target}"
+                );
+                assert_eq!(trig["metadata"]["consumerGroup"], group, "{target}");
+                assert!(
+                    trig["metadata"]["lagCount"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<u32>()
+                        .unwrap()
+                        > 0
+                );
+                // KEDA reads the address from the target's container environment.
+                let dep = find(&d, "Deployment", &format!("nexus-fleet-{target}"));
+                let from = trig["metadata"]["addressFromEnv"].as_str().unwrap();
+                assert_eq!(
+                    env(&dep["spec"]["template"]["spec"]["containers"][0])[from],
+                    "nexus-fleet-redis:6379"
+                );
+            }
+            let dec = find(&d, "ScaledObject", "nexus-fleet-decoder");
+            assert!(
+                dec["spec"]["triggers"][1]["metadata"]["query"]
+                    .as_str()
+                    .unwrap()
+                    .contains("nexus_decoder_slots_used")
+            );
+            assert!(!of_kind(&d, "ServiceMonitor").is_empty());
+            // WebRTC media ports reach the pods through the Service.
+            let svc = find(&d, "Service", "nexus-fleet-ingest");
+            let udp = svc["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["protocol"] == "UDP")
+                .count();
+            assert_eq!(udp, 16);
+        }
+        assert_eq!(of_kind(&d, "PodDisruptionBudget").len(), 3, "{v}");
+        let redis = find(&d, "StatefulSet", "nexus-fleet-redis");
+        assert!(
+            redis["spec"]["template"]["spec"]["containers"][0]["args"]
+                .to_string()
+                .contains("appendonly")
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs helm and kubectl (scripts/setup.sh)"]
+fn deploy_manifests_are_in_step_with_the_chart() {
+    let base = std::fs::read_to_string(root().join("deploy/base/nexus-fleet.yaml")).unwrap();
+    let body = base.split_once('\n').map(|(_, b)| b).unwrap();
+    assert!(
+        body == render("default"),
+        "deploy/base is stale: run scripts/render-deploy.sh"
+    );
+    let kustomize = |overlay: &str| {
+        docs(&run(Command::new(tool(".tools/bin/kubectl"))
+            .args(["kustomize", &format!("deploy/overlays/{overlay}")])))
+    };
+    for (overlay, values) in [("cpu", "default"), ("gpu", "gpu")] {
+        let got = kustomize(overlay);
+        let want = docs(&render(values));
+        assert_eq!(got.len(), want.len(), "{overlay}");
+        for w in &want {
+            let (kind, name) = (
+                w["kind"].as_str().unwrap(),
+                w["metadata"]["name"].as_str().unwrap(),
+            );
+            let mut w = w.clone();
+            if kind != "CustomResourceDefinition" && !kind.starts_with("Cluster") {
+                w["metadata"]["namespace"] = "nexus".into();
+            }
+            assert_eq!(
+                norm(find(&got, kind, name)),
+                norm(&w),
+                "deploy/overlays/{overlay}: {kind} {name} differs from the chart with {values} values"
+            );
+        }
+    }
+}
+
+/// Numbers as kustomize writes them (0.0 becomes 0), and environment lists in
+/// name order (a strategic-merge patch moves the variables it sets first).
+fn norm(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => Value::from(f as i64),
+            _ => v.clone(),
+        },
+        Value::Array(a) => a.iter().map(norm).collect(),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| {
+                let mut v = norm(v);
+                if let (true, Value::Array(a)) = (k == "env", &mut v) {
+                    a.sort_by(|x, y| x["name"].as_str().cmp(&y["name"].as_str()));
+                }
+                (k.clone(), v)
+            })
+            .collect(),
+        _ => v.clone(),
+    }
+}
+
+/// `-p PKG --bin BIN [--features F]` of a Dockerfile's cargo build, and its entrypoint.
+fn dockerfile(text: &str) -> (String, String, Option<String>, String) {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let after = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .map(|i| words[i + 1].trim_end_matches('\\').to_owned())
+    };
+    let entry = text
+        .lines()
+        .rfind(|l| l.starts_with("ENTRYPOINT"))
+        .expect("an ENTRYPOINT")
+        .to_owned();
+    (
+        after("-p").expect("cargo build -p"),
+        after("--bin").expect("cargo build --bin"),
+        after("--features"),
+        entry,
+    )
+}
+
+#[test]
+fn dockerfiles_build_binaries_that_the_workspace_has() {
+    let meta: Value = serde_json::from_str(&run(Command::new(env!("CARGO")).args([
+        "metadata",
+        "--no-deps",
+        "--format-version",
+        "1",
+    ])))
+    .unwrap();
+    let packages = meta["packages"].as_array().unwrap();
+    let mut built = Vec::new();
+    for service in std::fs::read_dir(root().join("services")).unwrap() {
+        let dir = service.unwrap().path();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("Dockerfile")
+            })
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "{} has no Dockerfile", dir.display());
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let (pkg, bin, features, entry) = dockerfile(&text);
+            let p = packages
+                .iter()
+                .find(|p| p["name"] == pkg.as_str())
+                .unwrap_or_else(|| panic!("{}: no package {pkg}", f.display()));
+            let manifest = Path::new(p["manifest_path"].as_str().unwrap())
+                .parent()
+                .unwrap()
+                .to_owned();
+            assert_eq!(
+                manifest.canonicalize().unwrap(),
+                dir.canonicalize().unwrap(),
+                "{}: builds another service's package",
+                f.display()
+            );
+            assert!(
+                p["targets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| t["name"] == bin.as_str() && t["kind"][0] == "bin"),
+                "{}: {pkg} has no binary {bin}",
+                f.display()
+            );
+            if let Some(feat) = &features {
+                assert!(
+                    p["features"][feat].is_array(),
+                    "{}: {pkg} has no feature {feat}",
+                    f.display()
+                );
+            }
+            assert!(
+                entry.contains(&format!("/usr/local/bin/{bin}\"")),
+                "{}: {entry}",
+                f.display()
+            );
+            assert!(
+                text.matches("\nFROM ").count() >= 1 && text.contains(" AS build"),
+                "{}: not multi-stage",
+                f.display()
+            );
+            let last = text.rsplit("\nFROM ").next().unwrap();
+            assert!(
+                last.contains(&format!("COPY --from=build /out/{bin} ")),
+                "{}: runtime stage does not take {bin}",
+                f.display()
+            );
+            let user = last
+                .lines()
+                .find(|l| l.starts_with("USER "))
+                .expect("a USER in the runtime stage");
+            assert!(
+                !user.contains("root") && !user.starts_with("USER 0"),
+                "{}: {user}",
+                f.display()
+            );
+            let cuda = f.extension().is_some_and(|e| e == "cuda");
+            assert_eq!(features.as_deref() == Some("cuda"), cuda, "{}", f.display());
+            built.push(format!(
+                "nexus-fleet/{bin}{}",
+                if cuda { "-cuda" } else { "" }
+            ));
+        }
+    }
+    // Every image the chart runs has a Dockerfile.
+    let values: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(root().join(CHART).join("values.yaml")).unwrap(),
+    )
+    .unwrap();
+    for key in ["ingest", "encoder", "decoder", "operator", "cli"] {
+        let repo = values["image"][key].as_str().unwrap();
+        assert!(
+            built.iter().any(|b| b == repo),
+            "image {repo} has no Dockerfile (built: {built:?})"
+        );
+        if key == "encoder" || key == "decoder" {
+            let cuda = format!("{repo}{}", values["image"]["cudaSuffix"].as_str().unwrap());
+            assert!(built.contains(&cuda), "no CUDA Dockerfile for {cuda}");
+        }
+    }
+}
+
+#[test]
+fn the_example_transcription_job_is_valid() {
+    let text =
+        std::fs::read_to_string(root().join("deploy/examples/transcriptionjob.yaml")).unwrap();
+    let job: nexus_operator::TranscriptionJob = serde_saphyr::from_str(&text).unwrap();
+    job.spec.validate(0).unwrap();
+    assert_eq!(job.spec.formats().len(), 3);
+}
