@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::pool::{Job, Output};
+use crate::pool::{Job, Output, Slot};
 
 /// Settings of the decoder stage.
 #[derive(Debug, Clone, clap::Args)]
@@ -214,13 +214,17 @@ pub async fn run<B: Bus>(
     };
 
     let slots = Arc::new(Semaphore::new(cfg.args.slots));
+    // Slots holding an entry (the reader holds the idle ones while it waits).
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if let Some(addr) = cfg.args.admin_listen {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the admin port {addr}"))?;
-        let (slots, total, sessions) = (slots.clone(), cfg.args.slots, cfg.args.sessions);
-        let render: nexus_core::admin::Render =
-            Arc::new(move || slot_metrics(total, slots.available_permits(), sessions));
+        let (busy, total, sessions) = (busy.clone(), cfg.args.slots, cfg.args.sessions);
+        let render: nexus_core::admin::Render = Arc::new(move || {
+            let used = busy.load(std::sync::atomic::Ordering::Relaxed).min(total);
+            slot_metrics(total, total - used, sessions)
+        });
         tokio::spawn(nexus_core::admin::serve(listener, render, shutdown.clone()));
     }
     let acker = reader.acker();
@@ -254,9 +258,12 @@ pub async fn run<B: Bus>(
                 skip.push(e.id);
                 continue;
             }
-            let permit = permits
-                .pop()
-                .context("more entries than free slots; this is a bug")?;
+            let permit = Slot::new(
+                permits
+                    .pop()
+                    .context("more entries than free slots; this is a bug")?,
+                busy.clone(),
+            );
             job_tx
                 .send(Job {
                     id: e.id,

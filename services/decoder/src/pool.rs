@@ -20,6 +20,34 @@ use nexus_proto::speech::{
 };
 use tokio::sync::OwnedSemaphorePermit;
 
+/// A decoding slot taken by one entry: counted busy until dropped (after its
+/// result is written), which the slot gauges report.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    busy: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Slot {
+    /// Marks `permit`'s slot busy in `busy`.
+    pub fn new(
+        permit: OwnedSemaphorePermit,
+        busy: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Self {
+        busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            busy,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// One segment revision to decode.
 #[derive(Debug)]
 pub struct Job {
@@ -28,7 +56,7 @@ pub struct Job {
     /// The features and what to do with them.
     pub seg: EncodedSegment,
     /// Its slot in the pool; freed when the result is written.
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Slot,
     /// Keeps its entry from looking abandoned while it waits and decodes.
     pub fresh: Option<nexus_fleet::reader::KeepFresh>,
 }
@@ -45,7 +73,7 @@ pub struct Output {
     /// Decoder time spent.
     pub inference_ms: u32,
     /// The slot, held until the write.
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Slot,
     /// Keeps its entry fresh until the write.
     pub fresh: Option<nexus_fleet::reader::KeepFresh>,
     /// Whisper's translate task produced the text (English from another language).
