@@ -178,7 +178,11 @@ async fn three_processes_match_offline_transcription() {
         busiest.load(std::sync::atomic::Ordering::Relaxed) >= 1,
         "the decoder's used-slot gauge never moved during a session"
     );
-    assert_eq!(scrape().await.1, 16, "slots are free again after the session");
+    assert_eq!(
+        scrape().await.1,
+        16,
+        "slots are free again after the session"
+    );
     println!(
         "final latency after endpoint (ms): {:?}",
         out.final_latency_ms
