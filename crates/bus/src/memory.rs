@@ -221,6 +221,28 @@ impl Bus for MemoryBus {
         Ok(id)
     }
 
+    async fn groups(&self, stream: &str) -> Result<Vec<crate::GroupInfo>, BusError> {
+        let st = self.lock();
+        let Some(s) = st.streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<crate::GroupInfo> = s
+            .groups
+            .iter()
+            .map(|(name, g)| crate::GroupInfo {
+                name: name.clone(),
+                pending: g.pending.len(),
+                lag: s
+                    .entries
+                    .range(g.last_delivered..)
+                    .filter(|(id, _)| **id > g.last_delivered)
+                    .count(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
     async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError> {
         let mut st = self.lock();
         st.streams

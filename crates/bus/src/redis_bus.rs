@@ -238,7 +238,7 @@ impl RedisBus {
         r
     }
 
-    async fn backlog(&self, stream: &str) -> Result<Option<(String, usize)>, BusError> {
+    async fn group_infos(&self, stream: &str) -> Result<Vec<crate::GroupInfo>, BusError> {
         let mut conn = self.conn.clone();
         let reply: Value = match redis::cmd("XINFO")
             .arg("GROUPS")
@@ -248,13 +248,13 @@ impl RedisBus {
         {
             Ok(v) => v,
             // No such stream yet: nothing is behind.
-            Err(e) if e.to_string().contains("no such key") => return Ok(None),
+            Err(e) if e.to_string().contains("no such key") => return Ok(Vec::new()),
             Err(e) => return Err(unavailable(e)),
         };
         let Value::Array(groups) = reply else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let mut worst: Option<(String, usize)> = None;
+        let mut out = Vec::new();
         for g in groups {
             let pairs: Vec<(String, Value)> = match g {
                 Value::Array(kv) => kv
@@ -265,20 +265,34 @@ impl RedisBus {
                 _ => continue,
             };
             let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-            let name = get("name").map(|v| text(&v)).unwrap_or_default();
-            let pending = get("pending").as_ref().and_then(int).unwrap_or(0).max(0) as usize;
-            // Entries not yet delivered; Redis reports nil when it cannot tell, then count all.
-            let lag = get("lag").as_ref().and_then(int).unwrap_or(0).max(0) as usize;
-            let behind = pending + lag;
-            if worst.as_ref().is_none_or(|(_, w)| behind > *w) {
-                worst = Some((name, behind));
-            }
+            out.push(crate::GroupInfo {
+                name: get("name").map(|v| text(&v)).unwrap_or_default(),
+                pending: get("pending").as_ref().and_then(int).unwrap_or(0).max(0) as usize,
+                // Entries not yet delivered; Redis reports nil when it cannot tell.
+                lag: get("lag").as_ref().and_then(int).unwrap_or(0).max(0) as usize,
+            });
         }
-        Ok(worst)
+        Ok(out)
+    }
+
+    /// The group furthest behind (pending plus undelivered).
+    async fn backlog(&self, stream: &str) -> Result<Option<(String, usize)>, BusError> {
+        Ok(self
+            .group_infos(stream)
+            .await?
+            .into_iter()
+            .map(|g| (g.name, g.pending + g.lag))
+            .max_by_key(|(_, behind)| *behind))
     }
 }
 
 impl Bus for RedisBus {
+    async fn groups(&self, stream: &str) -> Result<Vec<crate::GroupInfo>, BusError> {
+        let mut g = self.group_infos(stream).await?;
+        g.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(g)
+    }
+
     async fn add(
         &self,
         stream: &str,

@@ -13,6 +13,17 @@ use std::time::Duration;
 
 use crate::codec::BusError;
 
+/// A consumer group's position on its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group's name.
+    pub name: String,
+    /// Entries delivered to a consumer and not yet acknowledged.
+    pub pending: usize,
+    /// Entries not yet delivered to any consumer of the group.
+    pub lag: usize,
+}
+
 /// An entry id: milliseconds and a sequence number, ordered like Redis ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct EntryId {
@@ -101,6 +112,11 @@ pub trait Bus: Clone + Send + Sync + 'static {
         fields: Fields,
         limits: StreamLimits,
     ) -> impl Future<Output = Result<EntryId, BusError>> + Send;
+
+    /// How far behind each consumer group of `stream` is (empty when the
+    /// stream does not exist): the autoscaler's signal.
+    fn groups(&self, stream: &str)
+    -> impl Future<Output = Result<Vec<GroupInfo>, BusError>> + Send;
 
     /// Creates a consumer group reading from the stream's start, if absent.
     fn ensure_group(

@@ -93,6 +93,32 @@ async fn groups_deliver_each_entry_once_per_group(bus: impl Bus, n: &Names) {
     ));
 }
 
+/// Group positions (the autoscaler's lag signal) read the same on both buses.
+async fn group_positions_count_lag_and_pending(bus: impl Bus, n: &Names) {
+    let s = n.s.as_str();
+    assert!(bus.groups(s).await.unwrap().is_empty(), "no stream yet");
+    bus.ensure_group(s, "enc").await.unwrap();
+    bus.ensure_group(s, "audit").await.unwrap();
+    for v in ["a", "b", "c", "d"] {
+        bus.add(s, fields(v), StreamLimits::default())
+            .await
+            .unwrap();
+    }
+    let got = bus.read_group(s, "enc", "c1", 3, NOW).await.unwrap();
+    bus.ack(s, "enc", &[got[0].id]).await.unwrap();
+    let g = bus.groups(s).await.unwrap();
+    let pos = |name: &str| {
+        let g = g.iter().find(|g| g.name == name).unwrap();
+        (g.lag, g.pending)
+    };
+    assert_eq!(
+        pos("enc"),
+        (1, 2),
+        "one undelivered, two delivered and unacknowledged"
+    );
+    assert_eq!(pos("audit"), (4, 0));
+}
+
 async fn unacked_entries_are_redelivered_then_dead_lettered(bus: impl Bus, n: &Names) {
     let (s, dlq) = (n.s.as_str(), n.dlq.as_str());
     let limits = StreamLimits {
@@ -404,6 +430,7 @@ macro_rules! both {
 }
 
 both!(groups, groups_deliver_each_entry_once_per_group);
+both!(positions, group_positions_count_lag_and_pending);
 both!(
     redelivery,
     unacked_entries_are_redelivered_then_dead_lettered
