@@ -33,6 +33,8 @@ declare -A APT=(
   [chromium]=chromium
   [node]=nodejs
   [npm]=npm
+  # promtool checks the services' /metrics expositions.
+  [promtool]=prometheus
 )
 missing=()
 for cmd in "${!APT[@]}"; do
