@@ -145,7 +145,7 @@ async fn three_processes_match_offline_transcription() {
                 .unwrap()
         };
         (
-            gauge("nexus_decoder_slots_total"),
+            gauge("nexus_decoder_slots"),
             gauge("nexus_decoder_slots_free"),
             gauge("nexus_decoder_slots_used"),
         )

@@ -1,26 +1,90 @@
-//! A service's admin port: `/metrics` (Prometheus text, rendered on each
-//! scrape) and `/healthz`.
+//! A process's admin port: `/metrics` (Prometheus text, rendered on each
+//! scrape from every part of the process that registered) and `/healthz`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Renders the metrics exposition on each scrape.
+/// Renders one part's metrics exposition on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Content type of the OpenMetrics text format.
-pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format (0.0.4), which every scraper
+/// and `promtool check metrics` read.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The parts of a process whose metrics one admin port serves (the stages
+/// of `nexus serve` share one port).
+#[derive(Clone, Default)]
+pub struct Renders(Arc<Mutex<Vec<Render>>>);
+
+impl std::fmt::Debug for Renders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Renders")
+    }
+}
+
+impl Renders {
+    /// Adds a part.
+    pub fn add(&self, render: Render) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(render);
+    }
+
+    /// Every part's exposition as one document in the Prometheus text format.
+    /// Parts may write OpenMetrics (as prometheus-client does): its `# EOF`
+    /// and `# UNIT` lines go, and a counter's metadata takes the `_total`
+    /// name its samples carry.
+    pub fn render(&self) -> String {
+        let parts: Vec<Render> = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let text: String = parts.iter().map(|r| r()).collect::<Vec<_>>().join("\n");
+        to_prometheus_text(&text)
+    }
+}
+
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .filter(|name| !name.ends_with("_total"))
+        .collect();
+    let mut out = String::new();
+    for line in openmetrics.lines() {
+        if line.is_empty() || line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{p}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 
 /// Serves the admin routes on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, renders: Renders, shutdown: CancellationToken) {
     use axum::routing::get;
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
-                let render = render.clone();
-                async move { ([("content-type", OPENMETRICS)], render()) }
+                let renders = renders.clone();
+                async move { ([("content-type", PROMETHEUS_TEXT)], renders.render()) }
             }),
         )
         .route("/healthz", get(|| async { "ok" }));
@@ -29,5 +93,25 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: Cancellation
         .await
     {
         tracing::error!(error = %e, "admin port failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_become_one_prometheus_text_document() {
+        let r = Renders::default();
+        r.add(Arc::new(|| {
+            "# HELP a_seconds A.\n# TYPE a_seconds gauge\n# UNIT a_seconds seconds\na_seconds 1\n# EOF\n".to_owned()
+        }));
+        r.add(Arc::new(|| {
+            "# HELP b B things.\n# TYPE b counter\nb_total 2\n# EOF\n".to_owned()
+        }));
+        assert_eq!(
+            r.render(),
+            "# HELP a_seconds A.\n# TYPE a_seconds gauge\na_seconds 1\n# HELP b_total B things.\n# TYPE b_total counter\nb_total 2\n"
+        );
     }
 }

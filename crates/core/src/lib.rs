@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod shutdown;
 pub mod task;
 pub mod telemetry;
+pub mod trace;
 
 pub use error::{Error, Result, ResultExt};
 pub use task::spawn;

@@ -1,7 +1,16 @@
-//! Logging for every process: an env-filter, text or JSON lines, and a handle
-//! to change the filter while the process runs.
+//! Logging and tracing for every process: an env-filter, text or JSON lines,
+//! a handle to change the filter while the process runs, and spans exported
+//! over OTLP/gRPC when an endpoint is configured (flushed when the
+//! [`Telemetry`] guard drops).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -35,11 +44,28 @@ pub struct TelemetryArgs {
         global = true
     )]
     pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint that receives traces (e.g. `http://otel-collector:4317`);
+    /// no traces are exported when unset. `OTEL_BSP_*` variables tune batching.
+    #[arg(long, env = "NEXUS_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Keeps logging configured; changes the filter at run time.
 pub struct Telemetry {
     filter: reload::Handle<EnvFilter, Registry>,
+    traces: Option<(SdkTracerProvider, tokio::runtime::Runtime)>,
+}
+
+impl Drop for Telemetry {
+    /// Exports the spans still buffered.
+    fn drop(&mut self) {
+        if let Some((provider, runtime)) = self.traces.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("flushing traces failed: {e}");
+            }
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Errors of [`init`] and [`Telemetry::set_filter`].
@@ -56,6 +82,14 @@ pub enum TelemetryError {
     /// A global subscriber was installed already.
     #[error("logging was initialised twice: {0}")]
     Init(String),
+    /// The OTLP exporter could not be set up.
+    #[error("OTLP trace export to {endpoint}: {reason}")]
+    Otlp {
+        /// The endpoint.
+        endpoint: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The subscriber is gone.
     #[error("cannot reload log filter: {0}")]
     Reload(String),
@@ -68,10 +102,23 @@ fn parse_filter(filter: &str) -> Result<EnvFilter, TelemetryError> {
     })
 }
 
-/// Installs the global subscriber. Call once, first thing in `main`.
-pub fn init(args: &TelemetryArgs) -> Result<Telemetry, TelemetryError> {
+/// Installs the global subscriber for a process named `service` (the
+/// `service.name` of its spans). Call once, first thing in `main`, and keep
+/// the guard until the end.
+pub fn init(args: &TelemetryArgs, service: &str) -> Result<Telemetry, TelemetryError> {
     let (filter, handle) = reload::Layer::new(parse_filter(&args.log_filter)?);
-    let registry = tracing_subscriber::registry().with(filter);
+    let traces = args
+        .otlp_endpoint
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .map(|e| tracer_provider(e, service))
+        .transpose()?;
+    let otel = traces.as_ref().map(|(p, _)| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("nexus"))
+            .with_tracked_inactivity(false)
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let res = match args.log_format {
         LogFormat::Text => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
@@ -87,7 +134,83 @@ pub fn init(args: &TelemetryArgs) -> Result<Telemetry, TelemetryError> {
             .try_init(),
     };
     res.map_err(|e| TelemetryError::Init(e.to_string()))?;
-    Ok(Telemetry { filter: handle })
+    Ok(Telemetry {
+        filter: handle,
+        traces,
+    })
+}
+
+/// The provider and the one-thread runtime its exports run on (the process's
+/// own runtime may not exist yet, and ends before the last flush).
+fn tracer_provider(
+    endpoint: &str,
+    service: &str,
+) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), TelemetryError> {
+    let fail = |reason: String| TelemetryError::Otlp {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-export")
+        .enable_all()
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let exporter = {
+        let _in = runtime.enter();
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| fail(e.to_string()))?
+    };
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(OnRuntime {
+            inner: Arc::new(exporter),
+            runtime: runtime.handle().clone(),
+        })
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .build();
+    Ok((provider, runtime))
+}
+
+/// Runs a span exporter's calls on a Tokio runtime: the SDK's
+/// batch processor exports from a thread of its own, where tonic's
+/// connections (which need the runtime's reactor) cannot be driven.
+#[derive(Debug)]
+struct OnRuntime<E> {
+    inner: Arc<E>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let inner = self.inner.clone();
+        let task = self.runtime.spawn(async move { inner.export(batch).await });
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(OTelSdkError::InternalFailure(e.to_string())))
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
 }
 
 impl Telemetry {

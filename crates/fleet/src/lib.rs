@@ -6,6 +6,7 @@
 //! command-line settings every stage takes ([`FleetArgs`]), and loading the
 //! models a stage serves by name ([`models`]).
 
+pub mod metrics;
 pub mod models;
 pub mod reader;
 pub mod stages;
@@ -59,6 +60,10 @@ pub struct FleetArgs {
     /// newer window of the utterance is on its way.
     #[arg(long, env = "NEXUS_INTERIM_MAX_AGE_MS", default_value_t = 2_000)]
     pub interim_max_age_ms: u64,
+    /// Admin port of this process: `/metrics` (Prometheus text) and
+    /// `/healthz`; off when unset.
+    #[arg(long, env = "NEXUS_ADMIN_LISTEN")]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for FleetArgs {
@@ -70,6 +75,7 @@ impl Default for FleetArgs {
             max_backlog: 2_000,
             max_deliveries: 4,
             interim_max_age_ms: 2_000,
+            admin_listen: None,
         }
     }
 }
@@ -87,6 +93,8 @@ pub struct Fleet {
     pub limits: StreamLimits,
     /// Age after which interim windows are skipped.
     pub interim_max_age: Duration,
+    /// Where the stage registers its metrics, when the process has an admin port.
+    pub admin: Option<nexus_core::admin::Renders>,
 }
 
 impl FleetArgs {
@@ -112,7 +120,29 @@ impl FleetArgs {
                 max_deliveries: self.max_deliveries,
             },
             interim_max_age: Duration::from_millis(self.interim_max_age_ms),
+            admin: None,
         })
+    }
+
+    /// Binds and serves `--admin-listen` until `shutdown`; the stages of this
+    /// process add their metrics to what it returns (put it in their [`Fleet`]).
+    pub async fn admin_port(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Option<nexus_core::admin::Renders>> {
+        let Some(addr) = self.admin_listen else {
+            return Ok(None);
+        };
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the admin port {addr}: {e}"))?;
+        let renders = nexus_core::admin::Renders::default();
+        tokio::spawn(nexus_core::admin::serve(
+            l,
+            renders.clone(),
+            shutdown.clone(),
+        ));
+        Ok(Some(renders))
     }
 }
 

@@ -81,6 +81,7 @@ pub fn english_only_by_name(names: &[String]) -> Vec<String> {
 /// is the default for requests that name none.
 #[derive(Clone)]
 pub struct ModelSet {
+    load_seconds: Arc<BTreeMap<String, f64>>,
     engines: Arc<BTreeMap<String, Arc<WhisperEngine>>>,
     default: String,
 }
@@ -107,15 +108,18 @@ impl ModelSet {
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(!names.is_empty(), "name at least one model to serve");
         let mut engines = BTreeMap::new();
+        let mut load_seconds = BTreeMap::new();
         for name in names {
             let dir = resolve_model(name, home.clone())?;
             let t0 = std::time::Instant::now();
             let engine = WhisperEngine::load(&dir, device)
                 .with_context(|| format!("loading {name} from {}", dir.display()))?;
             tracing::info!(model = %name, load_ms = t0.elapsed().as_millis() as u64, "model loaded");
+            load_seconds.insert(name.clone(), t0.elapsed().as_secs_f64());
             engines.insert(name.clone(), Arc::new(engine));
         }
         Ok(Self {
+            load_seconds: Arc::new(load_seconds),
             engines: Arc::new(engines),
             default: names[0].clone(),
         })
@@ -127,6 +131,14 @@ impl ModelSet {
         self.engines
             .get_key_value(key)
             .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Seconds each model took to load.
+    pub fn load_seconds(&self) -> Vec<(String, f64)> {
+        self.load_seconds
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Names served, sorted.

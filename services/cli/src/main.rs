@@ -60,7 +60,7 @@ enum KeysCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = telemetry::init(&cli.telemetry)?;
+    let _telemetry = telemetry::init(&cli.telemetry, "nexus")?;
     match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Models(args) => models::run(args),

@@ -102,6 +102,13 @@ async fn run_roles<B: Bus>(
     bus: B,
     shutdown: nexus_core::CancellationToken,
 ) -> anyhow::Result<()> {
+    // One admin port for every stage of this process.
+    let admin = args.fleet.admin_port(&shutdown).await?;
+    let resolve = |role: &str| -> anyhow::Result<nexus_fleet::Fleet> {
+        let mut f = args.fleet.resolve(role)?;
+        f.admin = admin.clone();
+        Ok(f)
+    };
     let drain = DrainOptions {
         grace: std::time::Duration::from_secs(args.drain_grace_s),
         ..DrainOptions::default()
@@ -121,7 +128,7 @@ async fn run_roles<B: Bus>(
     let mut listener = Some(listener);
     if matches!(role, Role::All | Role::Encoder) {
         let cfg = EncoderConfig {
-            fleet: args.fleet.resolve("encoder")?,
+            fleet: resolve("encoder")?,
             args: args.encoder.clone(),
             drain,
         };
@@ -141,7 +148,7 @@ async fn run_roles<B: Bus>(
         let translator =
             nexus_decoder::load_translator(&args.translation_model, &candle_core::Device::Cpu)?;
         let cfg = DecoderConfig {
-            fleet: args.fleet.resolve("decoder")?,
+            fleet: resolve("decoder")?,
             args: args.decoder.clone(),
             drain,
             translator,
@@ -170,7 +177,7 @@ async fn run_roles<B: Bus>(
             None => nexus_fleet::models::english_only_by_name(&args.models),
         };
         let cfg = IngestConfig {
-            fleet: args.fleet.resolve("ingest")?,
+            fleet: resolve("ingest")?,
             args: args.ingest.clone(),
             drain,
             models: args.models.clone(),

@@ -45,10 +45,6 @@ pub struct DecoderArgs {
     /// How long an advertisement of capacity lasts; renewed every third of it.
     #[arg(long, env = "NEXUS_ADVERTISE_TTL_MS", default_value_t = 6_000)]
     pub advertise_ttl_ms: u64,
-    /// Admin port (`/metrics`: decoding slots total, free and used, for
-    /// autoscaling live capacity); off when unset.
-    #[arg(long, env = "NEXUS_ADMIN_LISTEN")]
-    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DecoderArgs {
@@ -58,7 +54,6 @@ impl Default for DecoderArgs {
             slots: 16,
             result_ttl_s: 3_600,
             advertise_ttl_ms: 6_000,
-            admin_listen: None,
         }
     }
 }
@@ -198,13 +193,45 @@ pub async fn run<B: Bus>(
     }
     tracing::info!(node = %cfg.fleet.node, models = ?models.names(), slots = cfg.args.slots, "decoder ready");
 
+    let slots = Arc::new(Semaphore::new(cfg.args.slots));
+    // Slots holding an entry (the reader holds the idle ones while it waits).
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let metrics = Arc::new(DecoderMetrics::new(&models, &cfg.args));
+    if let Some(admin) = &cfg.fleet.admin {
+        let (busy, m) = (busy.clone(), metrics.clone());
+        admin.add(Arc::new(move || {
+            m.render(busy.load(std::sync::atomic::Ordering::Relaxed))
+        }));
+        metrics.stage.fleet.sample_streams(
+            bus.clone(),
+            [stages::ENCODED, stages::TRANSLATE]
+                .into_iter()
+                .map(|s| (s.to_owned(), stages::stream(&keys, s)))
+                .collect(),
+            Duration::from_secs(2),
+            shutdown.clone(),
+        );
+    }
+
     let writer = {
-        let (bus, keys, acker, cfg) = (bus.clone(), keys.clone(), reader.acker(), cfg.clone());
+        let (bus, keys, acker, cfg, metrics) = (
+            bus.clone(),
+            keys.clone(),
+            reader.acker(),
+            cfg.clone(),
+            metrics.clone(),
+        );
         nexus_core::task::spawn("decoder-writer", async move {
             let mut tasks = tokio::task::JoinSet::new();
             while let Some(o) = out_rx.recv().await {
                 let (bus, keys, acker, cfg) =
                     (bus.clone(), keys.clone(), acker.clone(), cfg.clone());
+                metrics.stage.segment(o.seg.is_final, o.result.is_ok());
+                metrics.stage.call(
+                    o.batch.max(1),
+                    Duration::from_millis(u64::from(o.inference_ms)),
+                    o.seg.end_ms.saturating_sub(o.seg.start_ms) as f64 / 1000.0,
+                );
                 tasks.spawn(async move { write(o, &bus, &keys, &acker, &cfg).await });
                 while tasks.try_join_next().is_some() {}
             }
@@ -213,20 +240,6 @@ pub async fn run<B: Bus>(
         })
     };
 
-    let slots = Arc::new(Semaphore::new(cfg.args.slots));
-    // Slots holding an entry (the reader holds the idle ones while it waits).
-    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    if let Some(addr) = cfg.args.admin_listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the admin port {addr}"))?;
-        let (busy, total, sessions) = (busy.clone(), cfg.args.slots, cfg.args.sessions);
-        let render: nexus_core::admin::Render = Arc::new(move || {
-            let used = busy.load(std::sync::atomic::Ordering::Relaxed).min(total);
-            slot_metrics(total, total - used, sessions)
-        });
-        tokio::spawn(nexus_core::admin::serve(listener, render, shutdown.clone()));
-    }
     let acker = reader.acker();
     let max_age = cfg.fleet.interim_max_age.as_millis() as u64;
     loop {
@@ -258,6 +271,17 @@ pub async fn run<B: Bus>(
                 skip.push(e.id);
                 continue;
             }
+            let span = tracing::info_span!(
+                "decode",
+                session.id = %env.session_id,
+                segment = env.segment_id,
+                revision = env.revision,
+                is_final = seg.is_final,
+                queue_ms = now_unix_ms().saturating_sub(env.emitted_unix_ms),
+                batch_size = tracing::field::Empty,
+                inference_ms = tracing::field::Empty,
+            );
+            nexus_core::trace::follow(&span, env.trace.as_ref());
             let permit = Slot::new(
                 permits
                     .pop()
@@ -272,6 +296,7 @@ pub async fn run<B: Bus>(
                     // Queued behind others and decoded (and translated), an
                     // entry can stay unacknowledged past the claim idle time.
                     fresh: Some(acker.keep_fresh(vec![e.id], cfg.fleet.claim_idle / 3)),
+                    span,
                 })
                 .context("the decoding pool stopped")?;
         }
@@ -398,7 +423,11 @@ async fn write<B: Bus>(
         permit,
         fresh,
         whisper_translated,
+        batch,
+        span,
     } = o;
+    span.record("inference_ms", inference_ms);
+    span.record("batch_size", batch);
     let env = seg.envelope.clone().unwrap_or_default();
     tracing::debug!(
         session = %env.session_id,
@@ -412,6 +441,7 @@ async fn write<B: Bus>(
     let mut msg = DecodeResult {
         envelope: Some(Envelope {
             emitted_unix_ms: now_unix_ms(),
+            trace: nexus_core::trace::context_of(&span),
             ..env.clone()
         }),
         inference_ms,
@@ -532,23 +562,50 @@ async fn translate(
     Ok(())
 }
 
-/// The decoder's capacity gauges in the Prometheus text format: the
-/// autoscaler's signal for live capacity.
-fn slot_metrics(total: usize, free: usize, sessions: u32) -> String {
-    let used = total.saturating_sub(free);
-    format!(
-        "# HELP nexus_decoder_slots_total Sequences this replica decodes at once.\n\
-         # TYPE nexus_decoder_slots_total gauge\n\
-         nexus_decoder_slots_total {total}\n\
-         # HELP nexus_decoder_slots_free Decoding slots free now.\n\
-         # TYPE nexus_decoder_slots_free gauge\n\
-         nexus_decoder_slots_free {free}\n\
-         # HELP nexus_decoder_slots_used Decoding slots busy now.\n\
-         # TYPE nexus_decoder_slots_used gauge\n\
-         nexus_decoder_slots_used {used}\n\
-         # HELP nexus_decoder_sessions_advertised Live sessions this replica offers ingest.\n\
-         # TYPE nexus_decoder_sessions_advertised gauge\n\
-         nexus_decoder_sessions_advertised {sessions}\n\
-         # EOF\n"
-    )
+/// The decoder's metrics: the stage's work counters and its capacity gauges
+/// (`nexus_decoder_slots`, `_free`, `_used`, `nexus_decoder_sessions_advertised`),
+/// the autoscaler's signal for live capacity.
+struct DecoderMetrics {
+    stage: nexus_fleet::metrics::StageMetrics,
+    total: usize,
+    free: prometheus_client::metrics::gauge::Gauge,
+    used: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl DecoderMetrics {
+    fn new(models: &ModelSet, args: &DecoderArgs) -> Self {
+        use prometheus_client::metrics::gauge::Gauge;
+        let mut stage = nexus_fleet::metrics::StageMetrics::new("decoder");
+        stage.fleet.models_loaded(models);
+        let (slots, free, used, sessions) = (
+            Gauge::<i64>::default(),
+            Gauge::<i64>::default(),
+            Gauge::<i64>::default(),
+            Gauge::<i64>::default(),
+        );
+        slots.set(args.slots as i64);
+        sessions.set(i64::from(args.sessions));
+        let sub = stage.registry_mut().sub_registry_with_prefix("decoder");
+        sub.register("slots", "Sequences this replica decodes at once", slots);
+        sub.register("slots_free", "Decoding slots free now", free.clone());
+        sub.register("slots_used", "Decoding slots busy now", used.clone());
+        sub.register(
+            "sessions_advertised",
+            "Live sessions this replica offers ingest",
+            sessions,
+        );
+        Self {
+            stage,
+            total: args.slots,
+            free,
+            used,
+        }
+    }
+
+    fn render(&self, busy: usize) -> String {
+        let used = busy.min(self.total);
+        self.used.set(used as i64);
+        self.free.set((self.total - used) as i64);
+        self.stage.render()
+    }
 }

@@ -32,9 +32,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    nexus_core::telemetry::init(&cli.telemetry)?;
+    let _telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-decoder")?;
     let shutdown = nexus_core::shutdown::on_signals();
-    let fleet = cli.fleet.resolve("decoder")?;
+    let mut fleet = cli.fleet.resolve("decoder")?;
+    fleet.admin = cli.fleet.admin_port(&shutdown).await?;
     let device = nexus_models::parse_device(&cli.process.device)?;
     let names = cli.process.models.clone();
     let translator = nexus_decoder::load_translator(&cli.translation_model, &device)?;

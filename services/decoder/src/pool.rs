@@ -59,6 +59,8 @@ pub struct Job {
     pub permit: Slot,
     /// Keeps its entry from looking abandoned while it waits and decodes.
     pub fresh: Option<nexus_fleet::reader::KeepFresh>,
+    /// Its `decode` span, from the read to the written result.
+    pub span: tracing::Span,
 }
 
 /// A decoded segment revision, ready to be written.
@@ -78,6 +80,10 @@ pub struct Output {
     pub fresh: Option<nexus_fleet::reader::KeepFresh>,
     /// Whisper's translate task produced the text (English from another language).
     pub whisper_translated: bool,
+    /// Most sequences decoded together with it in one step.
+    pub batch: usize,
+    /// Its `decode` span.
+    pub span: tracing::Span,
 }
 
 struct Active {
@@ -89,6 +95,8 @@ struct Active {
     base: DecodeOptions,
     opts: TranscribeOptions,
     started: Instant,
+    /// Most sequences in one step with this one.
+    batch: usize,
 }
 
 /// What a segment's config asks of Whisper.
@@ -240,6 +248,7 @@ fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
             base,
             opts,
             started: Instant::now(),
+            batch: 0,
         }),
         Err(e) => Err(Box::new((job, e))),
     }
@@ -257,6 +266,7 @@ fn finish(a: Active) -> Output {
         base,
         opts,
         started,
+        batch,
         ..
     } = a;
     let seg = &job.seg;
@@ -375,6 +385,8 @@ fn finish(a: Active) -> Output {
         permit: job.permit,
         fresh: job.fresh,
         whisper_translated: base_task == Task::Translate,
+        batch,
+        span: job.span,
     }
 }
 
@@ -389,6 +401,8 @@ fn failed(job: Job, error: String) -> Output {
         permit: job.permit,
         fresh: job.fresh,
         whisper_translated: false,
+        batch: 0,
+        span: job.span,
     }
 }
 
@@ -438,6 +452,10 @@ pub fn run_pool(
                 Some(t) => feed.push((i, t)),
                 None => done.push(i),
             }
+        }
+        let width = feed.len();
+        for (i, _) in &feed {
+            active[*i].batch = active[*i].batch.max(width);
         }
         // One forward pass per model over all its sequences.
         let mut models_in_step: Vec<&str> = feed

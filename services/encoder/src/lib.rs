@@ -76,6 +76,21 @@ pub async fn run<B: Bus>(
         None => None,
     };
     let keys = &cfg.fleet.keys;
+    let metrics = std::sync::Arc::new(nexus_fleet::metrics::StageMetrics::new("encoder"));
+    metrics.fleet.models_loaded(&models);
+    if let Some(admin) = &cfg.fleet.admin {
+        let m = metrics.clone();
+        admin.add(std::sync::Arc::new(move || m.render()));
+        metrics.fleet.sample_streams(
+            bus.clone(),
+            vec![(
+                stages::AUDIO.to_owned(),
+                stages::stream(keys, stages::AUDIO),
+            )],
+            Duration::from_secs(2),
+            shutdown.clone(),
+        );
+    }
     let mut reader = StageReader::for_stage(
         bus.clone(),
         &cfg.fleet,
@@ -102,16 +117,29 @@ pub async fn run<B: Bus>(
             continue;
         }
         let (jobs, skip) = plan(batch, max_age);
+        metrics.skipped(skip.len());
         reader.ack(&skip).await;
         for (model, group) in jobs {
             // Finals went first; interims that aged meanwhile are not worth encoding.
             let (group, stale) = drop_stale(group, max_age);
+            metrics.skipped(stale.len());
             reader.ack(&stale).await;
             if group.is_empty() {
                 continue;
             }
             let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
-            match encode_group(&models, &model, group, cfg.args.interim_full_window).await {
+            let kinds: Vec<bool> = group.iter().map(|(_, s)| s.is_final).collect();
+            let audio_seconds: f64 = group
+                .iter()
+                .map(|(_, s)| s.pcm_f32le.len() as f64 / 4.0 / f64::from(SAMPLE_RATE))
+                .sum();
+            let t0 = std::time::Instant::now();
+            let encoded = encode_group(&models, &model, group, cfg.args.interim_full_window).await;
+            metrics.call(kinds.len(), t0.elapsed(), audio_seconds);
+            for is_final in &kinds {
+                metrics.segment(*is_final, encoded.is_ok());
+            }
+            match encoded {
                 Ok(out) => {
                     for seg in out {
                         let fields = encode(&seg)
@@ -267,6 +295,26 @@ async fn encode_group(
     })?;
     let name = name.to_owned();
     let engine = engine.clone();
+    // One span per window, child of the ingest span that wrote it.
+    let now = now_unix_ms();
+    let spans: Vec<tracing::Span> = group
+        .iter()
+        .map(|(_, s)| {
+            let env = s.envelope.clone().unwrap_or_default();
+            let span = tracing::info_span!(
+                "encode",
+                session.id = %env.session_id,
+                segment = env.segment_id,
+                revision = env.revision,
+                is_final = s.is_final,
+                queue_ms = now.saturating_sub(env.emitted_unix_ms),
+                batch_size = group.len(),
+                inference_ms = tracing::field::Empty,
+            );
+            nexus_core::trace::follow(&span, env.trace.as_ref());
+            span
+        })
+        .collect();
     tokio::task::spawn_blocking(move || {
         let t0 = std::time::Instant::now();
         let mut mels = Vec::with_capacity(group.len());
@@ -304,6 +352,10 @@ async fn encode_group(
             .forward(&batch)?
             .to_dtype(candle_core::DType::F32)?;
         let (b, frames, hidden) = feats.dims3()?;
+        let inference_ms = t0.elapsed().as_millis() as u64;
+        for span in &spans {
+            span.record("inference_ms", inference_ms);
+        }
         tracing::debug!(
             batch = b,
             finals = group.iter().filter(|(_, s)| s.is_final).count(),
@@ -327,6 +379,7 @@ async fn encode_group(
             out.push(EncodedSegment {
                 envelope: Some(Envelope {
                     emitted_unix_ms: now_unix_ms(),
+                    trace: nexus_core::trace::context_of(&spans[i]),
                     ..env
                 }),
                 config: s.config,

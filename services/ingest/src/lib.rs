@@ -13,6 +13,7 @@ mod audio_in;
 pub mod auth;
 mod http;
 pub mod jobs;
+pub mod metrics;
 mod models;
 mod recognize;
 mod resume;
@@ -185,6 +186,8 @@ pub(crate) struct Inner<B: Bus> {
     pub(crate) parked: std::sync::Mutex<std::collections::HashMap<String, Parked>>,
     /// WebRTC sessions and caption rooms.
     pub(crate) webrtc: webrtc::WebRtc,
+    /// What the admin port reports.
+    pub(crate) metrics: Arc<metrics::IngestMetrics>,
 }
 
 pub(crate) type Parked = (String, mpsc::Sender<session::Reattach>);
@@ -383,6 +386,7 @@ impl<B: Bus> Ingest<B> {
                 tracing::info!(session = %id, used, capacity, model = %model, "session admitted");
             }
             Ok(Lease::Full { capacity }) => {
+                inner.metrics.refused("decoder_pool_full");
                 return Err(Status::resource_exhausted(format!(
                     "all {capacity} live-session slots of the decoder pool are in use; retry later"
                 )));
@@ -424,6 +428,7 @@ impl<B: Bus> Ingest<B> {
         let endpoint = Self::endpointing(&cfg)?;
 
         let local = inner.sessions.clone().try_acquire_owned().map_err(|_| {
+            inner.metrics.refused("replica_sessions_full");
             Status::resource_exhausted(format!(
                 "this ingest replica holds its maximum of {} live sessions; retry later or on another replica",
                 inner.max_sessions
@@ -432,8 +437,16 @@ impl<B: Bus> Ingest<B> {
         let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
             .map_err(|e| Status::internal(e.to_string()))?;
         self.admit(&id, &rc.model).await?;
+        inner.metrics.session_started();
+        let span = tracing::info_span!(
+            "session",
+            session.id = %id,
+            tenant = %grant.tenant,
+            model = %rc.model,
+        );
         let session = session::Session {
             inner: inner.clone(),
+            span,
             id,
             cfg,
             rc,
@@ -461,8 +474,11 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
         let grant = self.inner.access.admit_grpc(request.metadata())?;
         let r = self
             .recognize_audio(request.into_inner(), grant.tenant.clone())
-            .await?;
-        Ok(Response::new(r))
+            .await;
+        self.inner
+            .metrics
+            .call("Recognize", r.as_ref().err().map(Status::code));
+        Ok(Response::new(r?))
     }
 
     type StreamingRecognizeStream = ResponseStream;
@@ -477,6 +493,7 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
             ));
         }
         let tenant = self.inner.access.authenticate_grpc(request.metadata())?;
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             invalid("the stream ended before its first message; send streaming_config first")
@@ -492,6 +509,7 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
         };
         let grant = self.inner.access.limit(tenant)?;
         let (session, audio_in) = self.open(cfg, grant).await?;
+        nexus_core::trace::follow_metadata(&session.span, &metadata);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(session.run(audio_in, Box::pin(inbound), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -561,7 +579,22 @@ pub async fn run<B: Bus>(
         jobs: cfg.args.jobs.clone(),
         parked: Default::default(),
         webrtc: webrtc::WebRtc::new(cfg.args.webrtc.clone())?,
+        metrics: Arc::new(metrics::IngestMetrics::default()),
     });
+    if let Some(admin) = &cfg.fleet.admin {
+        let m = inner.metrics.clone();
+        admin.add(Arc::new(move || m.render()));
+        let keys = &cfg.fleet.keys;
+        inner.metrics.fleet.sample_streams(
+            inner.bus.clone(),
+            [stages::AUDIO, stages::JOBS, stages::JOBS_URGENT]
+                .into_iter()
+                .map(|s| (s.to_owned(), stages::stream(keys, s)))
+                .collect(),
+            Duration::from_secs(2),
+            shutdown.clone(),
+        );
+    }
     let mut routes = tonic::service::RoutesBuilder::default();
     // Recognize carries whole files: the audio limit, not gRPC's 4 MB default,
     // bounds them. Up to twice the limit the call gets INVALID_ARGUMENT naming

@@ -34,9 +34,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    nexus_core::telemetry::init(&cli.telemetry)?;
+    let _telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-ingest")?;
     let shutdown = nexus_core::shutdown::on_signals();
-    let fleet = cli.fleet.resolve("ingest")?;
+    let mut fleet = cli.fleet.resolve("ingest")?;
+    fleet.admin = cli.fleet.admin_port(&shutdown).await?;
     let vad = Arc::new(SileroVad::load(
         &nexus_fleet::models::resolve_vad(None)?,
         &candle_core::Device::Cpu,

@@ -39,6 +39,9 @@ pub struct Session<B: Bus> {
     /// Whether a client that goes away may resume the session (gRPC
     /// streams); otherwise the session ends with its client (WebRTC).
     pub(crate) resumable: bool,
+    /// The session's span: the root of its trace across the fleet (or a
+    /// child of the caller's, when the call carried a `traceparent`).
+    pub(crate) span: tracing::Span,
 }
 
 /// A session's incoming messages, from a gRPC stream or another source.
@@ -49,6 +52,8 @@ pub(crate) type Inbound = std::pin::Pin<
 pub(crate) type Out = mpsc::Sender<Result<StreamingRecognizeResponse, Status>>;
 
 struct Live {
+    /// When each window (segment, revision) left for the encoders.
+    sent: HashMap<(u64, u32), std::time::Instant>,
     endpointer: Endpointer,
     vad: VadState,
     vad_pending: Vec<f32>,
@@ -89,7 +94,15 @@ impl<B: Bus> Session<B> {
     /// Runs the session to its end, sending responses on `out`.
     /// `decoder` is kept out of `self`: it is not `Sync`, and the session is
     /// borrowed across awaits.
-    pub async fn run(self, mut decoder: AudioIn, inbound: Inbound, out: Out) {
+    pub async fn run(self, decoder: AudioIn, inbound: Inbound, out: Out) {
+        use tracing::Instrument;
+        let span = self.span.clone();
+        self.run_in_span(decoder, inbound, out)
+            .instrument(span)
+            .await;
+    }
+
+    async fn run_in_span(self, mut decoder: AudioIn, inbound: Inbound, out: Out) {
         let id = self.id.clone();
         let stop = CancellationToken::new();
         let (res_tx, mut res_rx) = mpsc::channel::<Result<(EntryId, DecodeResult), String>>(256);
@@ -101,6 +114,7 @@ impl<B: Bus> Session<B> {
             stop.clone(),
         ));
         let mut live = Live {
+            sent: HashMap::new(),
             endpointer: Endpointer::new(self.endpoint.clone(), MODEL_SAMPLE_RATE),
             vad: VadState::default(),
             vad_pending: Vec::new(),
@@ -126,6 +140,10 @@ impl<B: Bus> Session<B> {
         stop.cancel();
         let _ = follower.await;
         self.inner.release_slot(&id).await;
+        self.inner.metrics.session_ended(
+            r.as_ref().err().map(Status::code),
+            live.processed as f64 / f64::from(MODEL_SAMPLE_RATE),
+        );
         match r {
             Ok(()) => tracing::info!(session = %id, "session ended"),
             Err(status) => {
@@ -475,6 +493,17 @@ impl<B: Bus> Session<B> {
         *rev += 1;
         let revision = *rev;
         live.sequence += 1;
+        live.sent
+            .insert((segment, revision), std::time::Instant::now());
+        // Each window is a child of the session; the stages' spans follow it.
+        let span = tracing::info_span!(
+            "segment",
+            session.id = %self.id,
+            segment,
+            revision,
+            is_final,
+            audio_ms = ms(end.saturating_sub(start)),
+        );
         let mut pcm = Vec::with_capacity(audio.len() * 4);
         for s in &audio {
             pcm.extend_from_slice(&s.to_le_bytes());
@@ -487,7 +516,7 @@ impl<B: Bus> Session<B> {
                 revision,
                 emitted_unix_ms: now_unix_ms(),
                 tenant: self.tenant.clone(),
-                ..Default::default()
+                trace: nexus_core::trace::context_of(&span),
             }),
             config: Some(self.rc.clone()),
             start_ms: ms(start),
@@ -551,10 +580,16 @@ impl<B: Bus> Session<B> {
                 env.segment_id, msg.error
             )));
         }
+        if let Some(t) = live.sent.remove(&key) {
+            self.inner
+                .metrics
+                .caption(r.is_final, t.elapsed().as_secs_f64());
+        }
         r.result_index = live.result_index;
         r.speaker = self.cfg.speaker_label.clone();
         r.audio_processed_ms = ms(live.processed);
         if r.is_final {
+            live.sent.retain(|(segment, _), _| *segment != r.segment_id);
             live.finals.insert(r.segment_id);
             live.agreement.remove(&r.segment_id);
             if r.alternatives.is_empty() {

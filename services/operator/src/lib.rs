@@ -133,8 +133,9 @@ pub async fn run<B: Bus>(
         metrics: metrics.clone(),
         poll: Duration::from_millis(args.poll_ms.max(100)),
     });
-    let render: nexus_core::admin::Render = Arc::new(move || metrics.render());
-    let admin_task = tokio::spawn(nexus_core::admin::serve(admin, render, shutdown.clone()));
+    let renders = nexus_core::admin::Renders::default();
+    renders.add(Arc::new(move || metrics.render()));
+    let admin_task = tokio::spawn(nexus_core::admin::serve(admin, renders, shutdown.clone()));
     tracing::info!(namespace = %args.namespace, "operator started");
     Controller::new(jobs_api, watcher::Config::default().any_semantic())
         .owns(

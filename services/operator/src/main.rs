@@ -23,7 +23,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    nexus_core::telemetry::init(&cli.telemetry)?;
+    let _telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-operator")?;
     let keys = Keys::new(&cli.key_prefix)?;
     let shutdown = nexus_core::shutdown::on_signals();
     let admin = tokio::net::TcpListener::bind(cli.operator.admin_addr).await?;

@@ -1,0 +1,366 @@
+//! Observability of the three stage processes during one StreamingRecognize
+//! session: the session is one trace (spans exported over OTLP to a receiver
+//! in this test, linked parent to child from the caller's `traceparent`
+//! through ingest, encoder and decoder; the context travels in every stream
+//! entry), and every stage's `/metrics` moves (and passes `promtool check
+//! metrics` where Prometheus' promtool is installed).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nexus_proto::speech::StreamingRecognizeRequest;
+use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
+use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
+use nexus_tests::fleet::{
+    MODEL, Proc, free_addr, pcm16_chunks, pcm16_config, prefix, redis_url, testdata,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+/// Spans received, with the `service.name` of the process that sent them.
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<(String, Span)>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut got = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(Any::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                got.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(Any::StringValue(s)) => Some(s.clone()),
+            Some(Any::IntValue(i)) => Some(i.to_string()),
+            Some(Any::BoolValue(b)) => Some(b.to_string()),
+            _ => None,
+        })
+}
+
+// Multi-threaded: the receiver must answer while the test waits on processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tiny.en + silero-vad weights, test speech and Redis; scripts/test.sh"]
+async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
+    let receiver = Receiver::default();
+    let (listener, otlp) = nexus_tests::bind_local().await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let endpoint = format!("http://{otlp}");
+    let (redis, p) = (redis_url(), prefix("trace"));
+    let common = [
+        "--redis",
+        redis.as_str(),
+        "--model",
+        MODEL,
+        "--key-prefix",
+        p.as_str(),
+        "--otlp-endpoint",
+        endpoint.as_str(),
+    ];
+    let admins: Vec<String> = (0..3).map(|_| free_addr().to_string()).collect();
+    let with_admin = |i: usize| [&common[..], &["--admin-listen", admins[i].as_str()]].concat();
+    let mut enc = Proc::start("encoder", "nexus-encoder", &with_admin(0));
+    let mut dec = Proc::start("decoder", "nexus-decoder", &with_admin(1));
+    let ingest_args = [&with_admin(2)[..], &["--http-listen", "none"]].concat();
+    let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
+    for p in [&mut enc, &mut dec, &mut ing] {
+        p.wait_serving(Duration::from_secs(120)).await;
+    }
+    let before: Vec<Series> = futures::future::join_all(admins.iter().map(|a| scrape(a))).await;
+
+    // "go forward ten meters", then silence so the endpointer closes it.
+    let raw = std::fs::read(testdata().join("goforward.raw")).unwrap();
+    let mut samples: Vec<f32> = raw
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect();
+    samples.extend(std::iter::repeat_n(0.0, 16_000));
+    let mut msgs = vec![StreamingRecognizeRequest {
+        streaming_request: Some(StreamingRequest::StreamingConfig(pcm16_config(MODEL))),
+    }];
+    msgs.extend(
+        pcm16_chunks(&samples, 1_600)
+            .into_iter()
+            .map(|c| StreamingRecognizeRequest {
+                streaming_request: Some(StreamingRequest::AudioContent(c.into())),
+            }),
+    );
+    let paced =
+        tokio_stream::StreamExt::throttle(tokio_stream::iter(msgs), Duration::from_millis(50));
+    // The caller's own span: the session must become its child.
+    let (trace_id, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut request = tonic::Request::new(paced);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller}-01").parse().unwrap(),
+    );
+    let mut client = SpeechRecognitionClient::new(nexus_tests::connect(ing.addr).await.unwrap());
+    let mut responses = client
+        .streaming_recognize(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = String::new();
+    while let Some(r) = responses.message().await.unwrap() {
+        for res in r.results.iter().filter(|r| r.is_final) {
+            text.push_str(&res.alternatives[0].transcript);
+        }
+    }
+    assert!(
+        text.to_lowercase().contains("forward"),
+        "transcript: {text:?}"
+    );
+    // Stream positions are sampled every 2 s.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let after: Vec<Series> = futures::future::join_all(admins.iter().map(|a| scrape(a))).await;
+    check_metrics(&before, &after);
+    // A stopping process exports what it still holds.
+    for p in [&mut ing, &mut enc, &mut dec] {
+        p.terminate();
+    }
+    let logs = [&ing, &enc, &dec]
+        .iter()
+        .map(|p| p.log().join("\n"))
+        .collect::<Vec<_>>()
+        .join("\n----\n");
+
+    let all: Vec<(String, String, String)> = receiver
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(svc, s)| (svc.clone(), s.name.clone(), hex(&s.trace_id)))
+        .collect();
+    let spans: Vec<(String, Span)> = receiver
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| hex(&s.trace_id) == trace_id)
+        .cloned()
+        .collect();
+    let by_name = |name: &str| -> Vec<&(String, Span)> {
+        spans.iter().filter(|(_, s)| s.name == name).collect()
+    };
+    let ids =
+        |v: &[&(String, Span)]| -> Vec<String> { v.iter().map(|(_, s)| hex(&s.span_id)).collect() };
+    let services: HashMap<&str, &str> = [
+        ("session", "nexus-ingest"),
+        ("segment", "nexus-ingest"),
+        ("encode", "nexus-encoder"),
+        ("decode", "nexus-decoder"),
+    ]
+    .into();
+    for (name, service) in &services {
+        let found = by_name(name);
+        assert!(
+            !found.is_empty(),
+            "no {name} span in trace {trace_id}; all spans received: {all:?}\n{logs}"
+        );
+        for (svc, _) in &found {
+            assert_eq!(svc, service, "{name}");
+        }
+    }
+    let session = by_name("session");
+    assert_eq!(session.len(), 1);
+    let session_span = &session[0].1;
+    assert_eq!(
+        hex(&session_span.parent_span_id),
+        caller,
+        "the session is the caller's child"
+    );
+    let sid = attr(session_span, "session.id").expect("session.id");
+    let segments = by_name("segment");
+    let encodes = by_name("encode");
+    let decodes = by_name("decode");
+    for (_, s) in &segments {
+        assert_eq!(
+            hex(&s.parent_span_id),
+            hex(&session_span.span_id),
+            "segment under session"
+        );
+    }
+    for (_, s) in &encodes {
+        assert!(
+            ids(&segments).contains(&hex(&s.parent_span_id)),
+            "encode {:?} under a segment",
+            s.name
+        );
+        for key in ["queue_ms", "batch_size", "inference_ms", "segment"] {
+            assert!(attr(s, key).is_some(), "encode lacks {key}");
+        }
+    }
+    for (_, s) in &decodes {
+        assert!(
+            ids(&encodes).contains(&hex(&s.parent_span_id)),
+            "decode under an encode"
+        );
+        assert_eq!(attr(s, "session.id").as_deref(), Some(sid.as_str()));
+        for key in ["queue_ms", "batch_size", "inference_ms", "revision"] {
+            assert!(attr(s, key).is_some(), "decode lacks {key}");
+        }
+    }
+    assert!(
+        decodes
+            .iter()
+            .any(|(_, s)| attr(s, "is_final").as_deref() == Some("true")),
+        "no final window was decoded in the trace"
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One scrape: the text, and each series (`name{labels}`) with its value.
+struct Series {
+    text: String,
+    values: HashMap<String, f64>,
+}
+
+impl Series {
+    fn get(&self, series: &str) -> f64 {
+        *self.values.get(series).unwrap_or(&0.0)
+    }
+}
+
+async fn scrape(addr: &str) -> Series {
+    let (status, text) = nexus_tests::http_client::Client::new(addr.parse().unwrap())
+        .get("/metrics", None)
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let values = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(f64::NAN)))
+        .collect();
+    Series { text, values }
+}
+
+/// What a session must move on each stage (encoder, decoder, ingest).
+fn check_metrics(before: &[Series], after: &[Series]) {
+    let moved: [&[&str]; 3] = [
+        &[
+            r#"nexus_encoder_segments_total{kind="final",outcome="ok"}"#,
+            "nexus_encoder_batch_size_count",
+            "nexus_encoder_inference_seconds_count",
+            "nexus_encoder_real_time_factor_count",
+        ],
+        &[
+            r#"nexus_decoder_segments_total{kind="final",outcome="ok"}"#,
+            "nexus_decoder_batch_size_count",
+            "nexus_decoder_inference_seconds_count",
+        ],
+        &[
+            "nexus_ingest_sessions_started_total",
+            r#"nexus_ingest_sessions_ended_total{outcome="ok"}"#,
+            r#"nexus_ingest_audio_seconds_total{source="live"}"#,
+            r#"nexus_ingest_caption_latency_seconds_count{kind="final"}"#,
+        ],
+    ];
+    let present: [&[&str]; 3] = [
+        &[
+            r#"nexus_model_load_seconds{model="tiny.en"}"#,
+            r#"nexus_stream_lag{stream="audio",group="encoder"}"#,
+            r#"nexus_stream_pending{stream="audio",group="encoder"}"#,
+        ],
+        &[
+            r#"nexus_model_load_seconds{model="tiny.en"}"#,
+            r#"nexus_stream_lag{stream="encoded",group="decoder"}"#,
+            "nexus_decoder_slots",
+            "nexus_decoder_slots_free",
+            "nexus_decoder_slots_used",
+        ],
+        &[
+            r#"nexus_stream_lag{stream="audio",group="encoder"}"#,
+            "nexus_ingest_sessions_active",
+        ],
+    ];
+    for (i, stage) in ["encoder", "decoder", "ingest"].iter().enumerate() {
+        for s in moved[i] {
+            assert!(
+                after[i].get(s) > before[i].get(s),
+                "{stage}: {s} did not move ({} → {})\n{}",
+                before[i].get(s),
+                after[i].get(s),
+                after[i].text
+            );
+        }
+        for s in present[i] {
+            assert!(
+                after[i].values.contains_key(*s),
+                "{stage}: no {s}\n{}",
+                after[i].text
+            );
+        }
+        promtool(stage, &after[i].text);
+    }
+    assert!(after[2].get(r#"nexus_ingest_audio_seconds_total{source="live"}"#) >= 3.0);
+    assert_eq!(after[1].get("nexus_decoder_slots"), 16.0);
+    assert_eq!(after[2].get("nexus_ingest_sessions_active"), 0.0);
+}
+
+/// `promtool check metrics` on an exposition, when promtool is installed
+/// (scripts/setup.sh installs it).
+fn promtool(stage: &str, text: &str) {
+    use std::io::Write;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed; the exposition format was not checked");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{stage}: promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
