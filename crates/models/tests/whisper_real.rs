@@ -411,3 +411,49 @@ fn batched_greedy_decoding_matches_one_at_a_time() {
     }
     assert!(alone.iter().all(|t| t.len() > 5));
 }
+
+/// Four interim windows encoded over a short context in one batch: the
+/// long-attention path then splits the heads in groups (5 of tiny.en's 6),
+/// whose slices of a batched query are not contiguous. The load generator
+/// found that this failed ("non-contiguous lhs") and dropped the windows.
+#[test]
+#[ignore = "needs whisper tiny.en weights and the pocketsphinx test data"]
+fn a_batch_of_short_windows_encodes_like_one_at_a_time() {
+    use candle_core::{IndexOp, Tensor};
+    use nexus_models::mel::CHUNK_SAMPLES;
+
+    let e = load("whisper-tiny.en");
+    let context = 900; // mel frames: 450 encoder positions
+    let mels: Vec<Tensor> = ["0870", "0880", "0890", "0930"]
+        .iter()
+        .map(|id| {
+            let samples = audio(&testdata().join(format!(
+                "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
+            )));
+            let mel = e
+                .mel
+                .compute(&samples, CHUNK_SAMPLES)
+                .unwrap()
+                .to_tensor(&Device::Cpu)
+                .unwrap();
+            mel.i((.., .., ..context)).unwrap().contiguous().unwrap()
+        })
+        .collect();
+    let batch = e
+        .model
+        .encoder
+        .forward(&Tensor::cat(&mels, 0).unwrap())
+        .expect("a batch of short windows encodes");
+    for (i, m) in mels.iter().enumerate() {
+        let one = e.model.encoder.forward(m).unwrap();
+        let diff = (batch.i(i).unwrap() - one.i(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-3, "window {i}: batched differs by {diff}");
+    }
+}

@@ -106,9 +106,11 @@ impl Attention {
             let mut outs = Vec::with_capacity(h.div_ceil(group));
             for start in (0..h).step_by(group) {
                 let n = group.min(h - start);
-                let qs = q.narrow(1, start, n)?;
-                let ks = k.narrow(1, start, n)?;
-                let vs = v.narrow(1, start, n)?;
+                // A group of heads out of a batch is a strided view that
+                // matmul cannot take as is once B > 1: copy it.
+                let qs = q.narrow(1, start, n)?.contiguous()?;
+                let ks = k.narrow(1, start, n)?.contiguous()?;
+                let vs = v.narrow(1, start, n)?.contiguous()?;
                 let w = candle_nn::ops::softmax_last_dim(&qs.matmul(&ks.transpose(2, 3)?)?)?;
                 outs.push(w.matmul(&vs)?);
             }
