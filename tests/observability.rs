@@ -149,6 +149,15 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let after: Vec<Series> = futures::future::join_all(admins.iter().map(|a| scrape(a))).await;
     check_metrics(&before, &after);
+    // The log filter changes at run time through the admin port.
+    let admin = nexus_tests::http_client::Client::new(admins[2].parse().unwrap());
+    let (status, body) = admin.request("PUT", "/log", &[], b"info,nexus=loud").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("nexus=loud"), "{body}");
+    let (status, body) = admin
+        .request("PUT", "/log", &[], b"info,nexus_ingest=debug")
+        .await;
+    assert_eq!(status, 200, "{body}");
     // A stopping process exports what it still holds.
     for p in [&mut ing, &mut enc, &mut dec] {
         p.terminate();

@@ -16,7 +16,10 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The parts of a process whose metrics one admin port serves (the stages
 /// of `nexus serve` share one port).
 #[derive(Clone, Default)]
-pub struct Renders(Arc<Mutex<Vec<Render>>>);
+pub struct Renders(
+    Arc<Mutex<Vec<Render>>>,
+    Arc<Mutex<Option<crate::telemetry::LogFilter>>>,
+);
 
 impl std::fmt::Debug for Renders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -25,6 +28,15 @@ impl std::fmt::Debug for Renders {
 }
 
 impl Renders {
+    /// Lets `PUT /log` change the process's log filter.
+    pub fn set_log_filter(&self, filter: crate::telemetry::LogFilter) {
+        *self.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(filter);
+    }
+
+    fn log_filter(&self) -> Option<crate::telemetry::LogFilter> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Adds a part.
     pub fn add(&self, render: Render) {
         self.0
@@ -76,10 +88,38 @@ fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Serves the admin routes on `listener` until `shutdown`.
+/// Serves the admin routes on `listener` until `shutdown`: `GET /metrics`,
+/// `GET /healthz`, and `PUT /log` whose body (env-filter syntax, e.g.
+/// `info,nexus_decoder=debug`) becomes the log filter.
 pub async fn serve(listener: TcpListener, renders: Renders, shutdown: CancellationToken) {
-    use axum::routing::get;
+    use axum::http::StatusCode;
+    use axum::routing::{get, put};
+    let log = renders.clone();
     let app = axum::Router::new()
+        .route(
+            "/log",
+            put(move |body: String| {
+                let log = log.log_filter();
+                async move {
+                    let Some(log) = log else {
+                        return (
+                            StatusCode::NOT_FOUND,
+                            "this process cannot change its log filter".to_owned(),
+                        );
+                    };
+                    match log.set(body.trim()) {
+                        Ok(()) => {
+                            tracing::info!(filter = body.trim(), "log filter changed");
+                            (
+                                StatusCode::OK,
+                                format!("log filter is now {:?}\n", body.trim()),
+                            )
+                        }
+                        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    }
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {

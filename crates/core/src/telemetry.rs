@@ -216,8 +216,24 @@ impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
 impl Telemetry {
     /// Replaces the log filter, e.g. to turn on `debug` for one crate while live.
     pub fn set_filter(&self, filter: &str) -> Result<(), TelemetryError> {
+        self.log_filter().set(filter)
+    }
+
+    /// A handle that changes the log filter (the admin port's `PUT /log`).
+    pub fn log_filter(&self) -> LogFilter {
+        LogFilter(self.filter.clone())
+    }
+}
+
+/// Changes the process's log filter while it runs.
+#[derive(Clone)]
+pub struct LogFilter(reload::Handle<EnvFilter, Registry>);
+
+impl LogFilter {
+    /// Replaces the filter with `filter` (env-filter syntax).
+    pub fn set(&self, filter: &str) -> Result<(), TelemetryError> {
         let parsed = parse_filter(filter)?;
-        self.filter
+        self.0
             .reload(parsed)
             .map_err(|e| TelemetryError::Reload(e.to_string()))
     }

@@ -32,10 +32,13 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-decoder")?;
+    let telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-decoder")?;
     let shutdown = nexus_core::shutdown::on_signals();
     let mut fleet = cli.fleet.resolve("decoder")?;
     fleet.admin = cli.fleet.admin_port(&shutdown).await?;
+    if let Some(admin) = &fleet.admin {
+        admin.set_log_filter(telemetry.log_filter());
+    }
     let device = nexus_models::parse_device(&cli.process.device)?;
     let names = cli.process.models.clone();
     let translator = nexus_decoder::load_translator(&cli.translation_model, &device)?;

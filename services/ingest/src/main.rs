@@ -34,10 +34,13 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-ingest")?;
+    let telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-ingest")?;
     let shutdown = nexus_core::shutdown::on_signals();
     let mut fleet = cli.fleet.resolve("ingest")?;
     fleet.admin = cli.fleet.admin_port(&shutdown).await?;
+    if let Some(admin) = &fleet.admin {
+        admin.set_log_filter(telemetry.log_filter());
+    }
     let vad = Arc::new(SileroVad::load(
         &nexus_fleet::models::resolve_vad(None)?,
         &candle_core::Device::Cpu,
