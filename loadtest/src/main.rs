@@ -1,0 +1,370 @@
+//! `nexus-loadtest`: replays speech as N concurrent live StreamingRecognize
+//! sessions at real-time pace, level after level (the scenario's `streams`),
+//! with starts spread over a ramp-up, and reports per level: final-caption
+//! latency after the endpoint and interim latency (p50/p95/p99), WER against
+//! the clips' references, errors by gRPC code, and the model time per second
+//! of audio (real-time factor) read from the services' `/metrics`. The
+//! largest level whose final p95 keeps the scenario's budget without errors
+//! is the sustainable concurrency; the first one that does not is the break.
+//!
+//! ```sh
+//! nexus-loadtest loadtest/scenarios/live-tiny.toml --spawn serve
+//! nexus-loadtest loadtest/scenarios/live-base.toml --spawn fleet --redis redis://127.0.0.1:6379
+//! nexus-loadtest loadtest/scenarios/live-tiny.toml --target 10.0.0.5:50051
+//! ```
+
+mod session;
+mod target;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::session::{Clip, Program};
+
+/// A load scenario, from a TOML file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+struct Scenario {
+    /// What the run is called in the report.
+    name: String,
+    /// Model the sessions ask for.
+    model: String,
+    /// Spoken language.
+    #[serde(default = "english")]
+    language: String,
+    /// Folder of 16 kHz WAV clips with a `.txt` reference beside each,
+    /// relative to the test-data folder (or absolute).
+    speech: PathBuf,
+    /// Concurrent sessions of each level, in order.
+    streams: Vec<usize>,
+    /// Session starts are spread over this many seconds.
+    ramp_up_s: f64,
+    /// Audio each session sends, seconds (whole clips, at least this long).
+    duration_s: f64,
+    /// Interim results every this many ms; 0 asks for finals only.
+    #[serde(default)]
+    interim_ms: u32,
+    /// Final-caption p95 after the endpoint a level must keep, ms.
+    final_budget_ms: f64,
+}
+
+fn english() -> String {
+    "en".into()
+}
+
+/// Runs a load scenario and reports what the system sustained.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The scenario file.
+    scenario: PathBuf,
+    /// Start what to load: `serve` (every stage in one process) or `fleet`
+    /// (the three stage binaries on Redis).
+    #[arg(long, conflicts_with = "target")]
+    spawn: Option<String>,
+    /// Or load a running ingest at this address.
+    #[arg(long)]
+    target: Option<SocketAddr>,
+    /// Admin ports of a `--target` (for the real-time factor).
+    #[arg(long = "admin", value_delimiter = ',')]
+    admin: Vec<SocketAddr>,
+    /// Redis for `--spawn fleet`.
+    #[arg(long, env = "NEXUS_REDIS", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Where the speech folders are.
+    #[arg(long, env = "NEXUS_TESTDATA", default_value = ".cache/testdata")]
+    testdata: PathBuf,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Keep going after the first level that breaks the budget.
+    #[arg(long)]
+    all_levels: bool,
+}
+
+/// Percentiles of a latency sample, ms.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Latency {
+    n: usize,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+}
+
+impl Latency {
+    fn of(mut v: Vec<f64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+        Self {
+            n: v.len(),
+            p50: at(0.5),
+            p95: at(0.95),
+            p99: at(0.99),
+        }
+    }
+}
+
+/// One level of the report.
+#[derive(Debug, Serialize, Deserialize)]
+struct Level {
+    streams: usize,
+    final_after_endpoint_ms: Latency,
+    interim_ms: Latency,
+    wer: f64,
+    audio_s: f64,
+    /// Encoder and decoder model seconds per second of audio (when readable).
+    rtf_encoder: Option<f64>,
+    rtf_decoder: Option<f64>,
+    errors: std::collections::BTreeMap<String, usize>,
+    within_budget: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    scenario: String,
+    model: String,
+    target: String,
+    final_budget_ms: f64,
+    levels: Vec<Level>,
+    /// Most concurrent streams that kept the budget without errors.
+    sustainable_streams: usize,
+    /// The first level that did not, and why.
+    breaks_at: Option<String>,
+}
+
+fn load_clips(dir: &std::path::Path) -> anyhow::Result<Vec<Clip>> {
+    let mut wavs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "wav"))
+        .collect();
+    wavs.sort();
+    let mut clips = Vec::new();
+    for w in wavs {
+        let txt = w.with_extension("txt");
+        let Ok(text) = std::fs::read_to_string(&txt) else {
+            continue;
+        };
+        let audio = nexus_audio::decode_bytes(std::fs::read(&w)?, Some("wav"), &Default::default())
+            .with_context(|| format!("decoding {}", w.display()))?;
+        let samples = nexus_audio::to_model_rate(&audio.channels, audio.sample_rate)
+            .with_context(|| format!("resampling {}", w.display()))?;
+        clips.push(Clip {
+            samples,
+            text: text.trim().to_owned(),
+        });
+    }
+    anyhow::ensure!(
+        !clips.is_empty(),
+        "no WAV clip with a .txt reference in {}",
+        dir.display()
+    );
+    Ok(clips)
+}
+
+/// Waits until the target transcribes a short clip.
+async fn warm_up(addr: SocketAddr, s: &Scenario, clip: &Clip) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let short = Clip {
+        samples: clip.samples[..clip.samples.len().min(4 * 16_000)].to_vec(),
+        text: String::new(),
+    };
+    loop {
+        let p = Program::new(std::slice::from_ref(&short), 0, 0.0);
+        let o = session::run(
+            addr,
+            s.model.clone(),
+            s.language.clone(),
+            0,
+            p,
+            Duration::ZERO,
+        )
+        .await;
+        if o.error.is_none() && !o.final_ms.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the target did not come up: {}",
+            o.error
+                .unwrap_or_else(|| "it answered but gave no final caption".into())
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn level(
+    addr: SocketAddr,
+    admin: &[SocketAddr],
+    s: &Scenario,
+    clips: &[Clip],
+    n: usize,
+) -> Level {
+    let before = target::model_seconds(admin).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let program = Program::new(clips, i, s.duration_s);
+        let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / n as f64);
+        tasks.spawn(session::run(
+            addr,
+            s.model.clone(),
+            s.language.clone(),
+            s.interim_ms,
+            program,
+            lead,
+        ));
+    }
+    let (mut finals, mut interims, mut errors) =
+        (Vec::new(), Vec::new(), std::collections::BTreeMap::new());
+    let mut wer = nexus_eval::ErrorCounts::default();
+    let mut audio_s = 0.0;
+    while let Some(r) = tasks.join_next().await {
+        let o = match r {
+            Ok(o) => o,
+            Err(e) => {
+                *errors.entry(format!("task: {e}")).or_insert(0) += 1;
+                continue;
+            }
+        };
+        audio_s += o.audio_s;
+        if let Some(code) = o.error {
+            *errors.entry(code).or_insert(0) += 1;
+            continue;
+        }
+        finals.extend(o.final_ms);
+        interims.extend(o.interim_ms);
+        wer = wer + nexus_eval::wer(&o.reference, &o.hypothesis);
+    }
+    let after = target::model_seconds(admin).await;
+    let rate = |a: f64, b: f64| (!admin.is_empty() && audio_s > 0.0).then(|| (b - a) / audio_s);
+    let final_lat = Latency::of(finals);
+    let within = errors.is_empty() && final_lat.n > 0 && final_lat.p95 <= s.final_budget_ms;
+    Level {
+        streams: n,
+        final_after_endpoint_ms: final_lat,
+        interim_ms: Latency::of(interims),
+        wer: wer.rate(),
+        audio_s,
+        rtf_encoder: rate(before.0, after.0),
+        rtf_decoder: rate(before.1, after.1),
+        errors,
+        within_budget: within,
+    }
+}
+
+fn print_level(l: &Level) {
+    let f = &l.final_after_endpoint_ms;
+    let i = &l.interim_ms;
+    let rtf = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
+    println!(
+        "{:>7} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.1}% | {:>6} {:>6} | {:>5} | {}",
+        l.streams,
+        f.p50,
+        f.p95,
+        f.p99,
+        i.p50,
+        i.p95,
+        i.p99,
+        l.wer * 100.0,
+        rtf(l.rtf_encoder),
+        rtf(l.rtf_decoder),
+        if l.within_budget { "yes" } else { "NO" },
+        if l.errors.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:?}", l.errors)
+        }
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let text = std::fs::read_to_string(&cli.scenario)
+        .with_context(|| format!("reading {}", cli.scenario.display()))?;
+    let s: Scenario =
+        toml::from_str(&text).with_context(|| format!("scenario {}", cli.scenario.display()))?;
+    anyhow::ensure!(!s.streams.is_empty(), "the scenario lists no stream counts");
+    let dir = if s.speech.is_absolute() {
+        s.speech.clone()
+    } else {
+        cli.testdata.join(&s.speech)
+    };
+    let clips = load_clips(&dir)?;
+    let (target, label) = match (&cli.spawn, cli.target) {
+        (Some(kind), None) if kind == "serve" => (
+            target::embedded(&s.model)?,
+            "nexus serve (embedded)".to_owned(),
+        ),
+        (Some(kind), None) if kind == "fleet" => (
+            target::fleet(&s.model, &cli.redis)?,
+            "three processes on Redis".to_owned(),
+        ),
+        (Some(kind), _) => anyhow::bail!("--spawn {kind:?}: use serve or fleet"),
+        (None, Some(addr)) => (target::external(addr, cli.admin.clone()), addr.to_string()),
+        (None, None) => anyhow::bail!("give --spawn serve|fleet or --target ADDR"),
+    };
+    warm_up(target.addr, &s, &clips[0]).await?;
+    println!(
+        "# {} — model {}, {label}, {} s per session, ramp-up {} s, final budget p95 {} ms",
+        s.name, s.model, s.duration_s, s.ramp_up_s, s.final_budget_ms
+    );
+    println!(
+        "{:>7} | {:>20} | {:>20} | {:>6} | {:>13} | {:>5} | errors",
+        "streams", "final p50/p95/p99 ms", "interim p50/p95/p99", "WER", "RTF enc/dec", "ok"
+    );
+    let mut levels = Vec::new();
+    let mut breaks_at = None;
+    for &n in &s.streams {
+        let l = level(target.addr, &target.admin, &s, &clips, n).await;
+        print_level(&l);
+        let ok = l.within_budget;
+        if !ok && breaks_at.is_none() {
+            breaks_at = Some(if !l.errors.is_empty() {
+                format!("{n} streams: errors {:?}", l.errors)
+            } else {
+                format!(
+                    "{n} streams: final p95 {:.0} ms > {:.0} ms",
+                    l.final_after_endpoint_ms.p95, s.final_budget_ms
+                )
+            });
+        }
+        levels.push(l);
+        if !ok && !cli.all_levels {
+            break;
+        }
+    }
+    let sustainable = levels
+        .iter()
+        .take_while(|l| l.within_budget)
+        .map(|l| l.streams)
+        .last()
+        .unwrap_or(0);
+    println!(
+        "sustainable: {sustainable} concurrent streams; breaks at: {}",
+        breaks_at.as_deref().unwrap_or("not reached")
+    );
+    let report = Report {
+        scenario: s.name.clone(),
+        model: s.model.clone(),
+        target: label,
+        final_budget_ms: s.final_budget_ms,
+        levels,
+        sustainable_streams: sustainable,
+        breaks_at,
+    };
+    if let Some(path) = &cli.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(target);
+    Ok(())
+}

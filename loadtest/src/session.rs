@@ -1,0 +1,194 @@
+//! One simulated live client: speech sent at real-time pace (100 ms chunks,
+//! each once its last sample "was captured"), results timed as they arrive.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
+use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
+use nexus_proto::speech::{
+    AudioEncoding, AudioFormat, EndpointingConfig, RecognitionConfig, SpeechEvent,
+    StreamingRecognitionConfig, StreamingRecognizeRequest,
+};
+use tokio::time::Instant;
+
+/// A clip of speech and what is said in it.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    /// 16 kHz mono samples.
+    pub samples: Vec<f32>,
+    /// The reference transcript.
+    pub text: String,
+}
+
+/// What one session sends.
+#[derive(Debug, Clone)]
+pub struct Program {
+    /// Samples, clips with a second of silence after each.
+    pub samples: Vec<f32>,
+    /// The references of the clips played, in order.
+    pub reference: String,
+}
+
+impl Program {
+    /// Whole clips from clip `rotate` on, until `seconds` are filled (one at least).
+    pub fn new(clips: &[Clip], rotate: usize, seconds: f64) -> Self {
+        let gap = vec![0.0f32; 16_000];
+        let mut samples = Vec::new();
+        let mut reference = Vec::new();
+        let mut i = rotate;
+        // At least one clip.
+        while samples.is_empty() || (samples.len() as f64) < seconds * 16_000.0 {
+            let c = &clips[i % clips.len()];
+            samples.extend_from_slice(&c.samples);
+            samples.extend_from_slice(&gap);
+            reference.push(c.text.clone());
+            i += 1;
+        }
+        Self {
+            samples,
+            reference: reference.join(" "),
+        }
+    }
+}
+
+/// What one session measured.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// From the END_OF_UTTERANCE event to the utterance's final, ms.
+    pub final_ms: Vec<f64>,
+    /// From the capture of an interim window's last sample to the interim, ms.
+    pub interim_ms: Vec<f64>,
+    /// Final text, in order.
+    pub hypothesis: String,
+    /// The reference of what was played.
+    pub reference: String,
+    /// Seconds of audio sent.
+    pub audio_s: f64,
+    /// The gRPC code the session failed with, if it did.
+    pub error: Option<String>,
+}
+
+/// Runs one session against `addr`, starting after `lead`.
+pub async fn run(
+    addr: SocketAddr,
+    model: String,
+    language: String,
+    interim_ms: u32,
+    program: Program,
+    lead: Duration,
+) -> Outcome {
+    tokio::time::sleep(lead).await;
+    let mut out = Outcome {
+        reference: program.reference.clone(),
+        audio_s: program.samples.len() as f64 / 16_000.0,
+        ..Default::default()
+    };
+    match stream(addr, model, language, interim_ms, program.samples, &mut out).await {
+        Ok(()) => {}
+        Err(s) => out.error = Some(format!("{:?}", s.code())),
+    }
+    out
+}
+
+async fn stream(
+    addr: SocketAddr,
+    model: String,
+    language: String,
+    interim_ms: u32,
+    samples: Vec<f32>,
+    out: &mut Outcome,
+) -> Result<(), tonic::Status> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = SpeechRecognitionClient::new(ch);
+    let cfg = StreamingRecognitionConfig {
+        config: Some(RecognitionConfig {
+            model,
+            language,
+            audio_format: Some(AudioFormat {
+                encoding: AudioEncoding::LinearPcmS16le as i32,
+                sample_rate_hz: 16_000,
+                channels: 1,
+            }),
+            ..Default::default()
+        }),
+        interim_results: interim_ms > 0,
+        endpointing: Some(EndpointingConfig {
+            interim_interval_ms: interim_ms,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(StreamingRecognizeRequest {
+        streaming_request: Some(StreamingRequest::StreamingConfig(cfg)),
+    })
+    .await
+    .map_err(|_| tonic::Status::internal("request channel closed"))?;
+    let mut inbound = client
+        .streaming_recognize(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let start = Instant::now();
+    let sender = async move {
+        for (i, c) in samples.chunks(1_600).enumerate() {
+            tokio::time::sleep_until(start + Duration::from_millis(100 * (i as u64 + 1))).await;
+            let bytes: Vec<u8> = c
+                .iter()
+                .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+                .collect();
+            let msg = StreamingRecognizeRequest {
+                streaming_request: Some(StreamingRequest::AudioContent(bytes.into())),
+            };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    };
+    let receiver = async {
+        // Utterance k ends with the k-th END_OF_UTTERANCE; its final carries segment_id k.
+        let mut endpoints: Vec<Instant> = Vec::new();
+        let mut finals: HashMap<u64, (Instant, String)> = HashMap::new();
+        while let Some(r) = inbound.message().await? {
+            let now = Instant::now();
+            if r.speech_event == SpeechEvent::EndOfUtterance as i32 {
+                endpoints.push(now);
+            }
+            for res in &r.results {
+                let text = res
+                    .alternatives
+                    .first()
+                    .map(|a| a.transcript.clone())
+                    .unwrap_or_default();
+                if res.is_final {
+                    finals.entry(res.segment_id).or_insert((now, text));
+                } else if let Some(span) = &res.span {
+                    let captured = start + Duration::from_millis(span.end_ms);
+                    out.interim_ms
+                        .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
+                }
+            }
+        }
+        for (k, at) in endpoints.iter().enumerate() {
+            if let Some((f, _)) = finals.get(&(k as u64)) {
+                out.final_ms
+                    .push(f.saturating_duration_since(*at).as_secs_f64() * 1e3);
+            }
+        }
+        let mut segs: Vec<_> = finals.into_iter().collect();
+        segs.sort_by_key(|(k, _)| *k);
+        out.hypothesis = segs
+            .into_iter()
+            .map(|(_, (_, t))| t)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok::<_, tonic::Status>(())
+    };
+    let ((), r) = tokio::join!(sender, receiver);
+    r
+}

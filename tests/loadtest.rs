@@ -1,0 +1,66 @@
+//! The load generator end to end: a short scenario against `nexus serve`
+//! (which it starts), its report read back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use nexus_tests::fleet::{bin, testdata};
+
+#[test]
+#[ignore = "needs tiny.en + silero-vad weights and the LibriVox test speech; scripts/test.sh"]
+fn a_smoke_scenario_reports_latency_wer_and_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let scenario =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../loadtest/scenarios/smoke.toml");
+    let out = Command::new(bin("nexus-loadtest"))
+        .arg(&scenario)
+        .args(["--spawn", "serve", "--all-levels", "--report"])
+        .arg(&report)
+        .arg("--testdata")
+        .arg(testdata())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("sustainable:"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let levels = r["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2, "{r}");
+    for l in levels {
+        assert!(l["errors"].as_object().unwrap().is_empty(), "{l}");
+        assert!(
+            l["final_after_endpoint_ms"]["n"].as_u64().unwrap() >= 1,
+            "{l}"
+        );
+        assert!(l["interim_ms"]["n"].as_u64().unwrap() >= 1, "{l}");
+        let wer = l["wer"].as_f64().unwrap();
+        assert!(wer < 0.3, "WER {wer} of tiny.en on LibriVox clips: {l}");
+        // The embedded server's admin port gave the model time per audio second.
+        assert!(l["rtf_encoder"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["rtf_decoder"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    // Capacity is the last level of the unbroken run within budget (timing
+    // here depends on the machine, so only its consistency is checked).
+    let within: Vec<bool> = levels
+        .iter()
+        .map(|l| l["within_budget"].as_bool().unwrap())
+        .collect();
+    let sustainable = within
+        .iter()
+        .zip(levels)
+        .take_while(|(ok, _)| **ok)
+        .last()
+        .map_or(0, |(_, l)| l["streams"].as_u64().unwrap());
+    assert_eq!(
+        r["sustainable_streams"].as_u64().unwrap(),
+        sustainable,
+        "{r}"
+    );
+    assert_eq!(r["breaks_at"].is_null(), within.iter().all(|ok| *ok), "{r}");
+}
