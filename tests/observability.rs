@@ -158,6 +158,21 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
         .request("PUT", "/log", &[], b"info,nexus_ingest=debug")
         .await;
     assert_eq!(status, 200, "{body}");
+    // A whole-file Recognize call is a trace of its own, down to the stages.
+    let (file_trace, file_caller) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let wav = wav_of(&samples);
+    let mut call = tonic::Request::new(nexus_proto::speech::RecognizeRequest {
+        config: Some(nexus_tests::fleet::english_config()),
+        audio_source: Some(
+            nexus_proto::speech::recognize_request::AudioSource::Content(wav.into()),
+        ),
+    });
+    call.metadata_mut().insert(
+        "traceparent",
+        format!("00-{file_trace}-{file_caller}-01").parse().unwrap(),
+    );
+    let done = client_recognize(&ing, call).await;
+    assert!(done.to_lowercase().contains("forward"), "{done:?}");
     // A stopping process exports what it still holds.
     for p in [&mut ing, &mut enc, &mut dec] {
         p.terminate();
@@ -175,6 +190,47 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
         .iter()
         .map(|(svc, s)| (svc.clone(), s.name.clone(), hex(&s.trace_id)))
         .collect();
+    // The Recognize call: recognize → window → encode → decode.
+    let file: Vec<(String, Span)> = receiver
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| hex(&s.trace_id) == file_trace)
+        .cloned()
+        .collect();
+    let named = |n: &str| -> Vec<&Span> {
+        file.iter()
+            .filter(|(_, s)| s.name == n)
+            .map(|(_, s)| s)
+            .collect()
+    };
+    let (rec, win, enc_s, dec_s) = (
+        named("recognize"),
+        named("window"),
+        named("encode"),
+        named("decode"),
+    );
+    assert_eq!(
+        rec.len(),
+        1,
+        "recognize spans in {:?}",
+        file.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
+    );
+    assert_eq!(hex(&rec[0].parent_span_id), file_caller);
+    assert!(!win.is_empty() && win.iter().all(|w| w.parent_span_id == rec[0].span_id));
+    assert!(
+        !enc_s.is_empty()
+            && enc_s
+                .iter()
+                .all(|e| win.iter().any(|w| w.span_id == e.parent_span_id))
+    );
+    assert!(
+        !dec_s.is_empty()
+            && dec_s
+                .iter()
+                .all(|d| enc_s.iter().any(|e| e.span_id == d.parent_span_id))
+    );
     let spans: Vec<(String, Span)> = receiver
         .0
         .lock()
@@ -372,4 +428,41 @@ fn promtool(stage: &str, text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A 16 kHz mono 16-bit WAV of `samples`.
+fn wav_of(samples: &[f32]) -> Vec<u8> {
+    let data: Vec<u8> = samples
+        .iter()
+        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+        .collect();
+    let mut w = Vec::with_capacity(44 + data.len());
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&16_000u32.to_le_bytes());
+    w.extend_from_slice(&32_000u32.to_le_bytes());
+    w.extend_from_slice(&2u16.to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    w.extend_from_slice(&data);
+    w
+}
+
+async fn client_recognize(
+    ing: &Proc,
+    call: tonic::Request<nexus_proto::speech::RecognizeRequest>,
+) -> String {
+    let mut client = SpeechRecognitionClient::new(nexus_tests::connect(ing.addr).await.unwrap());
+    let r = client.recognize(call).await.unwrap().into_inner();
+    r.results
+        .iter()
+        .filter_map(|r| r.alternatives.first())
+        .map(|a| a.transcript.clone())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

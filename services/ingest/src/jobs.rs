@@ -524,8 +524,10 @@ impl<B: Bus> Ingest<B> {
                 }
             })
         };
+        // One trace per job: its windows and the stages' work are children.
+        let span = tracing::info_span!("job", job.id = %id);
         let finished = tokio::select! {
-            f = self.attempts(id) => f,
+            f = tracing::Instrument::instrument(self.attempts(id), span) => f,
             _ = shutdown.cancelled() => false,
         };
         stop.cancel();

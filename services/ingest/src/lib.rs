@@ -472,9 +472,13 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
             ));
         }
         let grant = self.inner.access.admit_grpc(request.metadata())?;
-        let r = self
-            .recognize_audio(request.into_inner(), grant.tenant.clone())
-            .await;
+        let span = tracing::info_span!("recognize", tenant = %grant.tenant);
+        nexus_core::trace::follow_metadata(&span, request.metadata());
+        let r = tracing::Instrument::instrument(
+            self.recognize_audio(request.into_inner(), grant.tenant.clone()),
+            span,
+        )
+        .await;
         self.inner
             .metrics
             .call("Recognize", r.as_ref().err().map(Status::code));

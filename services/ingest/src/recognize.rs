@@ -478,6 +478,13 @@ impl<B: Bus> Ingest<B> {
             pcm.extend_from_slice(&s.to_le_bytes());
         }
         let ms = |s: u64| s * 1000 / u64::from(MODEL_SAMPLE_RATE);
+        // A child of the call's (or the batch job's) span: the stages' spans follow it.
+        let span = tracing::info_span!(
+            "window",
+            session.id = %id,
+            segment,
+            audio_ms = ms(w.end.saturating_sub(w.start)),
+        );
         let msg = AudioSegment {
             envelope: Some(Envelope {
                 session_id: id.to_string(),
@@ -486,7 +493,7 @@ impl<B: Bus> Ingest<B> {
                 revision: 1,
                 emitted_unix_ms: now_unix_ms(),
                 tenant: tenant.to_owned(),
-                ..Default::default()
+                trace: nexus_core::trace::context_of(&span),
             }),
             config: Some(rc.clone()),
             start_ms: ms(w.start),
