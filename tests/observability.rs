@@ -173,6 +173,10 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
     );
     let done = client_recognize(&ing, call).await;
     assert!(done.to_lowercase().contains("forward"), "{done:?}");
+    let file_audio = scrape(&admins[2])
+        .await
+        .get(r#"nexus_ingest_audio_seconds_total{source="file"}"#);
+    assert!(file_audio >= 2.0, "whole-file audio counted: {file_audio}");
     // A stopping process exports what it still holds.
     for p in [&mut ing, &mut enc, &mut dec] {
         p.terminate();

@@ -482,6 +482,11 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
         self.inner
             .metrics
             .call("Recognize", r.as_ref().err().map(Status::code));
+        if let Ok(done) = &r {
+            self.inner
+                .metrics
+                .audio(false, done.audio_duration_ms as f64 / 1000.0);
+        }
         Ok(Response::new(r?))
     }
 
