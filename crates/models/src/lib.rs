@@ -11,6 +11,7 @@
 pub mod device;
 pub mod error;
 pub mod mel;
+pub mod nexus;
 pub mod qwen;
 pub mod vad;
 pub mod whisper;

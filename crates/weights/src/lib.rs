@@ -9,8 +9,10 @@
 
 pub mod ct2;
 pub mod error;
+pub mod hifigan;
 pub mod registry;
 pub mod store;
+pub mod torch_legacy;
 pub mod whisper;
 
 pub use error::{Result, WeightsError};
@@ -34,6 +36,9 @@ pub fn import_pulled(store: &Store, model: &ModelEntry) -> Result<Imported> {
             check_gguf(&file)?;
             Ok(Imported::AsIs(file))
         }
+        "torch-pickle" if model.family == "hifigan" => {
+            Ok(Imported::Hifigan(hifigan::import(&src, &dir)?))
+        }
         "safetensors" => {
             let file = src.join("model.safetensors");
             whisper::safetensors_header(&file)?;
@@ -52,6 +57,8 @@ pub fn import_pulled(store: &Store, model: &ModelEntry) -> Result<Imported> {
 pub enum Imported {
     /// A converted Whisper folder.
     Whisper(whisper::ImportReport),
+    /// A converted HiFi-GAN generator folder.
+    Hifigan(hifigan::HifiganReport),
     /// A file loaded as fetched.
     AsIs(std::path::PathBuf),
 }

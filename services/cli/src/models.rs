@@ -52,6 +52,13 @@ fn describe(imported: &Imported) -> String {
             r.bytes as f64 / 1e6,
             r.out_dir.display()
         ),
+        Imported::Hifigan(r) => format!(
+            "hifigan generator: {} tensors ({} weight-norm pairs folded), {:.2} M parameters in {}",
+            r.tensors,
+            r.folded,
+            r.parameters as f64 / 1e6,
+            r.out_dir.display()
+        ),
         Imported::AsIs(p) => format!("ready: {}", p.display()),
     }
 }

@@ -203,7 +203,8 @@ fn sinusoids(length: usize, channels: usize, device: &Device) -> Result<Tensor> 
 }
 
 impl Encoder {
-    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// Loads the encoder's tensors (Hugging Face names) from `vb`.
+    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         let ffn = vb.pp("layers.0.fc1").get_unchecked("weight")?.dim(0)?;
         Ok(Self {
