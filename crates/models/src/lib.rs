@@ -14,6 +14,7 @@ pub mod mel;
 pub mod nexus;
 pub mod qwen;
 pub mod vad;
+pub mod vocoder;
 pub mod whisper;
 
 pub use device::parse_device;

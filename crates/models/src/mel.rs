@@ -207,12 +207,29 @@ fn mel_to_hz(mel: f64) -> f64 {
 /// Slaney-style triangular mel filters with area normalisation, `n_mels x (n_fft/2+1)`
 /// row-major, covering 0 Hz to Nyquist.
 pub fn mel_filter_bank(sample_rate: u32, n_fft: usize, n_mels: usize) -> Vec<f32> {
+    mel_filter_bank_range(
+        sample_rate,
+        n_fft,
+        n_mels,
+        0.0,
+        f64::from(sample_rate) / 2.0,
+    )
+}
+
+/// [`mel_filter_bank`] covering `fmin` to `fmax` Hz (librosa's `mel(fmin, fmax)`).
+pub fn mel_filter_bank_range(
+    sample_rate: u32,
+    n_fft: usize,
+    n_mels: usize,
+    fmin: f64,
+    fmax: f64,
+) -> Vec<f32> {
     let n_freq = n_fft / 2 + 1;
     let nyquist = f64::from(sample_rate) / 2.0;
     let fft_freqs: Vec<f64> = (0..n_freq)
         .map(|i| i as f64 * nyquist / (n_freq - 1) as f64)
         .collect();
-    let (lo, hi) = (hz_to_mel(0.0), hz_to_mel(nyquist));
+    let (lo, hi) = (hz_to_mel(fmin), hz_to_mel(fmax));
     let mel_f: Vec<f64> = (0..n_mels + 2)
         .map(|i| mel_to_hz(lo + (hi - lo) * i as f64 / (n_mels + 1) as f64))
         .collect();
