@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use candle_core::Device;
+use nexus_models::nexus::NexusModel;
 use nexus_models::whisper::WhisperEngine;
 use nexus_weights::{Registry, Store};
 
-/// The folder of a Whisper model given by registry name or path.
+/// The folder of a Whisper or NEXUS-O model given by registry name, by the
+/// name `nexus models import` stored it under, or by path.
 pub fn resolve_model(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
@@ -18,6 +20,13 @@ pub fn resolve_model(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBu
     }
     let store = Store::new(home.unwrap_or_else(Store::default_root));
     let registry = Registry::builtin();
+    let imported = store.model_dir(spec);
+    if registry.get(spec).is_err()
+        && !spec.contains('/')
+        && imported.join("model.safetensors").is_file()
+    {
+        return Ok(imported);
+    }
     let entry = registry.get(spec)?;
     let dir = store.model_dir(&entry.name);
     if !dir.join("model.safetensors").is_file() {
@@ -67,6 +76,17 @@ pub fn resolve_vad(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(file)
 }
 
+/// The NEXUS-O models among `names` (their folder's config says so), for
+/// processes that do not load them: these translate into any language
+/// themselves.
+pub fn nexus_by_config(names: &[String], home: Option<PathBuf>) -> Vec<String> {
+    names
+        .iter()
+        .filter(|n| resolve_model(n, home.clone()).is_ok_and(|d| NexusModel::is_checkpoint(&d)))
+        .cloned()
+        .collect()
+}
+
 /// The English-only models among `names`, told by name (`*.en`) for processes
 /// that do not load them; a process that loads them asks their tokenizer.
 pub fn english_only_by_name(names: &[String]) -> Vec<String> {
@@ -83,6 +103,7 @@ pub fn english_only_by_name(names: &[String]) -> Vec<String> {
 pub struct ModelSet {
     load_seconds: Arc<BTreeMap<String, f64>>,
     engines: Arc<BTreeMap<String, Arc<WhisperEngine>>>,
+    nexus: Arc<BTreeMap<String, Arc<NexusModel>>>,
     default: String,
 }
 
@@ -108,29 +129,43 @@ impl ModelSet {
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(!names.is_empty(), "name at least one model to serve");
         let mut engines = BTreeMap::new();
+        let mut nexus = BTreeMap::new();
         let mut load_seconds = BTreeMap::new();
         for name in names {
             let dir = resolve_model(name, home.clone())?;
             let t0 = std::time::Instant::now();
-            let engine = WhisperEngine::load(&dir, device)
-                .with_context(|| format!("loading {name} from {}", dir.display()))?;
+            if NexusModel::is_checkpoint(&dir) {
+                let model = NexusModel::load(&dir, device)
+                    .with_context(|| format!("loading {name} from {}", dir.display()))?;
+                nexus.insert(name.clone(), Arc::new(model));
+            } else {
+                let engine = WhisperEngine::load(&dir, device)
+                    .with_context(|| format!("loading {name} from {}", dir.display()))?;
+                engines.insert(name.clone(), Arc::new(engine));
+            }
             tracing::info!(model = %name, load_ms = t0.elapsed().as_millis() as u64, "model loaded");
             load_seconds.insert(name.clone(), t0.elapsed().as_secs_f64());
-            engines.insert(name.clone(), Arc::new(engine));
         }
         Ok(Self {
             load_seconds: Arc::new(load_seconds),
             engines: Arc::new(engines),
+            nexus: Arc::new(nexus),
             default: names[0].clone(),
         })
     }
 
-    /// The model a request names, or the default for an empty name.
+    /// The Whisper model a request names, or the default for an empty name.
     pub fn get(&self, name: &str) -> Option<(&str, &Arc<WhisperEngine>)> {
         let key = if name.is_empty() { &self.default } else { name };
         self.engines
             .get_key_value(key)
             .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The NEXUS-O model a request names, or the default for an empty name.
+    pub fn nexus(&self, name: &str) -> Option<(&str, &Arc<NexusModel>)> {
+        let key = if name.is_empty() { &self.default } else { name };
+        self.nexus.get_key_value(key).map(|(k, v)| (k.as_str(), v))
     }
 
     /// Seconds each model took to load.
@@ -143,7 +178,14 @@ impl ModelSet {
 
     /// Names served, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.engines.keys().cloned().collect()
+        let mut n: Vec<String> = self
+            .engines
+            .keys()
+            .chain(self.nexus.keys())
+            .cloned()
+            .collect();
+        n.sort();
+        n
     }
 
     /// The default model's name.

@@ -184,6 +184,7 @@ async fn run_roles<B: Bus>(
             english_only,
             translation_model: (!args.translation_model.is_empty())
                 .then(|| args.translation_model.clone()),
+            self_translating: nexus_fleet::models::nexus_by_config(&args.models, args.home.clone()),
         };
         let l = nexus_ingest::Listeners {
             grpc: listener

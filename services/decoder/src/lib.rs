@@ -422,7 +422,7 @@ async fn write<B: Bus>(
         inference_ms,
         permit,
         fresh,
-        whisper_translated,
+        model_translated,
         batch,
         span,
     } = o;
@@ -449,7 +449,7 @@ async fn write<B: Bus>(
     };
     match result {
         Ok((mut r, mut segments)) => {
-            if let Err(e) = translate(&mut r, &mut segments, &seg, whisper_translated, cfg).await {
+            if let Err(e) = translate(&mut r, &mut segments, &seg, model_translated, cfg).await {
                 msg.error = e;
             }
             msg.result = Some(r);
@@ -496,7 +496,7 @@ async fn translate(
     r: &mut nexus_proto::speech::StreamingRecognitionResult,
     segments: &mut [SpeechRecognitionResult],
     seg: &EncodedSegment,
-    whisper_translated: bool,
+    model_translated: Option<String>,
     cfg: &DecoderConfig,
 ) -> Result<(), String> {
     let rc = seg.config.clone().unwrap_or_default();
@@ -521,9 +521,9 @@ async fn translate(
     if texts.is_empty() {
         texts.push(r.alternatives[0].transcript.clone());
     }
-    let (model, target) = if whisper_translated {
-        // Whisper's own translate task already produced English.
-        (seg.model.clone(), "en".to_string())
+    let (model, target) = if let Some(target) = model_translated {
+        // The model translated itself (Whisper into English, NEXUS-O into any language).
+        (seg.model.clone(), target)
     } else {
         let Some((name, tr)) = cfg.translator.clone() else {
             return Err(format!(

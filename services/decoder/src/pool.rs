@@ -10,6 +10,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use nexus_bus::EntryId;
 use nexus_fleet::ModelSet;
+use nexus_models::nexus::{LmSession, NexusModel, NexusTask};
 use nexus_models::whisper::{
     DecodeOptions, GreedySequence, Task, TranscribeOptions, WhisperEngine, step_batch,
 };
@@ -78,8 +79,9 @@ pub struct Output {
     pub permit: Slot,
     /// Keeps its entry fresh until the write.
     pub fresh: Option<nexus_fleet::reader::KeepFresh>,
-    /// Whisper's translate task produced the text (English from another language).
-    pub whisper_translated: bool,
+    /// The model itself translated (Whisper's translate task into English, or
+    /// a NEXUS-O model into any language): the target it wrote.
+    pub model_translated: Option<String>,
     /// Most sequences decoded together with it in one step.
     pub batch: usize,
     /// Its `decode` span.
@@ -88,15 +90,174 @@ pub struct Output {
 
 struct Active {
     job: Job,
-    engine: Arc<WhisperEngine>,
     model: String,
-    audio: Tensor,
-    seq: GreedySequence,
-    base: DecodeOptions,
-    opts: TranscribeOptions,
     started: Instant,
     /// Most sequences in one step with this one.
     batch: usize,
+    kind: Kind,
+}
+
+// At most `slots` of these live at once; boxing the larger variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Kind {
+    Whisper {
+        engine: Arc<WhisperEngine>,
+        audio: Tensor,
+        seq: GreedySequence,
+        base: DecodeOptions,
+        opts: TranscribeOptions,
+    },
+    Nexus {
+        model: Arc<NexusModel>,
+        session: Box<LmSession>,
+        tokens: Vec<u32>,
+        language: String,
+        translated: Option<String>,
+    },
+}
+
+/// Tokens a NEXUS-O window may produce (a 30 s window of speech is well under).
+pub const NEXUS_MAX_TOKENS: usize = 160;
+
+/// The NEXUS-O prompt task of a segment's config, and the language the model
+/// translates into (when it does).
+pub fn nexus_task(seg: &EncodedSegment) -> (NexusTask, Option<String>) {
+    let cfg = seg.config.clone().unwrap_or_default();
+    let target = cfg
+        .translation
+        .as_ref()
+        .map(|t| t.target_language.clone())
+        .unwrap_or_default();
+    if cfg.task == nexus_proto::speech::Task::Translate as i32 && !target.is_empty() {
+        return (
+            NexusTask::Translate {
+                target: target.clone(),
+            },
+            Some(target),
+        );
+    }
+    let language = match cfg.language.as_str() {
+        "" | "auto" => None,
+        l => Some(l.to_string()),
+    };
+    (NexusTask::Transcribe { language }, None)
+}
+
+fn start_nexus(
+    job: Job,
+    name: String,
+    model: Arc<NexusModel>,
+) -> Result<Active, Box<(Job, String)>> {
+    let (task, translated) = nexus_task(&job.seg);
+    let prepared = (|| {
+        let audio = features(&job.seg)?
+            .squeeze(0)
+            .and_then(|t| t.to_device(model.device()))
+            .map_err(|e| e.to_string())?;
+        model.start(&task, &audio).map_err(|e| e.to_string())
+    })();
+    match prepared {
+        Ok(session) => {
+            let language = job
+                .seg
+                .config
+                .as_ref()
+                .map(|c| c.language.clone())
+                .filter(|l| !l.is_empty() && l != "auto")
+                .unwrap_or_default();
+            Ok(Active {
+                job,
+                model: name,
+                started: Instant::now(),
+                batch: 0,
+                kind: Kind::Nexus {
+                    model,
+                    session: Box::new(session),
+                    tokens: Vec::new(),
+                    language,
+                    translated,
+                },
+            })
+        }
+        Err(e) => Err(Box::new((job, e))),
+    }
+}
+
+impl Active {
+    /// The next token to feed, or `None` when the sequence is done.
+    fn advance(&mut self) -> Option<u32> {
+        match &mut self.kind {
+            Kind::Whisper { seq, .. } => seq.advance(),
+            Kind::Nexus {
+                model,
+                session,
+                tokens,
+                ..
+            } => {
+                let next = session.greedy().ok()?;
+                if model.is_stop(next) || tokens.len() >= NEXUS_MAX_TOKENS {
+                    return None;
+                }
+                tokens.push(next);
+                Some(next)
+            }
+        }
+    }
+}
+
+/// The result of a finished NEXUS-O sequence: its text for the window.
+fn finish_nexus(
+    seg: &EncodedSegment,
+    model: &NexusModel,
+    tokens: &[u32],
+    language: String,
+) -> Result<(StreamingRecognitionResult, Vec<SpeechRecognitionResult>), String> {
+    let text = model
+        .decode_text(tokens)
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_owned();
+    let alternatives = if text.is_empty() {
+        Vec::new()
+    } else {
+        vec![SpeechRecognitionAlternative {
+            transcript: text.clone(),
+            confidence: 0.0,
+            words: Vec::new(),
+        }]
+    };
+    let span = Some(TimeSpan {
+        start_ms: seg.start_ms,
+        end_ms: seg.end_ms,
+    });
+    let segments = if seg.is_final && !text.is_empty() {
+        vec![SpeechRecognitionResult {
+            alternatives: alternatives.clone(),
+            channel_tag: seg.channel_tag,
+            language: language.clone(),
+            span,
+            translation: None,
+            no_speech_probability: 0.0,
+        }]
+    } else {
+        Vec::new()
+    };
+    let env = seg.envelope.clone().unwrap_or_default();
+    Ok((
+        StreamingRecognitionResult {
+            alternatives,
+            is_final: seg.is_final,
+            stability: if seg.is_final { 1.0 } else { 0.0 },
+            channel_tag: seg.channel_tag,
+            language,
+            segment_id: env.segment_id,
+            revision: env.revision,
+            span,
+            audio_processed_ms: seg.end_ms,
+            ..Default::default()
+        },
+        segments,
+    ))
 }
 
 /// What a segment's config asks of Whisper.
@@ -211,6 +372,10 @@ fn features(seg: &EncodedSegment) -> Result<Tensor, String> {
 }
 
 fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
+    if let Some((name, model)) = models.nexus(&job.seg.model) {
+        let (name, model) = (name.to_owned(), model.clone());
+        return start_nexus(job, name, model);
+    }
     let Some((name, engine)) = models.get(&job.seg.model) else {
         let e = format!(
             "model {:?} is not served by this decoder (serving {:?})",
@@ -241,14 +406,16 @@ fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
     match prepared {
         Ok((audio, base, opts, seq)) => Ok(Active {
             job,
-            engine,
             model: name,
-            audio,
-            seq,
-            base,
-            opts,
             started: Instant::now(),
             batch: 0,
+            kind: Kind::Whisper {
+                engine,
+                audio,
+                seq,
+                base,
+                opts,
+            },
         }),
         Err(e) => Err(Box::new((job, e))),
     }
@@ -260,15 +427,43 @@ fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
 fn finish(a: Active) -> Output {
     let Active {
         job,
-        engine,
-        audio,
-        seq,
-        base,
-        opts,
         started,
         batch,
+        kind,
         ..
     } = a;
+    let (engine, audio, seq, base, opts) = match kind {
+        Kind::Whisper {
+            engine,
+            audio,
+            seq,
+            base,
+            opts,
+        } => (engine, audio, seq, base, opts),
+        Kind::Nexus {
+            model,
+            tokens,
+            language,
+            translated,
+            ..
+        } => {
+            let result = finish_nexus(&job.seg, &model, &tokens, language);
+            let inference_ms = started.elapsed().as_millis() as u32;
+            let mut seg = job.seg;
+            seg.data = Default::default();
+            return Output {
+                id: job.id,
+                seg,
+                result,
+                inference_ms,
+                permit: job.permit,
+                fresh: job.fresh,
+                model_translated: translated,
+                batch,
+                span: job.span,
+            };
+        }
+    };
     let seg = &job.seg;
     let base_task = base.task;
     let result = (|| {
@@ -384,7 +579,7 @@ fn finish(a: Active) -> Output {
         inference_ms,
         permit: job.permit,
         fresh: job.fresh,
-        whisper_translated: base_task == Task::Translate,
+        model_translated: (base_task == Task::Translate).then(|| "en".to_string()),
         batch,
         span: job.span,
     }
@@ -400,7 +595,7 @@ fn failed(job: Job, error: String) -> Output {
         inference_ms: 0,
         permit: job.permit,
         fresh: job.fresh,
-        whisper_translated: false,
+        model_translated: None,
         batch: 0,
         span: job.span,
     }
@@ -448,7 +643,7 @@ pub fn run_pool(
         let mut feed: Vec<(usize, u32)> = Vec::new();
         let mut done: Vec<usize> = Vec::new();
         for (i, a) in active.iter_mut().enumerate() {
-            match a.seq.advance() {
+            match a.advance() {
                 Some(t) => feed.push((i, t)),
                 None => done.push(i),
             }
@@ -477,14 +672,38 @@ pub fn run_pool(
                 .filter(|(i, _)| active[*i].model == *m)
                 .map(|(_, t)| *t)
                 .collect();
-            let engine = active[idx[0]].engine.clone();
-            let mut seqs: Vec<&mut GreedySequence> = active
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| idx.contains(i))
-                .map(|(_, a)| &mut a.seq)
-                .collect();
-            if let Err(e) = step_batch(&engine.model, &mut seqs, &tokens) {
+            let stepped = match &active[idx[0]].kind {
+                Kind::Whisper { engine, .. } => {
+                    let engine = engine.clone();
+                    let mut seqs: Vec<&mut GreedySequence> = active
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| idx.contains(i))
+                        .filter_map(|(_, a)| match &mut a.kind {
+                            Kind::Whisper { seq, .. } => Some(seq),
+                            Kind::Nexus { .. } => None,
+                        })
+                        .collect();
+                    step_batch(&engine.model, &mut seqs, &tokens).map_err(|e| e.to_string())
+                }
+                Kind::Nexus { model, .. } => {
+                    let model = model.clone();
+                    let mut sessions: Vec<&mut LmSession> = active
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| idx.contains(i))
+                        .filter_map(|(_, a)| match &mut a.kind {
+                            Kind::Nexus { session, .. } => Some(session.as_mut()),
+                            Kind::Whisper { .. } => None,
+                        })
+                        .collect();
+                    model
+                        .lm()
+                        .step_batch(&tokens, &mut sessions)
+                        .map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = stepped {
                 tracing::error!(model = %m, error = %e, batch = tokens.len(), "decoder step failed");
                 broken.extend(idx.iter().map(|i| (*i, e.to_string())));
             }

@@ -287,6 +287,9 @@ async fn encode_group(
     group: Group,
     full_window: bool,
 ) -> anyhow::Result<Vec<EncodedSegment>> {
+    if let Some((name, nexus)) = models.nexus(model) {
+        return encode_nexus_group(name.to_owned(), nexus.clone(), group).await;
+    }
     let (name, engine) = models.get(model).with_context(|| {
         format!(
             "model {model:?} is not served here; serving {:?}",
@@ -393,6 +396,85 @@ async fn encode_group(
                 dtype: DType::F32 as i32,
                 data: bytes.into(),
                 valid_frames: valid[i],
+            });
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+/// Encodes NEXUS-O segments: Whisper encoder over the padded 30 s window,
+/// then the adapter; the features are the LM embeddings (n, hidden) of the
+/// adapter frames that cover the audio. One window at a time (their lengths
+/// differ); the decoder batches them.
+async fn encode_nexus_group(
+    name: String,
+    model: std::sync::Arc<nexus_models::nexus::NexusModel>,
+    group: Group,
+) -> anyhow::Result<Vec<EncodedSegment>> {
+    let now = now_unix_ms();
+    let spans: Vec<tracing::Span> = group
+        .iter()
+        .map(|(_, s)| {
+            let env = s.envelope.clone().unwrap_or_default();
+            let span = tracing::info_span!(
+                "encode",
+                session.id = %env.session_id,
+                segment = env.segment_id,
+                revision = env.revision,
+                is_final = s.is_final,
+                queue_ms = now.saturating_sub(env.emitted_unix_ms),
+                batch_size = 1,
+                inference_ms = tracing::field::Empty,
+            );
+            nexus_core::trace::follow(&span, env.trace.as_ref());
+            span
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(group.len());
+        for (i, (_, s)) in group.into_iter().enumerate() {
+            let t0 = std::time::Instant::now();
+            anyhow::ensure!(
+                s.sample_rate_hz == SAMPLE_RATE,
+                "segment at {} Hz; the encoder takes {SAMPLE_RATE} Hz",
+                s.sample_rate_hz
+            );
+            let samples: Vec<f32> = s
+                .pcm_f32le
+                .chunks_exact(4)
+                .take(CHUNK_SAMPLES)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            anyhow::ensure!(!samples.is_empty(), "segment holds no audio");
+            let emb = model
+                .encode_audio(&samples)?
+                .to_dtype(candle_core::DType::F32)?;
+            let (frames, hidden) = emb.dims2()?;
+            let data: Vec<f32> = emb.flatten_all()?.to_vec1()?;
+            let mut bytes = Vec::with_capacity(data.len() * 4);
+            for x in data {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            spans[i].record("inference_ms", t0.elapsed().as_millis() as u64);
+            let env = s.envelope.unwrap_or_default();
+            out.push(EncodedSegment {
+                envelope: Some(Envelope {
+                    emitted_unix_ms: now_unix_ms(),
+                    trace: nexus_core::trace::context_of(&spans[i]),
+                    ..env
+                }),
+                config: s.config,
+                start_ms: s.start_ms,
+                end_ms: s.end_ms,
+                is_final: s.is_final,
+                channel_tag: s.channel_tag,
+                previous_text: s.previous_text,
+                model: name.clone(),
+                shape: vec![frames as u32, hidden as u32],
+                dtype: DType::F32 as i32,
+                data: bytes.into(),
+                valid_frames: frames as u32,
             });
         }
         Ok(out)

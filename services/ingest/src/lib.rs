@@ -157,6 +157,8 @@ pub struct IngestConfig {
     pub english_only: Vec<String>,
     /// The decoders' text translation model, when they have one.
     pub translation_model: Option<String>,
+    /// Models that translate into any language themselves (NEXUS-O).
+    pub self_translating: Vec<String>,
 }
 
 pub(crate) struct Settings {
@@ -169,6 +171,7 @@ pub(crate) struct Settings {
     pub(crate) models: Vec<String>,
     pub(crate) english_only: Vec<String>,
     pub(crate) translation_model: Option<String>,
+    pub(crate) self_translating: Vec<String>,
     pub(crate) file_root: Option<std::path::PathBuf>,
 }
 
@@ -357,7 +360,8 @@ impl<B: Bus> Ingest<B> {
                     "task TRANSLATE needs config.translation.target_language",
                 ));
             }
-            let whisper_can = target == "en" && !english_only;
+            let whisper_can =
+                (target == "en" && !english_only) || inner.cfg.self_translating.contains(&rc.model);
             if !whisper_can && inner.cfg.translation_model.is_none() {
                 return Err(invalid(format!(
                     "translation into {target:?} needs a text translation model and none is configured; ask for target_language \"en\" with a multilingual model"
@@ -573,6 +577,7 @@ pub async fn run<B: Bus>(
             models: cfg.models.clone(),
             english_only: cfg.english_only.clone(),
             translation_model: cfg.translation_model.clone(),
+            self_translating: cfg.self_translating.clone(),
             file_root: cfg.args.file_root.clone(),
         },
         bus,

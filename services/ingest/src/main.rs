@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         args: cli.stage,
         drain: DrainOptions::default(),
         english_only: nexus_fleet::models::english_only_by_name(&cli.process.models),
+        self_translating: nexus_fleet::models::nexus_by_config(&cli.process.models, None),
         models: cli.process.models,
         translation_model: (!cli.translation_model.is_empty()).then_some(cli.translation_model),
     };

@@ -218,6 +218,11 @@ impl NexusModel {
         self.end_of_turn
     }
 
+    /// Whether generation stops at `token` (end of turn or end of text).
+    pub fn is_stop(&self, token: u32) -> bool {
+        token == self.end_of_turn || self.cfg.tokens.eos_id(&self.tokenizer) == Some(token)
+    }
+
     /// Whisper encoder frames (B, T, D) of log-mel windows (B, n_mels, frames).
     pub fn encode_frames(&self, mel: &Tensor) -> Result<Tensor> {
         Ok(self.encoder.forward(&mel.to_dtype(self.dtype)?)?)
@@ -240,6 +245,23 @@ impl NexusModel {
         let m = self.mel.compute(samples, pad)?;
         let t = m.to_tensor(&self.device)?;
         Ok(t.narrow(2, 0, frames.min(m.frames))?)
+    }
+
+    /// Audio embeddings (n, hidden) of up to 30 s of 16 kHz samples: the
+    /// window is padded to the encoder's 30 s as Whisper was trained, and
+    /// only the adapter frames that cover the audio are kept.
+    pub fn encode_audio(&self, samples: &[f32]) -> Result<Tensor> {
+        if samples.is_empty() {
+            return Err(ModelError::Input("no audio to encode".into()));
+        }
+        let frames = 2 * self.cfg.audio_encoder.max_source_positions;
+        let samples = &samples[..samples.len().min(frames * crate::mel::HOP_LENGTH)];
+        let m = self.mel.compute(samples, frames * crate::mel::HOP_LENGTH)?;
+        let mel = m.to_tensor(&self.device)?.narrow(2, 0, frames)?;
+        let emb = self.encode(&mel)?.squeeze(0)?;
+        let per = 2 * self.cfg.adapter.stack * crate::mel::HOP_LENGTH;
+        let n = samples.len().div_ceil(per).clamp(1, emb.dim(0)?);
+        Ok(emb.narrow(0, 0, n)?)
     }
 
     /// The prompt of `task` around `n_audio` placeholders, as text.
@@ -344,7 +366,7 @@ impl NexusModel {
         let mut hidden = Vec::new();
         for _ in 0..max_tokens {
             let next = s.greedy()?;
-            if next == self.end_of_turn || self.cfg.tokens.eos_id(&self.tokenizer) == Some(next) {
+            if self.is_stop(next) {
                 break;
             }
             tokens.push(next);

@@ -239,7 +239,7 @@ impl Firefly {
     /// Builds the decoder from weights.
     pub fn new(cfg: FireflyConfig, vb: VarBuilder) -> Result<Self> {
         let q = &cfg.quantizer;
-        if q.n_groups == 0 || q.input_dim % q.n_groups != 0 {
+        if q.n_groups == 0 || !q.input_dim.is_multiple_of(q.n_groups) {
             return Err(ModelError::Load(format!(
                 "input_dim {} is not a multiple of n_groups {}",
                 q.input_dim, q.n_groups

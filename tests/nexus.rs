@@ -1,0 +1,136 @@
+//! A NEXUS-O model served by the three-process fleet: ingest (VAD,
+//! segmentation) → encoder (Whisper encoder + adapter) → decoder (Qwen2.5 LM
+//! with the audio spliced into its prompt, in the continuous-batching pool)
+//! → text, on the seeded checkpoint of `crates/models/tests/golden/nexus`.
+//!
+//! Every final must carry exactly the text the same model gives in-process
+//! for the same window of audio, for transcription and for translation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::Device;
+use nexus_models::nexus::{NexusModel, NexusTask};
+use nexus_proto::speech::{Task, TranslationConfig};
+use nexus_tests::fleet::{Proc, SessionOutcome, pcm16_config, prefix, redis_url, speech, stream};
+
+fn checkpoint() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/models/tests/golden/nexus/nexus-tiny")
+}
+
+/// What the ingest hears of `samples` sent as 16-bit PCM.
+fn as_sent(samples: &[f32]) -> Vec<f32> {
+    samples
+        .iter()
+        .map(|s| f32::from((s.clamp(-1.0, 1.0) * 32767.0) as i16) / 32768.0)
+        .collect()
+}
+
+fn check_finals(
+    out: &SessionOutcome,
+    heard: &[f32],
+    model: &NexusModel,
+    task: &NexusTask,
+    translated: bool,
+) {
+    assert!(out.status.is_none(), "session failed: {:?}", out.status);
+    let finals: Vec<_> = out
+        .responses
+        .iter()
+        .flat_map(|r| &r.results)
+        .filter(|r| r.is_final)
+        .collect();
+    assert!(finals.len() >= 2, "finals: {finals:?}");
+    let mut texts = 0;
+    for f in finals {
+        let span = f.span.expect("a final has its span");
+        let (a, b) = (
+            span.start_ms as usize * 16,
+            (span.end_ms as usize * 16).min(heard.len()),
+        );
+        let audio = model.encode_audio(&heard[a..b]).unwrap();
+        let want = model
+            .generate(task, &audio, 160)
+            .unwrap()
+            .text
+            .trim()
+            .to_owned();
+        let got = f
+            .alternatives
+            .first()
+            .map(|a| a.transcript.clone())
+            .unwrap_or_default();
+        assert_eq!(got, want, "window {}–{} ms", span.start_ms, span.end_ms);
+        if translated && !want.is_empty() {
+            let t = f.translation.as_ref().expect("a translated final");
+            assert_eq!(
+                (t.text.as_str(), t.target_language.as_str()),
+                (want.as_str(), "de")
+            );
+        }
+        texts += usize::from(!want.is_empty());
+    }
+    assert!(texts >= 2, "the model said nothing in most windows");
+}
+
+#[tokio::test]
+#[ignore = "needs silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn a_nexus_session_runs_through_the_three_processes() {
+    let redis = redis_url();
+    let p = prefix("nexus");
+    let ckpt = checkpoint();
+    let ckpt = ckpt.to_str().unwrap();
+    let common = [
+        "--redis",
+        redis.as_str(),
+        "--model",
+        ckpt,
+        "--key-prefix",
+        p.as_str(),
+    ];
+    let mut enc = Proc::start("encoder", "nexus-encoder", &common);
+    let mut dec = Proc::start("decoder", "nexus-decoder", &common);
+    let ingest_args = [&common[..], &["--http-listen", "none"]].concat();
+    let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
+    for p in [&mut enc, &mut dec, &mut ing] {
+        p.wait_serving(Duration::from_secs(120)).await;
+    }
+    let model = NexusModel::load(&checkpoint(), &Device::Cpu).unwrap();
+    let samples = speech();
+    let heard = as_sent(&samples);
+
+    let out = stream(ing.addr, pcm16_config(ckpt), &samples, 4.0, |_| {})
+        .await
+        .unwrap();
+    let task = NexusTask::Transcribe {
+        language: Some("en".into()),
+    };
+    check_finals(&out, &heard, &model, &task, false);
+    assert!(
+        out.responses
+            .iter()
+            .flat_map(|r| &r.results)
+            .any(|r| !r.is_final),
+        "interim results"
+    );
+
+    // Speech translation: the prompt asks for German; the text is the translation.
+    let mut cfg = pcm16_config(ckpt);
+    let rc = cfg.config.as_mut().unwrap();
+    rc.task = Task::Translate as i32;
+    rc.translation = Some(TranslationConfig {
+        target_language: "de".into(),
+        ..Default::default()
+    });
+    let out = stream(ing.addr, cfg, &samples, 4.0, |_| {}).await.unwrap();
+    check_finals(
+        &out,
+        &heard,
+        &model,
+        &NexusTask::Translate {
+            target: "de".into(),
+        },
+        true,
+    );
+}
