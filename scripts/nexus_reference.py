@@ -18,7 +18,9 @@ the Rust implementation (crates/models/src/nexus, hifigan) must reproduce:
   golden.safetensors  inputs and expected outputs
 
 Run by `scripts/setup.sh --nexus-reference` (only to regenerate; the outputs
-are committed). Needs torch==2.5.1 and transformers==4.46.3.
+are committed). Needs torch==2.5.1 and transformers==4.46.3. Every output is
+byte-for-byte repeatable except generator.pth.tar, whose legacy pickle names
+storages by memory address (its tensors repeat).
 """
 
 import json

@@ -96,3 +96,16 @@ if [ ! -x .tools/bin/helm ] || [ ! -x .tools/bin/kubectl ]; then
   rm -rf "$work"
 fi
 log "ready: $(cargo --version), $(.tools/bin/helm version --short)"
+
+# Only when asked: the independent PyTorch reference of the NEXUS-O family,
+# which regenerates the committed seeded checkpoints and golden outputs in
+# crates/models/tests/golden/nexus. Its own venv; CI never needs it.
+if [ "${1:-}" = "--nexus-reference" ]; then
+  REF_PKGS=(torch==2.5.1 transformers==4.46.3 numpy==2.1.3)
+  if ! .venv-ref/bin/python -c 'import torch, transformers' >/dev/null 2>&1; then
+    log "installing the NEXUS-O reference: ${REF_PKGS[*]}"
+    python3 -m venv .venv-ref
+    .venv-ref/bin/python -m pip install -q --disable-pip-version-check "${REF_PKGS[@]}"
+  fi
+  .venv-ref/bin/python scripts/nexus_reference.py crates/models/tests/golden/nexus
+fi

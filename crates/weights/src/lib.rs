@@ -10,6 +10,7 @@
 pub mod ct2;
 pub mod error;
 pub mod hifigan;
+pub mod nexus;
 pub mod registry;
 pub mod store;
 pub mod torch_legacy;

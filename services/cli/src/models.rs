@@ -30,7 +30,8 @@ enum ModelsCommand {
         python: String,
     },
     /// Convert a pulled model again, or import a local checkpoint folder
-    /// (CTranslate2 Whisper, or Hugging Face Whisper in safetensors).
+    /// (CTranslate2 Whisper, Hugging Face Whisper in safetensors, a NEXUS-O
+    /// checkpoint or a FireFly codec; see the README's checkpoint layout).
     Import {
         /// A registry name, or a folder path.
         source: String,
@@ -123,7 +124,17 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                     bail!("model name {name:?} must be a plain folder name");
                 }
                 let out = store.model_dir(&name);
-                if path.join("model.bin").is_file() {
+                let kind = nexus_weights::nexus::model_type(&path);
+                if matches!(kind.as_deref(), Some("nexus-o" | "firefly-gan")) {
+                    let s = nexus_weights::nexus::import(&path, &out)?;
+                    eprintln!(
+                        "{}; {} tensors ({:.2} M parameters) in {}; serve it as --model {name}",
+                        s.description,
+                        s.tensors,
+                        s.parameters as f64 / 1e6,
+                        out.display()
+                    );
+                } else if path.join("model.bin").is_file() {
                     let report = whisper::import_ct2(&path, &out)?;
                     eprintln!("{}", describe(&Imported::Whisper(report)));
                 } else if path.join("model.safetensors").is_file() {
