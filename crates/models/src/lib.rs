@@ -13,6 +13,7 @@ pub mod error;
 pub mod mel;
 pub mod nexus;
 pub mod qwen;
+pub mod tts;
 pub mod vad;
 pub mod vocoder;
 pub mod whisper;

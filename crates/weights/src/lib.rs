@@ -11,6 +11,8 @@ pub mod ct2;
 pub mod error;
 pub mod hifigan;
 pub mod nexus;
+pub mod onnx;
+pub mod piper;
 pub mod registry;
 pub mod store;
 pub mod torch_legacy;
@@ -40,6 +42,7 @@ pub fn import_pulled(store: &Store, model: &ModelEntry) -> Result<Imported> {
         "torch-pickle" if model.family == "hifigan" => {
             Ok(Imported::Hifigan(hifigan::import(&src, &dir)?))
         }
+        "onnx" if model.family == "piper" => Ok(Imported::Piper(piper::import(&src, &dir)?)),
         "safetensors" => {
             let file = src.join("model.safetensors");
             whisper::safetensors_header(&file)?;
@@ -60,6 +63,8 @@ pub enum Imported {
     Whisper(whisper::ImportReport),
     /// A converted HiFi-GAN generator folder.
     Hifigan(hifigan::HifiganReport),
+    /// A converted Piper voice folder.
+    Piper(piper::PiperReport),
     /// A file loaded as fetched.
     AsIs(std::path::PathBuf),
 }

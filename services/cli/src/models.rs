@@ -60,6 +60,13 @@ fn describe(imported: &Imported) -> String {
             r.parameters as f64 / 1e6,
             r.out_dir.display()
         ),
+        Imported::Piper(r) => format!(
+            "piper voice: {} tensors ({} named after their nodes), {:.2} M parameters in {}",
+            r.tensors,
+            r.renamed,
+            r.parameters as f64 / 1e6,
+            r.out_dir.display()
+        ),
         Imported::AsIs(p) => format!("ready: {}", p.display()),
     }
 }

@@ -215,7 +215,17 @@ impl HifiGan {
                 resblocks.push(block);
             }
         }
-        let conv_post = conv(ch >> cfg.upsample_rates.len(), 1, 7, 1, vb.pp("conv_post"))?;
+        let post_in = ch >> cfg.upsample_rates.len();
+        // VITS generators (Piper) have no bias on the last convolution.
+        let conv_post = if vb.contains_tensor("conv_post.bias") {
+            conv(post_in, 1, 7, 1, vb.pp("conv_post"))?
+        } else {
+            let cfg = Conv1dConfig {
+                padding: 3,
+                ..Default::default()
+            };
+            candle_nn::conv1d_no_bias(post_in, 1, 7, cfg, vb.pp("conv_post"))?
+        };
         let filters = mel_filter_bank_range(
             cfg.sampling_rate,
             cfg.n_fft,
