@@ -740,6 +740,39 @@ impl PiperVoice {
         })
     }
 
+    /// One sentence of text: espeak-ng phonemes, then VITS, peak-normalised
+    /// as Piper does (to 0.95 of full scale).
+    pub fn synthesize_sentence(
+        &self,
+        sentence: &super::Sentence,
+        opts: &SynthesisOptions,
+    ) -> Result<Vec<f32>> {
+        let phonemes = super::phonemize(sentence, &self.cfg.espeak.voice)?;
+        let ids = self.phoneme_ids(&phonemes);
+        let mut samples = self.synthesize_ids(&ids, opts)?.samples;
+        let peak = samples.iter().fold(0f32, |m, x| m.max(x.abs())).max(0.01);
+        for x in &mut samples {
+            *x *= 0.95 / peak;
+        }
+        Ok(samples)
+    }
+
+    /// Whole text, sentence by sentence with 0.2 s of silence between.
+    pub fn synthesize_text(&self, text: &str, opts: &SynthesisOptions) -> Result<Vec<f32>> {
+        let gap = self.sample_rate() as usize / 5;
+        let mut out = Vec::new();
+        for (i, s) in super::sentences(text).iter().enumerate() {
+            if i > 0 {
+                out.extend(std::iter::repeat_n(0.0, gap));
+            }
+            out.extend(self.synthesize_sentence(s, opts)?);
+        }
+        if out.is_empty() {
+            return Err(ModelError::Input("the text has nothing to say".into()));
+        }
+        Ok(out)
+    }
+
     /// The frames (B, C, T) the generator takes for ids, with no noise: for tests.
     pub fn latent_without_noise(&self, ids: &[i64]) -> Result<(Tensor, Vec<f32>, Tensor)> {
         let (m, _, x) = self.encode(ids)?;
