@@ -81,6 +81,8 @@ stream_message!(
     SpeechCodes,
     TranslateTask,
     TranslateDone,
+    SynthesisTask,
+    SynthesisChunk,
 );
 
 /// The fields of an entry carrying `msg`.

@@ -8,6 +8,10 @@ pub const AUDIO: &str = "audio";
 pub const ENCODED: &str = "encoded";
 /// Work stream of text translation requests, read by decoders with a translation model.
 pub const TRANSLATE: &str = "translate";
+/// Work stream of speech synthesis requests, read by vocoders.
+pub const SYNTHESIZE: &str = "synthesize";
+/// Consumer group of the vocoder replicas.
+pub const VOCODER_GROUP: &str = "vocoder";
 pub use nexus_bus::jobs::{JOB_GROUP, JOBS, JOBS_URGENT};
 /// Consumer group of the encoder replicas.
 pub const ENCODER_GROUP: &str = "encoder";

@@ -40,6 +40,9 @@ enum BenchCommand {
     /// Text translation: seconds per sentence and tokens per second of the
     /// Qwen GGUF as the fleet loads it, beside the same file as stored.
     Translate(crate::bench_translate::TranslateBenchArgs),
+    /// Speech synthesis: the Piper voice's real-time factor beside ONNX Runtime
+    /// on the same phoneme ids, and whisper base reading it back (WER).
+    Tts(crate::bench_tts::TtsArgs),
     /// One system on one model, in this process (used by `asr`; prints JSON).
     #[command(hide = true)]
     AsrRun {
@@ -366,6 +369,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Bus(a) => crate::bench_bus::run(a),
         BenchCommand::Fleet(a) => crate::bench_fleet::run(a),
         BenchCommand::Translate(a) => crate::bench_translate::run(a),
+        BenchCommand::Tts(a) => crate::bench_tts::run(a),
         BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
     }
 }

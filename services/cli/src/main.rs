@@ -7,6 +7,7 @@ mod bench;
 mod bench_bus;
 mod bench_fleet;
 mod bench_translate;
+mod bench_tts;
 mod models;
 mod serve;
 mod transcribe;

@@ -15,6 +15,7 @@ use nexus_encoder::{EncoderArgs, EncoderConfig};
 use nexus_fleet::{FleetArgs, ModelSet};
 use nexus_ingest::{IngestArgs, IngestConfig};
 use nexus_models::vad::SileroVad;
+use nexus_vocoder::{VocoderArgs, VocoderConfig, Voices};
 use tokio::net::TcpListener;
 
 /// Which stages this process runs.
@@ -28,6 +29,8 @@ pub enum Role {
     Encoder,
     /// The pooled decoder and translation.
     Decoder,
+    /// Speech synthesis.
+    Vocoder,
 }
 
 /// Serve live recognition.
@@ -68,6 +71,8 @@ pub struct ServeArgs {
     encoder: EncoderArgs,
     #[command(flatten)]
     decoder: DecoderArgs,
+    #[command(flatten)]
+    vocoder: VocoderArgs,
 }
 
 /// Runs the command.
@@ -126,6 +131,39 @@ async fn run_roles<B: Bus>(
         .with_context(|| format!("binding {}", args.listen))?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut listener = Some(listener);
+    // Voices for speech synthesis. The embedded fleet speaks when the voice
+    // is on this machine and says why not otherwise.
+    let voices = if matches!(role, Role::All | Role::Vocoder) {
+        let (names, home) = (args.vocoder.voices.clone(), args.home.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            Voices::load(&names, home, &candle_core::Device::Cpu)
+        })
+        .await?;
+        match (loaded, role) {
+            (Ok(v), _) => Some(v),
+            (Err(e), Role::All) => {
+                tracing::warn!(error = %format!("{e:#}"), "speech synthesis is off");
+                None
+            }
+            (Err(e), _) => return Err(e),
+        }
+    } else {
+        None
+    };
+    if let Some(v) = voices.clone() {
+        let cfg = VocoderConfig {
+            fleet: resolve("vocoder")?,
+            args: args.vocoder.clone(),
+            drain,
+        };
+        let l = if role == Role::Vocoder {
+            listener.take()
+        } else {
+            None
+        };
+        let (bus, stop) = (bus.clone(), shutdown.clone());
+        tasks.spawn(async move { nexus_vocoder::run(cfg, bus, v, l, stop).await });
+    }
     if matches!(role, Role::All | Role::Encoder) {
         let cfg = EncoderConfig {
             fleet: resolve("encoder")?,
@@ -185,6 +223,11 @@ async fn run_roles<B: Bus>(
             translation_model: (!args.translation_model.is_empty())
                 .then(|| args.translation_model.clone()),
             self_translating: nexus_fleet::models::nexus_by_config(&args.models, args.home.clone()),
+            voices: match (role, &voices) {
+                (Role::All, Some(v)) => v.names(),
+                (Role::All, None) => Vec::new(),
+                _ => args.vocoder.voices.clone(),
+            },
         };
         let l = nexus_ingest::Listeners {
             grpc: listener

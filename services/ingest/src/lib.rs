@@ -19,6 +19,7 @@ mod recognize;
 mod resume;
 mod rooms;
 mod session;
+mod synthesis;
 pub mod tls;
 mod transcript;
 mod translate;
@@ -36,6 +37,7 @@ use nexus_fleet::{Fleet, stages};
 use nexus_models::vad::SileroVad;
 use nexus_proto::speech::models_server::ModelsServer;
 use nexus_proto::speech::speech_recognition_server::{SpeechRecognition, SpeechRecognitionServer};
+use nexus_proto::speech::speech_synthesis_server::SpeechSynthesisServer;
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::transcription_jobs_server::TranscriptionJobsServer;
 use nexus_proto::speech::translation_server::TranslationServer;
@@ -58,6 +60,7 @@ pub const SERVICES: &[&str] = &[
     SERVICE,
     "nexus.speech.v1.Models",
     "nexus.speech.v1.Translation",
+    "nexus.speech.v1.SpeechSynthesis",
     "nexus.speech.v1.TranscriptionJobs",
 ];
 
@@ -159,6 +162,8 @@ pub struct IngestConfig {
     pub translation_model: Option<String>,
     /// Models that translate into any language themselves (NEXUS-O).
     pub self_translating: Vec<String>,
+    /// Voices the fleet's vocoders serve; the first is the default. Empty: no synthesis.
+    pub voices: Vec<String>,
 }
 
 pub(crate) struct Settings {
@@ -172,6 +177,7 @@ pub(crate) struct Settings {
     pub(crate) english_only: Vec<String>,
     pub(crate) translation_model: Option<String>,
     pub(crate) self_translating: Vec<String>,
+    pub(crate) voices: Vec<String>,
     pub(crate) file_root: Option<std::path::PathBuf>,
 }
 
@@ -191,6 +197,8 @@ pub(crate) struct Inner<B: Bus> {
     pub(crate) webrtc: webrtc::WebRtc,
     /// What the admin port reports.
     pub(crate) metrics: Arc<metrics::IngestMetrics>,
+    /// Syntheses this replica follows at once.
+    pub(crate) synthesis_slots: Arc<Semaphore>,
 }
 
 pub(crate) type Parked = (String, mpsc::Sender<session::Reattach>);
@@ -578,6 +586,7 @@ pub async fn run<B: Bus>(
             english_only: cfg.english_only.clone(),
             translation_model: cfg.translation_model.clone(),
             self_translating: cfg.self_translating.clone(),
+            voices: cfg.voices.clone(),
             file_root: cfg.args.file_root.clone(),
         },
         bus,
@@ -594,6 +603,7 @@ pub async fn run<B: Bus>(
         parked: Default::default(),
         webrtc: webrtc::WebRtc::new(cfg.args.webrtc.clone())?,
         metrics: Arc::new(metrics::IngestMetrics::default()),
+        synthesis_slots: synthesis::slots(),
     });
     if let Some(admin) = &cfg.fleet.admin {
         let m = inner.metrics.clone();
@@ -625,6 +635,11 @@ pub async fn run<B: Bus>(
         inner: inner.clone(),
     })));
     routes.add_service(TranslationServer::new(translate::TranslationService(
+        Ingest {
+            inner: inner.clone(),
+        },
+    )));
+    routes.add_service(SpeechSynthesisServer::new(synthesis::SynthesisService(
         Ingest {
             inner: inner.clone(),
         },

@@ -23,6 +23,14 @@ struct Cli {
     /// The decoders' text translation model; none when empty.
     #[arg(long, env = "NEXUS_TRANSLATION_MODEL", default_value = "")]
     translation_model: String,
+    /// Voices the fleet's vocoders serve (SpeechSynthesis); the first is the default; none when empty.
+    #[arg(
+        long = "voice",
+        env = "NEXUS_VOICES",
+        value_delimiter = ',',
+        default_value = "piper-en-us-joe-medium"
+    )]
+    voices: Vec<String>,
     #[command(flatten)]
     fleet: FleetArgs,
     #[command(flatten)]
@@ -56,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         drain: DrainOptions::default(),
         english_only: nexus_fleet::models::english_only_by_name(&cli.process.models),
         self_translating: nexus_fleet::models::nexus_by_config(&cli.process.models, None),
+        voices: cli.voices.into_iter().filter(|v| !v.is_empty()).collect(),
         models: cli.process.models,
         translation_model: (!cli.translation_model.is_empty()).then_some(cli.translation_model),
     };
