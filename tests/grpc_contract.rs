@@ -149,6 +149,7 @@ impl SpeechRecognition for CountingRecognizer {
                     results: vec![final_result],
                     speech_event: SpeechEvent::EndOfSession as i32,
                     speech_event_ms: received / bytes_per_ms,
+                    speech_audio: None,
                 }))
                 .await;
         });

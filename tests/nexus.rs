@@ -4,7 +4,10 @@
 //! → text, on the seeded checkpoint of `crates/models/tests/golden/nexus`.
 //!
 //! Every final must carry exactly the text the same model gives in-process
-//! for the same window of audio, for transcription and for translation.
+//! for the same window of audio, for transcription and for translation; with
+//! speech output, the vocoder process (FireFly codec) speaks each final: the
+//! decoder's audio decoder turns the LM states of its text into codes in the
+//! delay pattern, and the spoken audio equals the in-process model's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -12,11 +15,17 @@ use std::time::Duration;
 
 use candle_core::Device;
 use nexus_models::nexus::{NexusModel, NexusTask};
-use nexus_proto::speech::{Task, TranslationConfig};
+use nexus_models::vocoder::Firefly;
+use nexus_proto::speech::{SpeechAudio, SpeechOutput, Task, TranslationConfig};
 use nexus_tests::fleet::{Proc, SessionOutcome, pcm16_config, prefix, redis_url, speech, stream};
 
 fn checkpoint() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/models/tests/golden/nexus/nexus-tiny")
+}
+
+fn codec() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/models/tests/golden/nexus/firefly-tiny")
 }
 
 /// What the ingest hears of `samples` sent as 16-bit PCM.
@@ -93,7 +102,19 @@ async fn a_nexus_session_runs_through_the_three_processes() {
     let mut dec = Proc::start("decoder", "nexus-decoder", &common);
     let ingest_args = [&common[..], &["--http-listen", "none"]].concat();
     let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
-    for p in [&mut enc, &mut dec, &mut ing] {
+    let codec_dir = codec();
+    let voc_args = [
+        "--redis",
+        redis.as_str(),
+        "--key-prefix",
+        p.as_str(),
+        "--voice",
+        "",
+        "--codec",
+        codec_dir.to_str().unwrap(),
+    ];
+    let mut voc = Proc::start("vocoder", "nexus-vocoder", &voc_args);
+    for p in [&mut enc, &mut dec, &mut ing, &mut voc] {
         p.wait_serving(Duration::from_secs(120)).await;
     }
     let model = NexusModel::load(&checkpoint(), &Device::Cpu).unwrap();

@@ -8,6 +8,8 @@ pub const AUDIO: &str = "audio";
 pub const ENCODED: &str = "encoded";
 /// Work stream of text translation requests, read by decoders with a translation model.
 pub const TRANSLATE: &str = "translate";
+/// Work stream of speech codes (NEXUS-O audio decoder output), read by vocoders with a codec.
+pub const CODES: &str = "codes";
 /// Work stream of speech synthesis requests, read by vocoders.
 pub const SYNTHESIZE: &str = "synthesize";
 /// Consumer group of the vocoder replicas.

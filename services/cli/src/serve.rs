@@ -15,7 +15,7 @@ use nexus_encoder::{EncoderArgs, EncoderConfig};
 use nexus_fleet::{FleetArgs, ModelSet};
 use nexus_ingest::{IngestArgs, IngestConfig};
 use nexus_models::vad::SileroVad;
-use nexus_vocoder::{VocoderArgs, VocoderConfig, Voices};
+use nexus_vocoder::{Codecs, VocoderArgs, VocoderConfig, Voices};
 use tokio::net::TcpListener;
 
 /// Which stages this process runs.
@@ -150,7 +150,15 @@ async fn run_roles<B: Bus>(
     } else {
         None
     };
-    if let Some(v) = voices.clone() {
+    let codecs = if matches!(role, Role::All | Role::Vocoder) {
+        let (names, home) = (args.vocoder.codecs.clone(), args.home.clone());
+        tokio::task::spawn_blocking(move || Codecs::load(&names, home, &candle_core::Device::Cpu))
+            .await??
+    } else {
+        Codecs::default()
+    };
+    let v = voices.clone().unwrap_or_default();
+    if !v.is_empty() || !codecs.is_empty() {
         let cfg = VocoderConfig {
             fleet: resolve("vocoder")?,
             args: args.vocoder.clone(),
@@ -162,7 +170,7 @@ async fn run_roles<B: Bus>(
             None
         };
         let (bus, stop) = (bus.clone(), shutdown.clone());
-        tasks.spawn(async move { nexus_vocoder::run(cfg, bus, v, l, stop).await });
+        tasks.spawn(async move { nexus_vocoder::run(cfg, bus, (v, codecs), l, stop).await });
     }
     if matches!(role, Role::All | Role::Encoder) {
         let cfg = EncoderConfig {

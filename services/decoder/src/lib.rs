@@ -425,6 +425,7 @@ async fn write<B: Bus>(
         model_translated,
         batch,
         span,
+        speech,
     } = o;
     span.record("inference_ms", inference_ms);
     span.record("batch_size", batch);
@@ -481,6 +482,24 @@ async fn write<B: Bus>(
         Ok((_, added)) => {
             if !added {
                 tracing::info!(session = %session, segment = env.segment_id, revision = env.revision, "result already written by an earlier delivery");
+            }
+            // The final's speech codes go to the vocoders (once: with the result's first write).
+            if let (Some(codes), true) = (speech, added) {
+                let fields: nexus_bus::Fields = encode(&codes)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                let stream = stages::stream(keys, stages::CODES);
+                if let Err(e) = retry(
+                    "queue speech codes",
+                    Duration::from_secs(10),
+                    &never,
+                    || bus.add(&stream, fields.clone(), cfg.fleet.limits),
+                )
+                .await
+                {
+                    tracing::error!(session = %session, segment = env.segment_id, error = %e, "speech codes not queued; the segment will not be spoken");
+                }
             }
             acker.ack(&[id]).await;
         }

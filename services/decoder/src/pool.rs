@@ -14,7 +14,7 @@ use nexus_models::nexus::{LmSession, NexusModel, NexusTask};
 use nexus_models::whisper::{
     DecodeOptions, GreedySequence, Task, TranscribeOptions, WhisperEngine, step_batch,
 };
-use nexus_proto::pipeline::{DType, EncodedSegment};
+use nexus_proto::pipeline::{DType, EncodedSegment, SpeechCodes};
 use nexus_proto::speech::{
     SpeechRecognitionAlternative, SpeechRecognitionResult, StreamingRecognitionResult, TimeSpan,
     WordInfo,
@@ -86,6 +86,8 @@ pub struct Output {
     pub batch: usize,
     /// Its `decode` span.
     pub span: tracing::Span,
+    /// Speech codes of the final's text, when the session asked to hear it.
+    pub speech: Option<SpeechCodes>,
 }
 
 struct Active {
@@ -111,6 +113,8 @@ enum Kind {
         model: Arc<NexusModel>,
         session: Box<LmSession>,
         tokens: Vec<u32>,
+        /// Final-norm LM states that produced each token (the audio decoder's input).
+        hidden: Vec<Tensor>,
         language: String,
         translated: Option<String>,
     },
@@ -174,6 +178,7 @@ fn start_nexus(
                     model,
                     session: Box::new(session),
                     tokens: Vec::new(),
+                    hidden: Vec::new(),
                     language,
                     translated,
                 },
@@ -192,6 +197,7 @@ impl Active {
                 model,
                 session,
                 tokens,
+                hidden,
                 ..
             } => {
                 let next = session.greedy().ok()?;
@@ -199,10 +205,51 @@ impl Active {
                     return None;
                 }
                 tokens.push(next);
+                hidden.push(session.last_hidden().clone());
                 Some(next)
             }
         }
     }
+}
+
+/// Whether a final's session asked to hear its text.
+fn wants_speech(seg: &EncodedSegment) -> bool {
+    seg.is_final
+        && seg
+            .config
+            .as_ref()
+            .and_then(|c| c.speech_output.as_ref())
+            .is_some_and(|s| s.enabled)
+}
+
+/// Code frames the audio decoder may produce per text token, and at least.
+const FRAMES_PER_TOKEN: usize = 12;
+const MIN_FRAMES: usize = 24;
+
+/// The audio decoder's codes for a final's text (its LM states), for a vocoder.
+fn speech_codes(
+    seg: &EncodedSegment,
+    model: &NexusModel,
+    hidden: &[Tensor],
+) -> Result<SpeechCodes, String> {
+    let h = Tensor::stack(hidden, 0).map_err(|e| e.to_string())?;
+    let max = (hidden.len() * FRAMES_PER_TOKEN).max(MIN_FRAMES);
+    let codes = model.speak(&h, max).map_err(|e| e.to_string())?;
+    let k = model.audio_decoder().codebooks();
+    let f = codes.frames.len();
+    // Codebook-major, as the message says.
+    let flat = (0..k)
+        .flat_map(|c| codes.frames.iter().map(move |fr| fr[c]))
+        .collect();
+    Ok(SpeechCodes {
+        envelope: seg.envelope.clone(),
+        num_codebooks: k as u32,
+        codes: flat,
+        frames: f as u32,
+        frame_rate_hz: 0.0,
+        is_last: true,
+        vocoder: model.config().vocoder.clone().unwrap_or_default(),
+    })
 }
 
 /// The result of a finished NEXUS-O sequence: its text for the window.
@@ -443,11 +490,27 @@ fn finish(a: Active) -> Output {
         Kind::Nexus {
             model,
             tokens,
+            hidden,
             language,
             translated,
             ..
         } => {
             let result = finish_nexus(&job.seg, &model, &tokens, language);
+            let speech = if wants_speech(&job.seg)
+                && result
+                    .as_ref()
+                    .is_ok_and(|(r, _)| !r.alternatives.is_empty())
+            {
+                match speech_codes(&job.seg, &model, &hidden) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the final's speech codes failed");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             let inference_ms = started.elapsed().as_millis() as u32;
             let mut seg = job.seg;
             seg.data = Default::default();
@@ -461,6 +524,7 @@ fn finish(a: Active) -> Output {
                 model_translated: translated,
                 batch,
                 span: job.span,
+                speech,
             };
         }
     };
@@ -582,6 +646,7 @@ fn finish(a: Active) -> Output {
         model_translated: (base_task == Task::Translate).then(|| "en".to_string()),
         batch,
         span: job.span,
+        speech: None,
     }
 }
 
@@ -598,6 +663,7 @@ fn failed(job: Job, error: String) -> Output {
         model_translated: None,
         batch: 0,
         span: job.span,
+        speech: None,
     }
 }
 

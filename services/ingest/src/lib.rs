@@ -357,6 +357,14 @@ impl<B: Bus> Ingest<B> {
                 )));
             }
         }
+        if rc.speech_output.as_ref().is_some_and(|s| s.enabled)
+            && !inner.cfg.self_translating.contains(&rc.model)
+        {
+            return Err(invalid(format!(
+                "speech_output needs a NEXUS-O model (its audio decoder speaks); {} writes text only",
+                rc.model
+            )));
+        }
         if rc.task == Task::Translate as i32 {
             let target = rc
                 .translation

@@ -64,6 +64,10 @@ struct Live {
     revisions: HashMap<u64, u32>,
     expected_finals: BTreeSet<u64>,
     finals: BTreeSet<u64>,
+    /// Finals whose spoken reply has not all arrived (speech output).
+    speech_pending: BTreeSet<u64>,
+    /// Spoken pieces already forwarded, by (segment, chunk).
+    speech_seen: HashSet<(u64, u32)>,
     seen: HashSet<(u64, u32)>,
     shown_revision: HashMap<u64, u32>,
     agreement: HashMap<u64, Agreement>,
@@ -124,6 +128,8 @@ impl<B: Bus> Session<B> {
             revisions: HashMap::new(),
             expected_finals: BTreeSet::new(),
             finals: BTreeSet::new(),
+            speech_pending: BTreeSet::new(),
+            speech_seen: HashSet::new(),
             seen: HashSet::new(),
             shown_revision: HashMap::new(),
             agreement: HashMap::new(),
@@ -210,7 +216,10 @@ impl<B: Bus> Session<B> {
                 tracing::info!(session = %self.id, ?grace, "client gone; session parked for resuming");
                 away = Some((tokio::time::Instant::now() + grace, rx));
             }
-            if live.input_done && live.expected_finals.is_subset(&live.finals) && live.out.is_some()
+            if live.input_done
+                && live.expected_finals.is_subset(&live.finals)
+                && live.speech_pending.is_empty()
+                && live.out.is_some()
             {
                 self.respond(
                     live,
@@ -330,6 +339,12 @@ impl<B: Bus> Session<B> {
                 }
                 _ = wait_final => {
                     let missing: Vec<u64> = live.expected_finals.difference(&live.finals).copied().collect();
+                    if missing.is_empty() && !live.speech_pending.is_empty() {
+                        return Err(Status::deadline_exceeded(format!(
+                            "segments {:?} were not spoken within {:?}; the vocoder stage (--codec) may be down or overloaded",
+                            live.speech_pending, self.inner.cfg.final_timeout
+                        )));
+                    }
                     return Err(Status::deadline_exceeded(format!(
                         "segments {missing:?} got no final result within {:?} after the audio ended; the decoder stage may be down or overloaded",
                         self.inner.cfg.final_timeout
@@ -554,6 +569,28 @@ impl<B: Bus> Session<B> {
     }
 
     async fn on_result(&self, live: &mut Live, msg: DecodeResult) -> Result<(), Status> {
+        if let Some(sp) = msg.speech {
+            // A piece of a final's spoken reply, forwarded once, in arrival order.
+            if !live.speech_seen.insert((sp.segment_id, sp.chunk)) {
+                return Ok(());
+            }
+            if sp.is_last {
+                live.speech_pending.remove(&sp.segment_id);
+            }
+            if !sp.error.is_empty() {
+                tracing::warn!(session = %self.id, segment = sp.segment_id, error = %sp.error, "segment not spoken");
+            }
+            return self
+                .respond(
+                    live,
+                    StreamingRecognizeResponse {
+                        session_id: self.id.to_string(),
+                        speech_audio: Some(sp),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
         live.result_index += 1;
         let env = msg.envelope.clone().unwrap_or_default();
         let key = (env.segment_id, env.revision);
@@ -594,6 +631,10 @@ impl<B: Bus> Session<B> {
             live.agreement.remove(&r.segment_id);
             if r.alternatives.is_empty() {
                 return Ok(());
+            }
+            let speaks = self.rc.speech_output.as_ref().is_some_and(|s| s.enabled);
+            if speaks && !live.speech_seen.iter().any(|(s, _)| *s == r.segment_id) {
+                live.speech_pending.insert(r.segment_id);
             }
         } else {
             let newer = live

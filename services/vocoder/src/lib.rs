@@ -15,7 +15,9 @@ use nexus_bus::{Bus, SessionId, decode, encode};
 use nexus_core::grpc::{DrainOptions, GrpcServer};
 use nexus_fleet::{Fleet, StageReader, now_unix_ms, retry, stages};
 use nexus_models::tts::{PiperVoice, SynthesisOptions, sentences};
-use nexus_proto::pipeline::{Envelope, SynthesisChunk, SynthesisTask};
+use nexus_models::vocoder::{Firefly, FireflyStream};
+use nexus_proto::pipeline::{DecodeResult, Envelope, SpeechCodes, SynthesisChunk, SynthesisTask};
+use nexus_proto::speech::SpeechAudio;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +32,10 @@ pub struct VocoderArgs {
         default_value = "piper-en-us-joe-medium"
     )]
     pub voices: Vec<String>,
+    /// FireFly codecs (folders, or names `nexus models import` stored) that
+    /// turn NEXUS-O speech codes into audio; the first is the default.
+    #[arg(long = "codec", env = "NEXUS_CODECS", value_delimiter = ',')]
+    pub codecs: Vec<String>,
     /// Requests synthesised at once.
     #[arg(
         long = "vocoder-concurrency",
@@ -59,7 +65,7 @@ pub struct VocoderConfig {
 }
 
 /// Loaded voices by name; the first is the default.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Voices {
     voices: Arc<BTreeMap<String, Arc<PiperVoice>>>,
     default: String,
@@ -105,17 +111,25 @@ impl Voices {
         home: Option<std::path::PathBuf>,
         device: &candle_core::Device,
     ) -> anyhow::Result<Self> {
-        anyhow::ensure!(!names.is_empty(), "name at least one voice");
         let mut voices = BTreeMap::new();
-        for n in names {
+        for n in names.iter().filter(|n| !n.is_empty()) {
             let dir = resolve_voice(n, home.clone())?;
             let v = PiperVoice::load(&dir, device).with_context(|| format!("loading voice {n}"))?;
             voices.insert(n.clone(), Arc::new(v));
         }
         Ok(Self {
+            default: names
+                .iter()
+                .find(|n| !n.is_empty())
+                .cloned()
+                .unwrap_or_default(),
             voices: Arc::new(voices),
-            default: names[0].clone(),
         })
+    }
+
+    /// Whether none is loaded (the vocoder then only decodes speech codes).
+    pub fn is_empty(&self) -> bool {
+        self.voices.is_empty()
     }
 
     /// The named voice, or the default for an empty name.
@@ -130,11 +144,78 @@ impl Voices {
     }
 }
 
+/// Loaded FireFly codecs by name; the first is the default.
+#[derive(Clone, Default)]
+pub struct Codecs {
+    codecs: Arc<BTreeMap<String, Arc<Firefly>>>,
+    default: String,
+}
+
+impl std::fmt::Debug for Codecs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.codecs.keys()).finish()
+    }
+}
+
+impl Codecs {
+    /// Loads the named codecs (folders, or names in the weights store).
+    pub fn load(
+        names: &[String],
+        home: Option<std::path::PathBuf>,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<Self> {
+        let store =
+            nexus_weights::Store::new(home.unwrap_or_else(nexus_weights::Store::default_root));
+        let mut codecs = BTreeMap::new();
+        for n in names.iter().filter(|n| !n.is_empty()) {
+            let p = std::path::Path::new(n);
+            let dir = if p.is_dir() {
+                p.to_owned()
+            } else {
+                store.model_dir(n)
+            };
+            let c = Firefly::load(&dir, device).with_context(|| {
+                format!("loading codec {n} (a FireFly folder, or `nexus models import` one first)")
+            })?;
+            codecs.insert(n.clone(), Arc::new(c));
+        }
+        Ok(Self {
+            default: codecs.keys().next().cloned().unwrap_or_default(),
+            codecs: Arc::new(codecs),
+        })
+    }
+
+    /// Whether none is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.codecs.is_empty()
+    }
+
+    /// The codec named (by its name or its folder's name), or the default for an empty name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Firefly>> {
+        if name.is_empty() {
+            return self.codecs.get(&self.default);
+        }
+        self.codecs.get(name).or_else(|| {
+            self.codecs
+                .iter()
+                .find(|(k, _)| {
+                    std::path::Path::new(k)
+                        .file_name()
+                        .is_some_and(|f| f == name)
+                })
+                .map(|(_, v)| v)
+        })
+    }
+}
+
+/// Code frames turned into audio per chunk of a segment's reply.
+pub const CODE_CHUNK_FRAMES: usize = 25;
+
 /// Runs the vocoder stage until `shutdown`.
 pub async fn run<B: Bus>(
     cfg: VocoderConfig,
     bus: B,
-    voices: Voices,
+    (voices, codecs): (Voices, Codecs),
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -150,24 +231,62 @@ pub async fn run<B: Bus>(
         }
         None => None,
     };
-    let mut reader = StageReader::for_stage(
-        bus.clone(),
-        &cfg.fleet,
-        stages::SYNTHESIZE,
-        stages::VOCODER_GROUP,
-        &shutdown,
-    )
-    .await
-    .context("joining the synthesize stream")?;
+    anyhow::ensure!(
+        !voices.is_empty() || !codecs.is_empty(),
+        "the vocoder has nothing to serve: give it a --voice or a --codec"
+    );
+    // Only a vocoder with voices takes synthesis requests.
+    let mut reader = if voices.is_empty() {
+        None
+    } else {
+        Some(
+            StageReader::for_stage(
+                bus.clone(),
+                &cfg.fleet,
+                stages::SYNTHESIZE,
+                stages::VOCODER_GROUP,
+                &shutdown,
+            )
+            .await
+            .context("joining the synthesize stream")?,
+        )
+    };
+    let ttl = Duration::from_secs(cfg.args.result_ttl_s.max(1));
+    let fresh = cfg.fleet.claim_idle / 3;
+    let codes_task = if codecs.is_empty() {
+        None
+    } else {
+        let reader = StageReader::for_stage(
+            bus.clone(),
+            &cfg.fleet,
+            stages::CODES,
+            stages::VOCODER_GROUP,
+            &shutdown,
+        )
+        .await
+        .context("joining the codes stream")?;
+        let (bus, keys, stop, codecs) = (
+            bus.clone(),
+            cfg.fleet.keys.clone(),
+            shutdown.clone(),
+            codecs.clone(),
+        );
+        Some(nexus_core::task::spawn("vocoder-codes", async move {
+            serve_codes(reader, bus, keys, codecs, (ttl, fresh), stop).await;
+            Ok::<(), std::convert::Infallible>(())
+        }))
+    };
     if let Some((health, _)) = &server {
         health.set_serving(true).await;
     }
-    tracing::info!(node = %cfg.fleet.node, voices = ?voices.names(), "vocoder ready");
-    let ttl = Duration::from_secs(cfg.args.result_ttl_s.max(1));
-    let fresh = cfg.fleet.claim_idle / 3;
+    tracing::info!(node = %cfg.fleet.node, voices = ?voices.names(), codecs = ?codecs, "vocoder ready");
     let limit = Arc::new(tokio::sync::Semaphore::new(cfg.args.concurrency.max(1)));
     let mut running = tokio::task::JoinSet::new();
     loop {
+        let Some(reader) = reader.as_mut() else {
+            shutdown.cancelled().await;
+            break;
+        };
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => p?,
             _ = shutdown.cancelled() => break,
@@ -203,6 +322,9 @@ pub async fn run<B: Bus>(
         while running.join_next().await.is_some() {}
     })
     .await;
+    if let Some(t) = codes_task {
+        let _ = tokio::time::timeout(cfg.drain.grace, t).await;
+    }
     if let Some((health, task)) = server {
         health.set_serving(false).await;
         let _ = task.await;
@@ -318,6 +440,143 @@ async fn speak<B: Bus>(
         let last = c.is_last;
         if let Err(e) = write(c).await {
             tracing::error!(parent: &span, error = %e, "audio not written; the request will be redelivered");
+            return false;
+        }
+        if last {
+            break;
+        }
+    }
+    true
+}
+
+/// Turns speech codes into audio chunks in their session's result log.
+async fn serve_codes<B: Bus>(
+    mut reader: StageReader<B>,
+    bus: B,
+    keys: nexus_bus::Keys,
+    codecs: Codecs,
+    (ttl, fresh): (Duration, Duration),
+    shutdown: CancellationToken,
+) {
+    while let Some(batch) = reader.next(1, Duration::from_secs(1), &shutdown).await {
+        for e in batch {
+            let codes = match decode::<SpeechCodes>(&e.fields) {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::error!(id = %e.id, error = %err, "unreadable codes entry dropped");
+                    reader.ack(&[e.id]).await;
+                    continue;
+                }
+            };
+            let _fresh = reader.acker().keep_fresh(vec![e.id], fresh);
+            if speak_codes(&bus, &keys, &codecs, codes, ttl).await {
+                reader.ack(&[e.id]).await;
+            }
+        }
+    }
+}
+
+/// Decodes one segment's codes in chunks; false when its log could not be written.
+async fn speak_codes<B: Bus>(
+    bus: &B,
+    keys: &nexus_bus::Keys,
+    codecs: &Codecs,
+    codes: SpeechCodes,
+    ttl: Duration,
+) -> bool {
+    let env = codes.envelope.clone().unwrap_or_default();
+    let Ok(session) = SessionId::parse(&env.session_id) else {
+        tracing::error!("codes entry with a bad session id dropped");
+        return true;
+    };
+    let log = keys.results(&session);
+    let segment = env.segment_id;
+    let write = |chunk: u32, audio: Vec<u8>, rate: u32, is_last: bool, error: String| {
+        let msg = DecodeResult {
+            envelope: Some(Envelope {
+                emitted_unix_ms: now_unix_ms(),
+                ..env.clone()
+            }),
+            speech: Some(SpeechAudio {
+                segment_id: segment,
+                chunk,
+                audio: audio.into(),
+                sample_rate_hz: rate,
+                is_last,
+                error,
+            }),
+            ..Default::default()
+        };
+        let fields: nexus_bus::Fields = encode(&msg)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let (log, key) = (log.clone(), format!("speech:{segment}:{chunk}"));
+        async move {
+            let never = CancellationToken::new();
+            retry("write speech", Duration::from_secs(60), &never, || {
+                bus.add_unique(&log, &key, fields.clone(), ttl)
+            })
+            .await
+            .is_ok()
+        }
+    };
+    let k = codes.num_codebooks as usize;
+    let f = codes.frames as usize;
+    let problem = match codecs.get(&codes.vocoder) {
+        None => Some(format!(
+            "codec {:?} is not served by this vocoder ({codecs:?})",
+            codes.vocoder
+        )),
+        Some(_) if k == 0 || codes.codes.len() != k * f => Some(format!(
+            "{} codes for {k} codebooks × {f} frames",
+            codes.codes.len()
+        )),
+        Some(c) if c.codebooks() != k => {
+            Some(format!("{k} codebooks for a codec of {}", c.codebooks()))
+        }
+        Some(_) => None,
+    };
+    if let Some(p) = problem {
+        tracing::error!(session = %session, segment, error = %p, "speech codes cannot be spoken");
+        return write(0, Vec::new(), 0, true, p).await;
+    }
+    let Some(codec) = codecs.get(&codes.vocoder).cloned() else {
+        return true;
+    };
+    let rate = codec.sample_rate();
+    // Codebook-major → frames × codebooks.
+    let frames: Vec<Vec<u32>> = (0..f)
+        .map(|t| (0..k).map(|c| codes.codes[c * f + t]).collect())
+        .collect();
+    let mut stream = FireflyStream::new(codec);
+    let chunks: Vec<Vec<Vec<u32>>> = frames
+        .chunks(CODE_CHUNK_FRAMES)
+        .map(<[Vec<u32>]>::to_vec)
+        .collect();
+    let n = chunks.len().max(1);
+    if chunks.is_empty() {
+        return write(0, Vec::new(), rate, true, String::new()).await;
+    }
+    for (i, part) in chunks.into_iter().enumerate() {
+        let mut s = stream.clone();
+        let out = tokio::task::spawn_blocking(move || s.push(&part).map(|w| (w, s))).await;
+        let (audio, error) = match out
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            Ok((wave, s)) => {
+                stream = s;
+                let bytes = wave
+                    .iter()
+                    .flat_map(|x| ((x.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
+                    .collect();
+                (bytes, String::new())
+            }
+            Err(e) => (Vec::new(), format!("decoding speech codes: {e}")),
+        };
+        let last = i + 1 == n || !error.is_empty();
+        if !write(i as u32, audio, rate, last, error).await {
             return false;
         }
         if last {

@@ -7,7 +7,7 @@ use nexus_bus::RedisBus;
 use nexus_core::grpc::DrainOptions;
 use nexus_core::telemetry::TelemetryArgs;
 use nexus_fleet::FleetArgs;
-use nexus_vocoder::{VocoderArgs, VocoderConfig, Voices};
+use nexus_vocoder::{Codecs, VocoderArgs, VocoderConfig, Voices};
 
 /// The vocoder stage: reads synthesis requests from Redis, writes audio to their result logs.
 #[derive(Debug, Parser)]
@@ -41,8 +41,14 @@ async fn main() -> anyhow::Result<()> {
         admin.set_log_filter(telemetry.log_filter());
     }
     let device = nexus_models::parse_device(&cli.device)?;
-    let names = cli.stage.voices.clone();
-    let voices = tokio::task::spawn_blocking(move || Voices::load(&names, None, &device)).await??;
+    let (names, codec_names) = (cli.stage.voices.clone(), cli.stage.codecs.clone());
+    let (voices, codecs) = tokio::task::spawn_blocking(move || {
+        anyhow::Ok((
+            Voices::load(&names, None, &device)?,
+            Codecs::load(&codec_names, None, &device)?,
+        ))
+    })
+    .await??;
     let bus = RedisBus::connect(&cli.redis).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let cfg = VocoderConfig {
@@ -50,5 +56,5 @@ async fn main() -> anyhow::Result<()> {
         args: cli.stage,
         drain: DrainOptions::default(),
     };
-    nexus_vocoder::run(cfg, bus, voices, Some(listener), shutdown).await
+    nexus_vocoder::run(cfg, bus, (voices, codecs), Some(listener), shutdown).await
 }
