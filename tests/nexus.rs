@@ -154,4 +154,87 @@ async fn a_nexus_session_runs_through_the_three_processes() {
         },
         true,
     );
+
+    // Speech output: each final's text spoken by the audio decoder and FireFly.
+    let mut cfg = pcm16_config(ckpt);
+    cfg.config.as_mut().unwrap().speech_output = Some(SpeechOutput { enabled: true });
+    let out = stream(ing.addr, cfg, &samples, 4.0, |_| {}).await.unwrap();
+    assert!(
+        out.ended(),
+        "the session ends once every final is spoken: {:?}",
+        out.status
+    );
+    let task = NexusTask::Transcribe {
+        language: Some("en".into()),
+    };
+    check_finals(&out, &heard, &model, &task, false);
+    let firefly = Firefly::load(&codec(), &Device::Cpu).unwrap();
+    let mut spoken = 0;
+    for f in out
+        .responses
+        .iter()
+        .flat_map(|r| &r.results)
+        .filter(|r| r.is_final && !r.alternatives.is_empty())
+    {
+        let span = f.span.unwrap();
+        let (a, b) = (
+            span.start_ms as usize * 16,
+            (span.end_ms as usize * 16).min(heard.len()),
+        );
+        let g = model
+            .generate(&task, &model.encode_audio(&heard[a..b]).unwrap(), 160)
+            .unwrap();
+        let codes = model
+            .speak(&g.hidden, (g.tokens.len() * 12).max(24))
+            .unwrap();
+        let want: Vec<i32> = firefly
+            .decode_frames(&codes.frames)
+            .unwrap()
+            .iter()
+            .map(|x| i32::from((x.clamp(-1.0, 1.0) * 32767.0).round() as i16))
+            .collect();
+        let pieces: Vec<&SpeechAudio> = out
+            .responses
+            .iter()
+            .filter_map(|r| r.speech_audio.as_ref())
+            .filter(|s| s.segment_id == f.segment_id)
+            .collect();
+        assert!(
+            pieces.last().is_some_and(|p| p.is_last),
+            "segment {} spoken to its end",
+            f.segment_id
+        );
+        assert!(
+            pieces
+                .iter()
+                .all(|p| p.error.is_empty() && p.sample_rate_hz == firefly.sample_rate())
+        );
+        let got: Vec<i32> = pieces
+            .iter()
+            .flat_map(|p| {
+                p.audio
+                    .chunks_exact(2)
+                    .map(|b| i32::from(i16::from_le_bytes([b[0], b[1]])))
+            })
+            .collect();
+        assert_eq!(
+            got.len(),
+            codes.frames.len() * firefly.hop(),
+            "segment {}",
+            f.segment_id
+        );
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .max()
+            .unwrap_or(0);
+        assert!(
+            worst <= 2,
+            "segment {}: samples differ by up to {worst}",
+            f.segment_id
+        );
+        spoken += 1;
+    }
+    assert!(spoken >= 2, "spoken finals: {spoken}");
 }
