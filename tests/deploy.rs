@@ -198,6 +198,7 @@ fn the_rendered_fleet_matches_what_the_binaries_expect() {
             for (target, stage, group, min) in [
                 ("encoder", "audio", "encoder", 1),
                 ("decoder", "encoded", "decoder", 1),
+                ("vocoder", "synthesize", "vocoder", 1),
                 ("batch", "jobs", "jobs", 0),
             ] {
                 let so = find(&d, "ScaledObject", &format!("nexus-fleet-{target}"));
@@ -244,7 +245,23 @@ fn the_rendered_fleet_matches_what_the_binaries_expect() {
                 .count();
             assert_eq!(udp, 16);
         }
-        assert_eq!(of_kind(&d, "PodDisruptionBudget").len(), 3, "{v}");
+        assert_eq!(of_kind(&d, "PodDisruptionBudget").len(), 4, "{v}");
+        // The vocoder pulls its voice and serves what ingest offers.
+        let voc = find(&d, "Deployment", "nexus-fleet-vocoder");
+        let pod = &voc["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["initContainers"][0]["args"][2],
+            "piper-en-us-joe-medium"
+        );
+        assert_eq!(
+            env(&pod["containers"][0])["NEXUS_VOICES"],
+            "piper-en-us-joe-medium"
+        );
+        let ing = find(&d, "Deployment", "nexus-fleet-ingest");
+        assert_eq!(
+            env(&ing["spec"]["template"]["spec"]["containers"][0])["NEXUS_VOICES"],
+            "piper-en-us-joe-medium"
+        );
         let redis = find(&d, "StatefulSet", "nexus-fleet-redis");
         assert!(
             redis["spec"]["template"]["spec"]["containers"][0]["args"]
