@@ -19,10 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{
-    Conv1d, Conv1dConfig, ConvTranspose1d, ConvTranspose1dConfig, LayerNorm, Linear, VarBuilder,
-    layer_norm, linear,
-};
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder, layer_norm, linear};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -112,19 +109,15 @@ impl CausalConv {
 
 #[derive(Debug, Clone)]
 struct CausalTransConv {
-    conv: ConvTranspose1d,
+    conv: super::TransConv1d,
     trim: usize,
     stride: usize,
 }
 
 impl CausalTransConv {
     fn load(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = ConvTranspose1dConfig {
-            stride,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: candle_nn::conv_transpose1d(cin, cout, k, cfg, vb.pp("conv"))?,
+            conv: super::TransConv1d::load(cin, cout, k, stride, 0, vb.pp("conv"))?,
             trim: k - stride,
             stride,
         })

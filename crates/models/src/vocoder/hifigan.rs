@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, ConvTranspose1d, ConvTranspose1dConfig, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, VarBuilder};
 use realfft::RealFftPlanner;
 use serde::Deserialize;
 
@@ -114,7 +114,7 @@ impl ResBlock {
 pub struct HifiGan {
     cfg: HifiGanConfig,
     conv_pre: Conv1d,
-    ups: Vec<ConvTranspose1d>,
+    ups: Vec<super::TransConv1d>,
     resblocks: Vec<ResBlock>,
     conv_post: Conv1d,
     filters: Arc<Vec<f32>>,
@@ -166,16 +166,12 @@ impl HifiGan {
             .enumerate()
         {
             let (cin, cout) = (ch >> i, ch >> (i + 1));
-            let tc = ConvTranspose1dConfig {
-                padding: (k - u) / 2,
-                stride: *u,
-                ..Default::default()
-            };
-            ups.push(candle_nn::conv_transpose1d(
+            ups.push(super::TransConv1d::load(
                 cin,
                 cout,
                 *k,
-                tc,
+                *u,
+                (k - u) / 2,
                 vb.pp(format!("ups.{i}")),
             )?);
             for (j, (k, ds)) in cfg
