@@ -10,35 +10,11 @@
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use nexus_eval::sentences::EVERYDAY;
 use nexus_proto::speech::speech_synthesis_client::SpeechSynthesisClient;
 use nexus_proto::speech::{AudioEncoding, SynthesizeRequest};
 use nexus_tests::fleet::{Proc, prefix, redis_url};
 use tonic::Code;
-
-/// Twenty everyday sentences of the kind the fleet captions (meetings,
-/// plans, news), fixed before the check was first run.
-const SENTENCES: [&str; 20] = [
-    "Good morning everyone, thank you for joining the call today.",
-    "Let's start with a quick review of last week's action items.",
-    "The new release is scheduled for the end of next month.",
-    "Could you share your screen so we can all see the numbers?",
-    "Our customers asked for better support on mobile devices.",
-    "I will send the meeting notes to the whole team this afternoon.",
-    "The budget for the second quarter has been approved.",
-    "We need more time to finish testing the payment system.",
-    "Please remember to update your tickets before Friday.",
-    "The weather forecast says it will rain all weekend.",
-    "She has been working on this project for three years.",
-    "Traffic was heavy on the way to the office this morning.",
-    "The library closes at six o'clock on weekdays.",
-    "He bought fresh bread and cheese at the market.",
-    "Our team won the regional competition last spring.",
-    "The train to the airport leaves every twenty minutes.",
-    "Let me know if you have any questions about the plan.",
-    "The results will be published on the website tomorrow.",
-    "We should schedule another meeting to discuss the design.",
-    "Thank you all for your hard work, and have a great week.",
-];
 
 struct Fleet {
     _vocoder: Proc,
@@ -89,7 +65,7 @@ async fn twenty_sentences_synthesized_over_grpc_read_back_within_5_percent_wer()
         ..Default::default()
     };
     let (mut errors, mut words, mut audio_s, mut wall_s) = (0, 0, 0.0, 0.0);
-    for text in SENTENCES {
+    for text in EVERYDAY {
         let t0 = Instant::now();
         let r = c
             .synthesize(SynthesizeRequest {

@@ -6,6 +6,8 @@
 //! are edit distances over words and characters. Both systems in a comparison
 //! go through the same normaliser.
 
+pub mod sentences;
+
 /// Edit-distance totals; rates are `errors / reference_len`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ErrorCounts {

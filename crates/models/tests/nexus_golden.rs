@@ -11,6 +11,9 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use nexus_models::nexus::transformer::Rotary;
 use nexus_models::nexus::{NexusModel, NexusTask, delay, undelay};
 
+mod common;
+use common::max_abs_diff;
+
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/nexus")
 }
@@ -21,20 +24,6 @@ fn golden() -> std::collections::HashMap<String, Tensor> {
 
 fn model() -> NexusModel {
     NexusModel::load(&dir().join("nexus-tiny"), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn ints(t: &Tensor) -> Vec<u32> {

@@ -7,8 +7,11 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use nexus_models::tts::{PiperVoice, SynthesisOptions};
+
+mod common;
+use common::max_abs_diff;
 
 fn voice() -> PiperVoice {
     let dir = nexus_weights::Store::new(nexus_weights::Store::default_root())
@@ -20,19 +23,6 @@ fn voice() -> PiperVoice {
 fn golden() -> std::collections::HashMap<String, Tensor> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/piper/golden.safetensors");
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

@@ -10,26 +10,15 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use nexus_models::vocoder::{Firefly, FireflyStream, HifiGan};
 
+mod common;
+use common::max_abs_diff;
+
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/nexus")
 }
 
 fn golden() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(dir().join("golden.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn firefly() -> Firefly {

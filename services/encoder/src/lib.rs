@@ -298,26 +298,7 @@ async fn encode_group(
     })?;
     let name = name.to_owned();
     let engine = engine.clone();
-    // One span per window, child of the ingest span that wrote it.
-    let now = now_unix_ms();
-    let spans: Vec<tracing::Span> = group
-        .iter()
-        .map(|(_, s)| {
-            let env = s.envelope.clone().unwrap_or_default();
-            let span = tracing::info_span!(
-                "encode",
-                session.id = %env.session_id,
-                segment = env.segment_id,
-                revision = env.revision,
-                is_final = s.is_final,
-                queue_ms = now.saturating_sub(env.emitted_unix_ms),
-                batch_size = group.len(),
-                inference_ms = tracing::field::Empty,
-            );
-            nexus_core::trace::follow(&span, env.trace.as_ref());
-            span
-        })
-        .collect();
+    let spans = window_spans(&group, group.len());
     tokio::task::spawn_blocking(move || {
         let t0 = std::time::Instant::now();
         let mut mels = Vec::with_capacity(group.len());
@@ -374,33 +355,75 @@ async fn encode_group(
         let mut out = Vec::with_capacity(b);
         for (i, (_, s)) in group.into_iter().enumerate() {
             let data: Vec<f32> = feats.i(i)?.flatten_all()?.to_vec1()?;
-            let mut bytes = Vec::with_capacity(data.len() * 4);
-            for x in data {
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
-            let env = s.envelope.unwrap_or_default();
-            out.push(EncodedSegment {
-                envelope: Some(Envelope {
-                    emitted_unix_ms: now_unix_ms(),
-                    trace: nexus_core::trace::context_of(&spans[i]),
-                    ..env
-                }),
-                config: s.config,
-                start_ms: s.start_ms,
-                end_ms: s.end_ms,
-                is_final: s.is_final,
-                channel_tag: s.channel_tag,
-                previous_text: s.previous_text,
-                model: name.clone(),
-                shape: vec![frames as u32, hidden as u32],
-                dtype: DType::F32 as i32,
-                data: bytes.into(),
-                valid_frames: valid[i],
-            });
+            out.push(encoded(
+                s,
+                &spans[i],
+                &name,
+                &data,
+                [frames, hidden],
+                valid[i],
+            ));
         }
         Ok(out)
     })
     .await?
+}
+
+/// One `encode` span per window, child of the ingest span that wrote it.
+fn window_spans(group: &Group, batch_size: usize) -> Vec<tracing::Span> {
+    let now = now_unix_ms();
+    group
+        .iter()
+        .map(|(_, s)| {
+            let env = s.envelope.clone().unwrap_or_default();
+            let span = tracing::info_span!(
+                "encode",
+                session.id = %env.session_id,
+                segment = env.segment_id,
+                revision = env.revision,
+                is_final = s.is_final,
+                queue_ms = now.saturating_sub(env.emitted_unix_ms),
+                batch_size,
+                inference_ms = tracing::field::Empty,
+            );
+            nexus_core::trace::follow(&span, env.trace.as_ref());
+            span
+        })
+        .collect()
+}
+
+/// The features entry of one window: `data` is (frames, hidden) row-major.
+fn encoded(
+    s: AudioSegment,
+    span: &tracing::Span,
+    model: &str,
+    data: &[f32],
+    [frames, hidden]: [usize; 2],
+    valid_frames: u32,
+) -> EncodedSegment {
+    let mut bytes = Vec::with_capacity(data.len() * 4);
+    for x in data {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    let env = s.envelope.unwrap_or_default();
+    EncodedSegment {
+        envelope: Some(Envelope {
+            emitted_unix_ms: now_unix_ms(),
+            trace: nexus_core::trace::context_of(span),
+            ..env
+        }),
+        config: s.config,
+        start_ms: s.start_ms,
+        end_ms: s.end_ms,
+        is_final: s.is_final,
+        channel_tag: s.channel_tag,
+        previous_text: s.previous_text,
+        model: model.to_owned(),
+        shape: vec![frames as u32, hidden as u32],
+        dtype: DType::F32 as i32,
+        data: bytes.into(),
+        valid_frames,
+    }
 }
 
 /// Encodes NEXUS-O segments: Whisper encoder over the padded 30 s window,
@@ -412,25 +435,7 @@ async fn encode_nexus_group(
     model: std::sync::Arc<nexus_models::nexus::NexusModel>,
     group: Group,
 ) -> anyhow::Result<Vec<EncodedSegment>> {
-    let now = now_unix_ms();
-    let spans: Vec<tracing::Span> = group
-        .iter()
-        .map(|(_, s)| {
-            let env = s.envelope.clone().unwrap_or_default();
-            let span = tracing::info_span!(
-                "encode",
-                session.id = %env.session_id,
-                segment = env.segment_id,
-                revision = env.revision,
-                is_final = s.is_final,
-                queue_ms = now.saturating_sub(env.emitted_unix_ms),
-                batch_size = 1,
-                inference_ms = tracing::field::Empty,
-            );
-            nexus_core::trace::follow(&span, env.trace.as_ref());
-            span
-        })
-        .collect();
+    let spans = window_spans(&group, 1);
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::with_capacity(group.len());
         for (i, (_, s)) in group.into_iter().enumerate() {
@@ -452,30 +457,15 @@ async fn encode_nexus_group(
                 .to_dtype(candle_core::DType::F32)?;
             let (frames, hidden) = emb.dims2()?;
             let data: Vec<f32> = emb.flatten_all()?.to_vec1()?;
-            let mut bytes = Vec::with_capacity(data.len() * 4);
-            for x in data {
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
             spans[i].record("inference_ms", t0.elapsed().as_millis() as u64);
-            let env = s.envelope.unwrap_or_default();
-            out.push(EncodedSegment {
-                envelope: Some(Envelope {
-                    emitted_unix_ms: now_unix_ms(),
-                    trace: nexus_core::trace::context_of(&spans[i]),
-                    ..env
-                }),
-                config: s.config,
-                start_ms: s.start_ms,
-                end_ms: s.end_ms,
-                is_final: s.is_final,
-                channel_tag: s.channel_tag,
-                previous_text: s.previous_text,
-                model: name.clone(),
-                shape: vec![frames as u32, hidden as u32],
-                dtype: DType::F32 as i32,
-                data: bytes.into(),
-                valid_frames: frames as u32,
-            });
+            out.push(encoded(
+                s,
+                &spans[i],
+                &name,
+                &data,
+                [frames, hidden],
+                frames as u32,
+            ));
         }
         Ok(out)
     })

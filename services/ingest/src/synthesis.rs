@@ -297,6 +297,50 @@ async fn next_chunk(
     }
 }
 
+/// A request's audio as it arrives: chunks in order, at the asked rate.
+struct Follow {
+    rx: Chunks,
+    next: u32,
+    enc: Option<Encoder>,
+    encoding: AudioEncoding,
+    rate: u32,
+    budget: Duration,
+}
+
+impl Follow {
+    fn new(rx: Chunks, plan: &Plan, budget: Duration) -> Self {
+        Self {
+            rx,
+            next: 0,
+            enc: None,
+            encoding: plan.encoding,
+            rate: plan.rate,
+            budget,
+        }
+    }
+
+    /// The next chunk's samples at the output rate, whether it is the last,
+    /// and the encoder that shapes responses.
+    async fn next(&mut self) -> Result<(Vec<f32>, bool, &Encoder), Status> {
+        let c = next_chunk(&mut self.rx, self.next, self.budget).await?;
+        self.next = c.index + 1;
+        if self.enc.is_none() {
+            let out = if self.rate == 0 {
+                c.sample_rate_hz
+            } else {
+                self.rate
+            };
+            self.enc = Some(Encoder::new(self.encoding, c.sample_rate_hz, out)?);
+        }
+        let e = self
+            .enc
+            .as_mut()
+            .ok_or_else(|| Status::internal("no audio encoder"))?;
+        let samples = e.samples(&pcm(&c), c.is_last)?;
+        Ok((samples, c.is_last, e))
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<SynthesizeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -307,27 +351,13 @@ impl<B: Bus> SpeechSynthesis for SynthesisService<B> {
     ) -> Result<Response<SynthesizeResponse>, Status> {
         let grant = self.0.inner.access.admit_grpc(request.metadata())?;
         let plan = self.0.check_synthesis(request.get_ref(), false)?;
-        let (mut rx, _guard, _permit) = self.0.start_synthesis(&plan, grant.tenant.clone()).await?;
-        let budget = self.0.chunk_budget();
+        let (rx, _guard, _permit) = self.0.start_synthesis(&plan, grant.tenant.clone()).await?;
+        let mut follow = Follow::new(rx, &plan, self.0.chunk_budget());
         let mut samples = Vec::new();
-        let mut enc: Option<Encoder> = None;
-        let mut next = 0;
         loop {
-            let c = next_chunk(&mut rx, next, budget).await?;
-            next = c.index + 1;
-            let e = match &mut enc {
-                Some(e) => e,
-                None => {
-                    let out = if plan.rate == 0 {
-                        c.sample_rate_hz
-                    } else {
-                        plan.rate
-                    };
-                    enc.insert(Encoder::new(plan.encoding, c.sample_rate_hz, out)?)
-                }
-            };
-            samples.extend(e.samples(&pcm(&c), c.is_last)?);
-            if c.is_last {
+            let (s, last, e) = follow.next().await?;
+            samples.extend(s);
+            if last {
                 return Ok(Response::new(e.response(&samples, true)));
             }
         }
@@ -341,31 +371,14 @@ impl<B: Bus> SpeechSynthesis for SynthesisService<B> {
     ) -> Result<Response<Self::SynthesizeStreamingStream>, Status> {
         let grant = self.0.inner.access.admit_grpc(request.metadata())?;
         let plan = self.0.check_synthesis(request.get_ref(), true)?;
-        let (mut rx, guard, permit) = self.0.start_synthesis(&plan, grant.tenant.clone()).await?;
-        let budget = self.0.chunk_budget();
+        let (rx, guard, permit) = self.0.start_synthesis(&plan, grant.tenant.clone()).await?;
+        let mut follow = Follow::new(rx, &plan, self.0.chunk_budget());
         let (tx, out) = mpsc::channel(4);
         tokio::spawn(async move {
             let _guard = guard;
             let _permit = permit;
-            let mut enc: Option<Encoder> = None;
-            let mut next = 0;
             loop {
-                let r = next_chunk(&mut rx, next, budget).await.and_then(|c| {
-                    next = c.index + 1;
-                    let e = match &mut enc {
-                        Some(e) => e,
-                        None => {
-                            let out = if plan.rate == 0 {
-                                c.sample_rate_hz
-                            } else {
-                                plan.rate
-                            };
-                            enc.insert(Encoder::new(plan.encoding, c.sample_rate_hz, out)?)
-                        }
-                    };
-                    let s = e.samples(&pcm(&c), c.is_last)?;
-                    Ok(e.response(&s, c.is_last))
-                });
+                let r = follow.next().await.map(|(s, last, e)| e.response(&s, last));
                 let stop = r.as_ref().map_or(true, |m| m.is_last);
                 if tx.send(r).await.is_err() || stop {
                     break;
