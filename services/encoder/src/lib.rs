@@ -310,18 +310,7 @@ async fn encode_group(
             .max()
             .unwrap_or(CHUNK_FRAMES);
         for (_, s) in &group {
-            anyhow::ensure!(
-                s.sample_rate_hz == SAMPLE_RATE,
-                "segment at {} Hz; the encoder takes {SAMPLE_RATE} Hz",
-                s.sample_rate_hz
-            );
-            let samples: Vec<f32> = s
-                .pcm_f32le
-                .chunks_exact(4)
-                .take(CHUNK_SAMPLES)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            anyhow::ensure!(!samples.is_empty(), "segment holds no audio");
+            let samples = samples_of(s)?;
             valid.push((samples.len() / nexus_models::mel::HOP_LENGTH).min(context) as u32);
             let mel = engine
                 .mel
@@ -367,6 +356,23 @@ async fn encode_group(
         Ok(out)
     })
     .await?
+}
+
+/// A window's samples (up to 30 s), checked: 16 kHz and not empty.
+fn samples_of(s: &AudioSegment) -> anyhow::Result<Vec<f32>> {
+    anyhow::ensure!(
+        s.sample_rate_hz == SAMPLE_RATE,
+        "segment at {} Hz; the encoder takes {SAMPLE_RATE} Hz",
+        s.sample_rate_hz
+    );
+    let samples: Vec<f32> = s
+        .pcm_f32le
+        .chunks_exact(4)
+        .take(CHUNK_SAMPLES)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    anyhow::ensure!(!samples.is_empty(), "segment holds no audio");
+    Ok(samples)
 }
 
 /// One `encode` span per window, child of the ingest span that wrote it.
@@ -440,18 +446,7 @@ async fn encode_nexus_group(
         let mut out = Vec::with_capacity(group.len());
         for (i, (_, s)) in group.into_iter().enumerate() {
             let t0 = std::time::Instant::now();
-            anyhow::ensure!(
-                s.sample_rate_hz == SAMPLE_RATE,
-                "segment at {} Hz; the encoder takes {SAMPLE_RATE} Hz",
-                s.sample_rate_hz
-            );
-            let samples: Vec<f32> = s
-                .pcm_f32le
-                .chunks_exact(4)
-                .take(CHUNK_SAMPLES)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            anyhow::ensure!(!samples.is_empty(), "segment holds no audio");
+            let samples = samples_of(&s)?;
             let emb = model
                 .encode_audio(&samples)?
                 .to_dtype(candle_core::DType::F32)?;
