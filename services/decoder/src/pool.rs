@@ -123,28 +123,31 @@ enum Kind {
 /// Tokens a NEXUS-O window may produce (a 30 s window of speech is well under).
 pub const NEXUS_MAX_TOKENS: usize = 160;
 
-/// The NEXUS-O prompt task of a segment's config, and the language the model
-/// translates into (when it does).
-pub fn nexus_task(seg: &EncodedSegment) -> (NexusTask, Option<String>) {
+/// The NEXUS-O prompt task of a segment's config, the language the model
+/// translates into (when it does), and the spoken language as results
+/// report it (empty when not given).
+pub fn nexus_task(seg: &EncodedSegment) -> (NexusTask, Option<String>, String) {
     let cfg = seg.config.clone().unwrap_or_default();
+    let spoken = match cfg.language.as_str() {
+        "" | "auto" => None,
+        l => Some(l.to_string()),
+    };
     let target = cfg
         .translation
         .as_ref()
         .map(|t| t.target_language.clone())
         .unwrap_or_default();
+    let reported = spoken.clone().unwrap_or_default();
     if cfg.task == nexus_proto::speech::Task::Translate as i32 && !target.is_empty() {
         return (
             NexusTask::Translate {
                 target: target.clone(),
             },
             Some(target),
+            reported,
         );
     }
-    let language = match cfg.language.as_str() {
-        "" | "auto" => None,
-        l => Some(l.to_string()),
-    };
-    (NexusTask::Transcribe { language }, None)
+    (NexusTask::Transcribe { language: spoken }, None, reported)
 }
 
 fn start_nexus(
@@ -152,7 +155,7 @@ fn start_nexus(
     name: String,
     model: Arc<NexusModel>,
 ) -> Result<Active, Box<(Job, String)>> {
-    let (task, translated) = nexus_task(&job.seg);
+    let (task, translated, language) = nexus_task(&job.seg);
     let prepared = (|| {
         let audio = features(&job.seg)?
             .squeeze(0)
@@ -161,29 +164,20 @@ fn start_nexus(
         model.start(&task, &audio).map_err(|e| e.to_string())
     })();
     match prepared {
-        Ok(session) => {
-            let language = job
-                .seg
-                .config
-                .as_ref()
-                .map(|c| c.language.clone())
-                .filter(|l| !l.is_empty() && l != "auto")
-                .unwrap_or_default();
-            Ok(Active {
-                job,
-                model: name,
-                started: Instant::now(),
-                batch: 0,
-                kind: Kind::Nexus {
-                    model,
-                    session: Box::new(session),
-                    tokens: Vec::new(),
-                    hidden: Vec::new(),
-                    language,
-                    translated,
-                },
-            })
-        }
+        Ok(session) => Ok(Active {
+            job,
+            model: name,
+            started: Instant::now(),
+            batch: 0,
+            kind: Kind::Nexus {
+                model,
+                session: Box::new(session),
+                tokens: Vec::new(),
+                hidden: Vec::new(),
+                language,
+                translated,
+            },
+        }),
         Err(e) => Err(Box::new((job, e))),
     }
 }

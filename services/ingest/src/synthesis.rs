@@ -81,10 +81,7 @@ impl Encoder {
             AudioEncoding::Container => {
                 nexus_audio::wav::encode_pcm16(&[samples.to_vec()], self.out_rate)
             }
-            _ => samples
-                .iter()
-                .flat_map(|x| ((x.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
-                .collect(),
+            _ => nexus_audio::wav::pcm16_le(samples),
         }
     }
 

@@ -77,30 +77,21 @@ impl std::fmt::Debug for Voices {
     }
 }
 
-/// The folder of a voice given by registry name or path.
+/// The folder of a voice given by registry name, imported name or path
+/// (resolved as models are), refusing registry models that are not voices.
 pub fn resolve_voice(
     spec: &str,
     home: Option<std::path::PathBuf>,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let p = std::path::Path::new(spec);
-    if p.is_dir() {
-        return Ok(p.to_owned());
+    let dir = nexus_fleet::models::resolve_model(spec, home)?;
+    if let Ok(entry) = nexus_weights::Registry::builtin().get(spec) {
+        anyhow::ensure!(
+            entry.family == "piper",
+            "{} is a {} model, not a voice",
+            entry.name,
+            entry.family
+        );
     }
-    let store = nexus_weights::Store::new(home.unwrap_or_else(nexus_weights::Store::default_root));
-    let entry = nexus_weights::Registry::builtin().get(spec)?.clone();
-    anyhow::ensure!(
-        entry.family == "piper",
-        "{} is a {} model, not a voice",
-        entry.name,
-        entry.family
-    );
-    let dir = store.model_dir(&entry.name);
-    anyhow::ensure!(
-        dir.join("model.safetensors").is_file(),
-        "voice {} is not on this machine; run `nexus models pull {}`",
-        entry.name,
-        entry.name
-    );
     Ok(dir)
 }
 
@@ -164,19 +155,15 @@ impl Codecs {
         home: Option<std::path::PathBuf>,
         device: &candle_core::Device,
     ) -> anyhow::Result<Self> {
-        let store =
-            nexus_weights::Store::new(home.unwrap_or_else(nexus_weights::Store::default_root));
         let mut codecs = BTreeMap::new();
         for n in names.iter().filter(|n| !n.is_empty()) {
-            let p = std::path::Path::new(n);
-            let dir = if p.is_dir() {
-                p.to_owned()
-            } else {
-                store.model_dir(n)
-            };
-            let c = Firefly::load(&dir, device).with_context(|| {
-                format!("loading codec {n} (a FireFly folder, or `nexus models import` one first)")
-            })?;
+            let c = nexus_fleet::models::resolve_model(n, home.clone())
+                .and_then(|dir| Ok(Firefly::load(&dir, device)?))
+                .with_context(|| {
+                    format!(
+                        "loading codec {n} (a FireFly folder, or `nexus models import` one first)"
+                    )
+                })?;
             codecs.insert(n.clone(), Arc::new(c));
         }
         Ok(Self {
@@ -356,19 +343,9 @@ async fn speak<B: Bus>(
     nexus_core::trace::follow(&span, env.trace.as_ref());
     let log = keys.results(&request);
     let write = |chunk: SynthesisChunk| {
-        let fields: nexus_bus::Fields = encode(&chunk)
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
         let key = format!("chunk:{}", chunk.index);
         let log = log.clone();
-        async move {
-            let never = CancellationToken::new();
-            retry("write audio", Duration::from_secs(60), &never, || {
-                bus.add_unique(&log, &key, fields.clone(), ttl)
-            })
-            .await
-        }
+        async move { append_once(bus, &log, &key, &chunk, ttl).await }
     };
     let chunk = |index: u32| SynthesisChunk {
         envelope: Some(Envelope {
@@ -406,7 +383,7 @@ async fn speak<B: Bus>(
         return write(c).await.is_ok();
     }
     let rate = voice.sample_rate();
-    let gap = rate as usize / 5;
+    let gap = voice.sentence_gap();
     let n = parts.len();
     for (i, s) in parts.into_iter().enumerate() {
         let t0 = std::time::Instant::now();
@@ -507,19 +484,8 @@ async fn speak_codes<B: Bus>(
             }),
             ..Default::default()
         };
-        let fields: nexus_bus::Fields = encode(&msg)
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
         let (log, key) = (log.clone(), format!("speech:{segment}:{chunk}"));
-        async move {
-            let never = CancellationToken::new();
-            retry("write speech", Duration::from_secs(60), &never, || {
-                bus.add_unique(&log, &key, fields.clone(), ttl)
-            })
-            .await
-            .is_ok()
-        }
+        async move { append_once(bus, &log, &key, &msg, ttl).await.is_ok() }
     };
     let k = codes.num_codebooks as usize;
     let f = codes.frames as usize;
@@ -567,11 +533,7 @@ async fn speak_codes<B: Bus>(
         {
             Ok((wave, s)) => {
                 stream = s;
-                let bytes = wave
-                    .iter()
-                    .flat_map(|x| ((x.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
-                    .collect();
-                (bytes, String::new())
+                (nexus_audio::wav::pcm16_le(&wave), String::new())
             }
             Err(e) => (Vec::new(), format!("decoding speech codes: {e}")),
         };
@@ -584,4 +546,28 @@ async fn speak_codes<B: Bus>(
         }
     }
     true
+}
+
+/// Appends `msg` to `log` once under `key` (a redelivery finds it there),
+/// retrying through bus outages for a minute.
+async fn append_once<B: Bus, M: nexus_bus::StreamMessage>(
+    bus: &B,
+    log: &str,
+    key: &str,
+    msg: &M,
+    ttl: Duration,
+) -> Result<(), nexus_bus::BusError> {
+    let fields: nexus_bus::Fields = encode(msg)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let never = CancellationToken::new();
+    retry(
+        "write to a result log",
+        Duration::from_secs(60),
+        &never,
+        || bus.add_unique(log, key, fields.clone(), ttl),
+    )
+    .await
+    .map(|_| ())
 }

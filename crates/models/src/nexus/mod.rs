@@ -109,6 +109,8 @@ pub struct NexusModel {
     mel: MelFrontend,
     audio_token: u32,
     end_of_turn: u32,
+    /// End of text, when the checkpoint names one; also stops generation.
+    end_of_text: Option<u32>,
     device: Device,
     dtype: DType,
 }
@@ -170,6 +172,7 @@ impl NexusModel {
         };
         let audio_token = id(&cfg.tokens.audio)?;
         let end_of_turn = id(&cfg.tokens.im_end)?;
+        let end_of_text = cfg.tokens.eos_id(&tokenizer);
         id(&cfg.tokens.audio_start)?;
         id(&cfg.tokens.audio_end)?;
         let mel = MelFrontend::new(cfg.audio_encoder.num_mel_bins)?;
@@ -183,6 +186,7 @@ impl NexusModel {
             mel,
             audio_token,
             end_of_turn,
+            end_of_text,
             device: device.clone(),
             dtype,
         })
@@ -220,7 +224,7 @@ impl NexusModel {
 
     /// Whether generation stops at `token` (end of turn or end of text).
     pub fn is_stop(&self, token: u32) -> bool {
-        token == self.end_of_turn || self.cfg.tokens.eos_id(&self.tokenizer) == Some(token)
+        token == self.end_of_turn || self.end_of_text == Some(token)
     }
 
     /// Whisper encoder frames (B, T, D) of log-mel windows (B, n_mels, frames).

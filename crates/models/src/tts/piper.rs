@@ -757,20 +757,9 @@ impl PiperVoice {
         Ok(samples)
     }
 
-    /// Whole text, sentence by sentence with 0.2 s of silence between.
-    pub fn synthesize_text(&self, text: &str, opts: &SynthesisOptions) -> Result<Vec<f32>> {
-        let gap = self.sample_rate() as usize / 5;
-        let mut out = Vec::new();
-        for (i, s) in super::sentences(text).iter().enumerate() {
-            if i > 0 {
-                out.extend(std::iter::repeat_n(0.0, gap));
-            }
-            out.extend(self.synthesize_sentence(s, opts)?);
-        }
-        if out.is_empty() {
-            return Err(ModelError::Input("the text has nothing to say".into()));
-        }
-        Ok(out)
+    /// Samples of the pause spoken between sentences (0.2 s, as Piper).
+    pub fn sentence_gap(&self) -> usize {
+        self.sample_rate() as usize / 5
     }
 
     /// The frames (B, C, T) the generator takes for ids, with no noise: for tests.

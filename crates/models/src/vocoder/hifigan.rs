@@ -117,7 +117,9 @@ pub struct HifiGan {
     ups: Vec<super::TransConv1d>,
     resblocks: Vec<ResBlock>,
     conv_post: Conv1d,
-    filters: Arc<Vec<f32>>,
+    /// Mel filters of [`HifiGan::mel_spectrogram`], made on first use (a
+    /// generator inside VITS never needs them).
+    filters: Arc<std::sync::OnceLock<Vec<f32>>>,
     device: Device,
 }
 
@@ -222,19 +224,12 @@ impl HifiGan {
             };
             candle_nn::conv1d_no_bias(post_in, 1, 7, cfg, vb.pp("conv_post"))?
         };
-        let filters = mel_filter_bank_range(
-            cfg.sampling_rate,
-            cfg.n_fft,
-            cfg.num_mels,
-            cfg.fmin,
-            cfg.fmax,
-        );
         Ok(Self {
             conv_pre,
             ups,
             resblocks,
             conv_post,
-            filters: Arc::new(filters),
+            filters: Arc::default(),
             device: vb.device().clone(),
             cfg,
         })
@@ -285,6 +280,9 @@ impl HifiGan {
     /// magnitude, mel filters over fmin..fmax, natural log clamped at 1e-5.
     pub fn mel_spectrogram(&self, samples: &[f32]) -> Result<Tensor> {
         let c = &self.cfg;
+        let filters = self.filters.get_or_init(|| {
+            mel_filter_bank_range(c.sampling_rate, c.n_fft, c.num_mels, c.fmin, c.fmax)
+        });
         let pad = (c.n_fft - c.hop_size) / 2;
         if samples.len() <= pad {
             return Err(ModelError::Input(format!(
@@ -334,7 +332,7 @@ impl HifiGan {
                 *m = (s.re * s.re + s.im * s.im + 1e-9).sqrt();
             }
             for m in 0..c.num_mels {
-                let row = &self.filters[m * n_freq..(m + 1) * n_freq];
+                let row = &filters[m * n_freq..(m + 1) * n_freq];
                 let e: f32 = row.iter().zip(&mag).map(|(w, x)| w * x).sum();
                 out[m * frames + t] = e.max(1e-5).ln();
             }
