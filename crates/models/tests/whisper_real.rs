@@ -34,6 +34,17 @@ fn audio(path: &Path) -> Vec<f32> {
     nexus_audio::to_model_rate(&a.channels, a.sample_rate).expect("resampling test audio")
 }
 
+/// Log-mel (padded by 30 s, as windows are) of a LibriVox test clip.
+fn librivox_mel(e: &WhisperEngine, id: &str) -> candle_core::Tensor {
+    let samples = audio(&testdata().join(format!(
+        "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
+    )));
+    e.mel
+        .compute(&samples, nexus_models::mel::CHUNK_SAMPLES)
+        .and_then(|m| m.to_tensor(&e.device))
+        .expect("log-mel of a test clip")
+}
+
 #[test]
 #[ignore = "needs whisper tiny.en weights and the pocketsphinx test data"]
 fn tiny_en_hears_go_forward() {
@@ -330,7 +341,6 @@ fn language_probabilities_match_faster_whisper() {
 #[test]
 #[ignore = "needs whisper tiny.en weights and the pocketsphinx test data"]
 fn batched_greedy_decoding_matches_one_at_a_time() {
-    use nexus_models::mel::CHUNK_SAMPLES;
     use nexus_models::whisper::{DecodeOptions, GreedySequence, step_batch};
 
     let e = load("whisper-tiny.en");
@@ -338,15 +348,7 @@ fn batched_greedy_decoding_matches_one_at_a_time() {
     let windows: Vec<candle_core::Tensor> = clips
         .iter()
         .map(|id| {
-            let samples = audio(&testdata().join(format!(
-                "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
-            )));
-            let mel = e
-                .mel
-                .compute(&samples, CHUNK_SAMPLES)
-                .unwrap()
-                .to_tensor(&e.device)
-                .unwrap();
+            let mel = librivox_mel(&e, id);
             e.encode_window(&mel, 0).unwrap()
         })
         .collect();
@@ -420,23 +422,17 @@ fn batched_greedy_decoding_matches_one_at_a_time() {
 #[ignore = "needs whisper tiny.en weights and the pocketsphinx test data"]
 fn a_batch_of_short_windows_encodes_like_one_at_a_time() {
     use candle_core::{IndexOp, Tensor};
-    use nexus_models::mel::CHUNK_SAMPLES;
 
     let e = load("whisper-tiny.en");
     let context = 900; // mel frames: 450 encoder positions
     let mels: Vec<Tensor> = ["0870", "0880", "0890", "0930"]
         .iter()
         .map(|id| {
-            let samples = audio(&testdata().join(format!(
-                "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
-            )));
-            let mel = e
-                .mel
-                .compute(&samples, CHUNK_SAMPLES)
+            librivox_mel(&e, id)
+                .i((.., .., ..context))
                 .unwrap()
-                .to_tensor(&Device::Cpu)
-                .unwrap();
-            mel.i((.., .., ..context)).unwrap().contiguous().unwrap()
+                .contiguous()
+                .unwrap()
         })
         .collect();
     let batch = e
