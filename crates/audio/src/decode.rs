@@ -11,8 +11,10 @@ use symphonia::core::formats::{FormatOptions, TrackType};
 use symphonia::core::io::{MediaSourceStream, MediaSourceStreamOptions};
 use symphonia::core::meta::MetadataOptions;
 
+use crate::MODEL_SAMPLE_RATE;
 use crate::error::{AudioError, Result};
 use crate::limits::AudioLimits;
+use crate::resample::StreamResampler;
 
 /// Decoded audio at its native rate.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +85,9 @@ fn check_wav_header(bytes: &[u8], limits: &AudioLimits) -> Result<()> {
     Ok(())
 }
 
+/// Where decoded packets go: planar `f32` at the file's rate, one call per packet.
+type Sink<'a> = dyn FnMut(u32, &[Vec<f32>]) -> Result<()> + 'a;
+
 /// Decodes a whole file held in memory. `extension` (e.g. `"mp3"`) is a hint
 /// only; the container is detected from its bytes.
 ///
@@ -94,14 +99,103 @@ pub fn decode_bytes(
     extension: Option<&str>,
     limits: &AudioLimits,
 ) -> Result<DecodedAudio> {
+    let mut rate = 0;
+    let mut channels: Vec<Vec<f32>> = Vec::new();
+    decode_with(bytes, extension, limits, &mut |r, planar| {
+        rate = r;
+        if channels.is_empty() {
+            channels = vec![Vec::new(); planar.len()];
+        }
+        for (dst, src) in channels.iter_mut().zip(planar) {
+            dst.extend_from_slice(src);
+        }
+        Ok(())
+    })?;
+    Ok(DecodedAudio {
+        sample_rate: rate,
+        channels,
+    })
+}
+
+/// What to keep of a file's channels at the model rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// All channels averaged into one.
+    Mono,
+    /// Each channel on its own.
+    PerChannel,
+}
+
+/// Decodes a whole file straight to [`MODEL_SAMPLE_RATE`]: each packet is
+/// downmixed (or kept per channel) and resampled as it comes, so memory holds
+/// the model-rate output, never the file's native samples, and the output is
+/// bounded by `limits.max_decoded_samples` whatever the header claims.
+pub fn decode_to_model_rate(
+    bytes: Vec<u8>,
+    extension: Option<&str>,
+    limits: &AudioLimits,
+    layout: Layout,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out: Vec<Vec<f32>> = Vec::new();
+    let mut resamplers: Vec<StreamResampler> = Vec::new();
+    let mut mono = Vec::new();
+    let mut stored = 0u64;
+    decode_with(bytes, extension, limits, &mut |rate, planar| {
+        if resamplers.is_empty() {
+            let n = match layout {
+                Layout::Mono => 1,
+                Layout::PerChannel => planar.len(),
+            };
+            resamplers = (0..n)
+                .map(|_| StreamResampler::new(rate, MODEL_SAMPLE_RATE))
+                .collect::<Result<_>>()?;
+            out = vec![Vec::new(); n];
+        }
+        let before: usize = out.iter().map(Vec::len).sum();
+        match layout {
+            Layout::Mono => {
+                mono.clear();
+                mono.extend_from_slice(&planar[0]);
+                if planar.len() > 1 {
+                    for c in &planar[1..] {
+                        for (m, x) in mono.iter_mut().zip(c) {
+                            *m += x;
+                        }
+                    }
+                    let scale = 1.0 / planar.len() as f32;
+                    mono.iter_mut().for_each(|m| *m *= scale);
+                }
+                resamplers[0].push(&mono, &mut out[0])?;
+            }
+            Layout::PerChannel => {
+                for ((r, o), c) in resamplers.iter_mut().zip(&mut out).zip(planar) {
+                    r.push(c, o)?;
+                }
+            }
+        }
+        stored += (out.iter().map(Vec::len).sum::<usize>() - before) as u64;
+        limits.check_decoded(stored)
+    })?;
+    for (r, o) in resamplers.iter_mut().zip(&mut out) {
+        r.finish(o)?;
+    }
+    Ok(out)
+}
+
+fn decode_with(
+    bytes: Vec<u8>,
+    extension: Option<&str>,
+    limits: &AudioLimits,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     if bytes.is_empty() {
         return Err(AudioError::Empty);
     }
     limits.check_bytes(bytes.len() as u64)?;
+    let bytes = crate::wav::repair_riff(bytes);
     check_wav_header(&bytes, limits)?;
-    let ext = extension.map(str::to_owned);
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        decode_inner(bytes, ext.as_deref(), limits)
+        decode_inner(bytes, extension, limits, sink)
     }))
     .unwrap_or_else(|panic| {
         let what = panic
@@ -119,7 +213,8 @@ fn decode_inner(
     bytes: Vec<u8>,
     extension: Option<&str>,
     limits: &AudioLimits,
-) -> Result<DecodedAudio> {
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     let mut hint = Hint::new();
     if let Some(ext) = extension {
         hint.with_extension(ext);
@@ -152,13 +247,14 @@ fn decode_inner(
         ));
     };
     if params.codec == symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS {
-        return decode_opus_packets(format.as_mut(), track_id, &params, limits);
+        return decode_opus_packets(format.as_mut(), track_id, &params, limits, sink);
     }
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(&params, &AudioDecoderOptions::default())
         .map_err(sym_err)?;
     let mut rate = params.sample_rate.unwrap_or(0);
-    let mut channels: Vec<Vec<f32>> = Vec::new();
+    let mut n_channels = 0;
+    let mut frames = 0u64;
     let mut planar: Vec<Vec<f32>> = Vec::new();
     loop {
         let packet = match format.next_packet() {
@@ -182,28 +278,27 @@ fn decode_inner(
             rate = spec.rate();
         }
         let n_ch = spec.channels().count();
-        if channels.is_empty() {
+        if n_channels == 0 {
             limits.check_format(rate, n_ch as u32)?;
-            channels = vec![Vec::new(); n_ch];
-        } else if n_ch != channels.len() {
+            n_channels = n_ch;
+        } else if n_ch != n_channels {
             return Err(AudioError::Corrupt(format!(
-                "channel count changed from {} to {n_ch} mid-stream",
-                channels.len()
+                "channel count changed from {n_channels} to {n_ch} mid-stream"
             )));
         }
         buf.copy_to_vecs_planar::<f32>(&mut planar);
-        for (dst, src) in channels.iter_mut().zip(&planar) {
-            dst.extend_from_slice(src);
+        let n = planar.first().map_or(0, Vec::len);
+        if n == 0 {
+            continue;
         }
-        limits.check_frames(channels[0].len() as u64, rate)?;
+        frames += n as u64;
+        limits.check_frames(frames, rate)?;
+        sink(rate, &planar)?;
     }
-    if channels.first().is_none_or(Vec::is_empty) {
+    if frames == 0 {
         return Err(AudioError::Empty);
     }
-    Ok(DecodedAudio {
-        sample_rate: rate,
-        channels,
-    })
+    Ok(())
 }
 
 /// Ogg Opus: symphonia demuxes, libopus decodes; the header's pre-skip is dropped.
@@ -212,7 +307,8 @@ fn decode_opus_packets(
     track_id: u32,
     params: &symphonia::core::codecs::audio::AudioCodecParameters,
     limits: &AudioLimits,
-) -> Result<DecodedAudio> {
+    sink: &mut Sink<'_>,
+) -> Result<()> {
     let head = params.extra_data.as_deref().unwrap_or(&[]);
     let n_ch = params
         .channels
@@ -224,7 +320,8 @@ fn decode_opus_packets(
     limits.check_format(crate::opus::OPUS_RATE, n_ch as u32)?;
     let mut dec = crate::opus::OpusPacketDecoder::new(n_ch as u32)?;
     let mut skip = crate::opus::pre_skip(head) * n_ch;
-    let mut channels = vec![Vec::new(); n_ch];
+    let mut planar = vec![Vec::new(); n_ch];
+    let mut frames = 0u64;
     loop {
         let packet = match format.next_packet() {
             Ok(Some(p)) => p,
@@ -238,18 +335,22 @@ fn decode_opus_packets(
         let pcm = dec.decode(&packet.data)?;
         let drop = skip.min(pcm.len());
         skip -= drop;
+        planar.iter_mut().for_each(Vec::clear);
         for (i, v) in pcm[drop..].iter().enumerate() {
-            channels[i % n_ch].push(*v);
+            planar[i % n_ch].push(*v);
         }
-        limits.check_frames(channels[0].len() as u64, crate::opus::OPUS_RATE)?;
+        let n = planar[0].len();
+        if n == 0 {
+            continue;
+        }
+        frames += n as u64;
+        limits.check_frames(frames, crate::opus::OPUS_RATE)?;
+        sink(crate::opus::OPUS_RATE, &planar)?;
     }
-    if channels[0].is_empty() {
+    if frames == 0 {
         return Err(AudioError::Empty);
     }
-    Ok(DecodedAudio {
-        sample_rate: crate::opus::OPUS_RATE,
-        channels,
-    })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -376,5 +477,54 @@ mod tests {
             decode_bytes(full, None, &small),
             Err(AudioError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn model_rate_decoding_equals_decoding_then_resampling() {
+        let s = tone(48_000);
+        let inter: Vec<i16> = s.iter().flat_map(|v| [*v, v / 2]).collect();
+        let f = wav(&inter, 48_000, 2);
+        let limits = AudioLimits::default();
+        let whole = decode_bytes(f.clone(), None, &limits).unwrap();
+        let want = crate::to_model_rate(&whole.channels, 48_000).unwrap();
+        let got = decode_to_model_rate(f.clone(), None, &limits, Layout::Mono).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].len(), want.len());
+        let err = got[0]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-3, "{err}");
+        let per = decode_to_model_rate(f.clone(), None, &limits, Layout::PerChannel).unwrap();
+        assert_eq!(per.len(), 2);
+        assert_eq!(per[0].len(), 16_000);
+        // The budget counts what is kept: two channels need twice the samples of one.
+        let budget = AudioLimits {
+            max_decoded_samples: 20_000,
+            ..AudioLimits::default()
+        };
+        assert!(decode_to_model_rate(f.clone(), None, &budget, Layout::Mono).is_ok());
+        let e = decode_to_model_rate(f, None, &budget, Layout::PerChannel).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the limit is 20000 samples (max_decoded_samples)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_wav_whose_riff_length_is_off_decodes() {
+        let s = tone(3_000);
+        let mut f = wav(&s, 16_000, 1);
+        let riff = (f.len() - 8 - 6) as u32;
+        f[4..8].copy_from_slice(&riff.to_le_bytes());
+        let a = decode_bytes(f, None, &AudioLimits::default()).unwrap();
+        assert_eq!(a.channels[0].len(), s.len());
+        let mut f = wav(&s, 16_000, 1);
+        f[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        f[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+        let a = decode_bytes(f, None, &AudioLimits::default()).unwrap();
+        assert_eq!(a.channels[0].len(), s.len());
     }
 }

@@ -33,6 +33,16 @@ pub enum AudioError {
         /// The limit.
         max_seconds: f64,
     },
+    /// A whole file decodes to more samples than one decode may hold.
+    #[error(
+        "the audio decodes to more than {max_samples} samples at 16 kHz (all channels together); the limit is {max_samples} samples (max_decoded_samples)"
+    )]
+    DecodedTooLarge {
+        /// Samples decoded when the limit was crossed.
+        samples: u64,
+        /// The limit.
+        max_samples: u64,
+    },
     /// More bytes than allowed.
     #[error("audio is {bytes} bytes; the limit is {max_bytes} bytes")]
     TooLarge {

@@ -17,7 +17,7 @@ pub mod pcm;
 pub mod resample;
 pub mod wav;
 
-pub use decode::{DecodedAudio, decode_bytes};
+pub use decode::{DecodedAudio, Layout, decode_bytes, decode_to_model_rate};
 pub use endpoint::{EndReason, EndpointConfig, EndpointEvent, Endpointer};
 pub use energy_vad::EnergyVad;
 pub use error::{AudioError, Result};

@@ -16,6 +16,10 @@ pub struct AudioLimits {
     pub min_sample_rate: u32,
     /// Highest accepted sample rate.
     pub max_sample_rate: u32,
+    /// Most samples a whole file may decode to at the model rate, all kept
+    /// channels together: the memory budget of one decode (4 bytes a sample),
+    /// enforced while decoding whatever the header claims.
+    pub max_decoded_samples: u64,
 }
 
 impl Default for AudioLimits {
@@ -26,11 +30,25 @@ impl Default for AudioLimits {
             max_channels: 8,
             min_sample_rate: 8_000,
             max_sample_rate: 192_000,
+            // Four hours of one channel at 16 kHz: 0.9 GB of f32.
+            max_decoded_samples: 4 * 3600 * 16_000,
         }
     }
 }
 
 impl AudioLimits {
+    /// The limits of a live stream: format bounds only. A live stream is bounded
+    /// by its session's duration and pace, which the session checks on every
+    /// encoding alike, never by the bytes or seconds of a whole upload.
+    pub fn live(&self) -> Self {
+        Self {
+            max_seconds: f64::INFINITY,
+            max_bytes: u64::MAX,
+            max_decoded_samples: u64::MAX,
+            ..self.clone()
+        }
+    }
+
     /// Checks a declared sample rate and channel count.
     pub fn check_format(&self, sample_rate: u32, channels: u32) -> Result<()> {
         if !(self.min_sample_rate..=self.max_sample_rate).contains(&sample_rate) {
@@ -55,6 +73,17 @@ impl AudioLimits {
             return Err(AudioError::TooLarge {
                 bytes,
                 max_bytes: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a running count of samples decoded at the model rate.
+    pub fn check_decoded(&self, samples: u64) -> Result<()> {
+        if samples > self.max_decoded_samples {
+            return Err(AudioError::DecodedTooLarge {
+                samples,
+                max_samples: self.max_decoded_samples,
             });
         }
         Ok(())

@@ -86,23 +86,24 @@ pub use nexus_fleet::models::resolve_model;
 pub fn load_audio(file: &Path, raw: Option<(u32, SampleFormat, u32)>) -> anyhow::Result<Vec<f32>> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let limits = AudioLimits::default();
-    let (channels, rate) = match raw {
+    match raw {
         Some((rate, format, channels)) => {
             let spec = PcmSpec {
                 format,
                 sample_rate: rate,
                 channels,
             };
-            (nexus_audio::pcm::decode_all(&bytes, spec, &limits)?, rate)
+            let channels = nexus_audio::pcm::decode_all(&bytes, spec, &limits)?;
+            Ok(nexus_audio::to_model_rate(&channels, rate)?)
         }
         None => {
             let ext = file.extension().and_then(|e| e.to_str());
-            let audio = nexus_audio::decode_bytes(bytes, ext, &limits)
-                .with_context(|| format!("decoding {}", file.display()))?;
-            (audio.channels, audio.sample_rate)
+            let mut mono =
+                nexus_audio::decode_to_model_rate(bytes, ext, &limits, nexus_audio::Layout::Mono)
+                    .with_context(|| format!("decoding {}", file.display()))?;
+            Ok(mono.pop().unwrap_or_default())
         }
-    };
-    Ok(nexus_audio::to_model_rate(&channels, rate)?)
+    }
 }
 
 fn progress_bar(enabled: bool) -> impl FnMut(f32) {

@@ -96,8 +96,15 @@ fn decode_audio(
             );
         }
         AudioEncoding::OggOpus | AudioEncoding::Container | AudioEncoding::Unspecified => {
-            let a = nexus_audio::decode_bytes(bytes, None, limits).map_err(|e| e.to_string())?;
-            (a.channels, a.sample_rate)
+            // Containers decode straight to 16 kHz, packet by packet: memory is
+            // bounded by the decoded-sample budget, not by the file's native rate.
+            let layout = if rc.separate_recognition_per_channel {
+                nexus_audio::Layout::PerChannel
+            } else {
+                nexus_audio::Layout::Mono
+            };
+            return nexus_audio::decode_to_model_rate(bytes, None, limits, layout)
+                .map_err(|e| e.to_string());
         }
     };
     if rc.separate_recognition_per_channel && channels.len() > 1 {
