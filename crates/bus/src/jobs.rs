@@ -77,10 +77,11 @@ impl<B: Bus> JobStore<B> {
             .stage_stream(if urgent { JOBS_URGENT } else { JOBS }, 0)
     }
 
-    /// Writes a new job's records and queues it. The spec record is written
-    /// first and only if absent, so submitting one id twice (a retried call, a
-    /// controller reconciling again) queues it once. On a full queue the
-    /// records are removed again and [`BusError::Full`] returned.
+    /// Writes a new job's records and queues it. The records (spec, audio,
+    /// status) are written in one step, only if the spec is absent, so
+    /// submitting one id twice (a retried call, a controller reconciling
+    /// again) queues it once and no half-written job is ever seen. On a full
+    /// queue the records are removed again and [`BusError::Full`] returned.
     pub async fn submit(
         &self,
         spec: &JobSpec,
@@ -89,32 +90,23 @@ impl<B: Bus> JobStore<B> {
         urgent: bool,
     ) -> Result<Submitted, BusError> {
         let id = SessionId::parse(&spec.job_id)?;
-        if self
-            .bus
-            .put_new(&self.key(&id, "spec"), spec.encode_to_vec(), self.ttl)
-            .await?
-            .is_some()
-        {
+        let mut records = vec![(self.key(&id, "spec"), spec.encode_to_vec())];
+        if let Some(audio) = audio {
+            records.push((self.key(&id, "audio"), audio));
+        }
+        records.push((self.key(&id, "status"), job.encode_to_vec()));
+        if self.bus.put_all_new(records, self.ttl).await?.is_some() {
             return Ok(Submitted::Exists);
         }
-        let written = async {
-            if let Some(audio) = audio {
-                self.bus
-                    .put(&self.key(&id, "audio"), audio, self.ttl)
-                    .await?;
-            }
-            self.put_status(job).await?;
-            let fields: Fields = [(FIELD_JOB.to_owned(), id.as_str().as_bytes().to_vec())]
-                .into_iter()
-                .collect();
-            self.bus
-                .add(&self.stream(urgent), fields, self.limits)
-                .await
-                .map(|_| ())
-        }
-        .await;
-        match written {
-            Ok(()) => Ok(Submitted::Queued),
+        let fields: Fields = [(FIELD_JOB.to_owned(), id.as_str().as_bytes().to_vec())]
+            .into_iter()
+            .collect();
+        match self
+            .bus
+            .add(&self.stream(urgent), fields, self.limits)
+            .await
+        {
+            Ok(_) => Ok(Submitted::Queued),
             Err(e) => {
                 for part in ["status", "audio", "spec"] {
                     let _ = self.bus.delete(&self.key(&id, part)).await;

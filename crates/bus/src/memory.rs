@@ -268,6 +268,14 @@ impl Bus for MemoryBus {
         .await
     }
 
+    async fn len(&self, stream: &str) -> Result<usize, BusError> {
+        Ok(self
+            .lock()
+            .streams
+            .get(stream)
+            .map_or(0, |s| s.entries.len()))
+    }
+
     async fn ack(&self, stream: &str, group: &str, ids: &[EntryId]) -> Result<(), BusError> {
         let mut st = self.lock();
         let s = st
@@ -349,6 +357,11 @@ impl Bus for MemoryBus {
                 format!("{stream}/{group}/{id}").into_bytes(),
             );
             Self::append(&mut st, dead_letter, fields);
+            if let Some(d) = st.streams.get_mut(dead_letter) {
+                while d.entries.len() > crate::stream::MAX_DEAD_LETTERS {
+                    d.entries.pop_first();
+                }
+            }
         }
         Ok(out)
     }
@@ -505,6 +518,55 @@ impl Bus for MemoryBus {
                 st.records.insert(key.to_owned(), (value, now + ttl));
                 Ok(None)
             }
+        }
+    }
+
+    async fn put_all_new(
+        &self,
+        records: Vec<(String, Vec<u8>)>,
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some((first, _)) = records.first()
+            && let Some((v, until)) = st.records.get(first)
+            && *until > now
+        {
+            return Ok(Some(v.clone()));
+        }
+        for (k, v) in records {
+            st.records.insert(k, (v, now + ttl));
+        }
+        Ok(None)
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        expect: &[u8],
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        match st.records.get(key) {
+            Some((v, until)) if *until > now && v == expect => {
+                st.records.insert(key.to_owned(), (value, now + ttl));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn delete_if(&self, key: &str, expect: &[u8]) -> Result<bool, BusError> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        match st.records.get(key) {
+            Some((v, until)) if *until > now && v == expect => {
+                st.records.remove(key);
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 

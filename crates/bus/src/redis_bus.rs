@@ -27,6 +27,65 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return {id, 1}
 ";
 
+/// KEYS = stream; ARGV = group, then the ids to acknowledge. Acknowledges, then
+/// trims every entry that each group of the stream has acknowledged: below the
+/// oldest pending entry of each group, and at most up to what it was delivered.
+const ACK_TRIM: &str = r"
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+if redis.call('EXISTS', KEYS[1]) == 0 then return n end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return {tonumber(ms), tonumber(seq), ms}
+end
+local function less(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end
+local floor = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  local p = redis.call('XPENDING', KEYS[1], name)
+  local c
+  if tonumber(p[1]) > 0 then
+    c = parse(p[2])
+  else
+    c = parse(last)
+    c[2] = c[2] + 1
+  end
+  if floor == nil or less(c, floor) then floor = c end
+end
+if floor then
+  redis.call('XTRIM', KEYS[1], 'MINID', floor[3] .. '-' .. string.format('%d', floor[2]))
+end
+return n
+";
+
+/// KEYS = records; ARGV = ttl ms, then their values. Writes all unless the
+/// first exists; returns the first's value when it did.
+const PUT_ALL_NEW: &str = r"
+local prev = redis.call('GET', KEYS[1])
+if prev then return {prev} end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ARGV[1])
+end
+return {}
+";
+
+/// KEYS = record; ARGV = expected value, new value (empty: delete), ttl ms.
+/// Compare-and-set: 1 when the record held the expected value.
+const PUT_IF: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+";
+
 /// KEYS = nodes hash; ARGV = node, slots, ttl ms. Deadlines use the server's clock.
 const ADVERTISE: &str = r"
 local t = redis.call('TIME')
@@ -86,6 +145,9 @@ pub struct RedisBus {
 }
 
 struct Scripts {
+    ack_trim: Script,
+    put_all_new: Script,
+    put_if: Script,
     add_unique: Script,
     advertise: Script,
     lease: Script,
@@ -193,6 +255,9 @@ impl RedisBus {
             conn,
             blocking: Arc::default(),
             scripts: Arc::new(Scripts {
+                ack_trim: Script::new(ACK_TRIM),
+                put_all_new: Script::new(PUT_ALL_NEW),
+                put_if: Script::new(PUT_IF),
                 add_unique: Script::new(ADD_UNIQUE),
                 advertise: Script::new(ADVERTISE),
                 lease: Script::new(LEASE),
@@ -374,18 +439,34 @@ impl Bus for RedisBus {
         read_reply(reply, 1)
     }
 
+    async fn len(&self, stream: &str) -> Result<usize, BusError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(n.max(0) as usize)
+    }
+
     async fn ack(&self, stream: &str, group: &str, ids: &[EntryId]) -> Result<(), BusError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(stream).arg(group);
+        let mut inv = self.scripts.ack_trim.key(stream);
+        inv.arg(group);
         for id in ids {
-            cmd.arg(id.to_string());
+            inv.arg(id.to_string());
         }
         let mut conn = self.conn.clone();
-        let _: i64 = cmd.query_async(&mut conn).await.map_err(unavailable)?;
-        Ok(())
+        let r: redis::RedisResult<i64> = inv.invoke_async(&mut conn).await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("NOGROUP") => {
+                Err(BusError::NoGroup(format!("{stream}/{group}")))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn claim_stale(
@@ -442,7 +523,10 @@ impl Bus for RedisBus {
                     format!("{stream}/{group}/{id}").into_bytes(),
                 );
                 let mut cmd = redis::cmd("XADD");
-                cmd.arg(dead_letter).arg("*");
+                cmd.arg(dead_letter)
+                    .arg("MAXLEN")
+                    .arg(crate::stream::MAX_DEAD_LETTERS)
+                    .arg("*");
                 for (k, v) in &fields {
                     cmd.arg(k.as_str()).arg(v.as_slice());
                 }
@@ -688,6 +772,60 @@ impl Bus for RedisBus {
             .await
             .map_err(unavailable)?;
         Ok(before)
+    }
+
+    async fn put_all_new(
+        &self,
+        records: Vec<(String, Vec<u8>)>,
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let mut inv = self.scripts.put_all_new.prepare_invoke();
+        inv.arg(ttl.as_millis().max(1) as u64);
+        for (k, v) in records {
+            inv.key(k).arg(v);
+        }
+        let mut conn = self.conn.clone();
+        let prev: Vec<Vec<u8>> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        Ok(prev.into_iter().next())
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        expect: &[u8],
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let mut conn = self.conn.clone();
+        let done: i64 = self
+            .scripts
+            .put_if
+            .key(key)
+            .arg(expect)
+            .arg(value)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
+    }
+
+    async fn delete_if(&self, key: &str, expect: &[u8]) -> Result<bool, BusError> {
+        let mut conn = self.conn.clone();
+        let done: i64 = self
+            .scripts
+            .put_if
+            .key(key)
+            .arg(expect)
+            .arg(Vec::<u8>::new())
+            .arg("")
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {

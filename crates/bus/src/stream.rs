@@ -75,6 +75,10 @@ pub struct StreamLimits {
     pub max_deliveries: u32,
 }
 
+/// Dead letters kept per stage, newest first: enough to see what failed, never
+/// a store that grows with every poisoned entry (an audio entry can be MBs).
+pub const MAX_DEAD_LETTERS: usize = 100;
+
 impl Default for StreamLimits {
     fn default() -> Self {
         Self {
@@ -135,7 +139,12 @@ pub trait Bus: Clone + Send + Sync + 'static {
         block: Duration,
     ) -> impl Future<Output = Result<Vec<Entry>, BusError>> + Send;
 
-    /// Acknowledges entries: they will not be delivered again.
+    /// Entries the stream holds now (0 when it does not exist).
+    fn len(&self, stream: &str) -> impl Future<Output = Result<usize, BusError>> + Send;
+
+    /// Acknowledges entries: they will not be delivered again. Entries every
+    /// group of the stream has acknowledged leave the stream: it holds only
+    /// what is in flight.
     fn ack(
         &self,
         stream: &str,
@@ -145,7 +154,8 @@ pub trait Bus: Clone + Send + Sync + 'static {
 
     /// Takes over entries another consumer left unacknowledged for `min_idle`
     /// (it crashed or hung). Entries delivered `max_deliveries` times already
-    /// are moved to `dead_letter` and acknowledged instead of returned.
+    /// are moved to `dead_letter` (which keeps the newest [`MAX_DEAD_LETTERS`])
+    /// and acknowledged instead of returned.
     fn claim_stale(
         &self,
         stream: &str,
@@ -243,6 +253,32 @@ pub trait Bus: Clone + Send + Sync + 'static {
         value: Vec<u8>,
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<Vec<u8>>, BusError>> + Send;
+
+    /// Stores all `records` for `ttl` in one step unless the first is there;
+    /// returns the first's value when it was (nothing was written). The keys
+    /// must share a hash tag (one job's records), so a cluster can do it atomically.
+    fn put_all_new(
+        &self,
+        records: Vec<(String, Vec<u8>)>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, BusError>> + Send;
+
+    /// Replaces the record under `key` only while it holds `expect` (a lease's
+    /// holder renewing it); false when another value, or none, is there.
+    fn put_if(
+        &self,
+        key: &str,
+        expect: &[u8],
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BusError>> + Send;
+
+    /// Removes the record under `key` only while it holds `expect`; false otherwise.
+    fn delete_if(
+        &self,
+        key: &str,
+        expect: &[u8],
+    ) -> impl Future<Output = Result<bool, BusError>> + Send;
 
     /// The record under `key`, if any.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, BusError>> + Send;

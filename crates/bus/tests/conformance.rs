@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use nexus_bus::{Bus, BusError, Entry, EntryId, Fields, Lease, MemoryBus, RedisBus, StreamLimits};
+use nexus_bus::{
+    Bus, BusError, Entry, EntryId, Fields, Lease, MAX_DEAD_LETTERS, MemoryBus, RedisBus,
+    StreamLimits,
+};
 
 const NOW: Duration = Duration::ZERO;
 
@@ -162,6 +165,57 @@ async fn unacked_entries_are_redelivered_then_dead_lettered(bus: impl Bus, n: &N
             .unwrap()
             .is_empty()
     );
+}
+
+async fn dead_letters_keep_only_the_newest(bus: impl Bus, n: &Names) {
+    let limits = StreamLimits {
+        max_deliveries: 1,
+        ..StreamLimits::default()
+    };
+    bus.ensure_group(&n.s, "g").await.unwrap();
+    let total = MAX_DEAD_LETTERS + 20;
+    for i in 0..total {
+        bus.add(&n.s, fields(&i.to_string()), limits).await.unwrap();
+    }
+    let read = bus.read_group(&n.s, "g", "w", total, NOW).await.unwrap();
+    assert_eq!(read.len(), total);
+    let claimed = bus
+        .claim_stale(&n.s, "g", "w2", NOW, total, limits, &n.dlq)
+        .await
+        .unwrap();
+    assert!(claimed.is_empty());
+    assert_eq!(bus.len(&n.dlq).await.unwrap(), MAX_DEAD_LETTERS);
+    let dead = bus.range_after(&n.dlq, None, total).await.unwrap();
+    assert_eq!(val(&dead[0]), "20");
+    assert_eq!(val(dead.last().unwrap()), (total - 1).to_string());
+    // Dead-lettered entries count as acknowledged: the stage stream is empty.
+    assert_eq!(bus.len(&n.s).await.unwrap(), 0);
+}
+
+async fn acknowledged_entries_leave_the_stream(bus: impl Bus, n: &Names) {
+    let limits = StreamLimits::default();
+    bus.ensure_group(&n.s, "a").await.unwrap();
+    bus.ensure_group(&n.s, "b").await.unwrap();
+    for v in ["1", "2", "3"] {
+        bus.add(&n.s, fields(v), limits).await.unwrap();
+    }
+    let a = bus.read_group(&n.s, "a", "c", 10, NOW).await.unwrap();
+    let ids = |e: &[Entry]| e.iter().map(|e| e.id).collect::<Vec<_>>();
+    bus.ack(&n.s, "a", &ids(&a)).await.unwrap();
+    // Group b has read nothing yet: everything stays for it.
+    assert_eq!(bus.len(&n.s).await.unwrap(), 3);
+    let b = bus.read_group(&n.s, "b", "c", 10, NOW).await.unwrap();
+    bus.ack(&n.s, "b", &ids(&b[..2])).await.unwrap();
+    assert_eq!(bus.len(&n.s).await.unwrap(), 1);
+    let left = bus.range_after(&n.s, None, 10).await.unwrap();
+    assert_eq!(left.iter().map(val).collect::<Vec<_>>(), ["3"]);
+    bus.ack(&n.s, "b", &ids(&b[2..])).await.unwrap();
+    assert_eq!(bus.len(&n.s).await.unwrap(), 0);
+    // A new entry after the trim is delivered as usual.
+    bus.add(&n.s, fields("4"), limits).await.unwrap();
+    let a = bus.read_group(&n.s, "a", "c", 10, NOW).await.unwrap();
+    assert_eq!(a.iter().map(val).collect::<Vec<_>>(), ["4"]);
+    assert_eq!(bus.len("no-such-stream-here").await.unwrap(), 0);
 }
 
 async fn a_full_backlog_pushes_back_until_acked(bus: impl Bus, n: &Names) {
@@ -359,6 +413,37 @@ async fn records_keep_the_first_or_the_latest(bus: impl Bus, n: &Names) {
     assert_eq!(bus.put_new(k, b"e".to_vec(), long).await.unwrap(), None);
 }
 
+/// Leases renewed and released only by their holder; records written together.
+async fn records_compare_and_set(bus: impl Bus, n: &Names) {
+    let (k, long) = (&n.s, Duration::from_secs(60));
+    assert!(!bus.put_if(k, b"me", b"me".to_vec(), long).await.unwrap());
+    assert_eq!(bus.get(k).await.unwrap(), None);
+    bus.put_new(k, b"me".to_vec(), long).await.unwrap();
+    assert!(bus.put_if(k, b"me", b"me".to_vec(), long).await.unwrap());
+    // Another runner took the lease over: the old holder neither renews nor releases it.
+    bus.put(k, b"other".to_vec(), long).await.unwrap();
+    assert!(!bus.put_if(k, b"me", b"me".to_vec(), long).await.unwrap());
+    assert!(!bus.delete_if(k, b"me").await.unwrap());
+    assert_eq!(bus.get(k).await.unwrap(), Some(b"other".to_vec()));
+    assert!(bus.delete_if(k, b"other").await.unwrap());
+    assert_eq!(bus.get(k).await.unwrap(), None);
+    let (a, b) = (format!("{}:{{x}}a", n.log), format!("{}:{{x}}b", n.log));
+    let recs = |v: &str| {
+        vec![
+            (a.clone(), v.as_bytes().to_vec()),
+            (b.clone(), v.as_bytes().to_vec()),
+        ]
+    };
+    assert_eq!(bus.put_all_new(recs("1"), long).await.unwrap(), None);
+    assert_eq!(
+        bus.put_all_new(recs("2"), long).await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    assert_eq!(bus.get(&b).await.unwrap(), Some(b"1".to_vec()));
+    bus.delete(&a).await.unwrap();
+    bus.delete(&b).await.unwrap();
+}
+
 /// Touched entries do not look idle; untouched they are claimed again.
 async fn touched_entries_stay_with_their_consumer(bus: impl Bus, n: &Names) {
     bus.ensure_group(&n.s, "g").await.unwrap();
@@ -436,11 +521,14 @@ both!(
     unacked_entries_are_redelivered_then_dead_lettered
 );
 both!(backpressure, a_full_backlog_pushes_back_until_acked);
+both!(trimmed, acknowledged_entries_leave_the_stream);
+both!(dead_letter_cap, dead_letters_keep_only_the_newest);
 both!(blocking, blocked_readers_wake_and_logs_resume);
 both!(idempotent, idempotent_results_never_land_twice);
 both!(pool, capacity_pool_leases_slots);
 both!(records, records_keep_the_first_or_the_latest);
 both!(touch, touched_entries_stay_with_their_consumer);
+both!(compare_and_set, records_compare_and_set);
 
 #[tokio::test]
 async fn unreachable_redis_is_a_retryable_error() {

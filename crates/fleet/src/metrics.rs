@@ -35,6 +35,13 @@ pub struct GroupLabels {
     pub group: String,
 }
 
+/// A stage's stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// The stage's stream (`audio`, `encoded`, `jobs` ...).
+    pub stream: String,
+}
+
 /// A bus operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
@@ -54,12 +61,14 @@ pub struct ModelLabels {
 pub struct FleetMetrics {
     lag: Family<GroupLabels, Gauge>,
     pending: Family<GroupLabels, Gauge>,
+    dead_letters: Family<StreamLabels, Gauge>,
     bus_errors: Family<OpLabels, Counter>,
     model_load: Family<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl FleetMetrics {
     /// Registers the families (`nexus_stream_lag`, `nexus_stream_pending`,
+    /// `nexus_stream_dead_letters`,
     /// `nexus_bus_errors_total`, `nexus_model_load_seconds`) in a registry
     /// prefixed `nexus`.
     pub fn register(registry: &mut Registry) -> Self {
@@ -73,6 +82,11 @@ impl FleetMetrics {
             "stream_pending",
             "Entries delivered to a consumer group and not yet acknowledged",
             m.pending.clone(),
+        );
+        registry.register(
+            "stream_dead_letters",
+            "Entries of a stage's dead-letter stream (failed too many deliveries; the newest are kept)",
+            m.dead_letters.clone(),
         );
         registry.register(
             "bus_errors",
@@ -103,19 +117,30 @@ impl FleetMetrics {
         }
     }
 
-    /// Samples the groups of `streams` (stage name, stream key) every `every`
-    /// until `shutdown`.
+    /// Samples the groups and dead letters of the streams of `stages` every
+    /// `every` until `shutdown`.
     pub fn sample_streams<B: Bus>(
         &self,
         bus: B,
-        streams: Vec<(String, String)>,
+        keys: &nexus_bus::Keys,
+        stages: &[&str],
         every: Duration,
         shutdown: CancellationToken,
     ) {
+        let streams: Vec<(String, String, String)> = stages
+            .iter()
+            .map(|s| {
+                (
+                    (*s).to_owned(),
+                    crate::stages::stream(keys, s),
+                    keys.dead_letter(s),
+                )
+            })
+            .collect();
         let m = self.clone();
         tokio::spawn(async move {
             loop {
-                for (stage, key) in &streams {
+                for (stage, key, dead) in &streams {
                     match bus.groups(key).await {
                         Ok(groups) => {
                             for g in groups {
@@ -130,6 +155,19 @@ impl FleetMetrics {
                         Err(e) => {
                             tracing::debug!(stream = %key, error = %e, "sampling stream groups failed");
                             m.bus_error("xinfo_groups");
+                        }
+                    }
+                    match bus.len(dead).await {
+                        Ok(n) => {
+                            m.dead_letters
+                                .get_or_create(&StreamLabels {
+                                    stream: stage.clone(),
+                                })
+                                .set(n as i64);
+                        }
+                        Err(e) => {
+                            tracing::debug!(stream = %dead, error = %e, "sampling dead letters failed");
+                            m.bus_error("xlen");
                         }
                     }
                 }

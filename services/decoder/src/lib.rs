@@ -204,10 +204,8 @@ pub async fn run<B: Bus>(
         }));
         metrics.stage.fleet.sample_streams(
             bus.clone(),
-            [stages::ENCODED, stages::TRANSLATE]
-                .into_iter()
-                .map(|s| (s.to_owned(), stages::stream(&keys, s)))
-                .collect(),
+            &keys,
+            &[stages::ENCODED, stages::TRANSLATE],
             Duration::from_secs(2),
             shutdown.clone(),
         );

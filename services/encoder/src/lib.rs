@@ -83,10 +83,8 @@ pub async fn run<B: Bus>(
         admin.add(std::sync::Arc::new(move || m.render()));
         metrics.fleet.sample_streams(
             bus.clone(),
-            vec![(
-                stages::AUDIO.to_owned(),
-                stages::stream(keys, stages::AUDIO),
-            )],
+            keys,
+            &[stages::AUDIO],
             Duration::from_secs(2),
             shutdown.clone(),
         );

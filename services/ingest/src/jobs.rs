@@ -208,21 +208,22 @@ impl<B: Bus> Ingest<B> {
             .map_err(|e| Status::internal(e.to_string()))?;
         let ttl = inner.jobs.ttl();
         let bus = &inner.bus;
-        if !r.idempotency_key.is_empty() {
-            let key = inner
+        let idempotency = (!r.idempotency_key.is_empty()).then(|| {
+            inner
                 .cfg
                 .fleet
                 .keys
-                .job_idempotency(&tenant, &r.idempotency_key);
-            if let Some(existing) = bus
-                .put_new(&key, id.as_str().as_bytes().to_vec(), ttl)
+                .job_idempotency(&tenant, &r.idempotency_key)
+        });
+        if let Some(key) = &idempotency
+            && let Some(existing) = bus
+                .put_new(key, id.as_str().as_bytes().to_vec(), ttl)
                 .await
                 .map_err(bus_status)?
-            {
-                let existing = String::from_utf8_lossy(&existing).into_owned();
-                let existing = Self::job_id(&existing)?;
-                return self.load_job(&existing, &tenant).await;
-            }
+        {
+            let existing = String::from_utf8_lossy(&existing).into_owned();
+            let existing = Self::job_id(&existing)?;
+            return self.load_job(&existing, &tenant).await;
         }
         let spec = JobSpec {
             job_id: id.to_string(),
@@ -240,21 +241,29 @@ impl<B: Bus> Ingest<B> {
             labels: r.labels,
             ..Default::default()
         };
-        match self
+        let failed = match self
             .job_store()
             .submit(&spec, &job, content.map(|c| c.to_vec()), r.priority > 0)
             .await
         {
-            Ok(Submitted::Queued) => {}
+            Ok(Submitted::Queued) => None,
             Ok(Submitted::Exists) => {
-                return Err(Status::internal(format!("job id {id} was taken; retry")));
+                Some(Status::internal(format!("job id {id} was taken; retry")))
             }
-            Err(BusError::Full { backlog, .. }) => {
-                return Err(Status::resource_exhausted(format!(
-                    "{backlog} jobs are queued already; retry later"
-                )));
+            Err(BusError::Full { backlog, .. }) => Some(Status::resource_exhausted(format!(
+                "{backlog} jobs are queued already; retry later"
+            ))),
+            Err(e) => Some(bus_status(e)),
+        };
+        if let Some(status) = failed {
+            // The key names no job: a retry with it must submit afresh, not
+            // find a job that never was.
+            if let Some(key) = &idempotency
+                && let Err(e) = bus.delete_if(key, id.as_str().as_bytes()).await
+            {
+                tracing::warn!(error = %e, "releasing an idempotency key failed; it expires with its TTL");
             }
-            Err(e) => return Err(bus_status(e)),
+            return Err(status);
         }
         tracing::info!(job = %id, priority = r.priority, "job queued");
         Ok(job)
@@ -510,16 +519,38 @@ impl<B: Bus> Ingest<B> {
             }
         }
         let stop = CancellationToken::new();
+        let lost = CancellationToken::new();
         let renew = {
-            let (bus, key, me, stop) = (bus.clone(), lease_key.clone(), me.clone(), stop.clone());
+            let (bus, key, me, stop, lost) = (
+                bus.clone(),
+                lease_key.clone(),
+                me.clone(),
+                stop.clone(),
+                lost.clone(),
+            );
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(lease / 3) => {}
                         _ = stop.cancelled() => return,
                     }
-                    if let Err(e) = bus.put(&key, me.as_bytes().to_vec(), lease).await {
-                        tracing::warn!(error = %e, "renewing a job's runner lease failed");
+                    match bus
+                        .put_if(&key, me.as_bytes(), me.as_bytes().to_vec(), lease)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // Another runner holds the job now (this one was
+                            // silent past the lease): stop, never run it twice.
+                            tracing::warn!(
+                                "the job's runner lease went to another runner; stopping"
+                            );
+                            lost.cancel();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "renewing a job's runner lease failed")
+                        }
                     }
                 }
             })
@@ -529,11 +560,13 @@ impl<B: Bus> Ingest<B> {
         let finished = tokio::select! {
             f = tracing::Instrument::instrument(self.attempts(id), span) => f,
             _ = shutdown.cancelled() => false,
+            _ = lost.cancelled() => false,
         };
         stop.cancel();
         let _ = renew.await;
         if finished {
-            let _ = bus.delete(&lease_key).await;
+            // Only our own lease: a runner that lost it leaves the new holder's.
+            let _ = bus.delete_if(&lease_key, me.as_bytes()).await;
         }
         finished
     }
