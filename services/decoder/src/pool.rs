@@ -301,6 +301,15 @@ fn finish_nexus(
     ))
 }
 
+/// Temperatures from `start` to 1 in steps of 0.2, as OpenAI's fallback climbs.
+fn temperature_ladder(start: f32) -> Vec<f32> {
+    (0..=5)
+        .map(|i| start + 0.2 * i as f32)
+        .take_while(|t| *t <= 1.0 + 1e-6)
+        .map(|t| t.min(1.0))
+        .collect()
+}
+
 /// What a segment's config asks of Whisper.
 pub fn options(
     seg: &EncodedSegment,
@@ -328,6 +337,21 @@ pub fn options(
     };
     let ctx = cfg.speech_context.unwrap_or_default();
     let dec = cfg.decoding.unwrap_or_default();
+    // Ingest checks this at the edge; a segment from elsewhere on the bus must
+    // not size the beams (each holds a KV cache) either.
+    if dec.beam_size > nexus_models::whisper::decode::MAX_BEAM_SIZE {
+        return Err(format!(
+            "decoding.beam_size is {}; the limit is {}",
+            dec.beam_size,
+            nexus_models::whisper::decode::MAX_BEAM_SIZE
+        ));
+    }
+    if !(dec.temperature.is_finite() && (0.0..=1.0).contains(&dec.temperature)) {
+        return Err(format!(
+            "decoding.temperature is {}; use a value in 0..=1",
+            dec.temperature
+        ));
+    }
     let mut prompt_text = ctx.prompt.trim().to_string();
     if !ctx.hotwords.is_empty() {
         if !prompt_text.is_empty() {
@@ -361,9 +385,15 @@ pub fn options(
         word_timestamps: cfg.enable_word_time_offsets && seg.is_final,
         ..TranscribeOptions::default()
     };
-    if dec.disable_fallback || !seg.is_final {
-        opts.temperatures = vec![0.0];
-    }
+    // Interims are compared word by word: always greedy. Finals start at the
+    // asked temperature and, unless fallback is off, climb by 0.2 up to 1.
+    opts.temperatures = if !seg.is_final {
+        vec![0.0]
+    } else if dec.disable_fallback {
+        vec![dec.temperature]
+    } else {
+        temperature_ladder(dec.temperature)
+    };
     if dec.no_speech_threshold > 0.0 {
         opts.no_speech_threshold = Some(dec.no_speech_threshold);
     }
@@ -526,7 +556,9 @@ fn finish(a: Active) -> Output {
     let base_task = base.task;
     let result = (|| {
         let greedy = seq.finish(&engine.tokenizer).map_err(|e| e.to_string())?;
-        let mut r = if opts.beam_size > 1 {
+        // The batch's greedy pass is the first attempt only when the first
+        // temperature is 0 and no beam is asked for.
+        let mut r = if opts.beam_size > 1 || opts.temperatures.first() != Some(&0.0) {
             engine.decode_with_fallback(&audio, &base, &opts, None)
         } else {
             engine.decode_with_fallback(&audio, &base, &opts, Some(greedy))
@@ -782,5 +814,23 @@ pub fn run_pool(
             };
             let _ = out.send(o);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::temperature_ladder;
+
+    #[test]
+    fn the_ladder_starts_at_the_asked_temperature() {
+        assert_eq!(temperature_ladder(0.0).len(), 6);
+        assert_eq!(temperature_ladder(0.0)[5], 1.0);
+        let l = temperature_ladder(0.5);
+        assert_eq!(l.len(), 3);
+        assert!(
+            (l[0] - 0.5).abs() < 1e-6 && (l[2] - 0.9).abs() < 1e-6,
+            "{l:?}"
+        );
+        assert_eq!(temperature_ladder(1.0), vec![1.0]);
     }
 }

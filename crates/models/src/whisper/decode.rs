@@ -65,6 +65,10 @@ impl Default for DecodeOptions {
     }
 }
 
+/// Widest beam (and most samples per temperature) a decode runs: each beam
+/// holds its own KV cache, so the width bounds a request's memory and time.
+pub const MAX_BEAM_SIZE: u32 = 16;
+
 /// The chosen hypothesis of a window.
 #[derive(Debug, Clone)]
 pub struct DecodeResult {
