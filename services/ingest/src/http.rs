@@ -120,20 +120,33 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Largest SDP offer: a browser's is a few kB; a hundred candidates fit.
+pub(crate) const MAX_SDP_BYTES: usize = 64 << 10;
+
 /// The routes, served on their own listener.
 pub(crate) fn router<B: Bus>(ingest: Ingest<B>) -> axum::Router {
     // The upload may be the audio limit plus the form's other fields.
-    let body_limit = usize::try_from(ingest.inner.limits.max_bytes)
-        .unwrap_or(usize::MAX)
-        .saturating_add(1 << 20);
-    axum::Router::new()
+    let upload_limit = upload_limit(&ingest);
+    // Requests with bodies are authenticated, and their declared size checked,
+    // before a byte of the body is read.
+    let with_bodies = axum::Router::new()
         .route("/v1/audio/transcriptions", post(transcriptions::<B>))
         .route("/v1/audio/translations", post(translations::<B>))
+        .layer(DefaultBodyLimit::max(upload_limit))
+        .merge(
+            axum::Router::new()
+                .route("/v1/webrtc/sessions", post(crate::webrtc::offer::<B>))
+                .layer(DefaultBodyLimit::max(MAX_SDP_BYTES)),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            ingest.clone(),
+            guard_body::<B>,
+        ));
+    axum::Router::new()
         .route("/v1/models", get(list_models::<B>))
         .route("/v1/models/{id}", get(get_model::<B>))
         .route("/", get(crate::webrtc::page))
         .route("/captions", get(crate::webrtc::page))
-        .route("/v1/webrtc/sessions", post(crate::webrtc::offer::<B>))
         .route(
             "/v1/webrtc/sessions/{id}",
             axum::routing::delete(crate::webrtc::end::<B>),
@@ -142,8 +155,56 @@ pub(crate) fn router<B: Bus>(ingest: Ingest<B>) -> axum::Router {
         .route("/v1/rooms/{room}/events", get(crate::webrtc::events::<B>))
         .route("/v1/rooms/{room}/captions.vtt", get(crate::webrtc::vtt))
         .route("/v1/rooms/{room}/captions.srt", get(crate::webrtc::srt))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .merge(with_bodies)
         .with_state(ingest)
+}
+
+fn upload_limit<B: Bus>(ingest: &Ingest<B>) -> usize {
+    usize::try_from(ingest.inner.limits.max_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1 << 20)
+}
+
+/// Refuses a request with a body before reading it: a declared length over the
+/// route's limit (413, naming the limit), or, when keys are required, a caller
+/// without a valid key (401). Bodies without a declared length are cut at the
+/// same limit while they are read.
+async fn guard_body<B: Bus>(
+    State(ingest): State<Ingest<B>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (limit, what) = if req.uri().path().starts_with("/v1/webrtc/") {
+        (MAX_SDP_BYTES, "the SDP offer")
+    } else {
+        (upload_limit(&ingest), "the upload")
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared
+        && len > limit as u64
+    {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what} is {len} bytes; the limit is {limit} bytes"),
+        )
+        .into_response();
+    }
+    if ingest.inner.access.requires_keys() {
+        let get = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
+        if let Err(d) =
+            ingest
+                .inner
+                .access
+                .authenticate(get("authorization"), get("x-api-key"), None)
+        {
+            return ApiError::from(Status::from(d)).into_response();
+        }
+    }
+    next.run(req).await
 }
 
 fn admit<B: Bus>(ingest: &Ingest<B>, headers: &HeaderMap) -> Result<Grant, ApiError> {

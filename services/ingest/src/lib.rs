@@ -11,6 +11,7 @@
 mod agreement;
 mod audio_in;
 pub mod auth;
+mod bounds;
 mod http;
 pub mod jobs;
 pub mod metrics;
@@ -86,6 +87,23 @@ pub struct IngestArgs {
     /// How long a live session whose client dropped waits to be resumed (0: it ends at once).
     #[arg(long, env = "NEXUS_RESUME_GRACE_MS", default_value_t = 30_000)]
     pub resume_grace_ms: u64,
+    /// Longest live session, in minutes: at this length the utterance in
+    /// progress is finalised, its final delivered, and the session ends with
+    /// OUT_OF_RANGE. Live streams are bounded by duration, not bytes.
+    #[arg(long, env = "NEXUS_MAX_SESSION_MINUTES", default_value_t = 240)]
+    pub max_session_minutes: u64,
+    /// A live session that receives no audio for this long (ms) is finalised
+    /// and ends with DEADLINE_EXCEEDED, freeing its slot (0: never).
+    #[arg(long, env = "NEXUS_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// Fastest a live session's audio is read, as a multiple of real time,
+    /// after its first `--live-burst-s` seconds: a sender that is faster is
+    /// slowed by flow control, so one stream cannot do a batch job's work.
+    #[arg(long, env = "NEXUS_LIVE_MAX_SPEED", default_value_t = 4.0)]
+    pub live_max_speed: f64,
+    /// Audio a live session may send ahead of `--live-max-speed`, in seconds.
+    #[arg(long, env = "NEXUS_LIVE_BURST_S", default_value_t = 60)]
+    pub live_burst_s: u64,
     /// Largest audio a Recognize call may carry, in MiB.
     #[arg(long, env = "NEXUS_MAX_AUDIO_MB", default_value_t = 100)]
     pub max_audio_mb: u64,
@@ -130,6 +148,10 @@ impl Default for IngestArgs {
             bus_retry_ms: 15_000,
             final_timeout_ms: 60_000,
             resume_grace_ms: 30_000,
+            max_session_minutes: 240,
+            idle_timeout_ms: 30_000,
+            live_max_speed: 4.0,
+            live_burst_s: 60,
             max_audio_mb: 100,
             file_root: None,
             api_keys: None,
@@ -173,6 +195,14 @@ pub(crate) struct Settings {
     pub(crate) final_timeout: Duration,
     pub(crate) resume_grace: Duration,
     pub(crate) drain_grace: Duration,
+    /// Longest live session.
+    pub(crate) max_session: Duration,
+    /// Longest a live session may go without audio; zero: no bound.
+    pub(crate) idle_timeout: Duration,
+    /// Fastest live audio is read after the burst, × real time.
+    pub(crate) live_max_speed: f64,
+    /// Audio a live session may send ahead of that pace.
+    pub(crate) live_burst: Duration,
     pub(crate) models: Vec<String>,
     pub(crate) english_only: Vec<String>,
     pub(crate) translation_model: Option<String>,
@@ -333,6 +363,7 @@ impl<B: Bus> Ingest<B> {
     /// the error says what to change.
     pub(crate) fn check_config(&self, rc: &mut RecognitionConfig) -> Result<(), Status> {
         let inner = &self.inner;
+        bounds::check_recognition(rc)?;
         if rc.model.is_empty() {
             rc.model = inner.cfg.models[0].clone();
         }
@@ -432,6 +463,7 @@ impl<B: Bus> Ingest<B> {
             .clone()
             .ok_or_else(|| invalid("streaming_config.config is required"))?;
         self.check_config(&mut rc)?;
+        bounds::check_streaming(&cfg)?;
         if rc.separate_recognition_per_channel {
             return Err(invalid(
                 "separate_recognition_per_channel is not supported on streams yet; open one stream per channel",
@@ -444,7 +476,7 @@ impl<B: Bus> Ingest<B> {
             .limits
             .check_format(fmt.sample_rate_hz.max(8_000), fmt.channels.max(1))
             .map_err(|e| invalid(e.to_string()))?;
-        let audio_in = audio_in::AudioIn::new(&fmt, &inner.limits).map_err(invalid)?;
+        let audio_in = audio_in::AudioIn::new(&fmt, &inner.limits.live()).map_err(invalid)?;
         let endpoint = Self::endpointing(&cfg)?;
 
         let local = inner.sessions.clone().try_acquire_owned().map_err(|_| {
@@ -558,6 +590,11 @@ pub async fn run<B: Bus>(
         !cfg.models.is_empty(),
         "the ingest needs the list of served models"
     );
+    anyhow::ensure!(
+        cfg.args.live_max_speed.is_finite() && cfg.args.live_max_speed >= 1.0,
+        "--live-max-speed is {}; use a number of at least 1 (times real time)",
+        cfg.args.live_max_speed
+    );
     let access = match &cfg.args.api_keys {
         Some(path) => auth::Access::load(path)?,
         None => auth::Access::open(auth::Limits {
@@ -590,6 +627,10 @@ pub async fn run<B: Bus>(
             final_timeout: Duration::from_millis(cfg.args.final_timeout_ms),
             resume_grace: Duration::from_millis(cfg.args.resume_grace_ms),
             drain_grace: cfg.drain.grace,
+            max_session: Duration::from_secs(cfg.args.max_session_minutes.max(1) * 60),
+            idle_timeout: Duration::from_millis(cfg.args.idle_timeout_ms),
+            live_max_speed: cfg.args.live_max_speed,
+            live_burst: Duration::from_secs(cfg.args.live_burst_s),
             models: cfg.models.clone(),
             english_only: cfg.english_only.clone(),
             translation_model: cfg.translation_model.clone(),
@@ -619,10 +660,8 @@ pub async fn run<B: Bus>(
         let keys = &cfg.fleet.keys;
         inner.metrics.fleet.sample_streams(
             inner.bus.clone(),
-            [stages::AUDIO, stages::JOBS, stages::JOBS_URGENT]
-                .into_iter()
-                .map(|s| (s.to_owned(), stages::stream(keys, s)))
-                .collect(),
+            keys,
+            &[stages::AUDIO, stages::JOBS, stages::JOBS_URGENT],
             Duration::from_secs(2),
             shutdown.clone(),
         );
@@ -633,12 +672,24 @@ pub async fn run<B: Bus>(
     // it; beyond that the transport refuses the message (RESOURCE_EXHAUSTED).
     let max_message =
         usize::try_from(inner.limits.max_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
-    routes.add_service(
+    // With keys, a caller is authenticated from its metadata before the
+    // transport reads a message body (a Recognize may carry 200 MiB).
+    let check_key = {
+        let inner = inner.clone();
+        move |req: Request<()>| -> Result<Request<()>, Status> {
+            if inner.access.requires_keys() {
+                inner.access.authenticate_grpc(req.metadata())?;
+            }
+            Ok(req)
+        }
+    };
+    routes.add_service(tonic::service::interceptor::InterceptedService::new(
         SpeechRecognitionServer::new(Ingest {
             inner: inner.clone(),
         })
         .max_decoding_message_size(max_message),
-    );
+        check_key.clone(),
+    ));
     routes.add_service(ModelsServer::new(models::ModelsService(Ingest {
         inner: inner.clone(),
     })));
@@ -652,9 +703,14 @@ pub async fn run<B: Bus>(
             inner: inner.clone(),
         },
     )));
-    routes.add_service(TranscriptionJobsServer::new(jobs::JobsService(Ingest {
-        inner: inner.clone(),
-    })));
+    // A job carries its audio like Recognize does.
+    routes.add_service(tonic::service::interceptor::InterceptedService::new(
+        TranscriptionJobsServer::new(jobs::JobsService(Ingest {
+            inner: inner.clone(),
+        }))
+        .max_decoding_message_size(max_message),
+        check_key,
+    ));
     let runner = tokio::spawn(jobs::run_jobs(
         Ingest {
             inner: inner.clone(),

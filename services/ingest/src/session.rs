@@ -78,6 +78,9 @@ struct Live {
     out: Option<Out>,
     /// Responses that carried results, for a client that resumes.
     history: VecDeque<StreamingRecognizeResponse>,
+    /// Why the server ended the input (idle, maximum length): the session's
+    /// status once the utterance in progress has its final.
+    end_status: Option<Status>,
 }
 
 /// Responses kept for a client that resumes.
@@ -138,6 +141,7 @@ impl<B: Bus> Session<B> {
             input_done: false,
             out: Some(out),
             history: VecDeque::new(),
+            end_status: None,
         };
         let r = self
             .drive(&mut live, &mut decoder, inbound, &mut res_rx)
@@ -159,6 +163,15 @@ impl<B: Bus> Session<B> {
                 }
             }
         }
+    }
+
+    /// When the next message may be read: `processed` samples may arrive
+    /// `live_burst` ahead of `live_max_speed` times real time since `started`.
+    fn paced_until(&self, started: tokio::time::Instant, processed: u64) -> tokio::time::Instant {
+        let cfg = &self.inner.cfg;
+        let audio = Duration::from_secs_f64(processed as f64 / f64::from(MODEL_SAMPLE_RATE));
+        let ahead = audio.saturating_sub(cfg.live_burst);
+        started + ahead.div_f64(cfg.live_max_speed)
     }
 
     fn unpark(&self) {
@@ -197,6 +210,10 @@ impl<B: Bus> Session<B> {
         renew.tick().await;
         let mut deadline: Option<tokio::time::Instant> = None;
         let shutdown = self.inner.shutdown.clone();
+        let started = tokio::time::Instant::now();
+        let idle = self.inner.cfg.idle_timeout;
+        let max_samples = self.inner.cfg.max_session.as_secs() * u64::from(MODEL_SAMPLE_RATE);
+        let mut last_audio = started;
         loop {
             if (live.out.is_none() || inbound.is_none()) && away.is_none() {
                 // The client went away. Park the session for the resume grace:
@@ -221,6 +238,9 @@ impl<B: Bus> Session<B> {
                 && live.speech_pending.is_empty()
                 && live.out.is_some()
             {
+                if let Some(status) = live.end_status.take() {
+                    return Err(status);
+                }
                 self.respond(
                     live,
                     StreamingRecognizeResponse {
@@ -239,11 +259,24 @@ impl<B: Bus> Session<B> {
                     None => std::future::pending().await,
                 }
             };
+            // A sender ahead of the live pace waits here: its messages stay
+            // unread and flow control slows it down.
+            let paced = self.paced_until(started, live.processed);
+            let idle_armed = !idle.is_zero() && !live.input_done && inbound.is_some();
             let next_msg = async {
                 match inbound.as_mut() {
-                    Some(i) => futures::StreamExt::next(i).await.transpose(),
+                    Some(i) => {
+                        tokio::time::sleep_until(paced).await;
+                        futures::StreamExt::next(i).await.transpose()
+                    }
                     None => std::future::pending().await,
                 }
+            };
+            let idle_for = async {
+                if !idle_armed {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep_until(last_audio.max(paced) + idle).await;
             };
             // A client that drops its response stream is gone, even while
             // the session has nothing to send it.
@@ -293,8 +326,22 @@ impl<B: Bus> Session<B> {
                     match msg {
                         Ok(Some(m)) => match m.streaming_request {
                             Some(StreamingRequest::AudioContent(bytes)) => {
-                                let samples = decoder.push(&bytes).map_err(|e| Status::invalid_argument(format!("audio at {} ms: {e}", ms(live.processed))))?;
-                                self.feed(live, &samples).await?;
+                                last_audio = tokio::time::Instant::now();
+                                let mut samples = decoder.push(&bytes).map_err(|e| Status::invalid_argument(format!("audio at {} ms: {e}", ms(live.processed))))?;
+                                let room = max_samples.saturating_sub(live.processed);
+                                if samples.len() as u64 >= room {
+                                    samples.truncate(room as usize);
+                                    self.feed(live, &samples).await?;
+                                    tracing::info!(session = %self.id, "session reached its maximum length");
+                                    live.end_status = Some(Status::out_of_range(format!(
+                                        "the session reached its maximum length of {} min (--max-session-minutes); its last final was delivered; open a new session to go on",
+                                        self.inner.cfg.max_session.as_secs() / 60
+                                    )));
+                                    self.end_input(live).await?;
+                                    deadline = Some(tokio::time::Instant::now() + self.inner.cfg.final_timeout);
+                                } else {
+                                    self.feed(live, &samples).await?;
+                                }
                             }
                             Some(_) => return Err(Status::invalid_argument(
                                 "streaming_config and resume belong in the first message only; later messages carry audio_content",
@@ -331,6 +378,15 @@ impl<B: Bus> Session<B> {
                     if let Err(e) = self.inner.bus.lease(&pool, self.id.as_str(), lease_ttl).await {
                         tracing::warn!(session = %self.id, error = %e, "renewing the session's slot failed");
                     }
+                }
+                _ = idle_for => {
+                    tracing::info!(session = %self.id, ?idle, "no audio within the idle timeout; finishing the session");
+                    live.end_status = Some(Status::deadline_exceeded(format!(
+                        "no audio for {} ms (the idle timeout, --idle-timeout-ms); the session ended after its last final",
+                        idle.as_millis()
+                    )));
+                    self.end_input(live).await?;
+                    deadline = Some(tokio::time::Instant::now() + self.inner.cfg.final_timeout);
                 }
                 _ = shutdown.cancelled(), if !live.input_done => {
                     tracing::info!(session = %self.id, "server draining: finishing the session");

@@ -80,10 +80,6 @@ pub struct WebRtcArgs {
     /// send Opus packets through silence).
     #[arg(long = "webrtc-idle-ms", default_value_t = 2_500)]
     pub idle_ms: u64,
-    /// Time a session that ended gets to deliver its last captions, ms; its
-    /// decoder slot is freed after at most this.
-    #[arg(long = "webrtc-drain-ms", default_value_t = 4_000)]
-    pub drain_ms: u64,
     /// Rooms this replica holds at most.
     #[arg(long = "webrtc-max-rooms", default_value_t = 1_000)]
     pub max_rooms: usize,
@@ -100,7 +96,6 @@ impl Default for WebRtcArgs {
             public_ip: None,
             ice_servers: Vec::new(),
             idle_ms: 2_500,
-            drain_ms: 4_000,
             max_rooms: 1_000,
             room_keep_s: 3_600,
         }
@@ -377,7 +372,6 @@ pub(crate) async fn offer<B: Bus>(
         session_id: id.clone(),
         stop,
         idle: Duration::from_millis(inner.webrtc.args.idle_ms.max(500)),
-        drain: Duration::from_millis(inner.webrtc.args.drain_ms),
     };
     let location = format!("/v1/webrtc/sessions/{id}");
     let ingest2 = ingest.clone();

@@ -34,7 +34,6 @@ pub(super) struct Peer {
     pub(super) session_id: String,
     pub(super) stop: CancellationToken,
     pub(super) idle: Duration,
-    pub(super) drain: Duration,
 }
 
 type Inbound = mpsc::Sender<Result<StreamingRecognizeRequest, Status>>;
@@ -73,7 +72,6 @@ impl Peer {
         let mut last_packet = tokio::time::Instant::now();
         // Until the first packet, allow for ICE and DTLS to come up.
         let mut idle_deadline = last_packet + Duration::from_secs(15);
-        let mut drain_until: Option<tokio::time::Instant> = None;
         let mut pending = early;
         loop {
             for ev in pending.drain(..) {
@@ -101,15 +99,9 @@ impl Peer {
                     }
                 }
             }
-            if input.is_none() && drain_until.is_none() {
-                drain_until = Some(tokio::time::Instant::now() + self.drain);
-            }
-            let drained = async {
-                match drain_until {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            // Once the input ends, the loop runs on until the pipeline has
+            // delivered the final of the utterance in progress and closed the
+            // response stream (within the fleet's --final-timeout-ms).
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(ev) => pending.push(ev),
@@ -173,10 +165,6 @@ impl Peer {
                     }
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
-                _ = drained => {
-                    tracing::info!(session = %self.session_id, "drain time over; the session ends");
-                    break;
-                }
             }
         }
         // Dropping the response stream ends the pipeline session, which frees
