@@ -198,6 +198,18 @@ pub mod fleet {
             let _ = self.child.wait();
         }
 
+        /// The process's peak resident memory so far (VmHWM), in bytes.
+        pub fn peak_rss(&self) -> u64 {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+                .expect("the process's status is readable");
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .expect("VmHWM in /proc/PID/status")
+                * 1024
+        }
+
         /// SIGTERM, then waits for the exit.
         pub fn terminate(&mut self) -> std::process::ExitStatus {
             let _ = Command::new("kill")

@@ -1,0 +1,460 @@
+//! Hostile requests against a running fleet (`nexus serve`, every stage in one
+//! process, on Redis), each written as the attacker or the careless client
+//! would send it: the clear error or the bounded effect, and a normal request
+//! right after it served in normal time.
+//!
+//! Needs the tiny.en and silero-vad weights, the LibriVox test speech, Redis
+//! on 127.0.0.1 and the `flac` encoder; `scripts/test.sh` provides them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use nexus_proto::speech::recognize_request::AudioSource;
+use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
+use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
+use nexus_proto::speech::{
+    AudioEncoding, AudioFormat, DecodingOptions, RecognitionConfig, RecognizeRequest,
+    RecognizeResponse, SpeechContext, StreamingRecognizeRequest,
+};
+use nexus_tests::fleet::{
+    MODEL, Proc, SessionOutcome, english_config, pcm16_config, prefix, redis_url, speech, stage,
+    stream,
+};
+use tonic::{Code, Status};
+
+async fn recognize(
+    fleet: &Proc,
+    config: RecognitionConfig,
+    audio: Vec<u8>,
+) -> Result<RecognizeResponse, Status> {
+    let ch = nexus_tests::connect(fleet.addr).await.unwrap();
+    SpeechRecognitionClient::new(ch)
+        .max_encoding_message_size(256 << 20)
+        .recognize(RecognizeRequest {
+            config: Some(config),
+            audio_source: Some(AudioSource::Content(audio.into())),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn text(r: &RecognizeResponse) -> String {
+    r.results
+        .iter()
+        .map(|s| s.alternatives[0].transcript.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One LibriVox utterance (about 5 s) as a 16 kHz WAV.
+fn utterance_wav() -> Vec<u8> {
+    let s = speech();
+    nexus_audio::wav::encode_pcm16(&[s[..16_000 * 6].to_vec()], 16_000)
+}
+
+/// A normal request, served in normal time: the fleet is still well.
+async fn still_serves(fleet: &Proc) {
+    let t0 = Instant::now();
+    let r = recognize(fleet, english_config(), utterance_wav())
+        .await
+        .expect("a normal request after the hostile one is served");
+    let t = text(&r).to_lowercase();
+    assert!(t.contains("dashwood"), "{t}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "a 6 s file took {:?}",
+        t0.elapsed()
+    );
+}
+
+fn expect_invalid(r: Result<RecognizeResponse, Status>, want: &str) {
+    let e = r.expect_err(want);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains(want),
+        "{:?} lacks {want:?}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn oversized_decoding_fields_are_refused_by_name() {
+    let p = prefix("hostile-fields");
+    let mut fleet = stage("fleet", "all", &redis_url(), &p, &[]);
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    for beam in [60_000, 100_000, u32::MAX] {
+        let cfg = RecognitionConfig {
+            decoding: Some(DecodingOptions {
+                beam_size: beam,
+                ..Default::default()
+            }),
+            ..english_config()
+        };
+        expect_invalid(
+            recognize(&fleet, cfg, utterance_wav()).await,
+            &format!("decoding.beam_size is {beam}; the limit is 16"),
+        );
+    }
+    let ctx = |c: SpeechContext| RecognitionConfig {
+        speech_context: Some(c),
+        ..english_config()
+    };
+    let cases = [
+        (
+            ctx(SpeechContext {
+                prompt: "word ".repeat(100_000),
+                ..Default::default()
+            }),
+            "speech_context.prompt is 500000 characters; the limit is 2000",
+        ),
+        (
+            ctx(SpeechContext {
+                hotwords: vec!["Kubernetes".into(); 10_000],
+                ..Default::default()
+            }),
+            "speech_context.hotwords has 10000 entries; the limit is 100",
+        ),
+        (
+            ctx(SpeechContext {
+                hotword_boost: 1e30,
+                ..Default::default()
+            }),
+            "speech_context.hotword_boost",
+        ),
+        (
+            RecognitionConfig {
+                decoding: Some(DecodingOptions {
+                    temperature: f32::INFINITY,
+                    ..Default::default()
+                }),
+                ..english_config()
+            },
+            "decoding.temperature is inf",
+        ),
+        (
+            RecognitionConfig {
+                max_alternatives: 1_000_000,
+                ..english_config()
+            },
+            "max_alternatives is 1000000",
+        ),
+    ];
+    for (cfg, want) in cases {
+        expect_invalid(recognize(&fleet, cfg, utterance_wav()).await, want);
+    }
+    // The same bounds hold on live streams, with the speaker label.
+    let mut cfg = pcm16_config(MODEL);
+    cfg.speaker_label = "x".repeat(10_000);
+    let e = stream(fleet.addr, cfg, &[0.0; 1_600], 100.0, |_| {})
+        .await
+        .expect_err("a 10000-character speaker label is refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("speaker_label is 10000 characters; the limit is 128")
+    );
+    // The largest beam allowed decodes.
+    let cfg = RecognitionConfig {
+        decoding: Some(DecodingOptions {
+            beam_size: 16,
+            temperature: 0.0,
+            ..Default::default()
+        }),
+        ..english_config()
+    };
+    let r = recognize(&fleet, cfg, utterance_wav()).await.unwrap();
+    assert!(text(&r).to_lowercase().contains("dashwood"), "{}", text(&r));
+    still_serves(&fleet).await;
+}
+
+/// `samples` (16 kHz) as 48 kHz mono f32le, the format WebRTC audio takes
+/// inside ingest, in 100 ms chunks.
+fn f32_48k_chunks(samples: &[f32]) -> Vec<Vec<u8>> {
+    let up = nexus_audio::resample(&[samples.to_vec()], 16_000, 48_000)
+        .unwrap()
+        .pop()
+        .unwrap();
+    up.chunks(4_800)
+        .map(|c| c.iter().flat_map(|s| s.to_le_bytes()).collect())
+        .collect()
+}
+
+/// Streams raw chunks after `cfg` as fast as flow control lets them through,
+/// then either half-closes or keeps the stream open without sending.
+/// `admitted` hears when the session has its slot (its first response).
+async fn stream_raw(
+    fleet: &Proc,
+    cfg: nexus_proto::speech::StreamingRecognitionConfig,
+    chunks: Vec<Vec<u8>>,
+    half_close: bool,
+    admitted: Option<tokio::sync::oneshot::Sender<()>>,
+) -> SessionOutcome {
+    let ch = nexus_tests::connect(fleet.addr).await.unwrap();
+    let mut client = SpeechRecognitionClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(StreamingRecognizeRequest {
+        streaming_request: Some(StreamingRequest::StreamingConfig(cfg)),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .streaming_recognize(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let sender = async move {
+        for c in chunks {
+            let msg = StreamingRecognizeRequest {
+                streaming_request: Some(StreamingRequest::AudioContent(c.into())),
+            };
+            if tx.send(msg).await.is_err() {
+                return None;
+            }
+        }
+        if half_close { None } else { Some(tx) }
+    };
+    let receiver = async {
+        let mut out = SessionOutcome::default();
+        let mut admitted = admitted;
+        loop {
+            match inbound.message().await {
+                Ok(Some(r)) => {
+                    if let Some(tx) = admitted.take() {
+                        let _ = tx.send(());
+                    }
+                    out.responses.push(r)
+                }
+                Ok(None) => break,
+                Err(s) => {
+                    out.status = Some(s);
+                    break;
+                }
+            }
+        }
+        out
+    };
+    let (_open, out) = tokio::join!(sender, receiver);
+    out
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn live_streams_are_bounded_by_duration_not_by_bytes() {
+    let p = prefix("hostile-long");
+    // A 1 MiB upload cap: 48 kHz f32 crosses it after 5.5 s of audio.
+    let mut fleet = stage(
+        "fleet",
+        "all",
+        &redis_url(),
+        &p,
+        &["--max-audio-mb", "1", "--max-session-minutes", "1"],
+    );
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    let s = speech();
+    let mut audio = Vec::new();
+    while audio.len() < 16_000 * 70 {
+        audio.extend_from_slice(&s);
+    }
+    audio.truncate(16_000 * 70);
+    let mut cfg = pcm16_config(MODEL);
+    cfg.interim_results = false;
+    let rc = cfg.config.as_mut().unwrap();
+    rc.audio_format = Some(AudioFormat {
+        encoding: AudioEncoding::LinearPcmF32le as i32,
+        sample_rate_hz: 48_000,
+        channels: 1,
+    });
+    let out = stream_raw(&fleet, cfg, f32_48k_chunks(&audio), true, None).await;
+    let status = out.status.clone().expect("the session ends with a status");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("maximum length of 1 min"),
+        "{status:?}"
+    );
+    let finals = out.finals();
+    // 60 s hold three full passes of the three utterances and part of a fourth.
+    assert!(
+        finals.len() >= 10,
+        "{} finals: {}",
+        finals.len(),
+        out.text()
+    );
+    let last_end = finals
+        .iter()
+        .filter_map(|f| f.span.as_ref())
+        .map(|s| s.end_ms)
+        .max()
+        .unwrap();
+    assert!(
+        (55_000..=60_000).contains(&last_end),
+        "the utterance cut by the limit has its final: last ends at {last_end} ms"
+    );
+    still_serves(&fleet).await;
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn silent_sessions_end_at_the_idle_timeout_and_free_their_slots() {
+    let p = prefix("hostile-idle");
+    let mut fleet = stage(
+        "fleet",
+        "all",
+        &redis_url(),
+        &p,
+        &["--decoder-sessions", "2", "--idle-timeout-ms", "2000"],
+    );
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    let s = speech();
+    // One sends its config and nothing; one stops in the middle of a sentence
+    // without closing its stream.
+    let (tx1, rx1) = tokio::sync::oneshot::channel();
+    let (tx2, rx2) = tokio::sync::oneshot::channel();
+    let silent = stream_raw(&fleet, pcm16_config(MODEL), Vec::new(), false, Some(tx1));
+    let mid_sentence = stream_raw(
+        &fleet,
+        pcm16_config(MODEL),
+        nexus_tests::fleet::pcm16_chunks(&s[..16_000 * 3], 1_600),
+        false,
+        Some(tx2),
+    );
+    let third = async {
+        rx1.await.unwrap();
+        rx2.await.unwrap();
+        // Both slots are held: a third caller is refused until one frees.
+        let t0 = Instant::now();
+        let mut refused = false;
+        loop {
+            let r = stream(
+                fleet.addr,
+                pcm16_config(MODEL),
+                &s[..16_000 * 6],
+                20.0,
+                |_| {},
+            )
+            .await;
+            match r {
+                Err(e) if e.code() == Code::ResourceExhausted => refused = true,
+                Ok(out)
+                    if out
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.code() == Code::ResourceExhausted) =>
+                {
+                    refused = true
+                }
+                Ok(out) => return (refused, out, t0.elapsed()),
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "no slot ever freed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let (silent, mid, (refused, third, waited)) = tokio::join!(silent, mid_sentence, third);
+    for out in [&silent, &mid] {
+        let st = out
+            .status
+            .as_ref()
+            .expect("an idle session ends with a status");
+        assert_eq!(st.code(), Code::DeadlineExceeded, "{st:?}");
+        assert!(st.message().contains("idle timeout"), "{st:?}");
+    }
+    assert!(silent.finals().is_empty());
+    // The sentence it stopped in was finalised and delivered before the end.
+    let t = mid.text().to_lowercase();
+    assert!(t.contains("john"), "{t}");
+    assert!(refused, "a third session got a slot while two were held");
+    assert!(
+        third.ended() && third.status.is_none(),
+        "{:?}",
+        third.status
+    );
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech, Redis and flac; scripts/test.sh"]
+async fn a_small_file_of_long_high_rate_audio_decodes_in_bounded_memory() {
+    // 5 minutes of 192 kHz stereo silence: 0.9 GB as native f32, 19 MB at 16 kHz mono.
+    let mut enc = std::process::Command::new("flac")
+        .args([
+            "--silent",
+            "--force-raw-format",
+            "--endian=little",
+            "--sign=signed",
+            "--channels=2",
+            "--bps=16",
+            "--sample-rate=192000",
+            "--stdout",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flac runs");
+    let mut stdin = enc.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        let zeros = vec![0u8; 192_000 * 4];
+        for _ in 0..300 {
+            stdin.write_all(&zeros).unwrap();
+        }
+    });
+    let out = enc.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(out.status.success());
+    let bytes = out.stdout;
+    let kb = bytes.len() >> 10;
+    assert!(bytes.len() < 2 << 20, "{kb} kB");
+
+    let p = prefix("hostile-flac");
+    let mut fleet = stage("fleet", "all", &redis_url(), &p, &[]);
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    still_serves(&fleet).await;
+    let before = fleet.peak_rss();
+    let r = recognize(&fleet, english_config(), bytes).await.unwrap();
+    assert_eq!(r.audio_duration_ms, 300_000);
+    assert!(r.results.is_empty(), "silence has no words: {}", text(&r));
+    let grew = fleet.peak_rss().saturating_sub(before);
+    eprintln!(
+        "5 min of 192 kHz stereo FLAC ({kb} kB): peak RSS {} MB before, grew by {} MB",
+        before >> 20,
+        grew >> 20
+    );
+    assert!(
+        grew < 300 << 20,
+        "peak memory grew by {} MB for a {kb} kB file",
+        grew >> 20,
+    );
+    still_serves(&fleet).await;
+}
+
+/// A real WAV whose RIFF length is a few bytes off the file's size, and one
+/// whose lengths a streaming writer left as 0xFFFFFFFF, read as ffmpeg reads them.
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn wavs_whose_header_lengths_disagree_with_the_file_are_read() {
+    let p = prefix("hostile-riff");
+    let mut fleet = stage("fleet", "all", &redis_url(), &p, &[]);
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    let good = utterance_wav();
+    let want = text(
+        &recognize(&fleet, english_config(), good.clone())
+            .await
+            .unwrap(),
+    );
+    let mut off = good.clone();
+    let riff = (off.len() - 8 - 5) as u32;
+    off[4..8].copy_from_slice(&riff.to_le_bytes());
+    let mut streaming = good.clone();
+    streaming[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    streaming[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+    for (name, f) in [("riff off by 5", off), ("0xFFFFFFFF lengths", streaming)] {
+        let r = recognize(&fleet, english_config(), f)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(text(&r), want, "{name}");
+    }
+    still_serves(&fleet).await;
+}
