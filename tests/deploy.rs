@@ -114,6 +114,66 @@ fn the_chart_lints_renders_and_validates_for_default_gpu_and_keda_values() {
 
 #[test]
 #[ignore = "needs helm (scripts/setup.sh)"]
+fn admin_ports_and_an_open_api_stay_inside_the_cluster() {
+    let with = |sets: &[&str]| {
+        let mut cmd = Command::new(tool(".tools/bin/helm"));
+        cmd.args(["template", "nexus-fleet", CHART, "--namespace", "nexus"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        docs(&run(&mut cmd))
+    };
+    let ports = |svc: &Value| -> Vec<u64> {
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_u64().unwrap())
+            .collect()
+    };
+    let rules = |d: &[Value]| -> Vec<Value> {
+        find(d, "NetworkPolicy", "nexus-fleet-ingest")["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let in_cluster = serde_json::json!([{"namespaceSelector": {}}]);
+    // No keys: the public Service carries the API alone, the admin port has a
+    // cluster-internal Service, and both take traffic from inside the cluster only.
+    let open = with(&[]);
+    let public = find(&open, "Service", "nexus-fleet-ingest");
+    assert!(!ports(public).contains(&9090), "{public}");
+    let admin = find(&open, "Service", "nexus-fleet-ingest-admin");
+    assert_eq!(ports(admin), [9090]);
+    assert_eq!(admin["spec"]["type"], "ClusterIP");
+    for rule in rules(&open) {
+        assert_eq!(rule["from"], in_cluster, "{rule}");
+    }
+    // With keys the API is public; the admin port still is not, and every
+    // process gets the admin token that PUT /log needs.
+    let keyed = with(&["auth.keysToml=x", "admin.token=a-token-of-16-chars"]);
+    let r = rules(&keyed);
+    assert!(r[0]["from"].is_null(), "{}", r[0]);
+    assert_eq!(r[1]["from"], in_cluster);
+    assert_eq!(r[1]["ports"][0]["port"], 9090);
+    for dep in of_kind(&keyed, "Deployment") {
+        let name = dep["metadata"]["name"].as_str().unwrap();
+        if name.ends_with("-operator") {
+            continue;
+        }
+        let c = &dep["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            env(c).get("NEXUS_ADMIN_TOKEN").map(String::as_str),
+            Some("<from>"),
+            "{name}"
+        );
+    }
+    let secret = find(&keyed, "Secret", "nexus-fleet-admin-token");
+    assert_eq!(secret["stringData"]["token"], "a-token-of-16-chars");
+}
+
+#[test]
+#[ignore = "needs helm (scripts/setup.sh)"]
 fn the_rendered_fleet_matches_what_the_binaries_expect() {
     let grace = nexus_core::grpc::DrainOptions::default().grace.as_secs();
     for v in VALUES {

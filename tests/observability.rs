@@ -96,7 +96,12 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
     let with_admin = |i: usize| [&common[..], &["--admin-listen", admins[i].as_str()]].concat();
     let mut enc = Proc::start("encoder", "nexus-encoder", &with_admin(0));
     let mut dec = Proc::start("decoder", "nexus-decoder", &with_admin(1));
-    let ingest_args = [&with_admin(2)[..], &["--http-listen", "none"]].concat();
+    const ADMIN_TOKEN: &str = "observability-admin-token";
+    let ingest_args = [
+        &with_admin(2)[..],
+        &["--http-listen", "none", "--admin-token", ADMIN_TOKEN],
+    ]
+    .concat();
     let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
     for p in [&mut enc, &mut dec, &mut ing] {
         p.wait_serving(Duration::from_secs(120)).await;
@@ -149,15 +154,29 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let after: Vec<Series> = futures::future::join_all(admins.iter().map(|a| scrape(a))).await;
     check_metrics(&before, &after);
-    // The log filter changes at run time through the admin port.
+    // The log filter changes at run time through the admin port, with its token.
     let admin = nexus_tests::http_client::Client::new(admins[2].parse().unwrap());
-    let (status, body) = admin.request("PUT", "/log", &[], b"info,nexus=loud").await;
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    let (status, body) = admin.request("PUT", "/log", &[], b"trace").await;
+    assert_eq!(status, 401, "{body}");
+    let wrong = [("authorization", "Bearer observability-admin-tokeX")];
+    let (status, body) = admin.request("PUT", "/log", &wrong, b"trace").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = admin
+        .request("PUT", "/log", &auth, b"info,nexus=loud")
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("nexus=loud"), "{body}");
     let (status, body) = admin
-        .request("PUT", "/log", &[], b"info,nexus_ingest=debug")
+        .request("PUT", "/log", &auth, b"info,nexus_ingest=debug")
         .await;
     assert_eq!(status, 200, "{body}");
+    // A process started without a token keeps its filter.
+    let encoder_admin = nexus_tests::http_client::Client::new(admins[0].parse().unwrap());
+    let (status, body) = encoder_admin.request("PUT", "/log", &auth, b"trace").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("--admin-token"), "{body}");
     // A whole-file Recognize call is a trace of its own, down to the stages.
     let (file_trace, file_caller) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
     let wav = wav_of(&samples);

@@ -1,10 +1,40 @@
 //! A process's admin port: `/metrics` (Prometheus text, rendered on each
-//! scrape from every part of the process that registered) and `/healthz`.
+//! scrape from every part of the process that registered), `/healthz`, and
+//! `PUT /log` (only with the admin token).
 
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// A secret given on the command line or in the environment: its value never
+/// shows in `Debug` output (logged configuration).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().len() < 16 {
+            return Err("a token needs at least 16 characters".into());
+        }
+        Ok(Self(s.trim().to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+impl Secret {
+    /// Whether `given` is this secret, in time independent of where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+    }
+}
 
 /// Renders one part's metrics exposition on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -90,17 +120,41 @@ fn to_prometheus_text(openmetrics: &str) -> String {
 
 /// Serves the admin routes on `listener` until `shutdown`: `GET /metrics`,
 /// `GET /healthz`, and `PUT /log` whose body (env-filter syntax, e.g.
-/// `info,nexus_decoder=debug`) becomes the log filter.
-pub async fn serve(listener: TcpListener, renders: Renders, shutdown: CancellationToken) {
-    use axum::http::StatusCode;
+/// `info,nexus_decoder=debug`) becomes the log filter; that one needs
+/// `authorization: Bearer TOKEN` with `token`, and is refused without one.
+pub async fn serve(
+    listener: TcpListener,
+    renders: Renders,
+    token: Option<Secret>,
+    shutdown: CancellationToken,
+) {
+    use axum::http::{HeaderMap, StatusCode};
     use axum::routing::{get, put};
     let log = renders.clone();
     let app = axum::Router::new()
         .route(
             "/log",
-            put(move |body: String| {
+            put(move |headers: HeaderMap, body: String| {
                 let log = log.log_filter();
+                let token = token.clone();
                 async move {
+                    let Some(token) = token else {
+                        return (
+                            StatusCode::FORBIDDEN,
+                            "changing the log filter needs an admin token: start the process with --admin-token (NEXUS_ADMIN_TOKEN)\n".to_owned(),
+                        );
+                    };
+                    let given = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .unwrap_or("");
+                    if !token.matches(given.trim()) {
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            "send the admin token as \"authorization: Bearer TOKEN\"\n".to_owned(),
+                        );
+                    }
                     let Some(log) = log else {
                         return (
                             StatusCode::NOT_FOUND,

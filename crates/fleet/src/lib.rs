@@ -64,6 +64,10 @@ pub struct FleetArgs {
     /// `/healthz`; off when unset.
     #[arg(long, env = "NEXUS_ADMIN_LISTEN")]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Token that `PUT /log` on the admin port needs (`authorization: Bearer
+    /// TOKEN`, at least 16 characters); without one the log filter is fixed.
+    #[arg(long, env = "NEXUS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<nexus_core::admin::Secret>,
 }
 
 impl Default for FleetArgs {
@@ -76,6 +80,7 @@ impl Default for FleetArgs {
             max_deliveries: 4,
             interim_max_age_ms: 2_000,
             admin_listen: None,
+            admin_token: None,
         }
     }
 }
@@ -140,6 +145,7 @@ impl FleetArgs {
         tokio::spawn(nexus_core::admin::serve(
             l,
             renders.clone(),
+            self.admin_token.clone(),
             shutdown.clone(),
         ));
         Ok(Some(renders))

@@ -55,6 +55,14 @@ app.kubernetes.io/component: {{ .component }}
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
+{{- if or .Values.admin.token .Values.admin.existingSecret }}
+# PUT /log on the admin port needs this token; without it the log filter is fixed.
+- name: NEXUS_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.admin.existingSecret | default (printf "%s-admin-token" (include "nexus.fullname" .)) }}
+      key: token
+{{- end }}
 {{- with .Values.fleet.env }}
 {{ toYaml . }}
 {{- end }}

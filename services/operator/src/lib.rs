@@ -135,7 +135,12 @@ pub async fn run<B: Bus>(
     });
     let renders = nexus_core::admin::Renders::default();
     renders.add(Arc::new(move || metrics.render()));
-    let admin_task = tokio::spawn(nexus_core::admin::serve(admin, renders, shutdown.clone()));
+    let admin_task = tokio::spawn(nexus_core::admin::serve(
+        admin,
+        renders,
+        None,
+        shutdown.clone(),
+    ));
     tracing::info!(namespace = %args.namespace, "operator started");
     Controller::new(jobs_api, watcher::Config::default().any_semantic())
         .owns(
