@@ -67,6 +67,21 @@ fn reply(send: SendResponse<Response<Body>>, value: &impl serde::Serialize) {
     );
 }
 
+fn not_found(send: SendResponse<Response<Body>>, what: &str) {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{what} not found"), "reason": "NotFound", "code": 404
+    });
+    send.send_response(
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+            .unwrap(),
+    );
+}
+
+const CM_PATH: &str = "/api/v1/namespaces/team/configmaps/standup-transcript";
+
 fn context<B: Bus>(bus: B, keys: Keys) -> (Arc<Context<B>>, ApiServer) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let ctx = Context {
@@ -259,12 +274,10 @@ async fn create_enqueue_progress_and_success_with_an_owned_configmap() {
         .unwrap();
     runner_reports(&ctx, 1, JobState::Succeeded, 1.0, "").await;
     let obj = step(&ctx, &mut server, &obj, |mut s, obj| async move {
-        let (cm, query, send) = s
-            .expect(
-                Method::PATCH,
-                "/api/v1/namespaces/team/configmaps/standup-transcript",
-            )
-            .await;
+        // It looks first: only a ConfigMap of its own may be written.
+        let (_, _, send) = s.expect(Method::GET, CM_PATH).await;
+        not_found(send, "configmaps \"standup-transcript\"");
+        let (cm, query, send) = s.expect(Method::PATCH, CM_PATH).await;
         assert!(query.contains("fieldManager=nexus-operator"), "{query}");
         let owner = &cm["metadata"]["ownerReferences"][0];
         assert_eq!(owner["uid"], UID);
@@ -292,6 +305,54 @@ async fn create_enqueue_progress_and_success_with_an_owned_configmap() {
         m.contains("nexus_operator_jobs_finished_total{phase=\"Succeeded\"} 1"),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn a_configmap_the_job_did_not_make_is_left_alone() {
+    let (ctx, mut server) = context(MemoryBus::default(), Keys::default());
+    let obj = with_finalizer(job(spec()));
+    let obj = step(&ctx, &mut server, &obj, |mut s, obj| async move {
+        let (status, next) = status_patch(&mut s, &obj).await;
+        assert_eq!(status["phase"], "Queued");
+        (s, next)
+    })
+    .await;
+    ctx.jobs
+        .put_result(
+            &run(1),
+            br#"{"task":"transcribe","language":"en","duration":1.0,"segments":[]}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    runner_reports(&ctx, 1, JobState::Succeeded, 1.0, "").await;
+    step(&ctx, &mut server, &obj, |mut s, obj| async move {
+        // Someone else's ConfigMap of that name (another job's, or a team's settings).
+        let (_, _, send) = s.expect(Method::GET, CM_PATH).await;
+        reply(
+            send,
+            &json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {
+                    "name": "standup-transcript", "namespace": NS,
+                    "ownerReferences": [{
+                        "apiVersion": "speech.nexus-fleet.dev/v1alpha1", "kind": "TranscriptionJob",
+                        "name": "other", "uid": "00000000-0000-0000-0000-000000000000",
+                        "controller": true
+                    }]
+                },
+                "data": {"keep": "me"}
+            }),
+        );
+        // No write to it: the next request is the job's status.
+        let (status, next) = status_patch(&mut s, &obj).await;
+        assert_eq!(status["phase"], "Succeeded");
+        assert_eq!(status["reason"], "OutputConfigMapNotOwned");
+        assert_eq!(status["result"], format!("job/{UID}-1"));
+        let msg = status["message"].as_str().unwrap();
+        assert!(msg.contains("not made by this job"), "{msg}");
+        (s, next)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -161,11 +161,23 @@ async fn follow<B: Bus>(
         }
         JobState::Succeeded => {
             st.percent = 100.0;
-            st.result = Some(write_outputs(job, ctx, id).await?);
             st.phase = Phase::Succeeded;
-            set_reason(st, "Succeeded", "the transcript is ready");
             condition(st, "Running", false, "Finished", "the run ended");
-            condition(st, "Complete", true, "Succeeded", "the transcript is ready");
+            match write_outputs(job, ctx, id).await? {
+                Output::Written(at) => {
+                    st.result = Some(at);
+                    set_reason(st, "Succeeded", "the transcript is ready");
+                    condition(st, "Complete", true, "Succeeded", "the transcript is ready");
+                }
+                Output::NotOwned { name, stored } => {
+                    let why = format!(
+                        "ConfigMap {name} exists and was not made by this job, so it is left as it is; the transcript is in the job store ({stored})"
+                    );
+                    st.result = Some(stored);
+                    set_reason(st, "OutputConfigMapNotOwned", &why);
+                    condition(st, "Complete", true, "OutputConfigMapNotOwned", &why);
+                }
+            }
             ctx.metrics.finished(Phase::Succeeded);
         }
         JobState::Cancelled => {
@@ -252,17 +264,45 @@ async fn submit<B: Bus>(
     Ok(())
 }
 
-/// Renders the transcript into the job's output ConfigMap (owned by the job),
-/// and says where it is.
+/// Where a finished job's transcript went.
+enum Output {
+    /// `configmap/NAME`, or `job/ID` in the job store.
+    Written(String),
+    /// The named ConfigMap belongs to someone else; the transcript stays in the store.
+    NotOwned { name: String, stored: String },
+}
+
+/// Renders the transcript into the job's output ConfigMap, and says where it
+/// is. Only a ConfigMap this job created (and controls) is written: one that
+/// exists without that owner is left untouched, so deleting a job never
+/// deletes a ConfigMap it did not make.
 async fn write_outputs<B: Bus>(
     job: &TranscriptionJob,
     ctx: &Context<B>,
     id: &SessionId,
-) -> Result<String> {
+) -> Result<Output> {
     let in_store = format!("job/{id}");
     let Some(name) = job.spec.output.as_ref().and_then(|o| o.config_map.clone()) else {
-        return Ok(in_store);
+        return Ok(Output::Written(in_store));
     };
+    let api: Api<ConfigMap> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let uid = job.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    if let Some(existing) = api.get_opt(&name).await? {
+        let ours = existing
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid && o.controller == Some(true));
+        if !ours {
+            tracing::warn!(job = %job.name_any(), configmap = %name, "output ConfigMap exists and is not this job's; left as it is");
+            return Ok(Output::NotOwned {
+                name,
+                stored: in_store,
+            });
+        }
+    }
     let stored = ctx
         .jobs
         .result(id)
@@ -279,7 +319,7 @@ async fn write_outputs<B: Bus>(
     let size: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
     if size > CONFIGMAP_LIMIT {
         tracing::warn!(job = %job.name_any(), size, "transcript too large for a ConfigMap; left in the job store");
-        return Ok(in_store);
+        return Ok(Output::Written(in_store));
     }
     let owner = job
         .controller_owner_ref(&())
@@ -304,15 +344,13 @@ async fn write_outputs<B: Bus>(
         data: Some(data),
         ..Default::default()
     };
-    let api: Api<ConfigMap> =
-        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     api.patch(
         &name,
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&cm),
     )
     .await?;
-    Ok(format!("configmap/{name}"))
+    Ok(Output::Written(format!("configmap/{name}")))
 }
 
 /// The resource is being deleted: cancel its run if it is still going.
