@@ -31,18 +31,11 @@ pub struct Segment {
     pub end: f64,
     /// Text.
     pub text: String,
-    /// Model tokens, when known.
-    #[serde(default)]
-    pub tokens: Vec<u32>,
-    /// Decoding temperature.
-    #[serde(default)]
-    pub temperature: f64,
-    /// Mean token log-probability.
-    #[serde(default)]
-    pub avg_logprob: f64,
-    /// Text compression ratio (repetition indicator).
-    #[serde(default)]
-    pub compression_ratio: f64,
+    /// The decoder's figures (tokens, temperature, log-probability,
+    /// compression ratio), when the model reports them; omitted otherwise,
+    /// never written as zeros.
+    #[serde(flatten)]
+    pub decoding: Option<Decoding>,
     /// Probability the segment holds no speech.
     #[serde(default)]
     pub no_speech_prob: f64,
@@ -52,6 +45,19 @@ pub struct Segment {
     /// The text in the requested target language, when translated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translation: Option<String>,
+}
+
+/// How the decoder arrived at a segment's text (OpenAI's verbose_json fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decoding {
+    /// Model tokens.
+    pub tokens: Vec<u32>,
+    /// Temperature of the attempt that was kept.
+    pub temperature: f64,
+    /// Mean token log-probability.
+    pub avg_logprob: f64,
+    /// Text compression ratio (repetition indicator).
+    pub compression_ratio: f64,
 }
 
 impl Segment {
@@ -242,10 +248,12 @@ mod tests {
             start,
             end,
             text: text.into(),
-            tokens: vec![],
-            temperature: 0.0,
-            avg_logprob: -0.2,
-            compression_ratio: 1.1,
+            decoding: Some(Decoding {
+                tokens: vec![50364, 1037],
+                temperature: 0.0,
+                avg_logprob: -0.2,
+                compression_ratio: 1.1,
+            }),
             no_speech_prob: 0.01,
             words: vec![],
             translation: None,
@@ -290,6 +298,17 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&t.render(Format::VerboseJson)).unwrap();
         assert_eq!(v["task"], "transcribe");
         assert_eq!(v["segments"][0]["avg_logprob"], -0.2);
+        assert_eq!(v["segments"][0]["tokens"][1], 1037);
+        // Unknown figures are left out, not written as zeros; and read back.
+        let mut t2 = t.clone();
+        t2.segments[0].decoding = None;
+        let v: serde_json::Value = serde_json::from_str(&t2.render(Format::VerboseJson)).unwrap();
+        assert!(v["segments"][0].get("avg_logprob").is_none(), "{v}");
+        assert!(v["segments"][0].get("temperature").is_none(), "{v}");
+        assert_eq!(v["segments"][1]["compression_ratio"], 1.1);
+        let back: Transcript = serde_json::from_str(&t2.render(Format::VerboseJson)).unwrap();
+        assert_eq!(back.segments[0].decoding, None);
+        assert_eq!(back.segments[1].decoding, t.segments[1].decoding);
         assert_eq!(v["words"][0]["word"], " Go");
         assert_eq!(
             t.render(Format::Text),

@@ -149,10 +149,12 @@ pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Trans
                 start: f64::from(s.start),
                 end: f64::from(s.end),
                 text: s.text.clone(),
-                tokens: s.tokens.clone(),
-                temperature: f64::from(s.temperature),
-                avg_logprob: f64::from(s.avg_logprob),
-                compression_ratio: f64::from(s.compression_ratio),
+                decoding: Some(nexus_transcript::Decoding {
+                    tokens: s.tokens.clone(),
+                    temperature: f64::from(s.temperature),
+                    avg_logprob: f64::from(s.avg_logprob),
+                    compression_ratio: f64::from(s.compression_ratio),
+                }),
                 no_speech_prob: f64::from(s.no_speech_prob),
                 words: s
                     .words

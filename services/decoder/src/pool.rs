@@ -16,8 +16,8 @@ use nexus_models::whisper::{
 };
 use nexus_proto::pipeline::{DType, EncodedSegment, SpeechCodes};
 use nexus_proto::speech::{
-    SpeechRecognitionAlternative, SpeechRecognitionResult, StreamingRecognitionResult, TimeSpan,
-    WordInfo,
+    DecodingDetails, SpeechRecognitionAlternative, SpeechRecognitionResult,
+    StreamingRecognitionResult, TimeSpan, WordInfo,
 };
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -279,6 +279,8 @@ fn finish_nexus(
             span,
             translation: None,
             no_speech_probability: 0.0,
+            // The LM reports no Whisper-style window figures: left out, not zeroed.
+            decoding: None,
         }]
     } else {
         Vec::new()
@@ -636,6 +638,12 @@ fn finish(a: Active) -> Output {
                     }),
                     translation: None,
                     no_speech_probability: s.no_speech_prob,
+                    decoding: Some(DecodingDetails {
+                        tokens: s.tokens.clone(),
+                        temperature: s.temperature,
+                        avg_logprob: s.avg_logprob,
+                        compression_ratio: s.compression_ratio,
+                    }),
                 })
                 .collect()
         } else {

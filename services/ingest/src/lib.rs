@@ -312,6 +312,23 @@ pub struct Listeners {
 pub(crate) type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<StreamingRecognizeResponse, Status>> + Send>>;
 
+/// The end of a transcript that conditions the next window
+/// (`decoding.condition_on_previous_text`): its last 200 characters, as
+/// Whisper's prompt keeps only the latest text anyway.
+pub(crate) fn previous_text_tail(text: &str) -> String {
+    const KEEP: usize = 200;
+    let text = text.trim();
+    let skip = text.chars().count().saturating_sub(KEEP);
+    text.chars().skip(skip).collect()
+}
+
+/// Whether a config asks windows to be conditioned on the text before them.
+pub(crate) fn conditions_on_previous_text(rc: &RecognitionConfig) -> bool {
+    rc.decoding
+        .as_ref()
+        .is_some_and(|d| d.condition_on_previous_text)
+}
+
 pub(crate) fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }

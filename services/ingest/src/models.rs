@@ -43,7 +43,7 @@ impl<B: Bus> Ingest<B> {
             if !english_only {
                 targets.push("en".to_owned());
             }
-            if cfg.translation_model.is_some() {
+            if cfg.translation_model.is_some() || cfg.self_translating.contains(name) {
                 for t in text_targets(false) {
                     if !targets.contains(&t) {
                         targets.push(t);
@@ -56,9 +56,11 @@ impl<B: Bus> Ingest<B> {
                 capabilities.push(Capability::SpeechTranslation as i32);
                 tasks.push(Task::Translate as i32);
             }
+            // NEXUS-O checkpoints are the models that translate through their own prompt.
+            let nexus = cfg.self_translating.contains(name);
             out.push(ModelInfo {
                 name: name.clone(),
-                family: "whisper".into(),
+                family: if nexus { "nexus-o" } else { "whisper" }.into(),
                 capabilities,
                 languages: if english_only {
                     vec!["en".into()]

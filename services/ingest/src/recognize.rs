@@ -155,6 +155,25 @@ fn voiced_ms(probs: &[f32], from: u64, to: u64) -> u64 {
     voiced * frame * 1000 / u64::from(MODEL_SAMPLE_RATE)
 }
 
+/// The text of the latest decoded window before `w` on its channel, as a prompt.
+fn text_before(
+    plan: &[Window],
+    done: &HashMap<usize, Vec<SpeechRecognitionResult>>,
+    w: &Window,
+) -> String {
+    let before = done
+        .iter()
+        .filter(|(i, _)| plan[**i].channel_tag == w.channel_tag && plan[**i].start < w.start)
+        .max_by_key(|(i, _)| plan[**i].start);
+    let text: Vec<&str> = before
+        .into_iter()
+        .flat_map(|(_, segs)| segs)
+        .filter_map(|s| s.alternatives.first())
+        .map(|a| a.transcript.as_str())
+        .collect();
+    crate::previous_text_tail(&text.join(" "))
+}
+
 /// One window on its way through the stages.
 #[derive(Clone)]
 struct Window {
@@ -372,12 +391,21 @@ impl<B: Bus> Ingest<B> {
         let mut renew = tokio::time::interval(lease_ttl / 3);
         renew.tick().await;
         let ms = |s: u64| s * 1000 / u64::from(MODEL_SAMPLE_RATE);
+        // Conditioning on the text before a window needs that text: windows
+        // then go one at a time, in time order, each with its predecessor's text.
+        let condition = crate::conditions_on_previous_text(rc);
+        let in_flight = if condition { 1 } else { IN_FLIGHT };
         while done.len() < plan.len() {
-            while pending.len() < IN_FLIGHT {
+            while pending.len() < in_flight {
                 let Some(next) = queue.pop_front() else { break };
                 let w = &plan[next];
                 let ch = &channels[w.channel_tag.saturating_sub(1) as usize];
-                self.publish_window(id, rc, tenant, next as u64, w, ch)
+                let previous = if condition {
+                    text_before(&plan, &done, w)
+                } else {
+                    String::new()
+                };
+                self.publish_window(id, rc, tenant, next as u64, w, ch, previous)
                     .await?;
                 pending.insert(next);
             }
@@ -477,6 +505,7 @@ impl<B: Bus> Ingest<B> {
         segment: u64,
         w: &Window,
         channel: &[f32],
+        previous_text: String,
     ) -> Result<(), Status> {
         let inner = &self.inner;
         let audio = &channel[w.start as usize..(w.end as usize).min(channel.len())];
@@ -509,7 +538,7 @@ impl<B: Bus> Ingest<B> {
             pcm_f32le: pcm.into(),
             is_final: true,
             channel_tag: w.channel_tag,
-            ..Default::default()
+            previous_text,
         };
         let fields: nexus_bus::Fields = encode(&msg)
             .into_iter()
@@ -578,5 +607,35 @@ mod tests {
         let w = windows(&p, (p.len() * 512) as u64);
         assert!(w.len() >= 3, "{w:?}");
         assert!(w.iter().all(|(s, e)| e - s <= WINDOW), "{w:?}");
+    }
+
+    #[test]
+    fn a_window_is_conditioned_on_the_latest_text_before_it_on_its_channel() {
+        let w = |channel_tag, start| Window {
+            channel_tag,
+            start,
+            end: start + 10,
+        };
+        let plan = vec![w(1, 0), w(1, 100), w(2, 50), w(1, 200)];
+        let said = |t: &str| {
+            vec![SpeechRecognitionResult {
+                alternatives: vec![nexus_proto::speech::SpeechRecognitionAlternative {
+                    transcript: t.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }]
+        };
+        let done: HashMap<usize, Vec<SpeechRecognitionResult>> = [
+            (0, said("first")),
+            (1, said("second")),
+            (2, said("other channel")),
+        ]
+        .into();
+        assert_eq!(text_before(&plan, &done, &plan[3]), "second");
+        assert_eq!(text_before(&plan, &done, &plan[1]), "first");
+        assert_eq!(text_before(&plan, &done, &plan[0]), "");
+        let long = "é".repeat(300);
+        assert_eq!(crate::previous_text_tail(&long).chars().count(), 200);
     }
 }

@@ -81,6 +81,8 @@ struct Live {
     /// Why the server ended the input (idle, maximum length): the session's
     /// status once the utterance in progress has its final.
     end_status: Option<Status>,
+    /// The session's final text so far, for `condition_on_previous_text`.
+    previous_text: String,
 }
 
 /// Responses kept for a client that resumes.
@@ -142,6 +144,7 @@ impl<B: Bus> Session<B> {
             out: Some(out),
             history: VecDeque::new(),
             end_status: None,
+            previous_text: String::new(),
         };
         let r = self
             .drive(&mut live, &mut decoder, inbound, &mut res_rx)
@@ -527,9 +530,10 @@ impl<B: Bus> Session<B> {
     /// Sends one window of an utterance to the encoder stage. Interim windows are
     /// best effort; a final one waits out backpressure and outages up to the
     /// session's bus budget, then fails the session with a retryable error.
-    /// Each utterance is decoded on its own audio, without earlier text as a
-    /// prompt: conditioning on live finals spread a misrecognition into later
-    /// utterances in our tests (see BENCHMARKS.md).
+    /// By default each utterance is decoded on its own audio, without earlier
+    /// text as a prompt: conditioning on live finals spread a misrecognition
+    /// into later utterances in our tests (see BENCHMARKS.md); a config with
+    /// `decoding.condition_on_previous_text` gets the finals so far.
     async fn publish(
         &self,
         live: &mut Live,
@@ -595,6 +599,11 @@ impl<B: Bus> Session<B> {
             sample_rate_hz: MODEL_SAMPLE_RATE,
             pcm_f32le: pcm.into(),
             is_final,
+            previous_text: if is_final {
+                live.previous_text.clone()
+            } else {
+                String::new()
+            },
             ..Default::default()
         };
         let fields: nexus_bus::Fields = encode(&msg)
@@ -685,8 +694,12 @@ impl<B: Bus> Session<B> {
             live.sent.retain(|(segment, _), _| *segment != r.segment_id);
             live.finals.insert(r.segment_id);
             live.agreement.remove(&r.segment_id);
-            if r.alternatives.is_empty() {
+            let Some(best) = r.alternatives.first() else {
                 return Ok(());
+            };
+            if crate::conditions_on_previous_text(&self.rc) {
+                let joined = format!("{} {}", live.previous_text, best.transcript);
+                live.previous_text = crate::previous_text_tail(&joined);
             }
             let speaks = self.rc.speech_output.as_ref().is_some_and(|s| s.enabled);
             if speaks && !live.speech_seen.iter().any(|(s, _)| *s == r.segment_id) {

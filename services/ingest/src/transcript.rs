@@ -12,20 +12,17 @@ fn seconds(ms: u64) -> f64 {
 pub(crate) fn segment(id: usize, r: &SpeechRecognitionResult) -> Segment {
     let span = r.span.unwrap_or_default();
     let alt = r.alternatives.first().cloned().unwrap_or_default();
-    let confidence = f64::from(alt.confidence);
     Segment {
         id,
         start: seconds(span.start_ms),
         end: seconds(span.end_ms),
         text: format!(" {}", alt.transcript.trim()),
-        tokens: Vec::new(),
-        temperature: 0.0,
-        avg_logprob: if confidence > 0.0 {
-            confidence.ln()
-        } else {
-            0.0
-        },
-        compression_ratio: 0.0,
+        decoding: r.decoding.as_ref().map(|d| nexus_transcript::Decoding {
+            tokens: d.tokens.clone(),
+            temperature: f64::from(d.temperature),
+            avg_logprob: f64::from(d.avg_logprob),
+            compression_ratio: f64::from(d.compression_ratio),
+        }),
         no_speech_prob: f64::from(r.no_speech_probability),
         words: alt
             .words
