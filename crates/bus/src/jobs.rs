@@ -101,11 +101,14 @@ impl<B: Bus> JobStore<B> {
         let fields: Fields = [(FIELD_JOB.to_owned(), id.as_str().as_bytes().to_vec())]
             .into_iter()
             .collect();
-        match self
-            .bus
-            .add(&self.stream(urgent), fields, self.limits)
-            .await
-        {
+        // The runners' group counts the queue: made here too, so the bound
+        // holds before any runner has started.
+        let stream = self.stream(urgent);
+        let queued = match self.bus.ensure_group(&stream, JOB_GROUP).await {
+            Ok(()) => self.bus.add(&stream, fields, self.limits).await,
+            Err(e) => Err(e),
+        };
+        match queued {
             Ok(_) => Ok(Submitted::Queued),
             Err(e) => {
                 for part in ["status", "audio", "spec"] {
@@ -241,11 +244,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_leaves_no_records_behind() {
+        // No runner has joined yet: the bound holds all the same.
         let s = store(1);
-        s.bus
-            .ensure_group(&s.stream(false), JOB_GROUP)
-            .await
-            .unwrap();
         let (spec, j) = job("j1");
         s.submit(&spec, &j, Some(vec![1, 2]), false).await.unwrap();
         let (spec, j) = job("j2");

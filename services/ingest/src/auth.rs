@@ -65,13 +65,22 @@ pub enum Denied {
     Unauthenticated(String),
     /// The tenant's concurrency or rate limit is reached.
     Exhausted(String),
+    /// The caller named its tenant in a way the server does not take.
+    Invalid(String),
 }
+
+/// Longest `x-tenant` name an open server takes.
+pub const MAX_TENANT_CHARS: usize = 64;
+/// Tenants an open server tracks at once: names are the caller's to choose,
+/// so idle ones are forgotten before a new one is refused.
+pub const MAX_OPEN_TENANTS: usize = 10_000;
 
 impl From<Denied> for tonic::Status {
     fn from(d: Denied) -> Self {
         match d {
             Denied::Unauthenticated(m) => tonic::Status::unauthenticated(m),
             Denied::Exhausted(m) => tonic::Status::resource_exhausted(m),
+            Denied::Invalid(m) => tonic::Status::invalid_argument(m),
         }
     }
 }
@@ -102,6 +111,18 @@ impl Tenant {
                 at: Instant::now(),
             }),
         }
+    }
+}
+
+impl Tenant {
+    /// No call of the tenant is in progress.
+    fn idle(&self) -> bool {
+        let all = if self.limits.max_concurrent == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            self.limits.max_concurrent as usize
+        };
+        self.calls.available_permits() == all
     }
 }
 
@@ -206,11 +227,19 @@ impl Access {
         tenant_hint: Option<&str>,
     ) -> Result<String, Denied> {
         Ok(match &self.keys {
-            None => tenant_hint
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .unwrap_or("default")
-                .to_owned(),
+            None => {
+                let t = tenant_hint
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or("default");
+                let chars = t.chars().count();
+                if chars > MAX_TENANT_CHARS || t.chars().any(char::is_control) {
+                    return Err(Denied::Invalid(format!(
+                        "x-tenant is {chars} characters; the limit is {MAX_TENANT_CHARS} printable characters"
+                    )));
+                }
+                t.to_owned()
+            }
             Some(keys) => {
                 let key = match (authorization, api_key) {
                     (Some(a), _) => {
@@ -249,6 +278,18 @@ impl Access {
     pub fn limit(&self, tenant: String) -> Result<Grant, Denied> {
         let state = {
             let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+            if self.keys.is_none()
+                && tenants.len() >= MAX_OPEN_TENANTS
+                && !tenants.contains_key(&tenant)
+            {
+                // Forget tenants with no call in progress (their rate buckets restart).
+                tenants.retain(|_, t| Arc::strong_count(&t.calls) > 1 || !t.idle());
+                if tenants.len() >= MAX_OPEN_TENANTS {
+                    return Err(Denied::Exhausted(format!(
+                        "{MAX_OPEN_TENANTS} tenants have calls in progress on this open server; retry later"
+                    )));
+                }
+            }
             tenants
                 .entry(tenant.clone())
                 .or_insert_with(|| {
@@ -388,5 +429,30 @@ mod tests {
         assert!(!a.requires_keys());
         assert_eq!(a.admit(None, None, Some("x")).unwrap().tenant, "x");
         assert_eq!(a.admit(None, None, None).unwrap().tenant, "default");
+        let e = a.admit(None, None, Some(&"t".repeat(65))).unwrap_err();
+        assert!(
+            matches!(&e, Denied::Invalid(m) if m.contains("the limit is 64")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn rotating_tenant_names_cannot_grow_the_table() {
+        let a = Access::open(Limits {
+            max_concurrent: 1,
+            requests_per_minute: 0,
+        });
+        let held: Vec<Grant> = (0..MAX_OPEN_TENANTS)
+            .map(|i| a.admit(None, None, Some(&format!("t{i}"))).unwrap())
+            .collect();
+        // Every tracked tenant has a call in progress: a new name is refused.
+        let e = a.admit(None, None, Some("one-more")).unwrap_err();
+        assert!(matches!(e, Denied::Exhausted(_)), "{e:?}");
+        drop(held);
+        // Once they are idle they are forgotten and the table stays bounded.
+        for i in 0..3 * MAX_OPEN_TENANTS {
+            drop(a.admit(None, None, Some(&format!("r{i}"))).unwrap());
+        }
+        assert!(a.tenants.lock().unwrap().len() <= MAX_OPEN_TENANTS);
     }
 }

@@ -165,34 +165,21 @@ fn upload_limit<B: Bus>(ingest: &Ingest<B>) -> usize {
         .saturating_add(1 << 20)
 }
 
-/// Refuses a request with a body before reading it: a declared length over the
-/// route's limit (413, naming the limit), or, when keys are required, a caller
-/// without a valid key (401). Bodies without a declared length are cut at the
+/// Refuses a request with a body before reading it: when keys are required, a
+/// caller without a valid key (401); a declared length over the route's limit
+/// (413, naming the limit). Bodies without a declared length are cut at the
 /// same limit while they are read.
 async fn guard_body<B: Bus>(
     State(ingest): State<Ingest<B>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let (limit, what) = if req.uri().path().starts_with("/v1/webrtc/") {
-        (MAX_SDP_BYTES, "the SDP offer")
+    let sdp = req.uri().path().starts_with("/v1/webrtc/");
+    let limit = if sdp {
+        MAX_SDP_BYTES
     } else {
-        (upload_limit(&ingest), "the upload")
+        upload_limit(&ingest)
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(len) = declared
-        && len > limit as u64
-    {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{what} is {len} bytes; the limit is {limit} bytes"),
-        )
-        .into_response();
-    }
     if ingest.inner.access.requires_keys() {
         let get = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
         if let Err(d) =
@@ -203,6 +190,24 @@ async fn guard_body<B: Bus>(
         {
             return ApiError::from(Status::from(d)).into_response();
         }
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared
+        && len > limit as u64
+    {
+        let message = if sdp {
+            format!("the SDP offer is {len} bytes; the limit is {limit} bytes")
+        } else {
+            format!(
+                "the upload is {len} bytes, larger than this server's audio limit of {} MiB (a form of at most {limit} bytes); send a shorter or compressed file",
+                ingest.inner.limits.max_bytes >> 20
+            )
+        };
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
     }
     next.run(req).await
 }

@@ -30,6 +30,13 @@ use tonic::{Request, Response, Status};
 use crate::recognize::Progress;
 use crate::{Ingest, invalid};
 
+/// Longest idempotency key, in bytes.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Most labels on a job, and the longest key and value (bytes), as Kubernetes allows.
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_KEY: usize = 63;
+const MAX_LABEL_VALUE: usize = 256;
+
 /// Settings of the job runner of an ingest replica.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JobArgs {
@@ -204,6 +211,36 @@ impl<B: Bus> Ingest<B> {
             }
             None => return Err(invalid("no audio: set content (the file's bytes) or uri")),
         };
+        if !(0..=1).contains(&r.priority) {
+            return Err(invalid(format!(
+                "priority is {}; use 0 (normal) or 1 (urgent: runs before every normal job)",
+                r.priority
+            )));
+        }
+        if r.labels.len() > MAX_LABELS {
+            return Err(invalid(format!(
+                "labels has {} entries; the limit is {MAX_LABELS}",
+                r.labels.len()
+            )));
+        }
+        if let Some((k, v)) = r
+            .labels
+            .iter()
+            .find(|(k, v)| k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE)
+        {
+            return Err(invalid(format!(
+                "label {:?} is {} bytes with a value of {} bytes; the limits are {MAX_LABEL_KEY} and {MAX_LABEL_VALUE}",
+                k.chars().take(40).collect::<String>(),
+                k.len(),
+                v.len()
+            )));
+        }
+        if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(invalid(format!(
+                "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY}",
+                r.idempotency_key.len()
+            )));
+        }
         let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
             .map_err(|e| Status::internal(e.to_string()))?;
         let ttl = inner.jobs.ttl();
