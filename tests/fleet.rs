@@ -8,11 +8,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nexus_tests::fleet::{
-    Proc, SessionOutcome, pcm16_config, prefix, redis_url, speech, stage, stream,
+    Proc, RedisServer, SessionOutcome, assert_complete, pcm16_config, prefix, redis_url, speech,
+    stage, stream,
 };
 use tonic::Code;
 
@@ -66,29 +66,6 @@ async fn all_serving(procs: &mut [&mut Proc]) {
     for p in procs.iter_mut() {
         p.wait_serving(Duration::from_secs(120)).await;
     }
-}
-
-/// Every final names a distinct segment, segments run 0..n without holes, and
-/// the server announced the end of the session.
-fn assert_complete(out: &SessionOutcome) {
-    assert!(out.status.is_none(), "session failed: {:?}", out.status);
-    assert!(out.ended(), "no END_OF_SESSION event");
-    let mut ids: Vec<u64> = out.finals().iter().map(|r| r.segment_id).collect();
-    let n = ids.len();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), n, "a segment's final arrived twice: {ids:?}");
-    assert!(!ids.is_empty(), "no final results");
-    let indexes: Vec<u64> = out
-        .responses
-        .iter()
-        .flat_map(|r| &r.results)
-        .map(|r| r.result_index)
-        .collect();
-    assert!(
-        indexes.windows(2).all(|w| w[0] < w[1]),
-        "result_index not increasing: {indexes:?}"
-    );
 }
 
 async fn pending(redis: &str, stream: &str, group: &str) -> i64 {
@@ -298,59 +275,6 @@ async fn killed_replicas_lose_and_duplicate_nothing() {
             0,
             "{stage}"
         );
-    }
-}
-
-struct RedisServer {
-    child: std::process::Child,
-    port: u16,
-    dir: Option<tempfile::TempDir>,
-}
-
-impl RedisServer {
-    fn start(port: u16, dir: tempfile::TempDir) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/setup.sh installs it)");
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            port,
-            dir: Some(dir),
-        }
-    }
-
-    fn kill9(mut self) -> tempfile::TempDir {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.dir.take().expect("the data folder")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -458,3 +458,204 @@ async fn wavs_whose_header_lengths_disagree_with_the_file_are_read() {
     }
     still_serves(&fleet).await;
 }
+
+mod jobs {
+    use super::*;
+    use nexus_proto::speech::submit_job_request::Source;
+    use nexus_proto::speech::transcription_jobs_client::TranscriptionJobsClient;
+    use nexus_proto::speech::{GetJobRequest, JobState, SubmitJobRequest};
+    use tonic::transport::Channel;
+
+    async fn client(p: &Proc) -> TranscriptionJobsClient<Channel> {
+        TranscriptionJobsClient::new(nexus_tests::connect(p.addr).await.unwrap())
+            .max_encoding_message_size(64 << 20)
+    }
+
+    fn job(key: &str) -> SubmitJobRequest {
+        SubmitJobRequest {
+            config: Some(english_config()),
+            source: Some(Source::Content(utterance_wav().into())),
+            idempotency_key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+    async fn a_failed_submit_frees_its_idempotency_key_and_fields_are_bounded() {
+        let p = prefix("hostile-jobs");
+        // A replica that queues but runs nothing, on a queue of one.
+        let mut front = stage(
+            "front",
+            "all",
+            &redis_url(),
+            &p,
+            &["--job-workers", "0", "--job-queue", "1"],
+        );
+        front.wait_serving(Duration::from_secs(120)).await;
+        let mut c = client(&front).await;
+        for (req, want) in [
+            (
+                SubmitJobRequest {
+                    priority: 100,
+                    ..job("")
+                },
+                "priority is 100; use 0 (normal) or 1",
+            ),
+            (
+                job(&"k".repeat(10_000)),
+                "idempotency_key is 10000 bytes; the limit is 256",
+            ),
+            (
+                SubmitJobRequest {
+                    labels: (0..1_000).map(|i| (format!("l{i}"), "v".into())).collect(),
+                    ..job("")
+                },
+                "labels has 1000 entries; the limit is 32",
+            ),
+        ] {
+            let e = c.submit_job(req).await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+            assert!(
+                e.message().contains(want),
+                "{:?} lacks {want:?}",
+                e.message()
+            );
+        }
+        let first = c.submit_job(job("")).await.unwrap().into_inner();
+        // The queue is full: a keyed submit is refused...
+        let e = c.submit_job(job("retry-me")).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        // ...and once a runner drained it, the same key submits afresh rather
+        // than naming a job that never was.
+        let mut runner = stage("runner", "all", &redis_url(), &p, &["--job-workers", "1"]);
+        runner.wait_serving(Duration::from_secs(120)).await;
+        let t0 = Instant::now();
+        loop {
+            let j = c
+                .get_job(GetJobRequest {
+                    job_id: first.job_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if j.state == JobState::Succeeded as i32 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "{j:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let again = c.submit_job(job("retry-me")).await.unwrap().into_inner();
+        assert_ne!(again.job_id, first.job_id);
+        let same = c.submit_job(job("retry-me")).await.unwrap().into_inner();
+        assert_eq!(same.job_id, again.job_id, "the key now names the new job");
+    }
+}
+
+mod bodies {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends a request head that announces `len` body bytes, sends none of
+    /// them, and reads the answer: the server must answer from the head alone.
+    async fn head_only(addr: std::net::SocketAddr, head: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the server answered without waiting for the body")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    #[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+    async fn bodies_are_refused_by_their_head_before_they_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = std::process::Command::new(nexus_tests::fleet::bin("nexus"))
+            .args(["keys", "hash", "body-test-key"])
+            .output()
+            .unwrap();
+        let keys = dir.path().join("keys.toml");
+        std::fs::write(
+            &keys,
+            format!(
+                "[[keys]]\ntenant = \"t\"\nsha256 = \"{}\"\n",
+                String::from_utf8_lossy(&hash.stdout).trim()
+            ),
+        )
+        .unwrap();
+        let http = nexus_tests::fleet::free_addr();
+        let p = prefix("hostile-bodies");
+        let mut fleet = stage(
+            "fleet",
+            "all",
+            &redis_url(),
+            &p,
+            &[
+                "--http-listen",
+                &http.to_string(),
+                "--api-keys",
+                keys.to_str().unwrap(),
+            ],
+        );
+        fleet.wait_serving(Duration::from_secs(120)).await;
+        // 200 MB announced, no key: 401 at once.
+        let r = head_only(
+            http,
+            "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 209715200\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        // With a key, an upload over the limit is refused by its declared size.
+        let r = head_only(
+            http,
+            "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer body-test-key\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 209715200\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+        assert!(
+            r.contains(
+                "the upload is 209715200 bytes, larger than this server's audio limit of 100 MiB"
+            ),
+            "{r}"
+        );
+        // An SDP offer of 1 MB is no offer.
+        let r = head_only(
+            http,
+            "POST /v1/webrtc/sessions?room=r&name=n HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer body-test-key\r\nContent-Type: application/sdp\r\nContent-Length: 1048576\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+        assert!(
+            r.contains("the SDP offer is 1048576 bytes; the limit is 65536 bytes"),
+            "{r}"
+        );
+        // gRPC: a 50 MB Recognize without a key is refused by its metadata.
+        let ch = nexus_tests::connect(fleet.addr).await.unwrap();
+        let e = SpeechRecognitionClient::new(ch)
+            .max_encoding_message_size(256 << 20)
+            .recognize(RecognizeRequest {
+                config: Some(english_config()),
+                audio_source: Some(AudioSource::Content(vec![0u8; 50 << 20].into())),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        // A normal, keyed request right after.
+        let ch = nexus_tests::connect(fleet.addr).await.unwrap();
+        let mut req = tonic::Request::new(RecognizeRequest {
+            config: Some(english_config()),
+            audio_source: Some(AudioSource::Content(utterance_wav().into())),
+        });
+        req.metadata_mut()
+            .insert("authorization", "Bearer body-test-key".parse().unwrap());
+        let r = SpeechRecognitionClient::new(ch)
+            .recognize(req)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(text(&r).to_lowercase().contains("dashwood"), "{}", text(&r));
+    }
+}

@@ -324,6 +324,86 @@ async fn a_killed_browser_frees_its_decoder_slot_within_ten_seconds() {
     }
 }
 
+/// Reads a room's server-sent events until `participant` leaves: (type, data).
+async fn room_events_until_left(
+    http: SocketAddr,
+    room: &str,
+    participant: &str,
+) -> Vec<(String, Value)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(format!("GET /v1/rooms/{room}/events HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(s).lines();
+    let mut out = Vec::new();
+    let mut kind = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(k) = line.strip_prefix("event: ") {
+            kind = k.trim().to_owned();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(d).unwrap();
+            let left = kind == "left" && v["participant"] == participant;
+            out.push((kind.clone(), v));
+            if left {
+                return out;
+            }
+        }
+    }
+    panic!("the room's events ended before {participant} left: {out:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox speech, Redis, Chromium and playwright-core; scripts/test.sh"]
+async fn a_publisher_that_vanishes_mid_sentence_gets_that_final_before_it_leaves_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_addr();
+    let p = prefix("webrtcvanish");
+    let fleet = fleet(&p, http, &["--webrtc-idle-ms", "500"]).await;
+    let path = wav(dir.path(), "speech.wav", &speech());
+    // Load: four live streams at real-time pace, so finals take longer than
+    // the second the publisher's session used to get after its audio stopped.
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = fleet.addr;
+            tokio::spawn(async move {
+                let s = speech();
+                nexus_tests::fleet::stream(addr, pcm16_config(MODEL), &s, 1.0, |_| {}).await
+            })
+        })
+        .collect();
+    let events = tokio::spawn(room_events_until_left(http, "vanish", "Gone"));
+    let report = drive(serde_json::json!({
+        "scenario": "kill",
+        "base": format!("http://{http}"),
+        "wav": path,
+        "name": "Gone",
+        "room": "vanish",
+    }))
+    .await;
+    assert!(report["killed_unix_ms"].as_u64().is_some(), "{report}");
+    let events = tokio::time::timeout(Duration::from_secs(90), events)
+        .await
+        .expect("the publisher left within 90 s")
+        .unwrap();
+    let finals: Vec<&Value> = events
+        .iter()
+        .filter(|(k, v)| k == "final" && v["participant"] == "Gone")
+        .map(|(_, v)| v)
+        .collect();
+    // The browser died in its first sentence ("And Mr. John Dashwood had
+    // then leisure ..."): that sentence's final came, before `left`.
+    let first = finals
+        .first()
+        .unwrap_or_else(|| panic!("no final before left: {events:?}"));
+    let t = first["text"].as_str().unwrap_or_default().to_lowercase();
+    assert!(t.contains("john") || t.contains("dashwood"), "{first}");
+    for l in load {
+        let out = l.await.unwrap().unwrap();
+        assert!(out.status.is_none(), "{:?}", out.status);
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs tiny.en + silero-vad weights and Redis; scripts/test.sh"]
 async fn bad_offers_get_clear_errors() {
