@@ -11,41 +11,17 @@ use std::time::Duration;
 
 use nexus_proto::speech::models_client::ModelsClient;
 use nexus_proto::speech::recognize_request::AudioSource;
-use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
 use nexus_proto::speech::{
-    AudioEncoding, AudioFormat, Capability, ListModelsRequest, RecognitionConfig, RecognizeRequest,
-    RecognizeResponse,
+    AudioEncoding, AudioFormat, Capability, ListModelsRequest, RecognitionConfig,
 };
-use nexus_tests::fleet::{MODEL, Proc, english_config, prefix, redis_url, speech, stage};
-use tonic::{Code, Status};
+use nexus_tests::fleet::{
+    MODEL, english_config, prefix, recognize, redis_url, speech, stage, text,
+};
+use tonic::Code;
 
 /// The shared test speech as a 16 kHz WAV.
 fn speech_wav() -> Vec<u8> {
     nexus_audio::wav::encode_pcm16(&[speech()], 16_000)
-}
-
-async fn recognize(
-    fleet: &Proc,
-    config: RecognitionConfig,
-    source: AudioSource,
-) -> Result<RecognizeResponse, Status> {
-    let ch = nexus_tests::connect(fleet.addr).await.unwrap();
-    SpeechRecognitionClient::new(ch)
-        .max_encoding_message_size(64 << 20)
-        .recognize(RecognizeRequest {
-            config: Some(config),
-            audio_source: Some(source),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-fn text(r: &RecognizeResponse) -> String {
-    r.results
-        .iter()
-        .map(|s| s.alternatives[0].transcript.as_str())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use nexus_proto::speech::{
 };
 use nexus_tests::fleet::{
     MODEL, Proc, SessionOutcome, english_config, pcm16_config, prefix, redis_url, speech, stage,
-    stream,
+    stream, text,
 };
 use tonic::{Code, Status};
 
@@ -28,23 +28,7 @@ async fn recognize(
     config: RecognitionConfig,
     audio: Vec<u8>,
 ) -> Result<RecognizeResponse, Status> {
-    let ch = nexus_tests::connect(fleet.addr).await.unwrap();
-    SpeechRecognitionClient::new(ch)
-        .max_encoding_message_size(256 << 20)
-        .recognize(RecognizeRequest {
-            config: Some(config),
-            audio_source: Some(AudioSource::Content(audio.into())),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-fn text(r: &RecognizeResponse) -> String {
-    r.results
-        .iter()
-        .map(|s| s.alternatives[0].transcript.as_str())
-        .collect::<Vec<_>>()
-        .join(" ")
+    nexus_tests::fleet::recognize(fleet, config, AudioSource::Content(audio.into())).await
 }
 
 /// One LibriVox utterance (about 5 s) as a 16 kHz WAV.
@@ -658,4 +642,69 @@ mod bodies {
             .into_inner();
         assert!(text(&r).to_lowercase().contains("dashwood"), "{}", text(&r));
     }
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and redis-server; scripts/test.sh"]
+async fn a_full_redis_is_reported_and_survived() {
+    use nexus_tests::fleet::RedisServer;
+    let port = nexus_tests::fleet::free_addr().port();
+    let _redis = RedisServer::start_with(
+        port,
+        tempfile::tempdir().unwrap(),
+        &["--maxmemory", "40mb", "--maxmemory-policy", "noeviction"],
+    );
+    let url = format!("redis://127.0.0.1:{port}");
+    let p = prefix("hostile-oom");
+    let mut fleet = stage(
+        "fleet",
+        "all",
+        &url,
+        &p,
+        &["--bus-retry-ms", "2000", "--final-timeout-ms", "5000"],
+    );
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    still_serves(&fleet).await;
+    // Something else fills the server to its limit.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let junk = vec![7u8; 1 << 20];
+    let mut filled = 0;
+    loop {
+        let r: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("junk:{filled}"))
+            .arg(&junk)
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(()) => filled += 1,
+            Err(e) => {
+                assert!(e.to_string().contains("OOM"), "{e}");
+                break;
+            }
+        }
+        assert!(filled < 200, "maxmemory never answered OOM");
+    }
+    // A request now gets a retryable error in bounded time (refused at ingest,
+    // or its window held by a stage that cannot write its output yet), and the
+    // process lives on.
+    let t0 = Instant::now();
+    let e = recognize(&fleet, english_config(), utterance_wav())
+        .await
+        .expect_err("no room on the bus");
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    assert!(e.message().contains("retry"), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    // Room again: served as usual.
+    for i in 0..filled {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("junk:{i}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    still_serves(&fleet).await;
 }

@@ -287,6 +287,11 @@ pub mod fleet {
     impl RedisServer {
         /// Starts one on `port` keeping its data in `dir`.
         pub fn start(port: u16, dir: tempfile::TempDir) -> Self {
+            Self::start_with(port, dir, &[])
+        }
+
+        /// [`RedisServer::start`] with more server options (`--maxmemory 20mb` ...).
+        pub fn start_with(port: u16, dir: tempfile::TempDir, extra: &[&str]) -> Self {
             let child = std::process::Command::new("redis-server")
                 .args([
                     "--port",
@@ -298,6 +303,7 @@ pub mod fleet {
                     "--save",
                     "",
                 ])
+                .args(extra)
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(std::process::Stdio::null())
@@ -354,6 +360,34 @@ pub mod fleet {
             indexes.windows(2).all(|w| w[0] < w[1]),
             "result_index not increasing: {indexes:?}"
         );
+    }
+
+    /// One Recognize call to the fleet at `fleet` (messages up to 256 MiB).
+    pub async fn recognize(
+        fleet: &Proc,
+        config: RecognitionConfig,
+        source: recognize_request::AudioSource,
+    ) -> Result<RecognizeResponse, Status> {
+        let ch = super::connect(fleet.addr)
+            .await
+            .expect("the fleet accepts connections");
+        SpeechRecognitionClient::new(ch)
+            .max_encoding_message_size(256 << 20)
+            .recognize(RecognizeRequest {
+                config: Some(config),
+                audio_source: Some(source),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// The transcript of a Recognize response, segments joined by spaces.
+    pub fn text(r: &RecognizeResponse) -> String {
+        r.results
+            .iter()
+            .map(|s| s.alternatives[0].transcript.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// A streaming config for 16 kHz mono S16LE audio.
