@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
         for (i, p) in packets.iter().enumerate() {
             // A lost packet every so often: recovered from the next one, or concealed.
             let _ = match (i + usize::from(head >> 1)) % 5 {
-                0 => packets.get(i + 1).map_or_else(|| dec.conceal(), |n| dec.recover(n)),
+                0 => match packets.get(i + 1) {
+                    Some(next) => dec.recover(next),
+                    None => dec.conceal(),
+                },
                 1 => dec.conceal(),
                 _ => dec.decode(p),
             };
