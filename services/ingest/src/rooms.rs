@@ -160,6 +160,11 @@ impl Room {
 
     /// A subscription to the room's events from now on, with the last
     /// [`REPLAY`] finals before it.
+    /// Viewers following the room's events now (data channels and SSE).
+    pub(crate) fn viewers(&self) -> usize {
+        self.events.receiver_count()
+    }
+
     pub(crate) fn subscribe(&self) -> (Vec<Caption>, broadcast::Receiver<Arc<CaptionEvent>>) {
         let st = self.state();
         let rx = self.events.subscribe();

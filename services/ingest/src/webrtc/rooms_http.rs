@@ -18,6 +18,9 @@ use crate::rooms::{self, CaptionEvent, Room};
 
 use super::{RoomQuery, bad, tenant_of};
 
+/// Viewers one room takes on one replica (its publishers' data channels included).
+pub(crate) const MAX_ROOM_VIEWERS: usize = 1_000;
+
 /// A room that exists, its name from the path and checked, with the query:
 /// the extractor of the subtitle and state endpoints.
 pub(crate) struct RoomAccess(Arc<Room>, RoomQuery);
@@ -77,12 +80,34 @@ pub(crate) async fn events<B: Bus>(
 ) -> Result<Response, ApiError> {
     // Viewers may come before the first speaker: the room opens for them.
     let room = find_room(&ingest, &headers, &room, &q, true)?;
+    // A viewer is a call of its tenant while it watches (the tenant's
+    // concurrency bound), and a room has at most MAX_ROOM_VIEWERS.
+    let tenant = tenant_of(
+        &ingest,
+        &headers,
+        q.access_token.as_deref(),
+        q.tenant.as_deref(),
+    )?;
+    let grant = ingest
+        .inner
+        .access
+        .limit(tenant)
+        .map_err(|d| ApiError::from(tonic::Status::from(d)))?;
+    if room.viewers() >= MAX_ROOM_VIEWERS {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "room {:?} has its maximum of {MAX_ROOM_VIEWERS} viewers on this replica; retry later",
+                room.name
+            ),
+        ));
+    }
     let (replay, rx) = room.subscribe();
     let first = futures::stream::iter(replay.into_iter().map(|c| Arc::new(CaptionEvent::Final(c))));
-    let live = futures::stream::unfold(rx, |mut rx| async move {
+    let live = futures::stream::unfold((rx, grant), |(mut rx, grant)| async move {
         loop {
             match rx.recv().await {
-                Ok(ev) => return Some((ev, rx)),
+                Ok(ev) => return Some((ev, (rx, grant))),
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
