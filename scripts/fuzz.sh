@@ -25,9 +25,9 @@ for spec in "crates/audio:decode_container decode_pcm opus_stream" \
     status=0
     cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
       -max_total_time="$secs" -rss_limit_mb=3072 -timeout=10 -max_len=65536 2>&1 | tee "$log" | tail -n 3 || status=$?
-    done_line="$(grep -E '^#[0-9]+ +DONE' "$log" | tail -n 1 || true)"
-    runs="$(sed -nE 's/^#([0-9]+) +DONE.*/\1/p' <<<"$done_line")"
-    rss="$(sed -nE 's/.*rss: ([0-9]+Mb).*/\1/p' <<<"$done_line")"
+    runs="$(sed -nE 's/^Done ([0-9]+) runs.*/\1/p' "$log" | tail -n 1)"
+    rss="$(grep -oE 'rss: [0-9]+Mb' "$log" | grep -oE '[0-9]+' | sort -n | tail -n 1)"
+    rss="${rss:+${rss} MB}"
     crashes=$([ "$status" -eq 0 ] && echo 0 || echo "1 (exit $status, see fuzz/artifacts/$target)")
     rows+=("| $target | ${secs} s | ${runs:-?} | $crashes | ${rss:-?} |")
     rm -f "$log"

@@ -332,7 +332,15 @@ async fn a_full_decoder_pool_refuses_new_sessions_at_once() {
         let samples = samples.clone();
         async move { stream(addr, pcm16_config(MODEL), &samples, 1.0, |_| {}).await }
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once the first session holds the only slot:
+    let t0 = Instant::now();
+    while !fleet.log().iter().any(|l| l.contains("session admitted")) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the first session was not admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let t0 = Instant::now();
     let refused = stream(addr, pcm16_config(MODEL), &samples[..16_000], 1.0, |_| {}).await;
     let waited = t0.elapsed();
