@@ -309,6 +309,8 @@ impl<B: Bus> Session<B> {
                     tracing::info!(session = %self.id, after = r.after, "session resumed");
                     live.out = Some(r.out);
                     inbound = Some(r.inbound);
+                    // The idle timeout counts from the resumed call, not the dropped one.
+                    last_audio = tokio::time::Instant::now();
                     let replay: Vec<StreamingRecognizeResponse> = live
                         .history
                         .iter()
