@@ -138,7 +138,6 @@ pub fn decode_to_model_rate(
 ) -> Result<Vec<Vec<f32>>> {
     let mut out: Vec<Vec<f32>> = Vec::new();
     let mut resamplers: Vec<StreamResampler> = Vec::new();
-    let mut mono = Vec::new();
     let mut stored = 0u64;
     decode_with(bytes, extension, limits, &mut |rate, planar| {
         if resamplers.is_empty() {
@@ -153,20 +152,7 @@ pub fn decode_to_model_rate(
         }
         let before: usize = out.iter().map(Vec::len).sum();
         match layout {
-            Layout::Mono => {
-                mono.clear();
-                mono.extend_from_slice(&planar[0]);
-                if planar.len() > 1 {
-                    for c in &planar[1..] {
-                        for (m, x) in mono.iter_mut().zip(c) {
-                            *m += x;
-                        }
-                    }
-                    let scale = 1.0 / planar.len() as f32;
-                    mono.iter_mut().for_each(|m| *m *= scale);
-                }
-                resamplers[0].push(&mono, &mut out[0])?;
-            }
+            Layout::Mono => resamplers[0].push(&crate::pcm::downmix(planar), &mut out[0])?,
             Layout::PerChannel => {
                 for ((r, o), c) in resamplers.iter_mut().zip(&mut out).zip(planar) {
                     r.push(c, o)?;

@@ -547,27 +547,11 @@ impl Bus for MemoryBus {
         value: Vec<u8>,
         ttl: Duration,
     ) -> Result<bool, BusError> {
-        let now = Instant::now();
-        let mut st = self.lock();
-        match st.records.get(key) {
-            Some((v, until)) if *until > now && v == expect => {
-                st.records.insert(key.to_owned(), (value, now + ttl));
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self.compare_and_set(key, expect, Some((value, ttl))))
     }
 
     async fn delete_if(&self, key: &str, expect: &[u8]) -> Result<bool, BusError> {
-        let now = Instant::now();
-        let mut st = self.lock();
-        match st.records.get(key) {
-            Some((v, until)) if *until > now && v == expect => {
-                st.records.remove(key);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self.compare_and_set(key, expect, None))
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
@@ -590,6 +574,24 @@ impl Bus for MemoryBus {
 }
 
 impl MemoryBus {
+    /// While the live record under `key` holds `expect`, replaces it with
+    /// `then` (value and TTL) or removes it (`None`); whether it did.
+    fn compare_and_set(&self, key: &str, expect: &[u8], then: Option<(Vec<u8>, Duration)>) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let holds = st
+            .records
+            .get(key)
+            .is_some_and(|(v, until)| *until > now && v == expect);
+        if holds {
+            match then {
+                Some((value, ttl)) => st.records.insert(key.to_owned(), (value, now + ttl)),
+                None => st.records.remove(key),
+            };
+        }
+        holds
+    }
+
     /// Runs `take` until it finds entries or `block` passes, waking on every add.
     async fn wait_for(
         &self,

@@ -303,6 +303,32 @@ impl RedisBus {
         r
     }
 
+    /// [`PUT_IF`]: while `key` holds `expect`, replaces it with `then` (value
+    /// and TTL) or deletes it (`None`); whether it did.
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expect: &[u8],
+        then: Option<(Vec<u8>, Duration)>,
+    ) -> Result<bool, BusError> {
+        let (value, ttl) = match then {
+            Some((v, ttl)) => (v, (ttl.as_millis().max(1) as u64).to_string()),
+            None => (Vec::new(), String::new()),
+        };
+        let mut conn = self.conn.clone();
+        let done: i64 = self
+            .scripts
+            .put_if
+            .key(key)
+            .arg(expect)
+            .arg(value)
+            .arg(ttl)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
+    }
+
     async fn group_infos(&self, stream: &str) -> Result<Vec<crate::GroupInfo>, BusError> {
         let mut conn = self.conn.clone();
         let reply: Value = match redis::cmd("XINFO")
@@ -799,33 +825,11 @@ impl Bus for RedisBus {
         value: Vec<u8>,
         ttl: Duration,
     ) -> Result<bool, BusError> {
-        let mut conn = self.conn.clone();
-        let done: i64 = self
-            .scripts
-            .put_if
-            .key(key)
-            .arg(expect)
-            .arg(value)
-            .arg(ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(done == 1)
+        self.compare_and_set(key, expect, Some((value, ttl))).await
     }
 
     async fn delete_if(&self, key: &str, expect: &[u8]) -> Result<bool, BusError> {
-        let mut conn = self.conn.clone();
-        let done: i64 = self
-            .scripts
-            .put_if
-            .key(key)
-            .arg(expect)
-            .arg(Vec::<u8>::new())
-            .arg("")
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(done == 1)
+        self.compare_and_set(key, expect, None).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {

@@ -114,18 +114,6 @@ impl Tenant {
     }
 }
 
-impl Tenant {
-    /// No call of the tenant is in progress.
-    fn idle(&self) -> bool {
-        let all = if self.limits.max_concurrent == 0 {
-            Semaphore::MAX_PERMITS
-        } else {
-            self.limits.max_concurrent as usize
-        };
-        self.calls.available_permits() == all
-    }
-}
-
 /// A call that may go ahead: its tenant, and its place among the tenant's calls.
 #[derive(Debug)]
 pub struct Grant {
@@ -282,8 +270,9 @@ impl Access {
                 && tenants.len() >= MAX_OPEN_TENANTS
                 && !tenants.contains_key(&tenant)
             {
-                // Forget tenants with no call in progress (their rate buckets restart).
-                tenants.retain(|_, t| Arc::strong_count(&t.calls) > 1 || !t.idle());
+                // Forget tenants with no call in progress (their rate buckets
+                // restart): each call's permit holds a clone of `calls`.
+                tenants.retain(|_, t| Arc::strong_count(&t.calls) > 1);
                 if tenants.len() >= MAX_OPEN_TENANTS {
                     return Err(Denied::Exhausted(format!(
                         "{MAX_OPEN_TENANTS} tenants have calls in progress on this open server; retry later"

@@ -338,12 +338,10 @@ impl<B: Bus> Session<B> {
                                     samples.truncate(room as usize);
                                     self.feed(live, &samples).await?;
                                     tracing::info!(session = %self.id, "session reached its maximum length");
-                                    live.end_status = Some(Status::out_of_range(format!(
+                                    deadline = Some(self.end_input_with(live, Status::out_of_range(format!(
                                         "the session reached its maximum length of {} min (--max-session-minutes); its last final was delivered; open a new session to go on",
                                         self.inner.cfg.max_session.as_secs() / 60
-                                    )));
-                                    self.end_input(live).await?;
-                                    deadline = Some(tokio::time::Instant::now() + self.inner.cfg.final_timeout);
+                                    ))).await?);
                                 } else {
                                     self.feed(live, &samples).await?;
                                 }
@@ -386,12 +384,10 @@ impl<B: Bus> Session<B> {
                 }
                 _ = idle_for => {
                     tracing::info!(session = %self.id, ?idle, "no audio within the idle timeout; finishing the session");
-                    live.end_status = Some(Status::deadline_exceeded(format!(
+                    deadline = Some(self.end_input_with(live, Status::deadline_exceeded(format!(
                         "no audio for {} ms (the idle timeout, --idle-timeout-ms); the session ended after its last final",
                         idle.as_millis()
-                    )));
-                    self.end_input(live).await?;
-                    deadline = Some(tokio::time::Instant::now() + self.inner.cfg.final_timeout);
+                    ))).await?);
                 }
                 _ = shutdown.cancelled(), if !live.input_done => {
                     tracing::info!(session = %self.id, "server draining: finishing the session");
@@ -478,6 +474,19 @@ impl<B: Bus> Session<B> {
         }
         live.input_done = true;
         Ok(())
+    }
+
+    /// The server ends the input (idle, maximum length): the utterance in
+    /// progress is finalised, and once its final is delivered the session ends
+    /// with `status`. Returns the deadline for the finals.
+    async fn end_input_with(
+        &self,
+        live: &mut Live,
+        status: Status,
+    ) -> Result<tokio::time::Instant, Status> {
+        live.end_status = Some(status);
+        self.end_input(live).await?;
+        Ok(tokio::time::Instant::now() + self.inner.cfg.final_timeout)
     }
 
     async fn on_event(&self, live: &mut Live, ev: EndpointEvent) -> Result<(), Status> {
