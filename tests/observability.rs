@@ -424,20 +424,32 @@ fn check_metrics(before: &[Series], after: &[Series]) {
     assert_eq!(after[2].get("nexus_ingest_sessions_active"), 0.0);
 }
 
-/// `promtool check metrics` on an exposition, when promtool is installed
-/// (scripts/setup.sh installs it).
+/// `promtool check metrics` on an exposition (scripts/setup.sh installs
+/// promtool), and every series and every family's metadata once.
 fn promtool(stage: &str, text: &str) {
     use std::io::Write;
-    let Ok(mut child) = std::process::Command::new("promtool")
+    let mut seen = std::collections::HashSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        // A family's HELP or TYPE line by its name, a sample by its series.
+        let key = if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            line.splitn(4, ' ').take(3).collect::<Vec<_>>().join(" ")
+        } else if line.starts_with('#') {
+            continue;
+        } else {
+            line.rsplit_once(' ').map_or(line, |(k, _)| k).to_owned()
+        };
+        assert!(
+            seen.insert(key.clone()),
+            "{stage}: {key:?} appears twice\n{text}"
+        );
+    }
+    let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-    else {
-        eprintln!("promtool is not installed; the exposition format was not checked");
-        return;
-    };
+        .expect("promtool (scripts/setup.sh installs it)");
     child
         .stdin
         .take()
@@ -488,4 +500,122 @@ async fn client_recognize(
         .map(|a| a.transcript.clone())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `nexus serve` runs every stage in one process: its one `/metrics` page is
+/// the sum of the stages, each family and series once, and promtool reads
+/// it; the admin port's log filter is the process's. A vocoder process's page
+/// passes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tiny.en, silero-vad and the Piper voice, test speech and Redis; scripts/test.sh"]
+async fn the_embedded_fleet_serves_one_prometheus_page() {
+    const TOKEN: &str = "embedded-admin-token-0001";
+    let admin = free_addr().to_string();
+    let mut serve = Proc::start(
+        "serve",
+        "nexus",
+        &[
+            "serve",
+            "--model",
+            MODEL,
+            "--http-listen",
+            "none",
+            "--admin-listen",
+            admin.as_str(),
+            "--admin-token",
+            TOKEN,
+        ],
+    );
+    serve.wait_serving(Duration::from_secs(120)).await;
+    let raw = std::fs::read(testdata().join("goforward.raw")).unwrap();
+    let mut samples: Vec<f32> = raw
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect();
+    samples.extend(std::iter::repeat_n(0.0, 16_000));
+    let out = nexus_tests::fleet::stream(serve.addr, pcm16_config(MODEL), &samples, 4.0, |_| {})
+        .await
+        .unwrap();
+    assert!(out.status.is_none(), "{:?}", out.status);
+    assert!(
+        out.text().to_lowercase().contains("forward"),
+        "{}",
+        out.text()
+    );
+    // Every stage's families, and the streams each stage reads, sampled once.
+    let wanted = [
+        r#"nexus_ingest_sessions_ended_total{outcome="ok"}"#,
+        r#"nexus_encoder_segments_total{kind="final",outcome="ok"}"#,
+        r#"nexus_decoder_segments_total{kind="final",outcome="ok"}"#,
+        "nexus_decoder_slots",
+        r#"nexus_model_load_seconds{model="tiny.en"}"#,
+        r#"nexus_stream_lag{stream="audio",group="encoder"}"#,
+        r#"nexus_stream_lag{stream="encoded",group="decoder"}"#,
+        r#"nexus_stream_dead_letters{stream="encoded"}"#,
+        r#"nexus_stream_dead_letters{stream="jobs"}"#,
+    ];
+    let t0 = std::time::Instant::now();
+    let page = loop {
+        let page = scrape(&admin).await;
+        if wanted.iter().all(|w| page.values.contains_key(*w)) {
+            break page;
+        }
+        let missing: Vec<&&str> = wanted
+            .iter()
+            .filter(|w| !page.values.contains_key(**w))
+            .collect();
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "missing {missing:?}\n{}",
+            page.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    promtool("nexus serve", &page.text);
+    // The process's log filter, changed through its admin port.
+    let client = nexus_tests::http_client::Client::new(admin.parse().unwrap());
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, body) = client
+        .request(
+            "PUT",
+            "/log",
+            &[("authorization", bearer.as_str())],
+            b"info,nexus_ingest=debug",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // A vocoder of its own.
+    let (redis, p) = (redis_url(), prefix("vocmetrics"));
+    let vadmin = free_addr().to_string();
+    let mut voc = Proc::start(
+        "vocoder",
+        "nexus-vocoder",
+        &[
+            "--redis",
+            redis.as_str(),
+            "--key-prefix",
+            p.as_str(),
+            "--admin-listen",
+            vadmin.as_str(),
+        ],
+    );
+    voc.wait_serving(Duration::from_secs(120)).await;
+    let t0 = std::time::Instant::now();
+    let series = r#"nexus_stream_dead_letters{stream="synthesize"}"#;
+    let page = loop {
+        let page = scrape(&vadmin).await;
+        if page.values.contains_key(series) {
+            break page;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no {series}\n{}",
+            page.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    promtool("nexus-vocoder", &page.text);
+    assert!(serve.terminate().success());
+    assert!(voc.terminate().success());
 }

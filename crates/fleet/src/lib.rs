@@ -8,12 +8,14 @@
 
 pub mod metrics;
 pub mod models;
+pub mod process;
 pub mod reader;
 pub mod stages;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use models::ModelSet;
+pub use process::{ModelArgs, Process};
 pub use reader::{Acker, StageReader, retry};
 
 use nexus_bus::{Keys, StreamLimits};
@@ -68,6 +70,9 @@ pub struct FleetArgs {
     /// TOKEN`, at least 16 characters); without one the log filter is fixed.
     #[arg(long, env = "NEXUS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<nexus_core::admin::Secret>,
+    /// Seconds in-flight work gets to finish on SIGTERM.
+    #[arg(long, env = "NEXUS_DRAIN_GRACE_S", default_value_t = 25)]
+    pub drain_grace_s: u64,
 }
 
 impl Default for FleetArgs {
@@ -81,6 +86,7 @@ impl Default for FleetArgs {
             interim_max_age_ms: 2_000,
             admin_listen: None,
             admin_token: None,
+            drain_grace_s: 25,
         }
     }
 }
@@ -100,11 +106,15 @@ pub struct Fleet {
     pub interim_max_age: Duration,
     /// Where the stage registers its metrics, when the process has an admin port.
     pub admin: Option<nexus_core::admin::Renders>,
+    /// The process's stream, bus and model-load families, shared by its stages.
+    pub metrics: metrics::FleetMetrics,
+    /// How health and the drain on SIGTERM behave.
+    pub drain: nexus_core::grpc::DrainOptions,
 }
 
 impl FleetArgs {
     /// Checks the settings; `role` names the replica when `--node` is empty.
-    pub fn resolve(&self, role: &str) -> anyhow::Result<Fleet> {
+    pub(crate) fn resolve(&self, role: &str) -> anyhow::Result<Fleet> {
         let keys = Keys::new(&self.key_prefix)?;
         let node = if self.node.is_empty() {
             format!("{role}-{}", uuid::Uuid::new_v4().simple())
@@ -126,29 +136,12 @@ impl FleetArgs {
             },
             interim_max_age: Duration::from_millis(self.interim_max_age_ms),
             admin: None,
+            metrics: metrics::FleetMetrics::default(),
+            drain: nexus_core::grpc::DrainOptions {
+                grace: Duration::from_secs(self.drain_grace_s),
+                ..nexus_core::grpc::DrainOptions::default()
+            },
         })
-    }
-
-    /// Binds and serves `--admin-listen` until `shutdown`; the stages of this
-    /// process add their metrics to what it returns (put it in their [`Fleet`]).
-    pub async fn admin_port(
-        &self,
-        shutdown: &tokio_util::sync::CancellationToken,
-    ) -> anyhow::Result<Option<nexus_core::admin::Renders>> {
-        let Some(addr) = self.admin_listen else {
-            return Ok(None);
-        };
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding the admin port {addr}: {e}"))?;
-        let renders = nexus_core::admin::Renders::default();
-        tokio::spawn(nexus_core::admin::serve(
-            l,
-            renders.clone(),
-            self.admin_token.clone(),
-            shutdown.clone(),
-        ));
-        Ok(Some(renders))
     }
 }
 

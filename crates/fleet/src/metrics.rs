@@ -2,6 +2,8 @@
 //! (the autoscaler's lag signal), bus errors, model load times, and the
 //! histogram buckets sized to the fleet's budgets.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nexus_bus::Bus;
@@ -56,7 +58,10 @@ pub struct ModelLabels {
     pub model: String,
 }
 
-/// Stream positions, bus errors and model load times of one process.
+/// Stream positions, bus errors and model load times of one process: one
+/// value shared by every stage the process runs (see [`crate::Process`]), so
+/// each family and each series appears once on its `/metrics` whether the
+/// process runs one stage or all of them.
 #[derive(Clone, Default)]
 pub struct FleetMetrics {
     lag: Family<GroupLabels, Gauge>,
@@ -64,6 +69,14 @@ pub struct FleetMetrics {
     dead_letters: Family<StreamLabels, Gauge>,
     bus_errors: Family<OpLabels, Counter>,
     model_load: Family<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Stages whose streams the sampler reads, and whether it runs.
+    sampled: Arc<Mutex<(BTreeSet<String>, bool)>>,
+}
+
+impl std::fmt::Debug for FleetMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetMetrics")
+    }
 }
 
 impl FleetMetrics {
@@ -118,7 +131,9 @@ impl FleetMetrics {
     }
 
     /// Samples the groups and dead letters of the streams of `stages` every
-    /// `every` until `shutdown`.
+    /// `every` until `shutdown`. Stages of one process call it each with their
+    /// own streams; one sampler reads the union (the first call's bus, period
+    /// and shutdown), so no stream is read twice.
     pub fn sample_streams<B: Bus>(
         &self,
         bus: B,
@@ -127,49 +142,26 @@ impl FleetMetrics {
         every: Duration,
         shutdown: CancellationToken,
     ) {
-        let streams: Vec<(String, String, String)> = stages
-            .iter()
-            .map(|s| {
-                (
-                    (*s).to_owned(),
-                    crate::stages::stream(keys, s),
-                    keys.dead_letter(s),
-                )
-            })
-            .collect();
-        let m = self.clone();
+        {
+            let mut sampled = self.sampled.lock().unwrap_or_else(|p| p.into_inner());
+            sampled.0.extend(stages.iter().map(|s| (*s).to_owned()));
+            if std::mem::replace(&mut sampled.1, true) {
+                return;
+            }
+        }
+        let (m, keys) = (self.clone(), keys.clone());
         tokio::spawn(async move {
             loop {
-                for (stage, key, dead) in &streams {
-                    match bus.groups(key).await {
-                        Ok(groups) => {
-                            for g in groups {
-                                let l = GroupLabels {
-                                    stream: stage.clone(),
-                                    group: g.name,
-                                };
-                                m.lag.get_or_create(&l).set(g.lag as i64);
-                                m.pending.get_or_create(&l).set(g.pending as i64);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(stream = %key, error = %e, "sampling stream groups failed");
-                            m.bus_error("xinfo_groups");
-                        }
-                    }
-                    match bus.len(dead).await {
-                        Ok(n) => {
-                            m.dead_letters
-                                .get_or_create(&StreamLabels {
-                                    stream: stage.clone(),
-                                })
-                                .set(n as i64);
-                        }
-                        Err(e) => {
-                            tracing::debug!(stream = %dead, error = %e, "sampling dead letters failed");
-                            m.bus_error("xlen");
-                        }
-                    }
+                let stages: Vec<String> = m
+                    .sampled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+                    .iter()
+                    .cloned()
+                    .collect();
+                for stage in &stages {
+                    m.sample(&bus, &keys, stage).await;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
@@ -177,6 +169,40 @@ impl FleetMetrics {
                 }
             }
         });
+    }
+
+    async fn sample<B: Bus>(&self, bus: &B, keys: &nexus_bus::Keys, stage: &str) {
+        let key = crate::stages::stream(keys, stage);
+        match bus.groups(&key).await {
+            Ok(groups) => {
+                for g in groups {
+                    let l = GroupLabels {
+                        stream: stage.to_owned(),
+                        group: g.name,
+                    };
+                    self.lag.get_or_create(&l).set(g.lag as i64);
+                    self.pending.get_or_create(&l).set(g.pending as i64);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(stream = %key, error = %e, "sampling stream groups failed");
+                self.bus_error("xinfo_groups");
+            }
+        }
+        let dead = keys.dead_letter(stage);
+        match bus.len(&dead).await {
+            Ok(n) => {
+                self.dead_letters
+                    .get_or_create(&StreamLabels {
+                        stream: stage.to_owned(),
+                    })
+                    .set(n as i64);
+            }
+            Err(e) => {
+                tracing::debug!(stream = %dead, error = %e, "sampling dead letters failed");
+                self.bus_error("xlen");
+            }
+        }
     }
 }
 
@@ -195,9 +221,10 @@ struct SegmentLabels {
 }
 
 /// Work counters of a model stage (encoder or decoder): `nexus_{stage}_*`.
+/// The process's [`FleetMetrics`] are rendered once by the process, not here.
 pub struct StageMetrics {
     registry: Registry,
-    /// Streams, bus errors, model load times.
+    /// Streams, bus errors, model load times (the process's, shared).
     pub fleet: FleetMetrics,
     segments: Family<SegmentLabels, Counter>,
     skipped: Counter,
@@ -207,10 +234,10 @@ pub struct StageMetrics {
 }
 
 impl StageMetrics {
-    /// The metrics of `stage` (`encoder`, `decoder`).
-    pub fn new(stage: &str) -> Self {
+    /// The metrics of `stage` (`encoder`, `decoder`) beside the process's
+    /// shared `fleet` families.
+    pub fn new(stage: &str, fleet: FleetMetrics) -> Self {
         let mut registry = Registry::with_prefix("nexus");
-        let fleet = FleetMetrics::register(&mut registry);
         let segments = Family::<SegmentLabels, Counter>::default();
         let skipped = Counter::default();
         let batch = Histogram::new(BATCH_BUCKETS);

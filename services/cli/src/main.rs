@@ -61,9 +61,9 @@ enum KeysCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = telemetry::init(&cli.telemetry, "nexus")?;
+    let telemetry = telemetry::init(&cli.telemetry, "nexus")?;
     match cli.command {
-        Command::Serve(args) => serve::run(*args),
+        Command::Serve(args) => serve::run(*args, telemetry.log_filter()),
         Command::Models(args) => models::run(args),
         Command::Transcribe(args) => transcribe::run(args),
         Command::Translate(args) => translate::run(args),

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nexus_bus::{Bus, SessionId, decode, encode};
-use nexus_core::grpc::{DrainOptions, GrpcServer};
-use nexus_fleet::{Acker, Fleet, ModelSet, StageReader, now_unix_ms, retry, stages};
+use nexus_core::grpc::GrpcServer;
+use nexus_fleet::{Acker, Fleet, ModelSet, Process, StageReader, now_unix_ms, retry, stages};
 use nexus_models::qwen::Translator;
 use nexus_proto::pipeline::{DecodeResult, EncodedSegment, Envelope, TranslateDone, TranslateTask};
 use nexus_proto::speech::{SpeechRecognitionResult, TranslationResult};
@@ -45,6 +45,9 @@ pub struct DecoderArgs {
     /// How long an advertisement of capacity lasts; renewed every third of it.
     #[arg(long, env = "NEXUS_ADVERTISE_TTL_MS", default_value_t = 6_000)]
     pub advertise_ttl_ms: u64,
+    /// GGUF model for translation into languages Whisper cannot target; none when empty.
+    #[arg(long, env = "NEXUS_TRANSLATION_MODEL", default_value = "")]
+    pub translation_model: String,
 }
 
 impl Default for DecoderArgs {
@@ -54,21 +57,56 @@ impl Default for DecoderArgs {
             slots: 16,
             result_ttl_s: 3_600,
             advertise_ttl_ms: 6_000,
+            translation_model: String::new(),
         }
     }
 }
 
 /// Everything the decoder stage runs with.
 #[derive(Clone)]
-pub struct DecoderConfig {
+struct DecoderConfig {
     /// Shared fleet settings.
-    pub fleet: Fleet,
+    fleet: Fleet,
     /// Stage settings.
-    pub args: DecoderArgs,
-    /// How health and the drain behave.
-    pub drain: DrainOptions,
+    args: DecoderArgs,
     /// Text translation into languages Whisper cannot target, with its model name.
-    pub translator: Option<(String, Arc<Mutex<Translator>>)>,
+    translator: Option<(String, Arc<Mutex<Translator>>)>,
+}
+
+/// The decoder stage, built: what `nexus-decoder` and `nexus serve` run.
+pub struct DecoderStage {
+    cfg: DecoderConfig,
+    models: ModelSet,
+    shutdown: CancellationToken,
+}
+
+impl DecoderStage {
+    /// The decoder of `process`: the process's models (loaded here when no
+    /// other stage of the process has) and `--translation-model`.
+    pub async fn build(process: &Process, args: DecoderArgs) -> anyhow::Result<Self> {
+        anyhow::ensure!(args.slots > 0, "--slots must be at least 1");
+        let (spec, home, device) = (
+            args.translation_model.clone(),
+            process.home(),
+            process.device().clone(),
+        );
+        let translator =
+            tokio::task::spawn_blocking(move || load_translator(&spec, home, &device)).await??;
+        Ok(Self {
+            cfg: DecoderConfig {
+                fleet: process.fleet("decoder")?,
+                args,
+                translator,
+            },
+            models: process.models().await?,
+            shutdown: process.shutdown.clone(),
+        })
+    }
+
+    /// Runs until the process shuts down, serving health on `listener` when given.
+    pub async fn run<B: Bus>(self, bus: B, listener: Option<TcpListener>) -> anyhow::Result<()> {
+        run(self.cfg, bus, self.models, listener, self.shutdown).await
+    }
 }
 
 impl std::fmt::Debug for DecoderConfig {
@@ -83,31 +121,30 @@ impl std::fmt::Debug for DecoderConfig {
 
 /// Loads the text translation model named `spec` (registry name or GGUF path);
 /// none for an empty name.
-pub fn load_translator(
+fn load_translator(
     spec: &str,
+    home: Option<std::path::PathBuf>,
     device: &candle_core::Device,
 ) -> anyhow::Result<Option<(String, Arc<Mutex<Translator>>)>> {
     if spec.is_empty() {
         return Ok(None);
     }
-    let file = nexus_fleet::models::resolve_gguf(spec, None)?;
+    let file = nexus_fleet::models::resolve_gguf(spec, home)?;
     let t =
         Translator::load(&file, device).with_context(|| format!("loading {}", file.display()))?;
     Ok(Some((spec.to_owned(), Arc::new(Mutex::new(t)))))
 }
 
-/// Runs the decoder stage until `shutdown`, serving health on `listener` when given.
-pub async fn run<B: Bus>(
+async fn run<B: Bus>(
     cfg: DecoderConfig,
     bus: B,
     models: ModelSet,
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(cfg.args.slots > 0, "--slots must be at least 1");
     let server = match listener {
         Some(l) => {
-            let grpc = GrpcServer::new(&[], cfg.drain).await;
+            let grpc = GrpcServer::new(&[], cfg.fleet.drain).await;
             let health = grpc.health_handle();
             let stop = shutdown.clone();
             let task = nexus_core::task::spawn("decoder-health", async move {
@@ -196,7 +233,7 @@ pub async fn run<B: Bus>(
     let slots = Arc::new(Semaphore::new(cfg.args.slots));
     // Slots holding an entry (the reader holds the idle ones while it waits).
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let metrics = Arc::new(DecoderMetrics::new(&models, &cfg.args));
+    let metrics = Arc::new(DecoderMetrics::new(&cfg.args, cfg.fleet.metrics.clone()));
     if let Some(admin) = &cfg.fleet.admin {
         let (busy, m) = (busy.clone(), metrics.clone());
         admin.add(Arc::new(move || {
@@ -303,7 +340,7 @@ pub async fn run<B: Bus>(
     // Drain: no new work; what the pool holds finishes and is written within the grace.
     tracing::info!("decoder draining");
     drop(job_tx);
-    let grace = cfg.drain.grace;
+    let grace = cfg.fleet.drain.grace;
     let finished = tokio::time::timeout(grace, async {
         let _ = tokio::task::spawn_blocking(move || pool.join()).await;
         let _ = writer.await;
@@ -590,10 +627,9 @@ struct DecoderMetrics {
 }
 
 impl DecoderMetrics {
-    fn new(models: &ModelSet, args: &DecoderArgs) -> Self {
+    fn new(args: &DecoderArgs, fleet: nexus_fleet::metrics::FleetMetrics) -> Self {
         use prometheus_client::metrics::gauge::Gauge;
-        let mut stage = nexus_fleet::metrics::StageMetrics::new("decoder");
-        stage.fleet.models_loaded(models);
+        let mut stage = nexus_fleet::metrics::StageMetrics::new("decoder", fleet);
         let (slots, free, used, sessions) = (
             Gauge::<i64>::default(),
             Gauge::<i64>::default(),

@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use candle_core::{IndexOp, Tensor};
 use nexus_bus::{Bus, BusError, Entry, EntryId, decode, encode};
-use nexus_core::grpc::{DrainOptions, GrpcServer};
-use nexus_fleet::{Fleet, ModelSet, StageReader, now_unix_ms, retry, stages};
+use nexus_core::grpc::GrpcServer;
+use nexus_fleet::{Fleet, ModelSet, Process, StageReader, now_unix_ms, retry, stages};
 use nexus_models::mel::{CHUNK_FRAMES, CHUNK_SAMPLES, SAMPLE_RATE};
 use nexus_proto::pipeline::{AudioSegment, DType, EncodedSegment, Envelope};
 use tokio::net::TcpListener;
@@ -45,17 +45,41 @@ impl Default for EncoderArgs {
 
 /// Everything the encoder stage runs with.
 #[derive(Debug, Clone)]
-pub struct EncoderConfig {
+struct EncoderConfig {
     /// Shared fleet settings.
-    pub fleet: Fleet,
+    fleet: Fleet,
     /// Stage settings.
-    pub args: EncoderArgs,
-    /// How health and the drain behave.
-    pub drain: DrainOptions,
+    args: EncoderArgs,
 }
 
-/// Runs the encoder stage until `shutdown`, serving health on `listener` when given.
-pub async fn run<B: Bus>(
+/// The encoder stage, built: what `nexus-encoder` and `nexus serve` run.
+pub struct EncoderStage {
+    cfg: EncoderConfig,
+    models: ModelSet,
+    shutdown: CancellationToken,
+}
+
+impl EncoderStage {
+    /// The encoder of `process`, with the process's models (loaded here when
+    /// no other stage of the process has).
+    pub async fn build(process: &Process, args: EncoderArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            cfg: EncoderConfig {
+                fleet: process.fleet("encoder")?,
+                args,
+            },
+            models: process.models().await?,
+            shutdown: process.shutdown.clone(),
+        })
+    }
+
+    /// Runs until the process shuts down, serving health on `listener` when given.
+    pub async fn run<B: Bus>(self, bus: B, listener: Option<TcpListener>) -> anyhow::Result<()> {
+        run(self.cfg, bus, self.models, listener, self.shutdown).await
+    }
+}
+
+async fn run<B: Bus>(
     cfg: EncoderConfig,
     bus: B,
     models: ModelSet,
@@ -64,7 +88,7 @@ pub async fn run<B: Bus>(
 ) -> anyhow::Result<()> {
     let server = match listener {
         Some(l) => {
-            let grpc = GrpcServer::new(&[], cfg.drain).await;
+            let grpc = GrpcServer::new(&[], cfg.fleet.drain).await;
             let health = grpc.health_handle();
             let stop = shutdown.clone();
             let task = nexus_core::task::spawn("encoder-health", async move {
@@ -76,8 +100,10 @@ pub async fn run<B: Bus>(
         None => None,
     };
     let keys = &cfg.fleet.keys;
-    let metrics = std::sync::Arc::new(nexus_fleet::metrics::StageMetrics::new("encoder"));
-    metrics.fleet.models_loaded(&models);
+    let metrics = std::sync::Arc::new(nexus_fleet::metrics::StageMetrics::new(
+        "encoder",
+        cfg.fleet.metrics.clone(),
+    ));
     if let Some(admin) = &cfg.fleet.admin {
         let m = metrics.clone();
         admin.add(std::sync::Arc::new(move || m.render()));

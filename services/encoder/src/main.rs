@@ -3,11 +3,9 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use nexus_bus::RedisBus;
-use nexus_core::grpc::DrainOptions;
 use nexus_core::telemetry::TelemetryArgs;
-use nexus_encoder::{EncoderArgs, EncoderConfig};
-use nexus_fleet::{FleetArgs, ModelSet, StageProcessArgs};
+use nexus_encoder::{EncoderArgs, EncoderStage};
+use nexus_fleet::{FleetArgs, StageProcessArgs};
 
 /// The encoder stage: reads segmented audio from Redis, writes encoder features.
 #[derive(Debug, Parser)]
@@ -30,22 +28,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-encoder")?;
-    let shutdown = nexus_core::shutdown::on_signals();
-    let mut fleet = cli.fleet.resolve("encoder")?;
-    fleet.admin = cli.fleet.admin_port(&shutdown).await?;
-    if let Some(admin) = &fleet.admin {
-        admin.set_log_filter(telemetry.log_filter());
-    }
-    let device = nexus_models::parse_device(&cli.process.device)?;
-    let names = cli.process.models.clone();
-    let models =
-        tokio::task::spawn_blocking(move || ModelSet::load_on(&names, None, &device)).await??;
-    let bus = RedisBus::connect(&cli.process.redis).await?;
+    let (process, bus) = cli.process.start(&cli.fleet, &telemetry).await?;
+    let stage = EncoderStage::build(&process, cli.stage).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    let cfg = EncoderConfig {
-        fleet,
-        args: cli.stage,
-        drain: DrainOptions::default(),
-    };
-    nexus_encoder::run(cfg, bus, models, Some(listener), shutdown).await
+    stage.run(bus, Some(listener)).await
 }

@@ -33,8 +33,8 @@ use std::time::Duration;
 use futures::Stream;
 use nexus_audio::{AudioLimits, EndpointConfig};
 use nexus_bus::{Bus, Lease, SessionId};
-use nexus_core::grpc::{DrainOptions, GrpcServer};
-use nexus_fleet::{Fleet, stages};
+use nexus_core::grpc::GrpcServer;
+use nexus_fleet::{Fleet, Process, stages};
 use nexus_models::vad::SileroVad;
 use nexus_proto::speech::models_server::ModelsServer;
 use nexus_proto::speech::speech_recognition_server::{SpeechRecognition, SpeechRecognitionServer};
@@ -169,23 +169,101 @@ impl Default for IngestArgs {
 
 /// Everything the ingest stage runs with.
 #[derive(Debug, Clone)]
-pub struct IngestConfig {
+struct IngestConfig {
     /// Shared fleet settings.
-    pub fleet: Fleet,
+    fleet: Fleet,
     /// Stage settings.
-    pub args: IngestArgs,
-    /// How health and the drain behave.
-    pub drain: DrainOptions,
+    args: IngestArgs,
     /// Whisper models the fleet's encoders and decoders serve; the first is the default.
-    pub models: Vec<String>,
-    /// Whether English-only models are among them, by name (they cannot take other languages).
-    pub english_only: Vec<String>,
+    models: Vec<String>,
+    /// Whether English-only models are among them (they cannot take other languages).
+    english_only: Vec<String>,
     /// The decoders' text translation model, when they have one.
-    pub translation_model: Option<String>,
+    translation_model: Option<String>,
     /// Models that translate into any language themselves (NEXUS-O).
-    pub self_translating: Vec<String>,
+    self_translating: Vec<String>,
+    /// Voices the fleet's vocoders serve; the first is the default. Empty: no synthesis.
+    voices: Vec<String>,
+}
+
+/// What the rest of the fleet serves, as far as ingest must know to route
+/// and check requests.
+#[derive(Debug, Clone, Default)]
+pub struct FleetOffer {
+    /// The decoders' text translation model; none when empty.
+    pub translation_model: String,
     /// Voices the fleet's vocoders serve; the first is the default. Empty: no synthesis.
     pub voices: Vec<String>,
+}
+
+/// The ingest stage, built: what `nexus-ingest` and `nexus serve` run.
+pub struct IngestStage {
+    cfg: IngestConfig,
+    vad: Arc<SileroVad>,
+    shutdown: CancellationToken,
+}
+
+impl IngestStage {
+    /// The ingest of `process`: the Silero VAD (on the CPU), and what the
+    /// process's models can do: asked of their tokenizers when a stage of
+    /// this process loaded them, else told by name and config.
+    pub async fn build(
+        process: &Process,
+        args: IngestArgs,
+        offer: FleetOffer,
+    ) -> anyhow::Result<Self> {
+        let home = process.home();
+        let vad = {
+            let home = home.clone();
+            tokio::task::spawn_blocking(move || {
+                anyhow::Ok(SileroVad::load(
+                    &nexus_fleet::models::resolve_vad(home)?,
+                    &candle_core::Device::Cpu,
+                )?)
+            })
+            .await??
+        };
+        let names = process.model_names().to_vec();
+        let english_only = match process.loaded_models() {
+            Some(m) => m
+                .names()
+                .into_iter()
+                .filter(|n| m.get(n).is_some_and(|(_, e)| !e.tokenizer.multilingual))
+                .collect(),
+            None => nexus_fleet::models::english_only_by_name(&names),
+        };
+        Ok(Self {
+            cfg: IngestConfig {
+                fleet: process.fleet("ingest")?,
+                english_only,
+                self_translating: nexus_fleet::models::nexus_by_config(&names, home),
+                models: names,
+                translation_model: (!offer.translation_model.is_empty())
+                    .then_some(offer.translation_model),
+                voices: offer.voices.into_iter().filter(|v| !v.is_empty()).collect(),
+                args,
+            },
+            vad: Arc::new(vad),
+            shutdown: process.shutdown.clone(),
+        })
+    }
+
+    /// Runs until the process shuts down: the gRPC API on `grpc` and the
+    /// HTTP API on `--http-listen`; live sessions finish their current
+    /// utterance and receive their finals within the drain grace.
+    pub async fn run<B: Bus>(self, bus: B, grpc: TcpListener) -> anyhow::Result<()> {
+        let listeners = Listeners {
+            grpc,
+            http: self.cfg.args.bind_http().await?,
+        };
+        if let Some(h) = &listeners.http {
+            println!(
+                "nexus HTTP API (OpenAI-compatible) on http://{}",
+                h.local_addr()?
+            );
+        }
+        run(self.cfg, bus, self.vad, listeners, self.shutdown).await
+    }
 }
 
 pub(crate) struct Settings {
@@ -302,11 +380,11 @@ impl IngestArgs {
 
 /// Where an ingest replica listens.
 #[derive(Debug)]
-pub struct Listeners {
+struct Listeners {
     /// The gRPC API (and health).
-    pub grpc: TcpListener,
+    grpc: TcpListener,
     /// The OpenAI-compatible HTTP API; none to leave it off.
-    pub http: Option<TcpListener>,
+    http: Option<TcpListener>,
 }
 
 pub(crate) type ResponseStream =
@@ -594,9 +672,7 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
     }
 }
 
-/// Runs the ingest stage on `listener` until `shutdown`; live sessions finish
-/// their current utterance and receive their finals within the drain grace.
-pub async fn run<B: Bus>(
+async fn run<B: Bus>(
     cfg: IngestConfig,
     bus: B,
     vad: Arc<SileroVad>,
@@ -632,7 +708,7 @@ pub async fn run<B: Bus>(
     }
     let listener = listeners.grpc;
     let tls = tls::TlsFiles::from_args(cfg.args.tls_cert.clone(), cfg.args.tls_key.clone())?;
-    let mut grpc = GrpcServer::new(SERVICES, cfg.drain).await;
+    let mut grpc = GrpcServer::new(SERVICES, cfg.fleet.drain).await;
     if let Some(t) = &tls {
         grpc = grpc.with_tls(t.grpc()?);
     }
@@ -643,7 +719,7 @@ pub async fn run<B: Bus>(
             bus_retry: Duration::from_millis(cfg.args.bus_retry_ms),
             final_timeout: Duration::from_millis(cfg.args.final_timeout_ms),
             resume_grace: Duration::from_millis(cfg.args.resume_grace_ms),
-            drain_grace: cfg.drain.grace,
+            drain_grace: cfg.fleet.drain.grace,
             max_session: Duration::from_secs(cfg.args.max_session_minutes.max(1) * 60),
             idle_timeout: Duration::from_millis(cfg.args.idle_timeout_ms),
             live_max_speed: cfg.args.live_max_speed,
@@ -668,7 +744,7 @@ pub async fn run<B: Bus>(
         jobs: cfg.args.jobs.clone(),
         parked: Default::default(),
         webrtc: webrtc::WebRtc::new(cfg.args.webrtc.clone())?,
-        metrics: Arc::new(metrics::IngestMetrics::default()),
+        metrics: Arc::new(metrics::IngestMetrics::new(cfg.fleet.metrics.clone())),
         synthesis_slots: synthesis::slots(),
     });
     if let Some(admin) = &cfg.fleet.admin {

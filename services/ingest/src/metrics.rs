@@ -29,8 +29,9 @@ struct Call {
     code: String,
 }
 
-/// Counters and histograms of one ingest replica (prefix `nexus_ingest_`),
-/// and the fleet-wide families (`nexus_stream_*`, `nexus_bus_errors_total`).
+/// Counters and histograms of one ingest replica (prefix `nexus_ingest_`);
+/// the fleet-wide families (`nexus_stream_*`, `nexus_bus_errors_total`) are
+/// the process's, rendered once by it.
 pub struct IngestMetrics {
     registry: Registry,
     /// Streams and bus errors.
@@ -44,10 +45,10 @@ pub struct IngestMetrics {
     latency: Family<Kind, Histogram>,
 }
 
-impl Default for IngestMetrics {
-    fn default() -> Self {
+impl IngestMetrics {
+    /// The ingest families beside the process's shared `fleet` ones.
+    pub fn new(fleet: FleetMetrics) -> Self {
         let mut registry = Registry::with_prefix("nexus");
-        let fleet = FleetMetrics::register(&mut registry);
         let sessions_started = Counter::default();
         let sessions_ended = Family::<Outcome, Counter>::default();
         let sessions_active = Gauge::default();
@@ -100,9 +101,7 @@ impl Default for IngestMetrics {
             latency,
         }
     }
-}
 
-impl IngestMetrics {
     pub(crate) fn session_started(&self) {
         self.sessions_started.inc();
         self.sessions_active.inc();

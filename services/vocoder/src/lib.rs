@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nexus_bus::{Bus, SessionId, decode, encode};
-use nexus_core::grpc::{DrainOptions, GrpcServer};
-use nexus_fleet::{Fleet, StageReader, now_unix_ms, retry, stages};
+use nexus_core::grpc::GrpcServer;
+use nexus_fleet::{Fleet, Process, StageReader, now_unix_ms, retry, stages};
 use nexus_models::tts::{PiperVoice, SynthesisOptions, sentences};
 use nexus_models::vocoder::{Firefly, FireflyStream};
 use nexus_proto::pipeline::{DecodeResult, Envelope, SpeechCodes, SynthesisChunk, SynthesisTask};
@@ -55,13 +55,89 @@ pub struct VocoderArgs {
 
 /// Everything the vocoder stage runs with.
 #[derive(Debug, Clone)]
-pub struct VocoderConfig {
+struct VocoderConfig {
     /// Shared fleet settings.
-    pub fleet: Fleet,
+    fleet: Fleet,
     /// Stage settings.
-    pub args: VocoderArgs,
-    /// How health and the drain behave.
-    pub drain: DrainOptions,
+    args: VocoderArgs,
+}
+
+/// What to do when a voice cannot be loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingVoice {
+    /// The stage does not start (a vocoder process: its voices are its job).
+    Fail,
+    /// Synthesis is off, with a warning saying why (the embedded fleet
+    /// speaks when the voice is on this machine).
+    Warn,
+}
+
+/// The vocoder stage, built: what `nexus-vocoder` and `nexus serve` run.
+pub struct VocoderStage {
+    cfg: VocoderConfig,
+    voices: Voices,
+    codecs: Codecs,
+    shutdown: CancellationToken,
+}
+
+impl VocoderStage {
+    /// The vocoder of `process`: its voices and codecs, loaded on the
+    /// process's device.
+    pub async fn build(
+        process: &Process,
+        args: VocoderArgs,
+        missing: MissingVoice,
+    ) -> anyhow::Result<Self> {
+        let (names, codec_names, home, device) = (
+            args.voices.clone(),
+            args.codecs.clone(),
+            process.home(),
+            process.device().clone(),
+        );
+        let (voices, codecs) = tokio::task::spawn_blocking(move || {
+            let voices = match (Voices::load(&names, home.clone(), &device), missing) {
+                (Ok(v), _) => v,
+                (Err(e), MissingVoice::Warn) => {
+                    tracing::warn!(error = %format!("{e:#}"), "speech synthesis is off");
+                    Voices::default()
+                }
+                (Err(e), MissingVoice::Fail) => return Err(e),
+            };
+            anyhow::Ok((voices, Codecs::load(&codec_names, home, &device)?))
+        })
+        .await??;
+        Ok(Self {
+            cfg: VocoderConfig {
+                fleet: process.fleet("vocoder")?,
+                args,
+            },
+            voices,
+            codecs,
+            shutdown: process.shutdown.clone(),
+        })
+    }
+
+    /// The voices it speaks, sorted.
+    pub fn voices(&self) -> Vec<String> {
+        self.voices.names()
+    }
+
+    /// Whether it has nothing to do: no voice and no codec loaded.
+    pub fn is_idle(&self) -> bool {
+        self.voices.is_empty() && self.codecs.is_empty()
+    }
+
+    /// Runs until the process shuts down, serving health on `listener` when given.
+    pub async fn run<B: Bus>(self, bus: B, listener: Option<TcpListener>) -> anyhow::Result<()> {
+        run(
+            self.cfg,
+            bus,
+            (self.voices, self.codecs),
+            listener,
+            self.shutdown,
+        )
+        .await
+    }
 }
 
 /// Loaded voices by name; the first is the default.
@@ -198,8 +274,7 @@ impl Codecs {
 /// Code frames turned into audio per chunk of a segment's reply.
 pub const CODE_CHUNK_FRAMES: usize = 25;
 
-/// Runs the vocoder stage until `shutdown`.
-pub async fn run<B: Bus>(
+async fn run<B: Bus>(
     cfg: VocoderConfig,
     bus: B,
     (voices, codecs): (Voices, Codecs),
@@ -208,7 +283,7 @@ pub async fn run<B: Bus>(
 ) -> anyhow::Result<()> {
     let server = match listener {
         Some(l) => {
-            let grpc = GrpcServer::new(&[], cfg.drain).await;
+            let grpc = GrpcServer::new(&[], cfg.fleet.drain).await;
             let health = grpc.health_handle();
             let stop = shutdown.clone();
             let task = nexus_core::task::spawn("vocoder-health", async move {
@@ -222,6 +297,22 @@ pub async fn run<B: Bus>(
         !voices.is_empty() || !codecs.is_empty(),
         "the vocoder has nothing to serve: give it a --voice or a --codec"
     );
+    if cfg.fleet.admin.is_some() {
+        let streams: Vec<&str> = [
+            (!voices.is_empty()).then_some(stages::SYNTHESIZE),
+            (!codecs.is_empty()).then_some(stages::CODES),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        cfg.fleet.metrics.sample_streams(
+            bus.clone(),
+            &cfg.fleet.keys,
+            &streams,
+            Duration::from_secs(2),
+            shutdown.clone(),
+        );
+    }
     // Only a vocoder with voices takes synthesis requests.
     let mut reader = if voices.is_empty() {
         None
@@ -305,12 +396,12 @@ pub async fn run<B: Bus>(
         while running.try_join_next().is_some() {}
     }
     tracing::info!("vocoder draining");
-    let _ = tokio::time::timeout(cfg.drain.grace, async {
+    let _ = tokio::time::timeout(cfg.fleet.drain.grace, async {
         while running.join_next().await.is_some() {}
     })
     .await;
     if let Some(t) = codes_task {
-        let _ = tokio::time::timeout(cfg.drain.grace, t).await;
+        let _ = tokio::time::timeout(cfg.fleet.drain.grace, t).await;
     }
     if let Some((health, task)) = server {
         health.set_serving(false).await;

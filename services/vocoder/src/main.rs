@@ -3,11 +3,9 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use nexus_bus::RedisBus;
-use nexus_core::grpc::DrainOptions;
 use nexus_core::telemetry::TelemetryArgs;
-use nexus_fleet::FleetArgs;
-use nexus_vocoder::{Codecs, VocoderArgs, VocoderConfig, Voices};
+use nexus_fleet::{FleetArgs, ModelArgs};
+use nexus_vocoder::{MissingVoice, VocoderArgs, VocoderStage};
 
 /// The vocoder stage: reads synthesis requests from Redis, writes audio to their result logs.
 #[derive(Debug, Parser)]
@@ -34,27 +32,15 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-vocoder")?;
-    let shutdown = nexus_core::shutdown::on_signals();
-    let mut fleet = cli.fleet.resolve("vocoder")?;
-    fleet.admin = cli.fleet.admin_port(&shutdown).await?;
-    if let Some(admin) = &fleet.admin {
-        admin.set_log_filter(telemetry.log_filter());
-    }
-    let device = nexus_models::parse_device(&cli.device)?;
-    let (names, codec_names) = (cli.stage.voices.clone(), cli.stage.codecs.clone());
-    let (voices, codecs) = tokio::task::spawn_blocking(move || {
-        anyhow::Ok((
-            Voices::load(&names, None, &device)?,
-            Codecs::load(&codec_names, None, &device)?,
-        ))
-    })
-    .await??;
-    let bus = RedisBus::connect(&cli.redis).await?;
-    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    let cfg = VocoderConfig {
-        fleet,
-        args: cli.stage,
-        drain: DrainOptions::default(),
+    // The vocoder serves no recognition model; its voices are its stage's.
+    let models = ModelArgs {
+        names: Vec::new(),
+        home: None,
+        device: nexus_models::parse_device(&cli.device)?,
     };
-    nexus_vocoder::run(cfg, bus, (voices, codecs), Some(listener), shutdown).await
+    let (process, bus) =
+        nexus_fleet::process::on_redis(&cli.redis, &cli.fleet, models, &telemetry).await?;
+    let stage = VocoderStage::build(&process, cli.stage, MissingVoice::Fail).await?;
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    stage.run(bus, Some(listener)).await
 }
