@@ -150,9 +150,24 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
         text.to_lowercase().contains("forward"),
         "transcript: {text:?}"
     );
-    // Stream positions are sampled every 2 s.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let after: Vec<Series> = futures::future::join_all(admins.iter().map(|a| scrape(a))).await;
+    // Stream positions are sampled every 2 s; the session's end is counted
+    // as it closes.
+    let lag = |stream: &str, group: &str| {
+        format!(r#"nexus_stream_lag{{stream="{stream}",group="{group}"}}"#)
+    };
+    let waits = [
+        vec![lag("audio", "encoder")],
+        vec![lag("encoded", "decoder")],
+        vec![
+            lag("audio", "encoder"),
+            r#"nexus_ingest_sessions_ended_total{outcome="ok"}"#.to_owned(),
+        ],
+    ];
+    let mut after = Vec::new();
+    for (a, w) in admins.iter().zip(&waits) {
+        let w: Vec<&str> = w.iter().map(String::as_str).collect();
+        after.push(scrape_until(a, &w).await);
+    }
     check_metrics(&before, &after);
     // The log filter changes at run time through the admin port, with its token.
     let admin = nexus_tests::http_client::Client::new(admins[2].parse().unwrap());
@@ -333,6 +348,27 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Scrapes `addr` until every one of `series` is on the page (30 s at most).
+async fn scrape_until(addr: &str, series: &[&str]) -> Series {
+    let t0 = std::time::Instant::now();
+    loop {
+        let page = scrape(addr).await;
+        let missing: Vec<&&str> = series
+            .iter()
+            .filter(|s| !page.values.contains_key(**s))
+            .collect();
+        if missing.is_empty() {
+            return page;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{addr}: missing {missing:?}\n{}",
+            page.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// One scrape: the text, and each series (`name{labels}`) with its value.
@@ -554,23 +590,7 @@ async fn the_embedded_fleet_serves_one_prometheus_page() {
         r#"nexus_stream_dead_letters{stream="encoded"}"#,
         r#"nexus_stream_dead_letters{stream="jobs"}"#,
     ];
-    let t0 = std::time::Instant::now();
-    let page = loop {
-        let page = scrape(&admin).await;
-        if wanted.iter().all(|w| page.values.contains_key(*w)) {
-            break page;
-        }
-        let missing: Vec<&&str> = wanted
-            .iter()
-            .filter(|w| !page.values.contains_key(**w))
-            .collect();
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "missing {missing:?}\n{}",
-            page.text
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let page = scrape_until(&admin, &wanted).await;
     promtool("nexus serve", &page.text);
     // The process's log filter, changed through its admin port.
     let client = nexus_tests::http_client::Client::new(admin.parse().unwrap());
@@ -601,20 +621,11 @@ async fn the_embedded_fleet_serves_one_prometheus_page() {
         ],
     );
     voc.wait_serving(Duration::from_secs(120)).await;
-    let t0 = std::time::Instant::now();
-    let series = r#"nexus_stream_dead_letters{stream="synthesize"}"#;
-    let page = loop {
-        let page = scrape(&vadmin).await;
-        if page.values.contains_key(series) {
-            break page;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no {series}\n{}",
-            page.text
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let page = scrape_until(
+        &vadmin,
+        &[r#"nexus_stream_dead_letters{stream="synthesize"}"#],
+    )
+    .await;
     promtool("nexus-vocoder", &page.text);
     assert!(serve.terminate().success());
     assert!(voc.terminate().success());
