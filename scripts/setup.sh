@@ -3,8 +3,13 @@
 # what is missing, so CI and developers run it every time.
 #
 #   scripts/setup.sh          system packages + Rust toolchain for building and testing
+#   scripts/setup.sh --build  only what building and running `nexus` needs
+#                             (the quickstart): compilers, Python's pip for
+#                             fetching weights, the Rust toolchain
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BUILD_ONLY=0
+[ "${1:-}" = "--build" ] && BUILD_ONLY=1
 
 log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -12,16 +17,19 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Debian packages, keyed by a command (or file) that proves each is present.
+# Debian packages, keyed by a command (or file) that proves each is present:
+# first what building and fetching weights need, then what the tests need.
 declare -A APT=(
   [cc]=build-essential
   [pkg-config]=pkg-config
   [cmake]=cmake            # libopus is built from source by the opus crate
-  [redis-server]=redis-server
-  [redis-cli]=redis-tools
-  [python3]=python3
+  [python3]=python3        # weights are fetched with pip
   [curl]=curl
   [git]=git
+)
+declare -A APT_TEST=(
+  [redis-server]=redis-server
+  [redis-cli]=redis-tools
   [espeak-ng]=espeak-ng  # synthesised speech for word-timing tests
   # Reference encoders: the audio tests encode their own files with them.
   [flac]=flac
@@ -36,11 +44,16 @@ declare -A APT=(
   # promtool checks the services' /metrics expositions.
   [promtool]=prometheus
 )
+if [ "$BUILD_ONLY" = 0 ]; then
+  for cmd in "${!APT_TEST[@]}"; do APT[$cmd]=${APT_TEST[$cmd]}; done
+fi
 missing=()
 for cmd in "${!APT[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${APT[$cmd]}")
 done
-[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+if [ "$BUILD_ONLY" = 0 ] && [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  missing+=(fonts-dejavu-core)
+fi
 if python3 -c 'import sys' 2>/dev/null && ! python3 -m pip --version >/dev/null 2>&1; then
   missing+=(python3-pip)
 fi
@@ -63,6 +76,10 @@ fi
 if ! cargo --version >/dev/null 2>&1; then
   log "installing the pinned Rust toolchain"
   rustup toolchain install "$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)" --profile minimal -c rustfmt -c clippy
+fi
+if [ "$BUILD_ONLY" = 1 ]; then
+  log "ready to build: $(cargo --version)"
+  exit 0
 fi
 # Independent clients the API tests drive: OpenAI's Python package, and the
 # srt / webvtt-py parsers that check our subtitles. Pinned, in a venv of our own.

@@ -1,80 +1,16 @@
-//! Models by name: registry names resolve to folders in the weights store
-//! (`nexus models pull NAME`), or a path is taken as it is.
+//! The models a stage serves, loaded by name (names resolve through
+//! [`nexus_weights::resolve`]).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use candle_core::Device;
 use nexus_models::nexus::NexusModel;
 use nexus_models::whisper::WhisperEngine;
-use nexus_weights::{Registry, Store};
 
-/// The folder of a Whisper or NEXUS-O model given by registry name, by the
-/// name `nexus models import` stored it under, or by path.
-pub fn resolve_model(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_owned());
-    }
-    let store = Store::new(home.unwrap_or_else(Store::default_root));
-    let registry = Registry::builtin();
-    let imported = store.model_dir(spec);
-    if registry.get(spec).is_err()
-        && !spec.contains('/')
-        && imported.join("model.safetensors").is_file()
-    {
-        return Ok(imported);
-    }
-    let entry = registry.get(spec)?;
-    let dir = store.model_dir(&entry.name);
-    if !dir.join("model.safetensors").is_file() {
-        bail!(
-            "model {} is not on this machine; run `nexus models pull {}`",
-            entry.name,
-            entry.name
-        );
-    }
-    Ok(dir)
-}
-
-/// The file of a GGUF language model given by registry name or path.
-pub fn resolve_gguf(spec: &str, home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        return Ok(path.to_owned());
-    }
-    let store = Store::new(home.unwrap_or_else(Store::default_root));
-    let registry = Registry::builtin();
-    let entry = registry.get(spec)?;
-    if entry.format != "gguf" {
-        bail!(
-            "{} is a {} model, not a GGUF language model",
-            entry.name,
-            entry.family
-        );
-    }
-    let file = store.source_dir(&entry.name).join("model.gguf");
-    if !store.is_pulled(entry) {
-        bail!(
-            "model {} is not on this machine; run `nexus models pull {}`",
-            entry.name,
-            entry.name
-        );
-    }
-    Ok(file)
-}
-
-/// The Silero VAD weights file.
-pub fn resolve_vad(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let store = Store::new(home.unwrap_or_else(Store::default_root));
-    let file = store.source_dir("silero-vad").join("model.safetensors");
-    if !file.is_file() {
-        bail!("the Silero VAD is not on this machine; run `nexus models pull silero-vad`");
-    }
-    Ok(file)
-}
+pub use nexus_weights::resolve::{resolve_gguf, resolve_model, resolve_vad};
 
 /// The NEXUS-O models among `names` (their folder's config says so), for
 /// processes that do not load them: these translate into any language

@@ -66,6 +66,14 @@ pub enum WeightsError {
     /// The model exists but this operation does not apply to it.
     #[error("{0}")]
     Unsupported(String),
+    /// A known model that has not been pulled onto this machine.
+    #[error("{what} is not on this machine; run `nexus models pull {name}`")]
+    NotPulled {
+        /// What is missing (`model base`, `the Silero VAD`).
+        what: String,
+        /// The registry name to pull.
+        name: String,
+    },
 }
 
 impl WeightsError {

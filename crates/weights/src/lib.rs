@@ -14,6 +14,7 @@ pub mod nexus;
 pub mod onnx;
 pub mod piper;
 pub mod registry;
+pub mod resolve;
 pub mod store;
 pub mod torch_legacy;
 pub mod whisper;

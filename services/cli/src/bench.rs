@@ -32,16 +32,19 @@ enum BenchCommand {
     Audio(AudioArgs),
     /// Stage-to-stage transport: append, group read and ack per hop, in memory
     /// and on Redis, with audio-window and encoder-feature payloads.
+    #[cfg(feature = "fleet")]
     Bus(crate::bench_bus::BusArgs),
     /// Live capacity: concurrent real-time sessions per model on the embedded
     /// and the Redis fleet, with final-caption latency after the endpoint and
     /// after the end of speech.
+    #[cfg(feature = "fleet")]
     Fleet(crate::bench_fleet::FleetArgs),
     /// Text translation: seconds per sentence and tokens per second of the
     /// Qwen GGUF as the fleet loads it, beside the same file as stored.
     Translate(crate::bench_translate::TranslateBenchArgs),
     /// Speech synthesis: the Piper voice's real-time factor beside ONNX Runtime
     /// on the same phoneme ids, and whisper base reading it back (WER).
+    #[cfg(feature = "fleet")]
     Tts(crate::bench_tts::TtsArgs),
     /// One system on one model, in this process (used by `asr`; prints JSON).
     #[command(hide = true)]
@@ -366,9 +369,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Asr(a) => asr(a),
         BenchCommand::Audio(a) => audio(a),
+        #[cfg(feature = "fleet")]
         BenchCommand::Bus(a) => crate::bench_bus::run(a),
+        #[cfg(feature = "fleet")]
         BenchCommand::Fleet(a) => crate::bench_fleet::run(a),
         BenchCommand::Translate(a) => crate::bench_translate::run(a),
+        #[cfg(feature = "fleet")]
         BenchCommand::Tts(a) => crate::bench_tts::run(a),
         BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
     }

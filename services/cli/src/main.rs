@@ -1,14 +1,19 @@
 //! `nexus`: the embedded fleet and its tools in one binary.
 //!
 //! Subcommands appear here as the features behind them are built; there are no
-//! placeholders.
+//! placeholders. Without the `fleet` feature (the quickstart's build) it is the
+//! transcription tool alone: `transcribe`, `translate`, `models`, `bench asr`.
 
 mod bench;
+#[cfg(feature = "fleet")]
 mod bench_bus;
+#[cfg(feature = "fleet")]
 mod bench_fleet;
 mod bench_translate;
+#[cfg(feature = "fleet")]
 mod bench_tts;
 mod models;
+#[cfg(feature = "fleet")]
 mod serve;
 mod transcribe;
 mod translate;
@@ -29,6 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve live recognition: every stage in this process, or one stage of a fleet.
+    #[cfg(feature = "fleet")]
     Serve(Box<serve::ServeArgs>),
     /// List, fetch and convert model weights.
     Models(models::ModelsArgs),
@@ -39,11 +45,13 @@ enum Command {
     /// Measure speed, memory and accuracy beside the reference engines.
     Bench(bench::BenchArgs),
     /// API keys: print the digest under which the keys file stores a key.
+    #[cfg(feature = "fleet")]
     #[command(subcommand)]
     Keys(KeysCommand),
 }
 
 /// `nexus keys`.
+#[cfg(feature = "fleet")]
 #[derive(Debug, clap::Subcommand)]
 enum KeysCommand {
     /// Prints the SHA-256 digest of KEY for the `sha256` field of the keys file.
@@ -62,16 +70,19 @@ enum KeysCommand {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = telemetry::init(&cli.telemetry, "nexus")?;
-    match cli.command {
+    let done = match cli.command {
+        #[cfg(feature = "fleet")]
         Command::Serve(args) => serve::run(*args, telemetry.log_filter()),
         Command::Models(args) => models::run(args),
         Command::Transcribe(args) => transcribe::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Bench(args) => bench::run(args),
+        #[cfg(feature = "fleet")]
         Command::Keys(KeysCommand::Hash { key }) => {
             println!("{}", nexus_ingest::auth::hash_key(&key));
             Ok(())
         }
+        #[cfg(feature = "fleet")]
         Command::Keys(KeysCommand::New { tenant }) => {
             let key = format!("nx-{}", uuid::Uuid::new_v4().simple());
             println!("key: {key}");
@@ -81,5 +92,8 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-    }
+    };
+    // Spans still buffered are exported before the process exits.
+    drop(telemetry);
+    done
 }

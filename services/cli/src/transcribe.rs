@@ -80,7 +80,7 @@ fn parse_format(s: &str) -> Result<Format, String> {
         .map_err(|e: nexus_transcript::UnknownFormat| e.to_string())
 }
 
-pub use nexus_fleet::models::resolve_model;
+pub use nexus_weights::resolve::resolve_model;
 
 /// 16 kHz mono samples of a file.
 pub fn load_audio(file: &Path, raw: Option<(u32, SampleFormat, u32)>) -> anyhow::Result<Vec<f32>> {

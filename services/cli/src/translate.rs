@@ -26,7 +26,7 @@ pub struct TranslateArgs {
     home: Option<PathBuf>,
 }
 
-pub use nexus_fleet::models::resolve_gguf;
+pub use nexus_weights::resolve::resolve_gguf;
 
 /// Checks a target language before any model is loaded.
 pub fn check_target(lang: &str) -> anyhow::Result<()> {

@@ -234,6 +234,7 @@ impl Codecs {
         let mut codecs = BTreeMap::new();
         for n in names.iter().filter(|n| !n.is_empty()) {
             let c = nexus_fleet::models::resolve_model(n, home.clone())
+                .map_err(anyhow::Error::from)
                 .and_then(|dir| Ok(Firefly::load(&dir, device)?))
                 .with_context(|| {
                     format!(
