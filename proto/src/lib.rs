@@ -43,3 +43,48 @@ pub const PUBLIC_SERVICES: &[&str] = &[
     "nexus.speech.v1.TranscriptionJobs",
     "nexus.speech.v1.Models",
 ];
+
+/// Transcript formats on the wire: `OutputFormat` is the gRPC spelling of
+/// [`nexus_transcript::Format`]; unspecified means JSON.
+mod format {
+    use super::speech::OutputFormat;
+    use nexus_transcript::Format;
+
+    impl From<Format> for OutputFormat {
+        fn from(f: Format) -> Self {
+            match f {
+                Format::Text => Self::Text,
+                Format::Json => Self::Json,
+                Format::VerboseJson => Self::VerboseJson,
+                Format::Srt => Self::Srt,
+                Format::Vtt => Self::Vtt,
+            }
+        }
+    }
+
+    impl From<OutputFormat> for Format {
+        fn from(f: OutputFormat) -> Self {
+            match f {
+                OutputFormat::Text => Self::Text,
+                OutputFormat::Json | OutputFormat::Unspecified => Self::Json,
+                OutputFormat::VerboseJson => Self::VerboseJson,
+                OutputFormat::Srt => Self::Srt,
+                OutputFormat::Vtt => Self::Vtt,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_format_crosses_the_wire_and_back() {
+            use Format::*;
+            for f in [Text, Json, VerboseJson, Srt, Vtt] {
+                assert_eq!(Format::from(OutputFormat::from(f)), f);
+            }
+            assert_eq!(Format::from(OutputFormat::Unspecified), Json);
+        }
+    }
+}

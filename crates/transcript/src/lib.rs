@@ -83,8 +83,14 @@ pub struct Transcript {
     pub target_language: Option<String>,
 }
 
-/// Output file formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The one format type behind the HTTP API's `response_format`, `nexus
+// transcribe --format`, the gRPC jobs' `OutputFormat` (mapped in nexus-proto)
+// and the operator's CRD, which spells the names in camelCase (`verboseJson`).
+/// A transcript format: plain text, JSON, verbose JSON (segments and words
+/// with times), SubRip or WebVTT subtitles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
 pub enum Format {
     /// The text, one segment per line.
     Text,
@@ -118,6 +124,18 @@ impl std::str::FromStr for Format {
 }
 
 impl Format {
+    /// The file a transcript of this format is stored as (in an output
+    /// ConfigMap, for one).
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Format::Text => "transcript.txt",
+            Format::Json => "transcript.json",
+            Format::VerboseJson => "transcript.verbose.json",
+            Format::Srt => "transcript.srt",
+            Format::Vtt => "transcript.vtt",
+        }
+    }
+
     /// MIME type of the rendered output.
     pub fn content_type(self) -> &'static str {
         match self {
@@ -288,6 +306,22 @@ mod tests {
             t.render(Format::Vtt),
             "WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nGo forward.\n\n01:01:01.042 --> 01:01:02.000\nTen -> meters now\n\n"
         );
+    }
+
+    #[test]
+    fn format_names_parse_and_serialise() {
+        for (name, camel, f) in [
+            ("text", "text", Format::Text),
+            ("json", "json", Format::Json),
+            ("verbose_json", "verboseJson", Format::VerboseJson),
+            ("srt", "srt", Format::Srt),
+            ("vtt", "vtt", Format::Vtt),
+        ] {
+            assert_eq!(name.parse::<Format>().unwrap(), f);
+            assert_eq!(serde_json::to_value(f).unwrap(), camel);
+            assert_eq!(serde_json::from_value::<Format>(camel.into()).unwrap(), f);
+        }
+        assert!("docx".parse::<Format>().is_err());
     }
 
     #[test]

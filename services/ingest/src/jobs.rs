@@ -96,17 +96,6 @@ fn bus_status(e: BusError) -> Status {
     Status::unavailable(format!("the job store is unreachable: {e}; retry"))
 }
 
-fn format_of(f: OutputFormat) -> Option<nexus_transcript::Format> {
-    use nexus_transcript::Format;
-    Some(match f {
-        OutputFormat::Text => Format::Text,
-        OutputFormat::Json | OutputFormat::Unspecified => Format::Json,
-        OutputFormat::VerboseJson => Format::VerboseJson,
-        OutputFormat::Srt => Format::Srt,
-        OutputFormat::Vtt => Format::Vtt,
-    })
-}
-
 /// The TranscriptionJobs service of an ingest replica.
 pub struct JobsService<B: Bus>(pub(crate) Ingest<B>);
 
@@ -343,7 +332,7 @@ impl<B: Bus> Ingest<B> {
         } else {
             format
         };
-        let fmt = format_of(format).ok_or_else(|| invalid("unknown format"))?;
+        let fmt = nexus_transcript::Format::from(format);
         let stored = self
             .job_store()
             .result(&id)
@@ -803,7 +792,7 @@ impl<B: Bus> Ingest<B> {
                 Some(JobOutput {
                     format: *f,
                     uri: String::new(),
-                    size_bytes: t.render(format_of(of)?).len() as u64,
+                    size_bytes: t.render(of.into()).len() as u64,
                 })
             })
             .collect();

@@ -80,56 +80,8 @@ pub enum JobTask {
     Translate,
 }
 
-/// A transcript format.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum Format {
-    /// Plain text.
-    Text,
-    /// `{"text": ...}`.
-    Json,
-    /// Segments and words with times.
-    VerboseJson,
-    /// SubRip subtitles.
-    Srt,
-    /// WebVTT subtitles.
-    Vtt,
-}
-
-impl Format {
-    /// The transcript crate's format.
-    pub fn transcript(self) -> nexus_transcript::Format {
-        use nexus_transcript::Format as F;
-        match self {
-            Self::Text => F::Text,
-            Self::Json => F::Json,
-            Self::VerboseJson => F::VerboseJson,
-            Self::Srt => F::Srt,
-            Self::Vtt => F::Vtt,
-        }
-    }
-
-    /// The key of this format in an output ConfigMap.
-    pub fn file_name(self) -> &'static str {
-        match self {
-            Self::Text => "transcript.txt",
-            Self::Json => "transcript.json",
-            Self::VerboseJson => "transcript.verbose.json",
-            Self::Srt => "transcript.srt",
-            Self::Vtt => "transcript.vtt",
-        }
-    }
-
-    fn proto(self) -> OutputFormat {
-        match self {
-            Self::Text => OutputFormat::Text,
-            Self::Json => OutputFormat::Json,
-            Self::VerboseJson => OutputFormat::VerboseJson,
-            Self::Srt => OutputFormat::Srt,
-            Self::Vtt => OutputFormat::Vtt,
-        }
-    }
-}
+/// A transcript format (`text`, `json`, `verboseJson`, `srt`, `vtt`).
+pub use nexus_transcript::Format;
 
 /// Where a finished transcript is written.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -322,7 +274,7 @@ impl TranscriptionJobSpec {
             output_formats: self
                 .formats()
                 .into_iter()
-                .map(|f| f.proto() as i32)
+                .map(|f| OutputFormat::from(f) as i32)
                 .collect(),
             deadline_unix_ms: self.deadline_ms().unwrap_or(0),
         }

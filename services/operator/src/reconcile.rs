@@ -314,7 +314,7 @@ async fn write_outputs<B: Bus>(
         .spec
         .formats()
         .into_iter()
-        .map(|f| (f.file_name().to_owned(), t.render(f.transcript())))
+        .map(|f| (f.file_name().to_owned(), t.render(f)))
         .collect();
     let size: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
     if size > CONFIGMAP_LIMIT {
