@@ -108,13 +108,7 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
     }
     let before: Vec<Series> = futures::future::join_all(admins.iter().map(|a| scrape(a))).await;
 
-    // "go forward ten meters", then silence so the endpointer closes it.
-    let raw = std::fs::read(testdata().join("goforward.raw")).unwrap();
-    let mut samples: Vec<f32> = raw
-        .chunks_exact(2)
-        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
-        .collect();
-    samples.extend(std::iter::repeat_n(0.0, 16_000));
+    let samples = goforward();
     let mut msgs = vec![StreamingRecognizeRequest {
         streaming_request: Some(StreamingRequest::StreamingConfig(pcm16_config(MODEL))),
     }];
@@ -346,6 +340,17 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
     );
 }
 
+/// "go forward ten meters", then a second of silence so the endpointer closes it.
+fn goforward() -> Vec<f32> {
+    let raw = std::fs::read(testdata().join("goforward.raw")).unwrap();
+    let mut samples: Vec<f32> = raw
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect();
+    samples.extend(std::iter::repeat_n(0.0, 16_000));
+    samples
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -563,12 +568,7 @@ async fn the_embedded_fleet_serves_one_prometheus_page() {
         ],
     );
     serve.wait_serving(Duration::from_secs(120)).await;
-    let raw = std::fs::read(testdata().join("goforward.raw")).unwrap();
-    let mut samples: Vec<f32> = raw
-        .chunks_exact(2)
-        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
-        .collect();
-    samples.extend(std::iter::repeat_n(0.0, 16_000));
+    let samples = goforward();
     let out = nexus_tests::fleet::stream(serve.addr, pcm16_config(MODEL), &samples, 4.0, |_| {})
         .await
         .unwrap();
