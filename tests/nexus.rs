@@ -71,6 +71,13 @@ fn check_finals(
             .map(|a| a.transcript.clone())
             .unwrap_or_default();
         assert_eq!(got, want, "window {}–{} ms", span.start_ms, span.end_ms);
+        if let Some(a) = f.alternatives.first() {
+            assert!(
+                a.confidence > 0.0 && a.confidence <= 1.0,
+                "a NEXUS final's confidence is its tokens' mean probability: {}",
+                a.confidence
+            );
+        }
         if translated && !want.is_empty() {
             let t = f.translation.as_ref().expect("a translated final");
             assert_eq!(

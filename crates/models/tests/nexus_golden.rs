@@ -139,6 +139,16 @@ fn batched_steps_equal_one_session_at_a_time() {
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for _ in 0..6 {
         let (na, nb) = (a.greedy().unwrap(), b.greedy().unwrap());
+        // The chosen token's log-probability is log-softmax of the logits.
+        let (ga, lp) = a.greedy_with_logprob().unwrap();
+        let want = candle_nn::ops::log_softmax(a.logits(), 0)
+            .unwrap()
+            .i(na as usize)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(ga, na);
+        assert!(lp <= 0.0 && (lp - want).abs() < 1e-4, "{lp} vs {want}");
         ta.push(na);
         tb.push(nb);
         m.lm().step_batch(&[na, nb], &mut [&mut a, &mut b]).unwrap();

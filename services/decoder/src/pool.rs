@@ -115,6 +115,8 @@ enum Kind {
         tokens: Vec<u32>,
         /// Final-norm LM states that produced each token (the audio decoder's input).
         hidden: Vec<Tensor>,
+        /// Sum of the chosen tokens' log-probabilities.
+        logprob_sum: f64,
         language: String,
         translated: Option<String>,
     },
@@ -174,6 +176,7 @@ fn start_nexus(
                 session: Box::new(session),
                 tokens: Vec::new(),
                 hidden: Vec::new(),
+                logprob_sum: 0.0,
                 language,
                 translated,
             },
@@ -192,12 +195,14 @@ impl Active {
                 session,
                 tokens,
                 hidden,
+                logprob_sum,
                 ..
             } => {
-                let next = session.greedy().ok()?;
+                let (next, logprob) = session.greedy_with_logprob().ok()?;
                 if model.is_stop(next) || tokens.len() >= NEXUS_MAX_TOKENS {
                     return None;
                 }
+                *logprob_sum += f64::from(logprob);
                 tokens.push(next);
                 hidden.push(session.last_hidden().clone());
                 Some(next)
@@ -251,6 +256,7 @@ fn finish_nexus(
     seg: &EncodedSegment,
     model: &NexusModel,
     tokens: &[u32],
+    logprob_sum: f64,
     language: String,
 ) -> Result<(StreamingRecognitionResult, Vec<SpeechRecognitionResult>), String> {
     let text = model
@@ -263,7 +269,11 @@ fn finish_nexus(
     } else {
         vec![SpeechRecognitionAlternative {
             transcript: text.clone(),
-            confidence: 0.0,
+            // The geometric mean of the chosen tokens' probabilities, as
+            // Whisper results report exp(avg_logprob).
+            confidence: (logprob_sum / tokens.len().max(1) as f64)
+                .exp()
+                .clamp(0.0, 1.0) as f32,
             words: Vec::new(),
         }]
     };
@@ -517,11 +527,12 @@ fn finish(a: Active) -> Output {
             model,
             tokens,
             hidden,
+            logprob_sum,
             language,
             translated,
             ..
         } => {
-            let result = finish_nexus(&job.seg, &model, &tokens, language);
+            let result = finish_nexus(&job.seg, &model, &tokens, logprob_sum, language);
             let speech = if wants_speech(&job.seg)
                 && result
                     .as_ref()

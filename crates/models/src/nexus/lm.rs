@@ -45,6 +45,24 @@ impl LmSession {
         argmax(&self.logits)
     }
 
+    /// The most likely next token and its log-probability (natural log,
+    /// softmax over the vocabulary).
+    pub fn greedy_with_logprob(&self) -> Result<(u32, f32)> {
+        let logits: Vec<f32> = self.logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let (best, max) =
+            logits
+                .iter()
+                .copied()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, x)| if x > b.1 { (i, x) } else { b },
+                );
+        let sum: f32 = logits.iter().map(|x| (x - max).exp()).sum();
+        // The best token's logit is the maximum: its log-probability is -ln(sum).
+        Ok((best as u32, -sum.ln()))
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.cache.len()
