@@ -119,6 +119,9 @@ pub mod fleet {
         l.local_addr().expect("addr")
     }
 
+    /// Log lines a process shows when the test holding it fails.
+    const PANIC_LOG_LINES: usize = 120;
+
     /// A running process whose stderr is collected; killed when dropped.
     pub struct Proc {
         /// Its name in test output.
@@ -222,6 +225,19 @@ pub mod fleet {
 
     impl Drop for Proc {
         fn drop(&mut self) {
+            // A failing test shows what its processes logged last: the
+            // service's side of the failure, in the test's own output.
+            if std::thread::panicking() {
+                let log = self.log();
+                let tail = &log[log.len().saturating_sub(PANIC_LOG_LINES)..];
+                eprintln!(
+                    "--- last {} of {} lines {} logged ---\n{}",
+                    tail.len(),
+                    log.len(),
+                    self.name,
+                    tail.join("\n")
+                );
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

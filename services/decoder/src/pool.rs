@@ -418,9 +418,19 @@ pub fn options(
         prompt,
         // Interim text is compared word by word, not timed: skip timestamp tokens.
         without_timestamps: !seg.is_final,
+        sample_len: token_budget(seg.valid_frames),
         ..DecodeOptions::default()
     };
     Ok((base, opts))
+}
+
+/// Tokens a window of `valid_frames` mel frames may decode to: room for the
+/// fastest speech (about 7 tokens a second, timestamps included) twice over,
+/// up to Whisper's 224. A window that Whisper decodes into a repeating loop
+/// (a short one, most often) then costs time in proportion to its audio at
+/// every temperature of the fallback, and holds no other session up for long.
+fn token_budget(valid_frames: u32) -> usize {
+    (32 + valid_frames as usize * 15 / 100).min(DecodeOptions::default().sample_len)
 }
 
 fn features(seg: &EncodedSegment) -> Result<Tensor, String> {
@@ -591,9 +601,13 @@ fn finish(a: Active) -> Output {
         let lang = r.language.clone();
         let frames = (seg.valid_frames as usize).clamp(1, nexus_models::mel::CHUNK_FRAMES);
         // Segments reach the decoder only after the VAD heard speech in them.
-        let out = engine
+        let mut out = engine
             .finish_window(&r, &audio, 0.0, frames, &|_, _| false, &lang, &opts)
             .map_err(|e| e.to_string())?;
+        // Text timed from where the window's audio has ended (in the margin
+        // the encoder saw, or past it) is not in the audio: Whisper adds such
+        // trailing words most over windows shorter than 30 s.
+        out.segments.retain(|s| s.start < after_audio(frames));
         let text = out
             .segments
             .iter()
@@ -693,6 +707,13 @@ fn finish(a: Active) -> Output {
         span: job.span,
         speech: None,
     }
+}
+
+/// Seconds from a window's start at which its audio of `valid_frames` mel
+/// frames has ended, less the shortest word: a segment timed to start later
+/// holds nothing spoken.
+fn after_audio(valid_frames: usize) -> f32 {
+    (valid_frames as f32 / 100.0 - 0.1).max(0.0)
 }
 
 fn failed(job: Job, error: String) -> Output {
@@ -838,7 +859,17 @@ pub fn run_pool(
 
 #[cfg(test)]
 mod tests {
-    use super::temperature_ladder;
+    use super::{after_audio, temperature_ladder, token_budget};
+
+    #[test]
+    fn short_windows_decode_to_few_tokens_and_nothing_after_their_audio() {
+        assert_eq!(token_budget(300), 77);
+        assert_eq!(token_budget(1_000), 182);
+        assert_eq!(token_budget(3_000), 224);
+        assert_eq!(token_budget(0), 32);
+        assert!((after_audio(300) - 2.9).abs() < 1e-6);
+        assert_eq!(after_audio(5), 0.0);
+    }
 
     #[test]
     fn the_ladder_starts_at_the_asked_temperature() {

@@ -26,12 +26,22 @@ pub struct EncoderArgs {
     /// Mel frames one batch may hold (a 30 s window is 3000).
     #[arg(long, env = "NEXUS_ENCODER_FRAME_BUDGET", default_value_t = 12_000)]
     pub frame_budget: usize,
-    /// Encode interim windows over the full 30 s like finals. By default an
-    /// interim window is encoded over its audio plus `INTERIM_MARGIN_MS` only
-    /// (a 5 s utterance costs a sixth of a full window); finals always get the
-    /// full window, so final text equals offline transcription.
+    /// Encode interim windows over the full 30 s. By default a window is
+    /// encoded over its audio plus [`WINDOW_MARGIN_MS`] only (a 5 s utterance
+    /// costs a fifth of a full window).
     #[arg(long, env = "NEXUS_ENCODER_INTERIM_FULL_WINDOW")]
     pub interim_full_window: bool,
+    /// Encode final windows over the full 30 s, as Whisper was trained, instead
+    /// of their audio plus [`WINDOW_MARGIN_MS`] (BENCHMARKS.md has the
+    /// accuracy and speed of both).
+    #[arg(long, env = "NEXUS_ENCODER_FINAL_FULL_WINDOW")]
+    pub final_full_window: bool,
+    /// The shortest context a final window is encoded over, in ms: a short
+    /// utterance gets silence after it up to this length, as in a longer
+    /// window (with too little, Whisper can loop on a short final). Interims
+    /// are previews and keep their audio plus the margin.
+    #[arg(long, env = "NEXUS_ENCODER_MIN_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=30_000))]
+    pub min_window_ms: u64,
 }
 
 impl Default for EncoderArgs {
@@ -39,6 +49,8 @@ impl Default for EncoderArgs {
         Self {
             frame_budget: 12_000,
             interim_full_window: false,
+            final_full_window: false,
+            min_window_ms: 10_000,
         }
     }
 }
@@ -129,7 +141,9 @@ async fn run<B: Bus>(
     }
     tracing::info!(node = %cfg.fleet.node, models = ?models.names(), "encoder ready");
     let out_stream = stages::stream(keys, stages::ENCODED);
-    let max_batch = (cfg.args.frame_budget / CHUNK_FRAMES).max(1);
+    // Entries read at once: as many of the shortest windows (a second of
+    // speech and the margin) as one batch may hold; `batches` splits them.
+    let max_batch = (cfg.args.frame_budget / 300).clamp(1, 64);
     let max_age = cfg.fleet.interim_max_age;
     // In-flight work finishes after shutdown: reading stops, the batch completes.
     let work = CancellationToken::new();
@@ -148,36 +162,37 @@ async fn run<B: Bus>(
             let (group, stale) = drop_stale(group, max_age);
             metrics.skipped(stale.len());
             reader.ack(&stale).await;
-            if group.is_empty() {
-                continue;
-            }
-            let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
-            let kinds: Vec<bool> = group.iter().map(|(_, s)| s.is_final).collect();
-            let audio_seconds: f64 = group
-                .iter()
-                .map(|(_, s)| s.pcm_f32le.len() as f64 / 4.0 / f64::from(SAMPLE_RATE))
-                .sum();
-            let t0 = std::time::Instant::now();
-            let encoded = encode_group(&models, &model, group, cfg.args.interim_full_window).await;
-            metrics.call(kinds.len(), t0.elapsed(), audio_seconds);
-            for is_final in &kinds {
-                metrics.segment(*is_final, encoded.is_ok());
-            }
-            match encoded {
-                Ok(out) => {
-                    for seg in out {
-                        let fields = encode(&seg)
-                            .into_iter()
-                            .map(|(k, v)| (k.to_owned(), v))
-                            .collect();
-                        write(&bus, &out_stream, fields, cfg.fleet.limits, &work).await;
-                    }
-                    reader.ack(&ids).await;
+            // NEXUS-O's adapter takes the padded 30 s window.
+            let nexus = models.nexus(&model).is_some();
+            for (context, group) in batches(group, &cfg.args, nexus) {
+                let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
+                let kinds: Vec<bool> = group.iter().map(|(_, s)| s.is_final).collect();
+                let audio_seconds: f64 = group
+                    .iter()
+                    .map(|(_, s)| s.pcm_f32le.len() as f64 / 4.0 / f64::from(SAMPLE_RATE))
+                    .sum();
+                let t0 = std::time::Instant::now();
+                let encoded = encode_group(&models, &model, group, context).await;
+                metrics.call(kinds.len(), t0.elapsed(), audio_seconds);
+                for is_final in &kinds {
+                    metrics.segment(*is_final, encoded.is_ok());
                 }
-                Err(e) => {
-                    // Input the encoder cannot read fails the same way on every replica.
-                    tracing::error!(model, error = %format!("{e:#}"), entries = ids.len(), "encoding failed; entries dropped");
-                    reader.ack(&ids).await;
+                match encoded {
+                    Ok(out) => {
+                        for seg in out {
+                            let fields = encode(&seg)
+                                .into_iter()
+                                .map(|(k, v)| (k.to_owned(), v))
+                                .collect();
+                            write(&bus, &out_stream, fields, cfg.fleet.limits, &work).await;
+                        }
+                        reader.ack(&ids).await;
+                    }
+                    Err(e) => {
+                        // Input the encoder cannot read fails the same way on every replica.
+                        tracing::error!(model, error = %format!("{e:#}"), entries = ids.len(), "encoding failed; entries dropped");
+                        reader.ack(&ids).await;
+                    }
                 }
             }
         }
@@ -290,26 +305,72 @@ fn plan(batch: Vec<Entry>, max_age: Duration) -> (Vec<(String, Group)>, Vec<Entr
     (jobs, skip)
 }
 
-/// Audio after the end of an interim window that its encoding still covers.
-pub const INTERIM_MARGIN_MS: usize = 2_000;
+/// Audio after the end of a window that its encoding still covers: the
+/// encoder sees where speech stops, as in a padded 30 s window.
+pub const WINDOW_MARGIN_MS: usize = 2_000;
 
-/// Mel frames to encode for a window of `samples`: the full window for finals,
-/// the audio plus a margin (in whole seconds) for interims.
-fn context_frames(samples: usize, is_final: bool, full_window: bool) -> usize {
-    if is_final || full_window {
+/// Mel frames to encode for a window of `samples`: the audio plus a margin,
+/// at least `min_ms`, in whole seconds; or the full 30 s window where `full`.
+fn context_frames(samples: usize, full: bool, min_ms: u64) -> usize {
+    if full {
         return CHUNK_FRAMES;
     }
     let hop = nexus_models::mel::HOP_LENGTH;
-    let frames = (samples + SAMPLE_RATE as usize * INTERIM_MARGIN_MS / 1000).div_ceil(hop);
-    frames.div_ceil(100).saturating_mul(100).min(CHUNK_FRAMES)
+    let frames = (samples + SAMPLE_RATE as usize * WINDOW_MARGIN_MS / 1000).div_ceil(hop);
+    let shortest = (min_ms / 10) as usize;
+    frames
+        .max(shortest)
+        .div_ceil(100)
+        .saturating_mul(100)
+        .min(CHUNK_FRAMES)
 }
 
-/// Encodes one model's segments in one batch.
+/// Splits one model's windows into encoder batches: by context length (so
+/// short windows are not padded to a long one's length), each within
+/// `frame_budget` mel frames, and no batch padding any window beyond a quarter
+/// of its own context. `all_full` encodes every window over 30 s.
+fn batches(group: Group, args: &EncoderArgs, all_full: bool) -> Vec<(usize, Group)> {
+    let mut sized: Vec<(usize, (EntryId, AudioSegment))> = group
+        .into_iter()
+        .map(|(id, s)| {
+            let (full, min_ms) = if s.is_final {
+                (args.final_full_window, args.min_window_ms)
+            } else {
+                (args.interim_full_window, 0)
+            };
+            (
+                context_frames(s.pcm_f32le.len() / 4, all_full || full, min_ms),
+                (id, s),
+            )
+        })
+        .collect();
+    sized.sort_by_key(|(c, _)| *c);
+    // (shortest context, longest context, windows): sorted, so each window
+    // joins the last batch or starts the next.
+    let mut out: Vec<(usize, usize, Group)> = Vec::new();
+    for (context, entry) in sized {
+        match out.last_mut() {
+            Some((shortest, longest, g))
+                if (g.len() + 1) * context <= args.frame_budget.max(CHUNK_FRAMES)
+                    && context * 4 <= *shortest * 5 =>
+            {
+                *longest = context;
+                g.push(entry);
+            }
+            _ => out.push((context, context, vec![entry])),
+        }
+    }
+    out.into_iter()
+        .map(|(_, longest, g)| (longest, g))
+        .collect()
+}
+
+/// Encodes one model's segments in one batch over `context` mel frames.
 async fn encode_group(
     models: &ModelSet,
     model: &str,
     group: Group,
-    full_window: bool,
+    context: usize,
 ) -> anyhow::Result<Vec<EncodedSegment>> {
     if let Some((name, nexus)) = models.nexus(model) {
         return encode_nexus_group(name.to_owned(), nexus.clone(), group).await;
@@ -327,12 +388,6 @@ async fn encode_group(
         let t0 = std::time::Instant::now();
         let mut mels = Vec::with_capacity(group.len());
         let mut valid = Vec::with_capacity(group.len());
-        // One batch is one length: the longest context any of its windows needs.
-        let context = group
-            .iter()
-            .map(|(_, s)| context_frames(s.pcm_f32le.len() / 4, s.is_final, full_window))
-            .max()
-            .unwrap_or(CHUNK_FRAMES);
         for (_, s) in &group {
             let samples = samples_of(s)?;
             valid.push((samples.len() / nexus_models::mel::HOP_LENGTH).min(context) as u32);
@@ -531,13 +586,98 @@ mod tests {
     }
 
     #[test]
-    fn interims_are_encoded_over_their_audio_and_a_margin_only() {
+    fn windows_are_encoded_over_their_audio_and_a_margin_only() {
         // 3 s of audio + 2 s margin = 500 mel frames (10 ms each).
-        assert_eq!(context_frames(48_000, false, false), 500);
-        assert_eq!(context_frames(48_001, false, false), 600);
-        assert_eq!(context_frames(48_000, true, false), CHUNK_FRAMES);
-        assert_eq!(context_frames(48_000, false, true), CHUNK_FRAMES);
-        assert_eq!(context_frames(29 * 16_000, false, false), CHUNK_FRAMES);
+        assert_eq!(context_frames(48_000, false, 0), 500);
+        assert_eq!(context_frames(48_001, false, 0), 600);
+        assert_eq!(context_frames(48_000, true, 0), CHUNK_FRAMES);
+        assert_eq!(context_frames(29 * 16_000, false, 0), CHUNK_FRAMES);
+        // Short windows are padded to the shortest context.
+        assert_eq!(context_frames(48_000, false, 10_000), 1_000);
+        assert_eq!(context_frames(160_000, false, 10_000), 1_200);
+    }
+
+    fn window(ms: u64, seconds: f32, is_final: bool) -> (EntryId, AudioSegment) {
+        let samples = (seconds * SAMPLE_RATE as f32) as usize;
+        (
+            EntryId { ms, seq: 0 },
+            AudioSegment {
+                is_final,
+                pcm_f32le: vec![0u8; samples * 4].into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn shape(b: &[(usize, Group)]) -> Vec<(usize, Vec<u64>)> {
+        b.iter()
+            .map(|(c, g)| (*c, g.iter().map(|(id, _)| id.ms).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn batches_group_windows_of_like_length_within_the_frame_budget() {
+        let args = EncoderArgs {
+            frame_budget: 2_000,
+            min_window_ms: 0,
+            ..EncoderArgs::default()
+        };
+        let group = vec![
+            window(1, 20.0, true), // 2200 frames: alone, over the budget
+            window(2, 2.5, true),  // 500
+            window(3, 3.0, true),  // 500
+            window(4, 3.5, true),  // 600: within a quarter of 500
+            window(5, 8.0, true),  // 1000: too long for the short ones
+            window(6, 2.0, true),  // 400
+        ];
+        assert_eq!(
+            shape(&batches(group.clone(), &args, false)),
+            vec![
+                (500, vec![6, 2, 3]),
+                (600, vec![4]),
+                (1000, vec![5]),
+                (2200, vec![1]),
+            ]
+        );
+        let full = EncoderArgs {
+            final_full_window: true,
+            ..args.clone()
+        };
+        assert_eq!(
+            shape(&batches(group.clone(), &full, false)),
+            (1..=6).map(|i| (CHUNK_FRAMES, vec![i])).collect::<Vec<_>>()
+        );
+        // Interims follow their own flag; NEXUS-O windows are always full.
+        let interims: Group = group
+            .iter()
+            .cloned()
+            .map(|(id, mut s)| {
+                s.is_final = false;
+                (id, s)
+            })
+            .collect();
+        assert_eq!(
+            shape(&batches(interims, &full, false))[0],
+            (500, vec![6, 2, 3])
+        );
+        assert!(
+            batches(group.clone(), &args, true)
+                .iter()
+                .all(|(c, _)| *c == CHUNK_FRAMES)
+        );
+        // By default a short final gets 10 s of context; interims do not.
+        let padded = EncoderArgs {
+            frame_budget: 2_000,
+            ..EncoderArgs::default()
+        };
+        assert_eq!(
+            shape(&batches(group, &padded, false)),
+            vec![
+                (1_000, vec![2, 3, 4]),
+                (1_000, vec![5, 6]),
+                (2_200, vec![1])
+            ]
+        );
     }
 
     #[test]

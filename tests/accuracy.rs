@@ -1,0 +1,158 @@
+//! What the fleet's cheaper windows cost in accuracy. The encoder runs a final
+//! window over its audio plus a margin, not over Whisper's 30 s training
+//! window; this measures both on the same speech, through `nexus serve`'s
+//! Recognize, side by side, and holds the shorter windows to the full ones.
+//!
+//! Speech: the LibriVox clips (real, read English), the same clips joined into
+//! one long recording, and the twenty everyday sentences spoken by espeak-ng
+//! (synthesised, a different voice and pace). `NEXUS_ACCURACY_MODEL` measures
+//! another model (BENCHMARKS.md has tiny.en and base).
+//!
+//! Needs the tiny.en and silero-vad weights, the LibriVox test speech and
+//! espeak-ng; `scripts/test.sh` provides them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use nexus_eval::ErrorCounts;
+use nexus_proto::speech::recognize_request::AudioSource;
+use nexus_tests::fleet::{MODEL, Proc, english_config, recognize, testdata, text};
+
+/// One recording and what is said in it.
+struct Clip {
+    name: String,
+    wav: Vec<u8>,
+    reference: String,
+}
+
+/// The LibriVox clips, one by one and joined (half a second apart).
+fn librivox() -> Vec<Clip> {
+    let dir = testdata().join("librivox");
+    let mut ids: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".wav").map(str::to_owned)
+        })
+        .collect();
+    ids.sort();
+    let mut clips = Vec::new();
+    let mut joined = Vec::new();
+    let mut joined_text = Vec::new();
+    for id in ids {
+        let wav = std::fs::read(dir.join(format!("{id}.wav"))).unwrap();
+        let reference = std::fs::read_to_string(dir.join(format!("{id}.txt"))).unwrap();
+        let audio = nexus_audio::decode_bytes(wav.clone(), Some("wav"), &Default::default())
+            .expect("test speech decodes");
+        joined.extend(nexus_audio::to_model_rate(&audio.channels, audio.sample_rate).unwrap());
+        joined.extend(std::iter::repeat_n(0.0, 8_000));
+        joined_text.push(reference.trim().to_owned());
+        clips.push(Clip {
+            name: id,
+            wav,
+            reference,
+        });
+    }
+    clips.push(Clip {
+        name: "librivox, joined".into(),
+        wav: nexus_audio::wav::encode_pcm16(&[joined], 16_000),
+        reference: joined_text.join(" "),
+    });
+    clips
+}
+
+/// The everyday sentences as espeak-ng says them.
+fn espeak(dir: &Path) -> Vec<Clip> {
+    nexus_eval::sentences::EVERYDAY
+        .iter()
+        .enumerate()
+        .map(|(i, sentence)| {
+            let path = dir.join(format!("everyday-{i}.wav"));
+            let out = std::process::Command::new("espeak-ng")
+                .args(["-v", "en-us", "-w"])
+                .arg(&path)
+                .arg(sentence)
+                .output()
+                .expect("espeak-ng runs (scripts/setup.sh installs it)");
+            assert!(out.status.success(), "{out:?}");
+            Clip {
+                name: format!("espeak {i}"),
+                wav: std::fs::read(&path).unwrap(),
+                reference: (*sentence).to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// `nexus serve` on its in-memory bus with `extra` arguments.
+async fn serve(model: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["serve", "--model", model, "--http-listen", "none"];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start(&format!("serve {extra:?}"), "nexus", &args);
+    p.wait_serving(Duration::from_secs(180)).await;
+    p
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and espeak-ng; scripts/test.sh"]
+async fn finals_over_their_audio_are_as_accurate_as_over_full_windows() {
+    let model = std::env::var("NEXUS_ACCURACY_MODEL").unwrap_or_else(|_| MODEL.into());
+    let dir = tempfile::tempdir().unwrap();
+    let sets = [("librivox", librivox()), ("espeak-ng", espeak(dir.path()))];
+    let short = serve(&model, &[]).await;
+    let full = serve(&model, &["--final-full-window"]).await;
+    let config = nexus_proto::speech::RecognitionConfig {
+        model: model.clone(),
+        ..english_config()
+    };
+    let mut totals = [ErrorCounts::default(); 2];
+    for (set, clips) in &sets {
+        let mut counts = [ErrorCounts::default(); 2];
+        for clip in clips {
+            for (i, fleet) in [&short, &full].into_iter().enumerate() {
+                let r = recognize(
+                    fleet,
+                    config.clone(),
+                    AudioSource::Content(clip.wav.clone().into()),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e:?}", clip.name));
+                let got = text(&r);
+                let c = nexus_eval::wer(&clip.reference, &got);
+                if c.errors > 0 {
+                    eprintln!(
+                        "{} [{}] {} errors: {got:?}",
+                        clip.name,
+                        ["audio+margin", "full"][i],
+                        c.errors
+                    );
+                }
+                counts[i] = counts[i] + c;
+            }
+        }
+        println!(
+            "{model} {set}: WER audio+margin {:.2} % ({}/{}), full window {:.2} % ({}/{})",
+            100.0 * counts[0].rate(),
+            counts[0].errors,
+            counts[0].reference_len,
+            100.0 * counts[1].rate(),
+            counts[1].errors,
+            counts[1].reference_len,
+        );
+        totals[0] = totals[0] + counts[0];
+        totals[1] = totals[1] + counts[1];
+    }
+    println!(
+        "{model} all: WER audio+margin {:.2} %, full window {:.2} %",
+        100.0 * totals[0].rate(),
+        100.0 * totals[1].rate()
+    );
+    assert!(
+        totals[0].rate() <= totals[1].rate() + 0.005,
+        "finals over their audio lose accuracy: {:.2} % against {:.2} %",
+        100.0 * totals[0].rate(),
+        100.0 * totals[1].rate()
+    );
+}
