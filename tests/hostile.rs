@@ -685,6 +685,15 @@ async fn a_full_redis_is_reported_and_survived() {
         }
         assert!(filled < 200, "maxmemory never answered OOM");
     }
+    // Full it stays, whatever the fleet's own keys free meanwhile (trimmed
+    // streams, expired leases): the junk alone is now twice the limit.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("20mb")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     // A request now gets a retryable error in bounded time (refused at ingest,
     // or its window held by a stage that cannot write its output yet), and the
     // process lives on.
