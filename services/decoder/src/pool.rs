@@ -740,6 +740,42 @@ pub fn run_pool(
     jobs: Receiver<Job>,
     out: tokio::sync::mpsc::UnboundedSender<Output>,
 ) {
+    // Finishing a sequence (a beam or fallback re-decode, word alignment,
+    // speech codes) runs beside the token steps, so a slow one holds up its
+    // own session only. Returns after every finished sequence is sent.
+    let (finished, finishing) = std::sync::mpsc::channel::<Active>();
+    let finishing = Arc::new(std::sync::Mutex::new(finishing));
+    let finishers: Vec<_> = (0..FINISHERS)
+        .map(|i| {
+            let (finishing, out) = (finishing.clone(), out.clone());
+            std::thread::Builder::new()
+                .name(format!("decoder-finish-{i}"))
+                .spawn(move || {
+                    loop {
+                        let next = finishing.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(a) = next else { return };
+                        let _ = out.send(finish(a));
+                    }
+                })
+                .expect("spawning a decoder finisher thread")
+        })
+        .collect();
+    step_pool(models, slots, jobs, out, finished);
+    for f in finishers {
+        let _ = f.join();
+    }
+}
+
+/// Threads that finish sequences beside the token steps.
+const FINISHERS: usize = 2;
+
+fn step_pool(
+    models: ModelSet,
+    slots: usize,
+    jobs: Receiver<Job>,
+    out: tokio::sync::mpsc::UnboundedSender<Output>,
+    finished: std::sync::mpsc::Sender<Active>,
+) {
     let mut active: Vec<Active> = Vec::new();
     let mut open = true;
     loop {
@@ -848,11 +884,14 @@ pub fn run_pool(
         retire.dedup_by_key(|r| r.0);
         for (i, err) in retire {
             let a = active.swap_remove(i);
-            let o = match err {
-                None => finish(a),
-                Some(e) => failed(a.job, e),
-            };
-            let _ = out.send(o);
+            match err {
+                None => {
+                    let _ = finished.send(a);
+                }
+                Some(e) => {
+                    let _ = out.send(failed(a.job, e));
+                }
+            }
         }
     }
 }
