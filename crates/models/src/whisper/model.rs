@@ -11,14 +11,45 @@ use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::Config;
 
-fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
     let w = vb.get((out, inp), "weight")?;
     let b = if bias {
         Some(vb.get(out, "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(Dense(Linear::new(w, b)))
+}
+
+/// A linear layer that runs any (…, in) input as one (rows, in) × (in, out)
+/// product. candle's `Linear` runs a 3-D input as one product per batch
+/// item, so a decoder step over B sequences, (B, 1, D), read every weight
+/// matrix B times.
+#[derive(Debug, Clone)]
+struct Dense(Linear);
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() <= 2 {
+            return self.0.forward(x);
+        }
+        let inp = dims[dims.len() - 1];
+        let y = self.0.forward(&x.reshape((x.elem_count() / inp, inp))?)?;
+        let mut out = dims.to_vec();
+        out[dims.len() - 1] = y.dim(1)?;
+        y.reshape(out)
+    }
+}
+
+/// Logits of (B, T, D) states against the token embeddings (V, D): one
+/// (B·T, D) × (D, V) product, the embedding matrix read once.
+fn project_to_vocab(x: &Tensor, embeddings: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let v = embeddings.dim(0)?;
+    x.reshape((b * t, d))?
+        .matmul(&embeddings.t()?)?
+        .reshape((b, t, v))
 }
 
 fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
@@ -46,10 +77,10 @@ fn conv1d(inp: usize, out: usize, stride: usize, vb: VarBuilder) -> Result<Conv1
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    out: Dense,
     n_head: usize,
 }
 
@@ -147,8 +178,8 @@ struct Block {
     attn: Attention,
     attn_ln: LayerNorm,
     cross: Option<(Attention, LayerNorm)>,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     mlp_ln: LayerNorm,
 }
 
@@ -415,8 +446,7 @@ impl Decoder {
             x = blk.mlp(&x)?;
         }
         let x = self.ln.forward(&x)?;
-        let logits = x
-            .broadcast_matmul(&self.embed.embeddings().t()?)?
+        let logits = project_to_vocab(&x, self.embed.embeddings())?
             .to_dtype(DType::F32)?;
         Ok(DecoderOutput {
             logits,
@@ -489,7 +519,7 @@ impl Decoder {
             x = blk.mlp(&x)?;
         }
         let x = self.ln.forward(&x)?;
-        x.broadcast_matmul(&self.embed.embeddings().t()?)?
+        project_to_vocab(&x, self.embed.embeddings())?
             .squeeze(1)?
             .to_dtype(DType::F32)
     }
