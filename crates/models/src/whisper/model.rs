@@ -446,8 +446,7 @@ impl Decoder {
             x = blk.mlp(&x)?;
         }
         let x = self.ln.forward(&x)?;
-        let logits = project_to_vocab(&x, self.embed.embeddings())?
-            .to_dtype(DType::F32)?;
+        let logits = project_to_vocab(&x, self.embed.embeddings())?.to_dtype(DType::F32)?;
         Ok(DecoderOutput {
             logits,
             cross_attention,
