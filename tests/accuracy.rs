@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nexus_eval::ErrorCounts;
 use nexus_proto::speech::recognize_request::AudioSource;
-use nexus_tests::fleet::{MODEL, Proc, english_config, recognize, testdata, text};
+use nexus_tests::fleet::{MODEL, Proc, english_config, model_rate, recognize, testdata, text};
 
 /// One recording and what is said in it.
 struct Clip {
@@ -44,9 +44,7 @@ fn librivox() -> Vec<Clip> {
     for id in ids {
         let wav = std::fs::read(dir.join(format!("{id}.wav"))).unwrap();
         let reference = std::fs::read_to_string(dir.join(format!("{id}.txt"))).unwrap();
-        let audio = nexus_audio::decode_bytes(wav.clone(), Some("wav"), &Default::default())
-            .expect("test speech decodes");
-        joined.extend(nexus_audio::to_model_rate(&audio.channels, audio.sample_rate).unwrap());
+        joined.extend(model_rate(wav.clone()));
         joined.extend(std::iter::repeat_n(0.0, 8_000));
         joined_text.push(reference.trim().to_owned());
         clips.push(Clip {

@@ -77,15 +77,18 @@ pub mod fleet {
                 "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
             ));
             let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let audio = nexus_audio::decode_bytes(bytes, Some("wav"), &Default::default())
-                .expect("test speech decodes");
-            out.extend(
-                nexus_audio::to_model_rate(&audio.channels, audio.sample_rate)
-                    .expect("test speech resamples"),
-            );
+            out.extend(model_rate(bytes));
             out.extend(std::iter::repeat_n(0.0, 20_000));
         }
         out
+    }
+
+    /// A WAV file's speech as the model hears it: 16 kHz mono samples.
+    pub fn model_rate(wav: Vec<u8>) -> Vec<f32> {
+        let audio = nexus_audio::decode_bytes(wav, Some("wav"), &Default::default())
+            .expect("test speech decodes");
+        nexus_audio::to_model_rate(&audio.channels, audio.sample_rate)
+            .expect("test speech resamples")
     }
 
     /// A key prefix of its own for one test in this process.

@@ -73,9 +73,9 @@ fn librivox(ids: &[&str]) -> Vec<f32> {
         let path = testdata().join(format!(
             "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
         ));
-        let bytes = std::fs::read(&path).expect("test speech");
-        let audio = nexus_audio::decode_bytes(bytes, Some("wav"), &Default::default()).unwrap();
-        out.extend(nexus_audio::to_model_rate(&audio.channels, audio.sample_rate).unwrap());
+        out.extend(nexus_tests::fleet::model_rate(
+            std::fs::read(&path).expect("test speech"),
+        ));
         out.extend(std::iter::repeat_n(0.0, 16_000));
     }
     out

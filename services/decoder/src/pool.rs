@@ -713,7 +713,8 @@ fn finish(a: Active) -> Output {
 /// frames has ended, less the shortest word: a segment timed to start later
 /// holds nothing spoken.
 fn after_audio(valid_frames: usize) -> f32 {
-    (valid_frames as f32 / 100.0 - 0.1).max(0.0)
+    use nexus_models::mel::{HOP_LENGTH, SAMPLE_RATE};
+    (valid_frames as f32 * HOP_LENGTH as f32 / SAMPLE_RATE as f32 - 0.1).max(0.0)
 }
 
 fn failed(job: Job, error: String) -> Output {
