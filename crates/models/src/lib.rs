@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod mel;
 pub mod nexus;
+pub mod precision;
 pub mod qwen;
 pub mod tts;
 pub mod vad;
@@ -20,3 +21,4 @@ pub mod whisper;
 
 pub use device::parse_device;
 pub use error::{ModelError, Result};
+pub use precision::Precision;

@@ -453,3 +453,80 @@ fn a_batch_of_short_windows_encodes_like_one_at_a_time() {
         assert!(diff < 1e-3, "window {i}: batched differs by {diff}");
     }
 }
+
+/// The batched step's attention runs as plain loops over each sequence's
+/// memory on CPU; the prompt goes through the tensor attention. Both must
+/// give the same logits token after token, and the int8 decoder must hear
+/// the same words as f32 on real speech.
+#[test]
+#[ignore = "needs whisper tiny.en weights and the LibriVox test clips"]
+fn cpu_steps_match_tensor_attention_and_int8_hears_the_same_words() {
+    use candle_core::{IndexOp, Tensor};
+
+    let e = load("whisper-tiny.en");
+    let audio = e.encode_window(&librivox_mel(&e, "0880"), 0).unwrap();
+    let prompt = [50257u32, 50362, 383, 3329, 373]; // sot, notimestamps, " The morning was"
+    let (mut looped, mut tensor) = (
+        e.model.decoder.start(&audio).unwrap(),
+        e.model.decoder.start(&audio).unwrap(),
+    );
+    let input = Tensor::new(&prompt[..2], &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    for s in [&mut looped, &mut tensor] {
+        e.model.decoder.forward(&input, s, false).unwrap();
+    }
+    for &t in &prompt[2..] {
+        let a: Vec<f32> = e
+            .model
+            .decoder
+            .step_batch(&[t], &mut [&mut looped])
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let one = Tensor::new(&[[t]], &candle_core::Device::Cpu).unwrap();
+        let b: Vec<f32> = e
+            .model
+            .decoder
+            .forward(&one, &mut tensor, false)
+            .unwrap()
+            .logits
+            .i((0, 0))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "logits after token {t} differ by {worst}");
+    }
+
+    let int8 = WhisperEngine::load_with(
+        &model_dir("whisper-tiny.en"),
+        &Device::Cpu,
+        nexus_models::Precision::Int8,
+    )
+    .unwrap();
+    for id in ["0870", "0880", "0890", "0930"] {
+        let samples = audio_of(id);
+        let opts = TranscribeOptions::default();
+        let f = e.transcribe(&samples, &opts, &mut |_| {}).unwrap().text();
+        let q = int8.transcribe(&samples, &opts, &mut |_| {}).unwrap().text();
+        let errors = nexus_eval::wer(&f, &q);
+        assert!(
+            errors.rate() <= 0.05,
+            "clip {id}: f32 {f:?}, int8 {q:?}"
+        );
+    }
+}
+
+fn audio_of(id: &str) -> Vec<f32> {
+    audio(&testdata().join(format!(
+        "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
+    )))
+}

@@ -369,13 +369,14 @@ impl GreedySequence {
         let (init, sot_index) = initial_tokens(model, tok, opts, &language)?;
         let filters = Filters::new(model, tok, opts)?;
         let mut state = model.decoder.start(audio)?;
-        let first = model.decoder.forward(
+        let first = model.decoder.forward_at(
             &Tensor::new(init.as_slice(), audio.device())?.unsqueeze(0)?,
             &mut state,
             false,
+            Some(&[sot_index as u32, init.len() as u32 - 1]),
         )?;
         let no_speech_prob = {
-            let l: Vec<f32> = first.logits.i((0, sot_index))?.to_vec1()?;
+            let l: Vec<f32> = first.logits.i((0, 0))?.to_vec1()?;
             log_softmax(&l)[tok.specials.no_speech as usize].exp()
         };
         let logits = last_logits(&first.logits)?.remove(0);
@@ -408,13 +409,14 @@ impl GreedySequence {
             return None;
         }
         self.filters.apply(&mut self.logits, &self.tokens);
-        let lp = log_softmax(&self.logits);
-        let t = lp
+        // The most likely token and its log-probability, without a softmaxed copy.
+        let t = self
+            .logits
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(self.eot, |(i, _)| i as u32);
-        self.sum_logprob += lp[t as usize];
+        self.sum_logprob += self.logits[t as usize] - logsumexp(&self.logits);
         self.tokens.push(t);
         self.remaining -= 1;
         if t == self.eot || self.remaining == 0 || self.state.len() + 1 > self.max_positions {
@@ -494,13 +496,14 @@ pub fn decode(
         .min(model.config.max_target_positions.saturating_sub(init.len()));
 
     let mut state = model.decoder.start(audio)?;
-    let first = model.decoder.forward(
+    let first = model.decoder.forward_at(
         &Tensor::new(init.as_slice(), device)?.unsqueeze(0)?,
         &mut state,
         false,
+        Some(&[sot_index as u32, init.len() as u32 - 1]),
     )?;
     let no_speech_prob = {
-        let l: Vec<f32> = first.logits.i((0, sot_index))?.to_vec1()?;
+        let l: Vec<f32> = first.logits.i((0, 0))?.to_vec1()?;
         log_softmax(&l)[tok.specials.no_speech as usize].exp()
     };
     let first_logits = last_logits(&first.logits)?.remove(0);

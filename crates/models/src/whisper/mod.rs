@@ -1,6 +1,7 @@
 //! Whisper speech recognition and speech translation (→ English).
 
 pub mod align;
+mod attend;
 pub mod config;
 pub mod decode;
 pub mod model;
@@ -20,6 +21,7 @@ pub use transcribe::{Segment, TranscribeOptions, Transcript, WindowOutcome};
 
 use crate::error::{ModelError, Result};
 use crate::mel::MelFrontend;
+use crate::precision::Precision;
 
 /// A loaded Whisper checkpoint with its tokenizer and frontend.
 pub struct WhisperEngine {
@@ -33,6 +35,8 @@ pub struct WhisperEngine {
     pub device: Device,
     /// Compute type.
     pub dtype: DType,
+    /// How the linear layers hold their weights.
+    pub precision: Precision,
 }
 
 impl std::fmt::Debug for WhisperEngine {
@@ -77,8 +81,20 @@ impl WhisperEngine {
     }
 
     /// Loads a folder with `config.json`, `model.safetensors` and `tokenizer.json`
-    /// (what `nexus models import` writes, or a Hugging Face Whisper checkpoint).
+    /// (what `nexus models import` writes, or a Hugging Face Whisper checkpoint)
+    /// with its weights as stored.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(dir, device, Precision::F32)
+    }
+
+    /// [`load`](Self::load), with the linear layers in `precision`. Int8 is
+    /// for CPUs; on a GPU it is refused.
+    pub fn load_with(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
+        if precision == Precision::Int8 && !device.is_cpu() {
+            return Err(ModelError::Load(
+                "precision int8 runs on CPU only; use f32 (f16 on GPUs)".into(),
+            ));
+        }
         let cfg_path = dir.join("config.json");
         let cfg_bytes = std::fs::read(&cfg_path)
             .map_err(|e| ModelError::Load(format!("{}: {e}", cfg_path.display())))?;
@@ -106,8 +122,13 @@ impl WhisperEngine {
             device,
         )
         .map_err(|e| ModelError::Load(format!("{}: {e}", weights.display())))?;
-        let model = Whisper::load(&config, vb)
+        let mut model = Whisper::load(&config, vb)
             .map_err(|e| ModelError::Load(format!("{}: {e}", weights.display())))?;
+        if precision == Precision::Int8 {
+            model
+                .quantize()
+                .map_err(|e| ModelError::Load(format!("{}: quantising: {e}", weights.display())))?;
+        }
         let tokenizer =
             WhisperTokenizer::load(&dir.join("tokenizer.json"), config.is_multilingual())?;
         let mel = MelFrontend::new(config.num_mel_bins)?;
@@ -117,6 +138,7 @@ impl WhisperEngine {
             mel,
             device: device.clone(),
             dtype,
+            precision,
         })
     }
 }

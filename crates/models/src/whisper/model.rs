@@ -6,9 +6,13 @@
 //! Beam search reorders states with [`DecoderState::select`]; a decoder pool
 //! keeps one state per live session.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, Linear, VarBuilder};
 
+use rayon::prelude::*;
+
+use super::attend;
 use super::config::Config;
 
 fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
@@ -18,38 +22,80 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
     } else {
         None
     };
-    Ok(Dense(Linear::new(w, b)))
+    Ok(Dense::Float(Linear::new(w, b)))
 }
 
 /// A linear layer that runs any (…, in) input as one (rows, in) × (in, out)
 /// product. candle's `Linear` runs a 3-D input as one product per batch
 /// item, so a decoder step over B sequences, (B, 1, D), read every weight
-/// matrix B times.
+/// matrix B times. Quantised, the weights are Q8_0 blocks.
 #[derive(Debug, Clone)]
-struct Dense(Linear);
+enum Dense {
+    Float(Linear),
+    Int8 { w: QMatMul, b: Option<Tensor> },
+}
 
-impl Module for Dense {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        if dims.len() <= 2 {
-            return self.0.forward(x);
+impl Dense {
+    /// Quantises the weights to Q8_0 (CPU only; the input width must be a
+    /// multiple of the 32-value block, as every Whisper width is).
+    fn quantize(&mut self) -> Result<()> {
+        if let Self::Float(l) = self {
+            let q = QTensor::quantize(l.weight(), GgmlDType::Q8_0)?;
+            *self = Self::Int8 {
+                w: QMatMul::from_qtensor(q)?,
+                b: l.bias().cloned(),
+            };
         }
-        let inp = dims[dims.len() - 1];
-        let y = self.0.forward(&x.reshape((x.elem_count() / inp, inp))?)?;
-        let mut out = dims.to_vec();
-        out[dims.len() - 1] = y.dim(1)?;
-        y.reshape(out)
+        Ok(())
     }
 }
 
-/// Logits of (B, T, D) states against the token embeddings (V, D): one
-/// (B·T, D) × (D, V) product, the embedding matrix read once.
-fn project_to_vocab(x: &Tensor, embeddings: &Tensor) -> Result<Tensor> {
-    let (b, t, d) = x.dims3()?;
-    let v = embeddings.dim(0)?;
-    x.reshape((b * t, d))?
-        .matmul(&embeddings.t()?)?
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float(l) => {
+                let dims = x.dims();
+                if dims.len() <= 2 {
+                    return l.forward(x);
+                }
+                let inp = dims[dims.len() - 1];
+                let y = l.forward(&x.reshape((x.elem_count() / inp, inp))?)?;
+                let mut out = dims.to_vec();
+                out[dims.len() - 1] = y.dim(1)?;
+                y.reshape(out)
+            }
+            // The quantised product already takes every leading dimension as rows.
+            Self::Int8 { w, b } => {
+                let y = w.forward(&x.contiguous()?)?;
+                match b {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// The vocabulary projection: logits of (B, T, D) states against the token
+/// embeddings (V, D) as one (B·T, D) × (D, V) product, the embedding matrix
+/// read once; or against a Q8_0 copy of it.
+#[derive(Debug, Clone)]
+enum VocabProjection {
+    Tied,
+    Int8(QMatMul),
+}
+
+impl VocabProjection {
+    fn forward(&self, x: &Tensor, embeddings: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let v = embeddings.dim(0)?;
+        let x = x.reshape((b * t, d))?;
+        match self {
+            Self::Tied => x.matmul(&embeddings.t()?)?,
+            Self::Int8(w) => w.forward(&x.contiguous()?)?,
+        }
         .reshape((b, t, v))
+    }
 }
 
 fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
@@ -93,6 +139,13 @@ impl Attention {
             out: linear(d, d, true, vb.pp("out_proj"))?,
             n_head,
         })
+    }
+
+    fn quantize(&mut self) -> Result<()> {
+        for l in [&mut self.q, &mut self.k, &mut self.v, &mut self.out] {
+            l.quantize()?;
+        }
+        Ok(())
     }
 
     /// (B, T, D) → (B, H, T, D/H)
@@ -203,6 +256,15 @@ impl Block {
         })
     }
 
+    fn quantize(&mut self) -> Result<()> {
+        self.attn.quantize()?;
+        if let Some((c, _)) = &mut self.cross {
+            c.quantize()?;
+        }
+        self.fc1.quantize()?;
+        self.fc2.quantize()
+    }
+
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.mlp_ln.forward(x)?;
         x + self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?
@@ -255,6 +317,11 @@ impl Encoder {
                 .collect::<Result<_>>()?,
             ln_post: layer_norm(d, vb.pp("layer_norm"))?,
         })
+    }
+
+    /// Quantises the linear layers to Q8_0 (the convolutions stay as loaded).
+    pub fn quantize(&mut self) -> Result<()> {
+        self.blocks.iter_mut().try_for_each(Block::quantize)
     }
 
     /// Encodes log-mel windows.
@@ -332,13 +399,14 @@ pub struct Decoder {
     positions: Tensor,
     blocks: Vec<Block>,
     ln: LayerNorm,
+    vocab: VocabProjection,
     n_ctx: usize,
 }
 
 /// Output of one decoder step.
 #[derive(Debug)]
 pub struct DecoderOutput {
-    /// Logits (B, T, vocab) in f32.
+    /// Logits (B, T, vocab) in f32 (T: the positions asked for).
     pub logits: Tensor,
     /// Cross-attention weights per layer (B, H, T, S), when asked for.
     pub cross_attention: Vec<Tensor>,
@@ -363,8 +431,20 @@ impl Decoder {
                 })
                 .collect::<Result<_>>()?,
             ln: layer_norm(d, vb.pp("layer_norm"))?,
+            vocab: VocabProjection::Tied,
             n_ctx: cfg.max_target_positions,
         })
+    }
+
+    /// Quantises the linear layers and the vocabulary projection to Q8_0
+    /// (token embeddings stay as loaded for the lookup).
+    pub fn quantize(&mut self) -> Result<()> {
+        self.blocks.iter_mut().try_for_each(Block::quantize)?;
+        self.vocab = VocabProjection::Int8(QMatMul::from_qtensor(QTensor::quantize(
+            self.embed.embeddings(),
+            GgmlDType::Q8_0,
+        )?)?);
+        Ok(())
     }
 
     /// A fresh state for audio features (B or 1, S, D); a batch of 1 is shared by all sequences.
@@ -392,6 +472,19 @@ impl Decoder {
         tokens: &Tensor,
         state: &mut DecoderState,
         want_attention: bool,
+    ) -> Result<DecoderOutput> {
+        self.forward_at(tokens, state, want_attention, None)
+    }
+
+    /// [`forward`](Self::forward), with logits only for the new positions in
+    /// `rows` (in that order) when given: the vocabulary projection is most of
+    /// a decoder's work, and a prompt of T tokens needs it at one or two.
+    pub fn forward_at(
+        &self,
+        tokens: &Tensor,
+        state: &mut DecoderState,
+        want_attention: bool,
+        rows: Option<&[u32]>,
     ) -> Result<DecoderOutput> {
         let (_, t) = tokens.dims2()?;
         let offset = state.len();
@@ -446,7 +539,19 @@ impl Decoder {
             x = blk.mlp(&x)?;
         }
         let x = self.ln.forward(&x)?;
-        let logits = project_to_vocab(&x, self.embed.embeddings())?.to_dtype(DType::F32)?;
+        let x = match rows {
+            Some(r) if r.len() != t || r.iter().enumerate().any(|(i, r)| i as u32 != *r) => {
+                if let Some(bad) = r.iter().find(|r| **r as usize >= t) {
+                    candle_core::bail!("logits asked for position {bad} of {t}");
+                }
+                x.index_select(&Tensor::new(r, x.device())?, 1)?
+            }
+            _ => x,
+        };
+        let logits = self
+            .vocab
+            .forward(&x, self.embed.embeddings())?
+            .to_dtype(DType::F32)?;
         Ok(DecoderOutput {
             logits,
             cross_attention,
@@ -482,6 +587,9 @@ impl Decoder {
             .embed
             .forward(&Tensor::new(tokens, device)?.unsqueeze(1)?)?
             .broadcast_add(&pos)?;
+        if device.is_cpu() && x.dtype() == DType::F32 {
+            return self.step_layers_cpu(x, states);
+        }
         for (i, blk) in self.blocks.iter().enumerate() {
             let a = &blk.attn;
             let h = blk.attn_ln.forward(&x)?;
@@ -518,7 +626,8 @@ impl Decoder {
             x = blk.mlp(&x)?;
         }
         let x = self.ln.forward(&x)?;
-        project_to_vocab(&x, self.embed.embeddings())?
+        self.vocab
+            .forward(&x, self.embed.embeddings())?
             .squeeze(1)?
             .to_dtype(DType::F32)
     }
@@ -529,6 +638,158 @@ fn merge_heads(outs: &[Tensor]) -> Result<Tensor> {
     let out = Tensor::cat(outs, 0)?;
     let (b, h, t, dh) = out.dims4()?;
     out.transpose(1, 2)?.reshape((b, t, h * dh))
+}
+
+impl Decoder {
+    /// The layers of [`step_batch`](Self::step_batch) on CPU: the products
+    /// run batched, each sequence's two attentions run as plain loops over its
+    /// own memory, sequences side by side on the thread pool.
+    fn step_layers_cpu(&self, mut x: Tensor, states: &mut [&mut DecoderState]) -> Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        let device = x.device().clone();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let a = &blk.attn;
+            let (h, dh) = (a.n_head, d / a.n_head);
+            let scale = (dh as f32).powf(-0.5);
+            let hx = blk.attn_ln.forward(&x)?;
+            let rows = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let (q, k, v) = (
+                rows(a.q.forward(&hx)?)?,
+                rows(a.k.forward(&hx)?)?,
+                rows(a.v.forward(&hx)?)?,
+            );
+            // Each sequence's cache as memory, read-locked while the loops run.
+            let caches: Vec<Option<(Tensor, Tensor)>> =
+                states.iter().map(|st| st.cache[i].clone()).collect();
+            let guards = caches
+                .iter()
+                .map(|c| {
+                    c.as_ref()
+                        .map(|(k, v)| Ok((CpuRows::new(k)?, CpuRows::new(v)?)))
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let views: Vec<(usize, &[f32], &[f32])> = caches
+                .iter()
+                .zip(&guards)
+                .map(|(c, g)| match (c, g) {
+                    (Some((k, _)), Some((gk, gv))) => Ok((k.dim(2)?, gk.rows(), gv.rows())),
+                    _ => Ok((0, &[][..], &[][..])),
+                })
+                .collect::<Result<_>>()?;
+            let per_seq: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b)
+                .into_par_iter()
+                .map(|j| {
+                    let (t, pk, pv) = views[j];
+                    let row = j * d..(j + 1) * d;
+                    let nk = attend::append_position(pk, &k[row.clone()], (h, t, dh));
+                    let nv = attend::append_position(pv, &v[row.clone()], (h, t, dh));
+                    let mut out = vec![0.0; d];
+                    attend::attend_one(
+                        &q[row],
+                        &nk,
+                        &nv,
+                        (h, t + 1, dh),
+                        scale,
+                        &mut out,
+                        &mut Vec::new(),
+                    );
+                    (nk, nv, out)
+                })
+                .collect();
+            drop(views);
+            drop(guards);
+            let mut outs = Vec::with_capacity(b * d);
+            for (st, (nk, nv, out)) in states.iter_mut().zip(per_seq) {
+                let t = nk.len() / d;
+                st.cache[i] = Some((
+                    Tensor::from_vec(nk, (1, h, t, dh), &device)?,
+                    Tensor::from_vec(nv, (1, h, t, dh), &device)?,
+                ));
+                outs.extend(out);
+            }
+            x = (&x
+                + a.out
+                    .forward(&Tensor::from_vec(outs, (b, 1, d), &device)?)?)?;
+
+            let (c, cross_ln) = blk
+                .cross
+                .as_ref()
+                .expect("decoder blocks have cross-attention; this is a bug");
+            let q = rows(c.q.forward(&cross_ln.forward(&x)?)?)?;
+            let guards = states
+                .iter()
+                .map(|st| Ok((CpuRows::new(&st.cross[i].0)?, CpuRows::new(&st.cross[i].1)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let frames: Vec<usize> = states
+                .iter()
+                .map(|st| st.cross[i].0.dim(2))
+                .collect::<Result<_>>()?;
+            let views: Vec<(&[f32], &[f32])> =
+                guards.iter().map(|(k, v)| (k.rows(), v.rows())).collect();
+            let outs: Vec<f32> = (0..b)
+                .into_par_iter()
+                .flat_map_iter(|j| {
+                    let mut out = vec![0.0; d];
+                    attend::attend_one(
+                        &q[j * d..(j + 1) * d],
+                        views[j].0,
+                        views[j].1,
+                        (h, frames[j], dh),
+                        scale,
+                        &mut out,
+                        &mut Vec::new(),
+                    );
+                    out
+                })
+                .collect();
+            drop(views);
+            drop(guards);
+            x = (&x
+                + c.out
+                    .forward(&Tensor::from_vec(outs, (b, 1, d), &device)?)?)?;
+            x = blk.mlp(&x)?;
+        }
+        let x = self.ln.forward(&x)?;
+        self.vocab
+            .forward(&x, self.embed.embeddings())?
+            .squeeze(1)?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// The memory of a contiguous f32 CPU tensor, read-locked while held.
+struct CpuRows<'a> {
+    storage: candle_core::StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> CpuRows<'a> {
+    fn new(t: &'a Tensor) -> Result<Self> {
+        if t.dtype() != DType::F32 {
+            candle_core::bail!("a cache tensor is {:?}, not f32; this is a bug", t.dtype());
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("a cache tensor is not contiguous; this is a bug");
+        };
+        if !matches!(&*storage, candle_core::Storage::Cpu(_)) {
+            candle_core::bail!("a cache tensor is not on the CPU; this is a bug");
+        }
+        Ok(Self {
+            storage,
+            range: start..end,
+        })
+    }
+
+    fn rows(&self) -> &[f32] {
+        match &*self.storage {
+            candle_core::Storage::Cpu(c) => c
+                .as_slice::<f32>()
+                .map_or(&[][..], |s| &s[self.range.clone()]),
+            _ => &[],
+        }
+    }
 }
 
 /// A Whisper model.
@@ -550,6 +811,16 @@ impl Whisper {
             decoder: Decoder::load(cfg, vb.pp("model.decoder"))?,
             config: cfg.clone(),
         })
+    }
+
+    /// Quantises the decoder ([`Decoder::quantize`]). The encoder stays as
+    /// loaded: its products have a row per audio frame (1500 in a 30 s
+    /// window), where candle's f32 GEMM is faster on CPU than its Q8_0
+    /// product (`nexus bench whisper` shows both), while a decoder step has
+    /// a row per sequence and reads every weight for it, where Q8_0's
+    /// quarter of the bytes wins.
+    pub fn quantize(&mut self) -> Result<()> {
+        self.decoder.quantize()
     }
 
     /// Log-probabilities over the vocabulary from logits (last dim).
