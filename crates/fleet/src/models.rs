@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::Device;
+use nexus_models::Precision;
 use nexus_models::nexus::NexusModel;
 use nexus_models::whisper::WhisperEngine;
 
@@ -52,16 +53,23 @@ impl std::fmt::Debug for ModelSet {
 }
 
 impl ModelSet {
-    /// Loads every named model on the CPU.
+    /// Loads every named model on the CPU, in the CPU's default precision.
     pub fn load(names: &[String], home: Option<PathBuf>) -> anyhow::Result<Self> {
-        Self::load_on(names, home, &Device::Cpu)
+        Self::load_on(
+            names,
+            home,
+            &Device::Cpu,
+            Precision::default_for(&Device::Cpu),
+        )
     }
 
-    /// Loads every named model on `device`.
+    /// Loads every named model on `device`, Whisper's linear layers in
+    /// `precision` (NEXUS-O models run as stored).
     pub fn load_on(
         names: &[String],
         home: Option<PathBuf>,
         device: &Device,
+        precision: Precision,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(!names.is_empty(), "name at least one model to serve");
         let mut engines = BTreeMap::new();
@@ -75,7 +83,7 @@ impl ModelSet {
                     .with_context(|| format!("loading {name} from {}", dir.display()))?;
                 nexus.insert(name.clone(), Arc::new(model));
             } else {
-                let engine = WhisperEngine::load(&dir, device)
+                let engine = WhisperEngine::load_with(&dir, device, precision)
                     .with_context(|| format!("loading {name} from {}", dir.display()))?;
                 engines.insert(name.clone(), Arc::new(engine));
             }

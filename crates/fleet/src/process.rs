@@ -22,6 +22,8 @@ pub struct ModelArgs {
     pub home: Option<PathBuf>,
     /// The device every model of the process runs on.
     pub device: candle_core::Device,
+    /// How Whisper's linear layers hold their weights.
+    pub precision: nexus_models::Precision,
 }
 
 /// What the stages of one process share.
@@ -109,7 +111,7 @@ impl Process {
             .get_or_try_init(|| async {
                 let m = self.models.clone();
                 let set = tokio::task::spawn_blocking(move || {
-                    ModelSet::load_on(&m.names, m.home, &m.device)
+                    ModelSet::load_on(&m.names, m.home, &m.device, m.precision)
                 })
                 .await??;
                 self.metrics.models_loaded(&set);
@@ -163,10 +165,14 @@ impl crate::StageProcessArgs {
         fleet: &FleetArgs,
         telemetry: &nexus_core::telemetry::Telemetry,
     ) -> anyhow::Result<(Process, nexus_bus::RedisBus)> {
+        let device = nexus_models::parse_device(&self.device)?;
         let models = ModelArgs {
             names: self.models.clone(),
             home: None,
-            device: nexus_models::parse_device(&self.device)?,
+            precision: self
+                .precision
+                .unwrap_or_else(|| nexus_models::Precision::default_for(&device)),
+            device,
         };
         on_redis(&self.redis, fleet, models, telemetry).await
     }

@@ -46,6 +46,9 @@ enum BenchCommand {
     /// on the same phoneme ids, and whisper base reading it back (WER).
     #[cfg(feature = "fleet")]
     Tts(crate::bench_tts::TtsArgs),
+    /// The Whisper network's own costs per precision: encoder per window
+    /// length, a decoder sequence's start, one batched step per batch size.
+    Whisper(crate::bench_whisper::WhisperBenchArgs),
     /// One system on one model, in this process (used by `asr`; prints JSON).
     #[command(hide = true)]
     AsrRun {
@@ -53,6 +56,8 @@ enum BenchCommand {
         model: String,
         #[arg(long)]
         beam: usize,
+        #[arg(long)]
+        precision: nexus_models::Precision,
         files: Vec<PathBuf>,
     },
 }
@@ -185,6 +190,9 @@ struct AsrArgs {
     /// Beam width for every system.
     #[arg(long, default_value_t = 5)]
     beam: usize,
+    /// Our precisions, one row each.
+    #[arg(long, value_delimiter = ',', default_value = "f32,int8")]
+    precision: Vec<nexus_models::Precision>,
     /// Python with faster-whisper installed; `none` skips the anchor.
     #[arg(long, default_value = "python3")]
     anchor_python: String,
@@ -206,9 +214,14 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn run_ours(model: &str, beam: usize, files: &[PathBuf]) -> anyhow::Result<()> {
+fn run_ours(
+    model: &str,
+    beam: usize,
+    precision: nexus_models::Precision,
+    files: &[PathBuf],
+) -> anyhow::Result<()> {
     let dir = resolve_model(model, None)?;
-    let engine = WhisperEngine::load(&dir, &candle_core::Device::Cpu)?;
+    let engine = WhisperEngine::load_with(&dir, &candle_core::Device::Cpu, precision)?;
     let opts = TranscribeOptions {
         beam_size: beam,
         ..TranscribeOptions::default()
@@ -291,21 +304,24 @@ fn asr(args: AsrArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for model in &args.models {
         let dir = resolve_model(model, args.home.clone())?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["bench", "asr-run", "--model"])
-            .arg(&dir)
-            .args(["--beam", &args.beam.to_string()])
-            .args(&files)
-            .env("RAYON_NUM_THREADS", args.threads.to_string())
-            .env("NEXUS_LOG", "warn");
-        let v = child_json(cmd, "nexus")?;
-        rows.push(Row {
-            model: model.clone(),
-            system: "nexus (candle f32)".into(),
-            rtf: v["wall_s"].as_f64().unwrap_or(0.0) / v["audio_s"].as_f64().unwrap_or(1.0),
-            rss: v["peak_rss_mb"].as_f64().unwrap_or(0.0),
-            wer: score(&v, &refs),
-        });
+        for p in &args.precision {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["bench", "asr-run", "--model"])
+                .arg(&dir)
+                .args(["--beam", &args.beam.to_string()])
+                .args(["--precision", p.as_str()])
+                .args(&files)
+                .env("RAYON_NUM_THREADS", args.threads.to_string())
+                .env("NEXUS_LOG", "warn");
+            let v = child_json(cmd, "nexus")?;
+            rows.push(Row {
+                model: model.clone(),
+                system: format!("nexus (candle {p})"),
+                rtf: v["wall_s"].as_f64().unwrap_or(0.0) / v["audio_s"].as_f64().unwrap_or(1.0),
+                rss: v["peak_rss_mb"].as_f64().unwrap_or(0.0),
+                wer: score(&v, &refs),
+            });
+        }
         if args.anchor_python == "none" {
             continue;
         }
@@ -344,6 +360,7 @@ fn asr(args: AsrArgs) -> anyhow::Result<()> {
         "model", "system", "RTF", "peak MB", "WER %", "RTF vs nexus"
     );
     for r in &rows {
+        // Against our first precision's row.
         let ours = rows
             .iter()
             .find(|o| o.model == r.model && o.system.starts_with("nexus"))
@@ -376,6 +393,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Translate(a) => crate::bench_translate::run(a),
         #[cfg(feature = "fleet")]
         BenchCommand::Tts(a) => crate::bench_tts::run(a),
-        BenchCommand::AsrRun { model, beam, files } => run_ours(&model, beam, &files),
+        BenchCommand::Whisper(a) => crate::bench_whisper::run(a),
+        BenchCommand::AsrRun {
+            model,
+            beam,
+            precision,
+            files,
+        } => run_ours(&model, beam, precision, &files),
     }
 }

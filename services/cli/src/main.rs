@@ -12,6 +12,7 @@ mod bench_fleet;
 mod bench_translate;
 #[cfg(feature = "fleet")]
 mod bench_tts;
+mod bench_whisper;
 mod models;
 #[cfg(feature = "fleet")]
 mod serve;

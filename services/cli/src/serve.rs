@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// Where weights are kept.
     #[arg(long, env = "NEXUS_HOME")]
     home: Option<PathBuf>,
+    /// How Whisper's decoder holds its weights: f32, or int8 (Q8_0 blocks;
+    /// the encoder stays f32). NEXUS-O models run as stored.
+    #[arg(long, env = "NEXUS_PRECISION", default_value_t = nexus_models::Precision::Int8)]
+    precision: nexus_models::Precision,
     #[command(flatten)]
     fleet: FleetArgs,
     #[command(flatten)]
@@ -89,6 +93,7 @@ async fn serve(args: ServeArgs, log: LogFilter) -> anyhow::Result<()> {
         names: args.models.clone(),
         home: args.home.clone(),
         device: candle_core::Device::Cpu,
+        precision: args.precision,
     };
     let process = Process::start(&args.fleet, models, Some(log), shutdown).await?;
     match (&args.redis, args.role) {

@@ -61,6 +61,9 @@ pub struct TranscribeArgs {
     /// Where weights are kept.
     #[arg(long, env = "NEXUS_HOME")]
     home: Option<PathBuf>,
+    /// How the decoder holds its weights: f32, or int8 (Q8_0 blocks; the encoder stays f32).
+    #[arg(long, env = "NEXUS_PRECISION", default_value_t = nexus_models::Precision::Int8)]
+    precision: nexus_models::Precision,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -196,7 +199,7 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     });
     let samples = load_audio(&args.file, raw)?;
     let t0 = Instant::now();
-    let engine = WhisperEngine::load(&dir, &candle_core::Device::Cpu)?;
+    let engine = WhisperEngine::load_with(&dir, &candle_core::Device::Cpu, args.precision)?;
     tracing::info!(model = %dir.display(), load_ms = t0.elapsed().as_millis() as u64, "model loaded");
     let task = match (args.task, args.to.as_deref()) {
         (_, Some("en")) | (TaskArg::Translate, None) => Task::Translate,

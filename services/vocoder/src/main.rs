@@ -37,6 +37,8 @@ async fn main() -> anyhow::Result<()> {
         names: Vec::new(),
         home: None,
         device: nexus_models::parse_device(&cli.device)?,
+        // No Whisper model here: the precision has nothing to apply to.
+        precision: nexus_models::Precision::F32,
     };
     let (process, bus) =
         nexus_fleet::process::on_redis(&cli.redis, &cli.fleet, models, &telemetry).await?;
