@@ -261,6 +261,11 @@ async fn run<B: Bus>(
             while let Some(o) = out_rx.recv().await {
                 let (bus, keys, acker, cfg) =
                     (bus.clone(), keys.clone(), acker.clone(), cfg.clone());
+                if o.superseded {
+                    metrics.stage.skipped(1);
+                    tasks.spawn(async move { acker.ack(&[o.id]).await });
+                    continue;
+                }
                 metrics.stage.segment(o.seg.is_final, o.result.is_ok());
                 metrics.stage.call(
                     o.batch.max(1),
@@ -303,6 +308,7 @@ async fn run<B: Bus>(
             let env = seg.envelope.clone().unwrap_or_default();
             if !seg.is_final && now_unix_ms().saturating_sub(env.emitted_unix_ms) > max_age {
                 tracing::debug!(session = %env.session_id, segment = env.segment_id, "stale interim skipped");
+                metrics.stage.skipped(1);
                 skip.push(e.id);
                 continue;
             }
@@ -461,6 +467,7 @@ async fn write<B: Bus>(
         batch,
         span,
         speech,
+        superseded: _,
     } = o;
     span.record("inference_ms", inference_ms);
     span.record("batch_size", batch);

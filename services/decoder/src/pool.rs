@@ -2,6 +2,12 @@
 //! sessions in flight and advances all of them with one batched forward pass
 //! per token (continuous batching: a sequence joins at the next step after it
 //! arrives and leaves the step it ends, without waiting for the others).
+//!
+//! That thread only steps. A starter thread before it prepares each sequence
+//! (the audio's cross-attention keys and values, the prompt), finals first,
+//! and drops interims that a newer window of their utterance supersedes;
+//! finisher threads after it run what a finished sequence still needs (beam
+//! or fallback re-decodes, word timing, speech codes).
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -19,6 +25,7 @@ use nexus_proto::speech::{
     DecodingDetails, SpeechRecognitionAlternative, SpeechRecognitionResult,
     StreamingRecognitionResult, TimeSpan, WordInfo,
 };
+use rayon::prelude::*;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// A decoding slot taken by one entry: counted busy until dropped (after its
@@ -88,6 +95,9 @@ pub struct Output {
     pub span: tracing::Span,
     /// Speech codes of the final's text, when the session asked to hear it.
     pub speech: Option<SpeechCodes>,
+    /// An interim dropped unfinished because a newer window of its utterance
+    /// (or its final) arrived: acknowledged, nothing written.
+    pub superseded: bool,
 }
 
 struct Active {
@@ -572,6 +582,7 @@ fn finish(a: Active) -> Output {
                 batch,
                 span: job.span,
                 speech,
+                superseded: false,
             };
         }
     };
@@ -706,6 +717,7 @@ fn finish(a: Active) -> Output {
         batch,
         span: job.span,
         speech: None,
+        superseded: false,
     }
 }
 
@@ -731,7 +743,59 @@ fn failed(job: Job, error: String) -> Output {
         batch: 0,
         span: job.span,
         speech: None,
+        superseded: false,
     }
+}
+
+/// An interim that a newer window of its utterance made pointless.
+fn superseded(job: Job) -> Output {
+    let mut out = failed(job, String::new());
+    out.superseded = true;
+    out
+}
+
+/// A segment's utterance and its revision; a final ranks above every interim.
+fn utterance(seg: &EncodedSegment) -> ((String, u64), (bool, u64)) {
+    let env = seg.envelope.as_ref();
+    (
+        (
+            env.map(|e| e.session_id.clone()).unwrap_or_default(),
+            env.map_or(0, |e| e.segment_id),
+        ),
+        (seg.is_final, env.map_or(0, |e| u64::from(e.revision))),
+    )
+}
+
+/// Orders newly arrived jobs finals first and drops the interims that a newer
+/// window of the same utterance, arrived or arriving, supersedes; also the
+/// interims already in flight that the arrivals supersede (their indices in
+/// `active`, highest first). Returns the jobs to start and the ones dropped.
+fn triage<T>(
+    incoming: Vec<T>,
+    seg_of: fn(&T) -> &EncodedSegment,
+    active: &[Active],
+) -> (Vec<T>, Vec<T>, Vec<usize>) {
+    let mut newest: std::collections::HashMap<(String, u64), (bool, u64)> =
+        std::collections::HashMap::new();
+    for j in &incoming {
+        let (k, rank) = utterance(seg_of(j));
+        let e = newest.entry(k).or_insert(rank);
+        *e = (*e).max(rank);
+    }
+    let newer = |seg: &EncodedSegment| {
+        let (k, rank) = utterance(seg);
+        !seg.is_final && newest.get(&k).is_some_and(|n| *n > rank)
+    };
+    let (mut keep, drop): (Vec<T>, Vec<T>) = incoming.into_iter().partition(|j| !newer(seg_of(j)));
+    keep.sort_by_key(|j| !seg_of(j).is_final);
+    let mut stale: Vec<usize> = active
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| newer(&a.job.seg))
+        .map(|(i, _)| i)
+        .collect();
+    stale.reverse();
+    (keep, drop, stale)
 }
 
 /// Runs the pool until `jobs` closes and every sequence in flight is done.
@@ -761,9 +825,52 @@ pub fn run_pool(
                 .expect("spawning a decoder finisher thread")
         })
         .collect();
-    step_pool(models, slots, jobs, out, finished);
+    // Starting a sequence (the audio's cross-attention keys and values, the
+    // prompt) runs beside the steps too: the step loop only steps.
+    let (started, starting) = std::sync::mpsc::channel::<Active>();
+    let starter = {
+        let (models, out) = (models.clone(), out.clone());
+        std::thread::Builder::new()
+            .name("decoder-start".into())
+            .spawn(move || start_jobs(&models, &jobs, &started, &out))
+            .expect("spawning the decoder starter thread")
+    };
+    step_pool(slots, starting, out, finished);
+    let _ = starter.join();
     for f in finishers {
         let _ = f.join();
+    }
+}
+
+/// Starts jobs as they arrive, finals first, dropping interims that a newer
+/// window of their utterance supersedes, until `jobs` closes.
+fn start_jobs(
+    models: &ModelSet,
+    jobs: &Receiver<Job>,
+    started: &std::sync::mpsc::Sender<Active>,
+    out: &tokio::sync::mpsc::UnboundedSender<Output>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut incoming = vec![first];
+        while let Ok(j) = jobs.try_recv() {
+            incoming.push(j);
+        }
+        let (keep, dropped, _) = triage(incoming, |j: &Job| &j.seg, &[]);
+        for job in dropped {
+            let _ = out.send(superseded(job));
+        }
+        for job in keep {
+            match start(job, models) {
+                Ok(a) => {
+                    let _ = started.send(a);
+                }
+                Err(failure) => {
+                    let (job, e) = *failure;
+                    tracing::warn!(error = %e, "segment cannot be decoded");
+                    let _ = out.send(failed(job, e));
+                }
+            }
+        }
     }
 }
 
@@ -771,9 +878,8 @@ pub fn run_pool(
 const FINISHERS: usize = 2;
 
 fn step_pool(
-    models: ModelSet,
     slots: usize,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Active>,
     out: tokio::sync::mpsc::UnboundedSender<Output>,
     finished: std::sync::mpsc::Sender<Active>,
 ) {
@@ -798,21 +904,23 @@ fn step_pool(
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
-        for job in incoming {
-            match start(job, &models) {
-                Ok(a) => active.push(a),
-                Err(failure) => {
-                    let (job, e) = *failure;
-                    tracing::warn!(error = %e, "segment cannot be decoded");
-                    let _ = out.send(failed(job, e));
-                }
-            }
+        // An interim whose utterance has moved on is no longer decoded: its
+        // slot goes to the newer window.
+        let (incoming, dropped, stale) = triage(incoming, |a: &Active| &a.job.seg, &active);
+        for a in dropped {
+            let _ = out.send(superseded(a.job));
         }
+        for i in stale {
+            let _ = out.send(superseded(active.swap_remove(i).job));
+        }
+        active.extend(incoming);
         // Pick every sequence's next token; finished ones leave the batch.
+        // (A pass over the vocabulary each: side by side on the thread pool.)
+        let picked: Vec<Option<u32>> = active.par_iter_mut().map(Active::advance).collect();
         let mut feed: Vec<(usize, u32)> = Vec::new();
         let mut done: Vec<usize> = Vec::new();
-        for (i, a) in active.iter_mut().enumerate() {
-            match a.advance() {
+        for (i, p) in picked.into_iter().enumerate() {
+            match p {
                 Some(t) => feed.push((i, t)),
                 None => done.push(i),
             }
@@ -899,7 +1007,61 @@ fn step_pool(
 
 #[cfg(test)]
 mod tests {
-    use super::{after_audio, temperature_ladder, token_budget};
+    use super::{Job, Slot, after_audio, temperature_ladder, token_budget, triage};
+    use nexus_proto::pipeline::{EncodedSegment, Envelope};
+    use std::sync::Arc;
+
+    fn job(session: &str, segment: u64, revision: u32, is_final: bool) -> Job {
+        let permits = Arc::new(tokio::sync::Semaphore::new(1));
+        Job {
+            id: "1-1".parse().expect("an entry id"),
+            seg: EncodedSegment {
+                envelope: Some(Envelope {
+                    session_id: session.into(),
+                    segment_id: segment,
+                    revision,
+                    ..Default::default()
+                }),
+                is_final,
+                ..Default::default()
+            },
+            permit: Slot::new(
+                permits.try_acquire_owned().expect("a permit"),
+                Arc::default(),
+            ),
+            fresh: None,
+            span: tracing::Span::none(),
+        }
+    }
+
+    #[test]
+    fn finals_go_first_and_superseded_interims_are_dropped() {
+        let arrived = vec![
+            job("a", 1, 1, false), // superseded by revision 2
+            job("b", 4, 3, false), // the newest of its utterance
+            job("a", 1, 2, false), // superseded by the final
+            job("a", 1, 3, true),
+            job("a", 2, 1, false), // the next utterance: kept
+        ];
+        let (keep, dropped, stale) = triage(arrived, |j: &Job| &j.seg, &[]);
+        let shape = |j: &Job| {
+            let e = j.seg.envelope.clone().unwrap_or_default();
+            (e.session_id, e.segment_id, e.revision, j.seg.is_final)
+        };
+        assert_eq!(
+            keep.iter().map(shape).collect::<Vec<_>>(),
+            [
+                ("a".into(), 1, 3, true),
+                ("b".into(), 4, 3, false),
+                ("a".into(), 2, 1, false)
+            ]
+        );
+        assert_eq!(
+            dropped.iter().map(shape).collect::<Vec<_>>(),
+            [("a".into(), 1, 1, false), ("a".into(), 1, 2, false)]
+        );
+        assert!(stale.is_empty());
+    }
 
     #[test]
     fn short_windows_decode_to_few_tokens_and_nothing_after_their_audio() {
