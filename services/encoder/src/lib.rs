@@ -26,6 +26,20 @@ pub struct EncoderArgs {
     /// Mel frames one batch may hold (a 30 s window is 3000).
     #[arg(long, env = "NEXUS_ENCODER_FRAME_BUDGET", default_value_t = 12_000)]
     pub frame_budget: usize,
+    /// Mel frames of interim windows encoded before the stream is read again
+    /// for finals: the most encoding a final can wait behind (one window is
+    /// always taken, whatever its length).
+    #[arg(
+        long,
+        env = "NEXUS_ENCODER_INTERIM_FRAME_BUDGET",
+        default_value_t = 2_000
+    )]
+    pub interim_frame_budget: usize,
+    /// Share of the encoder's time interim windows may take (0.05..=1). When
+    /// they have used it, interims are skipped until time has accrued again:
+    /// under load each stream gets fewer interims, and finals keep the rest.
+    #[arg(long, env = "NEXUS_ENCODER_INTERIM_SHARE", default_value_t = 0.5, value_parser = parse_share)]
+    pub interim_share: f64,
     /// Encode interim windows over the full 30 s. By default a window is
     /// encoded over its audio plus [`WINDOW_MARGIN_MS`] only (a 5 s utterance
     /// costs a fifth of a full window).
@@ -48,10 +62,54 @@ impl Default for EncoderArgs {
     fn default() -> Self {
         Self {
             frame_budget: 12_000,
+            interim_frame_budget: 2_000,
+            interim_share: 0.5,
             interim_full_window: false,
             final_full_window: false,
             min_window_ms: 10_000,
         }
+    }
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.05..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0.05..=1"))
+    }
+}
+
+/// Encoder time interim windows may still take: `share` of every second
+/// accrues, at most one second's worth is kept, each interim batch spends
+/// what it took. Finals are never held to it.
+#[derive(Debug)]
+struct InterimCredit {
+    share: f64,
+    seconds: f64,
+    at: std::time::Instant,
+}
+
+impl InterimCredit {
+    fn new(share: f64) -> Self {
+        Self {
+            share,
+            seconds: share,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether interims may be encoded now.
+    fn available(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let accrued = now.duration_since(self.at).as_secs_f64() * self.share;
+        self.seconds = (self.seconds + accrued).min(self.share.max(0.5));
+        self.at = now;
+        self.seconds > 0.0
+    }
+
+    fn spend(&mut self, took: Duration) {
+        self.seconds -= took.as_secs_f64();
     }
 }
 
@@ -147,24 +205,52 @@ async fn run<B: Bus>(
     let max_age = cfg.fleet.interim_max_age;
     // In-flight work finishes after shutdown: reading stops, the batch completes.
     let work = CancellationToken::new();
-    while let Some(batch) = reader
-        .next(max_batch, Duration::from_secs(1), &shutdown)
-        .await
-    {
-        if batch.is_empty() {
+    // Interim windows read but not yet encoded: after each interim batch the
+    // stream is read again, so a final that arrived meanwhile goes next and
+    // waits for at most one interim batch (`--interim-frame-budget`).
+    let mut waiting: Group = Vec::new();
+    let mut credit = InterimCredit::new(cfg.args.interim_share);
+    loop {
+        let wait = if waiting.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(1)
+        };
+        let Some(batch) = reader.next(max_batch, wait, &shutdown).await else {
+            break;
+        };
+        if batch.is_empty() && waiting.is_empty() {
             continue;
         }
-        let (jobs, skip) = plan(batch, max_age);
+        let (jobs, skip) = plan_with(batch, std::mem::take(&mut waiting), max_age);
         metrics.skipped(skip.len());
         reader.ack(&skip).await;
+        let mut interim_batches = 0;
         for (model, group) in jobs {
             // Finals went first; interims that aged meanwhile are not worth encoding.
             let (group, stale) = drop_stale(group, max_age);
             metrics.skipped(stale.len());
             reader.ack(&stale).await;
+            if group.first().is_some_and(|(_, s)| !s.is_final) {
+                if !credit.available() {
+                    // Out of interim time: these previews are skipped; the
+                    // utterance's next window (or its final) supersedes them.
+                    metrics.skipped(group.len());
+                    let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
+                    reader.ack(&ids).await;
+                    continue;
+                }
+                if interim_batches > 0 {
+                    waiting.extend(group);
+                    continue;
+                }
+                interim_batches += 1;
+            }
             // NEXUS-O's adapter takes the padded 30 s window.
             let nexus = models.nexus(&model).is_some();
-            for (context, group) in batches(group, &cfg.args, nexus) {
+            let (now, later) = interim_turn(group, &cfg.args);
+            waiting.extend(later);
+            for (context, group) in batches(now, &cfg.args, nexus) {
                 let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
                 let kinds: Vec<bool> = group.iter().map(|(_, s)| s.is_final).collect();
                 let audio_seconds: f64 = group
@@ -173,6 +259,9 @@ async fn run<B: Bus>(
                     .sum();
                 let t0 = std::time::Instant::now();
                 let encoded = encode_group(&models, &model, group, context).await;
+                if kinds.iter().all(|f| !f) {
+                    credit.spend(t0.elapsed());
+                }
                 metrics.call(kinds.len(), t0.elapsed(), audio_seconds);
                 for is_final in &kinds {
                     metrics.segment(*is_final, encoded.is_ok());
@@ -251,9 +340,20 @@ fn drop_stale(group: Group, max_age: Duration) -> (Group, Vec<EntryId>) {
 /// in this batch or older than `max_age`. Final windows come first, in their
 /// own batches: a final caption is what a user waits for, an interim one only
 /// previews it, so under load interims wait (and age out) rather than finals.
+#[cfg(test)]
 fn plan(batch: Vec<Entry>, max_age: Duration) -> (Vec<(String, Group)>, Vec<EntryId>) {
+    plan_with(batch, Vec::new(), max_age)
+}
+
+/// [`plan`] over newly read entries and interim windows read earlier that
+/// still wait their turn.
+fn plan_with(
+    batch: Vec<Entry>,
+    waiting: Group,
+    max_age: Duration,
+) -> (Vec<(String, Group)>, Vec<EntryId>) {
     let mut skip = Vec::new();
-    let mut segs: Vec<(EntryId, AudioSegment)> = Vec::new();
+    let mut segs: Vec<(EntryId, AudioSegment)> = waiting;
     for e in batch {
         match decode::<AudioSegment>(&e.fields) {
             Ok(s) => segs.push((e.id, s)),
@@ -301,8 +401,39 @@ fn plan(batch: Vec<Entry>, max_age: Duration) -> (Vec<(String, Group)>, Vec<Entr
         }
     }
     by_model.sort_by_key(|(_, is_final, _)| !*is_final);
-    let jobs = by_model.into_iter().map(|(m, _, g)| (m, g)).collect();
+    let jobs = by_model
+        .into_iter()
+        .map(|(m, is_final, mut g)| {
+            // Interims by deadline: the one emitted first is due first.
+            if !is_final {
+                g.sort_by_key(|(_, s)| s.envelope.as_ref().map_or(0, |e| e.emitted_unix_ms));
+            }
+            (m, g)
+        })
+        .collect();
     (jobs, skip)
+}
+
+/// Splits one model's windows into those encoded now and those that wait:
+/// finals all go now; interims (due first, first) up to the interim frame
+/// budget, at least one.
+fn interim_turn(group: Group, args: &EncoderArgs) -> (Group, Group) {
+    if group.iter().all(|(_, s)| s.is_final) {
+        return (group, Vec::new());
+    }
+    let mut frames = 0;
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    for (id, s) in group {
+        let context = context_frames(s.pcm_f32le.len() / 4, args.interim_full_window, 0);
+        if s.is_final || now.is_empty() || frames + context <= args.interim_frame_budget {
+            frames += context;
+            now.push((id, s));
+        } else {
+            later.push((id, s));
+        }
+    }
+    (now, later)
 }
 
 /// Audio after the end of a window that its encoding still covers: the
@@ -678,6 +809,16 @@ mod tests {
                 (2_200, vec![1])
             ]
         );
+    }
+
+    #[test]
+    fn interims_stop_when_their_share_of_time_is_spent() {
+        let mut c = super::InterimCredit::new(0.5);
+        assert!(c.available());
+        c.spend(Duration::from_secs(2));
+        assert!(!c.available(), "{c:?}");
+        assert!(super::parse_share("0.01").is_err() && super::parse_share("1.5").is_err());
+        assert_eq!(super::parse_share("0.25"), Ok(0.25));
     }
 
     #[test]
