@@ -259,7 +259,10 @@ impl Block {
     fn quantize(&mut self) -> Result<()> {
         self.attn.quantize()?;
         if let Some((c, _)) = &mut self.cross {
-            c.quantize()?;
+            // Cross-attention keys and values are projected once per audio
+            // window, a row per frame: f32 GEMM's ground, as in the encoder.
+            c.q.quantize()?;
+            c.out.quantize()?;
         }
         self.fc1.quantize()?;
         self.fc2.quantize()
