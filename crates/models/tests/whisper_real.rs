@@ -516,12 +516,12 @@ fn cpu_steps_match_tensor_attention_and_int8_hears_the_same_words() {
         let samples = audio_of(id);
         let opts = TranscribeOptions::default();
         let f = e.transcribe(&samples, &opts, &mut |_| {}).unwrap().text();
-        let q = int8.transcribe(&samples, &opts, &mut |_| {}).unwrap().text();
+        let q = int8
+            .transcribe(&samples, &opts, &mut |_| {})
+            .unwrap()
+            .text();
         let errors = nexus_eval::wer(&f, &q);
-        assert!(
-            errors.rate() <= 0.05,
-            "clip {id}: f32 {f:?}, int8 {q:?}"
-        );
+        assert!(errors.rate() <= 0.05, "clip {id}: f32 {f:?}, int8 {q:?}");
     }
 }
 

@@ -628,7 +628,14 @@ impl Decoder {
             x = (&x + c.out.forward(&merge_heads(&outs)?)?)?;
             x = blk.mlp(&x)?;
         }
-        let x = self.ln.forward(&x)?;
+        self.step_logits(&x)
+    }
+}
+
+impl Decoder {
+    /// Logits (B, vocab) in f32 of a step's final states (B, 1, D).
+    fn step_logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.ln.forward(x)?;
         self.vocab
             .forward(&x, self.embed.embeddings())?
             .squeeze(1)?
@@ -753,11 +760,7 @@ impl Decoder {
                     .forward(&Tensor::from_vec(outs, (b, 1, d), &device)?)?)?;
             x = blk.mlp(&x)?;
         }
-        let x = self.ln.forward(&x)?;
-        self.vocab
-            .forward(&x, self.embed.embeddings())?
-            .squeeze(1)?
-            .to_dtype(DType::F32)
+        self.step_logits(&x)
     }
 }
 
