@@ -39,6 +39,10 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
             "{l}"
         );
         assert!(l["interim_ms"]["n"].as_u64().unwrap() >= 1, "{l}");
+        // The interim rate is what arrived per second of audio sent.
+        let rate = l["interims_per_s"].as_f64().unwrap();
+        let expected = l["interim_ms"]["n"].as_f64().unwrap() / l["audio_s"].as_f64().unwrap();
+        assert!(rate > 0.0 && (rate - expected).abs() < 1e-9, "{l}");
         let wer = l["wer"].as_f64().unwrap();
         assert!(wer < 0.3, "WER {wer} of tiny.en on LibriVox clips: {l}");
         // The embedded server's admin port gave the model time per audio second.

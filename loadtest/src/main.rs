@@ -117,6 +117,11 @@ struct Level {
     streams: usize,
     final_after_endpoint_ms: Latency,
     interim_ms: Latency,
+    /// Interims received per second of audio sent, over every stream: 1 at
+    /// an interim interval of 1 s when none is skipped; less when the fleet
+    /// sheds interims under load.
+    #[serde(default)]
+    interims_per_s: f64,
     wer: f64,
     audio_s: f64,
     /// Encoder and decoder model seconds per second of audio (when readable).
@@ -245,12 +250,18 @@ async fn level(
     }
     let after = target::model_seconds(admin).await;
     let rate = |a: f64, b: f64| (!admin.is_empty() && audio_s > 0.0).then(|| (b - a) / audio_s);
+    let interims_per_s = if audio_s > 0.0 {
+        interims.len() as f64 / audio_s
+    } else {
+        0.0
+    };
     let final_lat = Latency::of(finals);
     let within = errors.is_empty() && final_lat.n > 0 && final_lat.p95 <= s.final_budget_ms;
     Level {
         streams: n,
         final_after_endpoint_ms: final_lat,
         interim_ms: Latency::of(interims),
+        interims_per_s,
         wer: wer.rate(),
         audio_s,
         rtf_encoder: rate(before.0, after.0),
@@ -265,7 +276,7 @@ fn print_level(l: &Level) {
     let i = &l.interim_ms;
     let rtf = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
     println!(
-        "{:>7} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.1}% | {:>6} {:>6} | {:>5} | {}",
+        "{:>7} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.2} | {:>5.1}% | {:>6} {:>6} | {:>5} | {}",
         l.streams,
         f.p50,
         f.p95,
@@ -273,6 +284,7 @@ fn print_level(l: &Level) {
         i.p50,
         i.p95,
         i.p99,
+        l.interims_per_s,
         l.wer * 100.0,
         rtf(l.rtf_encoder),
         rtf(l.rtf_decoder),
@@ -318,8 +330,14 @@ async fn main() -> anyhow::Result<()> {
         s.name, s.model, s.duration_s, s.ramp_up_s, s.final_budget_ms
     );
     println!(
-        "{:>7} | {:>20} | {:>20} | {:>6} | {:>13} | {:>5} | errors",
-        "streams", "final p50/p95/p99 ms", "interim p50/p95/p99", "WER", "RTF enc/dec", "ok"
+        "{:>7} | {:>20} | {:>20} | {:>5} | {:>6} | {:>13} | {:>5} | errors",
+        "streams",
+        "final p50/p95/p99 ms",
+        "interim p50/p95/p99",
+        "int/s",
+        "WER",
+        "RTF enc/dec",
+        "ok"
     );
     let mut levels = Vec::new();
     let mut breaks_at = None;
