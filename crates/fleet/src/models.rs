@@ -78,16 +78,18 @@ impl ModelSet {
         for name in names {
             let dir = resolve_model(name, home.clone())?;
             let t0 = std::time::Instant::now();
-            if NexusModel::is_checkpoint(&dir) {
+            let runs_in = if NexusModel::is_checkpoint(&dir) {
                 let model = NexusModel::load(&dir, device)
                     .with_context(|| format!("loading {name} from {}", dir.display()))?;
                 nexus.insert(name.clone(), Arc::new(model));
+                "as stored"
             } else {
                 let engine = WhisperEngine::load_with(&dir, device, precision)
                     .with_context(|| format!("loading {name} from {}", dir.display()))?;
                 engines.insert(name.clone(), Arc::new(engine));
-            }
-            tracing::info!(model = %name, load_ms = t0.elapsed().as_millis() as u64, "model loaded");
+                precision.as_str()
+            };
+            tracing::info!(model = %name, precision = runs_in, load_ms = t0.elapsed().as_millis() as u64, "model loaded");
             load_seconds.insert(name.clone(), t0.elapsed().as_secs_f64());
         }
         Ok(Self {

@@ -103,7 +103,7 @@ impl InterimCredit {
     fn available(&mut self) -> bool {
         let now = std::time::Instant::now();
         let accrued = now.duration_since(self.at).as_secs_f64() * self.share;
-        self.seconds = (self.seconds + accrued).min(self.share.max(0.5));
+        self.seconds = (self.seconds + accrued).min(self.share);
         self.at = now;
         self.seconds > 0.0
     }
@@ -414,9 +414,9 @@ fn plan_with(
     (jobs, skip)
 }
 
-/// Splits one model's windows into those encoded now and those that wait:
-/// finals all go now; interims (due first, first) up to the interim frame
-/// budget, at least one.
+/// Splits one model's windows (all final or all interim, as [`plan_with`] groups
+/// them) into those encoded now and those that wait: finals all go now;
+/// interims (due first, first) up to the interim frame budget, at least one.
 fn interim_turn(group: Group, args: &EncoderArgs) -> (Group, Group) {
     if group.iter().all(|(_, s)| s.is_final) {
         return (group, Vec::new());
@@ -426,7 +426,7 @@ fn interim_turn(group: Group, args: &EncoderArgs) -> (Group, Group) {
     let mut later = Vec::new();
     for (id, s) in group {
         let context = context_frames(s.pcm_f32le.len() / 4, args.interim_full_window, 0);
-        if s.is_final || now.is_empty() || frames + context <= args.interim_frame_budget {
+        if now.is_empty() || frames + context <= args.interim_frame_budget {
             frames += context;
             now.push((id, s));
         } else {

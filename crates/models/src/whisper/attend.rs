@@ -6,7 +6,7 @@
 
 /// `q` holds H heads of `dh` values; `k` and `v` hold H blocks of `s` rows of
 /// `dh` (a (H, S, dh) tensor's memory). Writes the H heads' outputs to `out`
-/// (H × dh) and uses `scores` (S values) as scratch.
+/// (H × dh).
 pub fn attend_one(
     q: &[f32],
     k: &[f32],
@@ -14,12 +14,10 @@ pub fn attend_one(
     (h, s, dh): (usize, usize, usize),
     scale: f32,
     out: &mut [f32],
-    scores: &mut Vec<f32>,
 ) {
     debug_assert!(q.len() == h * dh && out.len() == h * dh);
     debug_assert!(k.len() == h * s * dh && v.len() == h * s * dh);
-    scores.clear();
-    scores.resize(s, 0.0);
+    let mut scores = vec![0.0f32; s];
     for head in 0..h {
         let qh = &q[head * dh..(head + 1) * dh];
         let kh = &k[head * s * dh..(head + 1) * s * dh];
@@ -109,16 +107,7 @@ mod tests {
         let k: Vec<f32> = (0..h * s * dh).map(|i| val(i + 5)).collect();
         let v: Vec<f32> = (0..h * s * dh).map(|i| val(i + 11)).collect();
         let mut out = vec![0.0; h * dh];
-        let mut scratch = Vec::new();
-        attend_one(
-            &q,
-            &k,
-            &v,
-            (h, s, dh),
-            (dh as f32).powf(-0.5),
-            &mut out,
-            &mut scratch,
-        );
+        attend_one(&q, &k, &v, (h, s, dh), (dh as f32).powf(-0.5), &mut out);
         for (a, b) in out.iter().zip(naive(&q, &k, &v, h, s, dh)) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }

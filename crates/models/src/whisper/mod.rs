@@ -35,8 +35,6 @@ pub struct WhisperEngine {
     pub device: Device,
     /// Compute type.
     pub dtype: DType,
-    /// How the linear layers hold their weights.
-    pub precision: Precision,
 }
 
 impl std::fmt::Debug for WhisperEngine {
@@ -138,7 +136,6 @@ impl WhisperEngine {
             mel,
             device: device.clone(),
             dtype,
-            precision,
         })
     }
 }

@@ -632,6 +632,13 @@ impl Decoder {
     }
 }
 
+/// Per-sequence attention outputs (1, H, 1, dh) → (B, 1, D).
+fn merge_heads(outs: &[Tensor]) -> Result<Tensor> {
+    let out = Tensor::cat(outs, 0)?;
+    let (b, h, t, dh) = out.dims4()?;
+    out.transpose(1, 2)?.reshape((b, t, h * dh))
+}
+
 impl Decoder {
     /// Logits (B, vocab) in f32 of a step's final states (B, 1, D).
     fn step_logits(&self, x: &Tensor) -> Result<Tensor> {
@@ -641,16 +648,7 @@ impl Decoder {
             .squeeze(1)?
             .to_dtype(DType::F32)
     }
-}
 
-/// Per-sequence attention outputs (1, H, 1, dh) → (B, 1, D).
-fn merge_heads(outs: &[Tensor]) -> Result<Tensor> {
-    let out = Tensor::cat(outs, 0)?;
-    let (b, h, t, dh) = out.dims4()?;
-    out.transpose(1, 2)?.reshape((b, t, h * dh))
-}
-
-impl Decoder {
     /// The layers of [`step_batch`](Self::step_batch) on CPU: the products
     /// run batched, each sequence's two attentions run as plain loops over its
     /// own memory, sequences side by side on the thread pool.
@@ -695,15 +693,7 @@ impl Decoder {
                     let nk = attend::append_position(pk, &k[row.clone()], (h, t, dh));
                     let nv = attend::append_position(pv, &v[row.clone()], (h, t, dh));
                     let mut out = vec![0.0; d];
-                    attend::attend_one(
-                        &q[row],
-                        &nk,
-                        &nv,
-                        (h, t + 1, dh),
-                        scale,
-                        &mut out,
-                        &mut Vec::new(),
-                    );
+                    attend::attend_one(&q[row], &nk, &nv, (h, t + 1, dh), scale, &mut out);
                     (nk, nv, out)
                 })
                 .collect();
@@ -748,7 +738,6 @@ impl Decoder {
                         (h, frames[j], dh),
                         scale,
                         &mut out,
-                        &mut Vec::new(),
                     );
                     out
                 })
