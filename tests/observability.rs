@@ -328,8 +328,23 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
             "decode under an encode"
         );
         assert_eq!(attr(s, "session.id").as_deref(), Some(sid.as_str()));
-        for key in ["queue_ms", "batch_size", "inference_ms", "revision"] {
+        // An interim that a newer revision overtook before it was decoded
+        // says so instead of carrying a batch and an inference time.
+        let superseded = attr(s, "superseded").as_deref() == Some("true");
+        let keys: &[&str] = if superseded {
+            &["queue_ms", "revision"]
+        } else {
+            &["queue_ms", "batch_size", "inference_ms", "revision"]
+        };
+        for key in keys {
             assert!(attr(s, key).is_some(), "decode lacks {key}");
+        }
+        if superseded {
+            assert_eq!(
+                attr(s, "is_final").as_deref(),
+                Some("false"),
+                "only interims are superseded"
+            );
         }
     }
     assert!(

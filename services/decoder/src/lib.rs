@@ -262,6 +262,8 @@ async fn run<B: Bus>(
                 let (bus, keys, acker, cfg) =
                     (bus.clone(), keys.clone(), acker.clone(), cfg.clone());
                 if o.superseded {
+                    // The span says why it carries no batch or inference time.
+                    o.span.record("superseded", true);
                     metrics.stage.skipped(1);
                     tasks.spawn(async move { acker.ack(&[o.id]).await });
                     continue;
@@ -321,6 +323,7 @@ async fn run<B: Bus>(
                 queue_ms = now_unix_ms().saturating_sub(env.emitted_unix_ms),
                 batch_size = tracing::field::Empty,
                 inference_ms = tracing::field::Empty,
+                superseded = tracing::field::Empty,
             );
             nexus_core::trace::follow(&span, env.trace.as_ref());
             let permit = Slot::new(
