@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod mel;
 pub mod nexus;
+pub mod ops;
 pub mod precision;
 pub mod qwen;
 pub mod tts;

@@ -82,7 +82,7 @@ impl Adapter {
         let x = x
             .narrow(1, 0, n * self.stack)?
             .reshape((b, n, d * self.stack))?;
-        let h = self.linear1.forward(&x)?.gelu_erf()?;
+        let h = crate::ops::gelu_erf(&self.linear1.forward(&x)?)?;
         Ok(self.linear2.forward(&h)?)
     }
 }

@@ -266,12 +266,8 @@ impl Dds {
             None => x.clone(),
         };
         for i in 0..self.sep.len() {
-            let y = self.norms1[i]
-                .forward(&self.sep[i].forward(&x)?)?
-                .gelu_erf()?;
-            let y = self.norms2[i]
-                .forward(&self.one[i].forward(&y)?)?
-                .gelu_erf()?;
+            let y = crate::ops::gelu_erf(&self.norms1[i].forward(&self.sep[i].forward(&x)?)?)?;
+            let y = crate::ops::gelu_erf(&self.norms2[i].forward(&self.one[i].forward(&y)?)?)?;
             x = (x + y)?;
         }
         Ok(x)

@@ -160,7 +160,7 @@ impl ConvNeXt {
         let y = self.norm.forward(&y)?;
         let y = self
             .pwconv2
-            .forward(&self.pwconv1.forward(&y)?.gelu_erf()?)?;
+            .forward(&crate::ops::gelu_erf(&self.pwconv1.forward(&y)?)?)?;
         let y = y.broadcast_mul(&self.gamma)?.transpose(1, 2)?;
         Ok((x + y)?)
     }

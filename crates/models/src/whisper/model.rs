@@ -8,7 +8,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, VarBuilder};
 
 use rayon::prelude::*;
 
@@ -22,28 +22,52 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
     } else {
         None
     };
-    Ok(Dense::Float(Linear::new(w, b)))
+    Ok(Dense::Float {
+        wt: w.t()?.contiguous()?,
+        b,
+    })
 }
 
 /// A linear layer that runs any (…, in) input as one (rows, in) × (in, out)
 /// product. candle's `Linear` runs a 3-D input as one product per batch
 /// item, so a decoder step over B sequences, (B, 1, D), read every weight
-/// matrix B times. Quantised, the weights are Q8_0 blocks.
+/// matrix B times. The float weights are kept transposed, (in, out) in
+/// row-major order: the matrix-product kernel packs them with plain copies,
+/// where a transposed view of candle's (out, in) layout made it gather
+/// element by element (the packing took longer than the product itself in
+/// a profile of the encoder).
+///
+/// Quantised, a layer keeps Q8_0 blocks beside the float weights and takes
+/// whichever is faster for the rows at hand: candle's Q8_0 product reads a
+/// quarter of the bytes, which wins for the few rows of a small decoder
+/// step, and loses to the float kernel from about [`INT8_MAX_ROWS`] rows up
+/// (`nexus bench whisper`).
 #[derive(Debug, Clone)]
 enum Dense {
-    Float(Linear),
-    Int8 { w: QMatMul, b: Option<Tensor> },
+    Float {
+        wt: Tensor,
+        b: Option<Tensor>,
+    },
+    Int8 {
+        w: QMatMul,
+        wt: Tensor,
+        b: Option<Tensor>,
+    },
 }
 
+/// The most rows a product runs on Q8_0 weights where both are kept.
+const INT8_MAX_ROWS: usize = 3;
+
 impl Dense {
-    /// Quantises the weights to Q8_0 (CPU only; the input width must be a
-    /// multiple of the 32-value block, as every Whisper width is).
+    /// Adds Q8_0 weights (CPU only; the input width must be a multiple of
+    /// the 32-value block, as every Whisper width is).
     fn quantize(&mut self) -> Result<()> {
-        if let Self::Float(l) = self {
-            let q = QTensor::quantize(l.weight(), GgmlDType::Q8_0)?;
+        if let Self::Float { wt, b } = self {
+            let q = QTensor::quantize(&wt.t()?.contiguous()?, GgmlDType::Q8_0)?;
             *self = Self::Int8 {
                 w: QMatMul::from_qtensor(q)?,
-                b: l.bias().cloned(),
+                wt: wt.clone(),
+                b: b.take(),
             };
         }
         Ok(())
@@ -52,47 +76,62 @@ impl Dense {
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Float(l) => {
-                let dims = x.dims();
-                if dims.len() <= 2 {
-                    return l.forward(x);
-                }
-                let inp = dims[dims.len() - 1];
-                let y = l.forward(&x.reshape((x.elem_count() / inp, inp))?)?;
-                let mut out = dims.to_vec();
-                out[dims.len() - 1] = y.dim(1)?;
-                y.reshape(out)
+        let dims = x.dims();
+        let inp = dims[dims.len() - 1];
+        let rows = x.elem_count() / inp;
+        let (y, b) = match self {
+            Self::Int8 { w, b, .. } if rows <= INT8_MAX_ROWS => {
+                (w.forward(&x.reshape((rows, inp))?.contiguous()?)?, b)
             }
-            // The quantised product already takes every leading dimension as rows.
-            Self::Int8 { w, b } => {
-                let y = w.forward(&x.contiguous()?)?;
-                match b {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+            Self::Float { wt, b } | Self::Int8 { wt, b, .. } => {
+                (x.reshape((rows, inp))?.matmul(wt)?, b)
             }
-        }
+        };
+        let y = match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims.to_vec();
+        out[dims.len() - 1] = y.dim(1)?;
+        y.reshape(out)
     }
 }
 
 /// The vocabulary projection: logits of (B, T, D) states against the token
-/// embeddings (V, D) as one (B·T, D) × (D, V) product, the embedding matrix
-/// read once; or against a Q8_0 copy of it.
+/// embeddings as one (B·T, D) × (D, V) product, the matrix read once. The
+/// embeddings are kept a second time, transposed, for the same reason as
+/// [`Dense`]'s weights; quantised, a Q8_0 copy serves products of at most
+/// [`INT8_MAX_ROWS`] rows.
 #[derive(Debug, Clone)]
-enum VocabProjection {
-    Tied,
-    Int8(QMatMul),
+struct VocabProjection {
+    et: Tensor,
+    q: Option<QMatMul>,
 }
 
 impl VocabProjection {
-    fn forward(&self, x: &Tensor, embeddings: &Tensor) -> Result<Tensor> {
+    fn new(embeddings: &Tensor) -> Result<Self> {
+        Ok(Self {
+            et: embeddings.t()?.contiguous()?,
+            q: None,
+        })
+    }
+
+    fn quantize(&mut self) -> Result<()> {
+        let w = self.et.t()?.contiguous()?;
+        self.q = Some(QMatMul::from_qtensor(QTensor::quantize(
+            &w,
+            GgmlDType::Q8_0,
+        )?)?);
+        Ok(())
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let v = embeddings.dim(0)?;
+        let v = self.et.dim(1)?;
         let x = x.reshape((b * t, d))?;
-        match self {
-            Self::Tied => x.matmul(&embeddings.t()?)?,
-            Self::Int8(w) => w.forward(&x.contiguous()?)?,
+        match &self.q {
+            Some(q) if b * t <= INT8_MAX_ROWS => q.forward(&x.contiguous()?)?,
+            _ => x.matmul(&self.et)?,
         }
         .reshape((b, t, v))
     }
@@ -260,7 +299,7 @@ impl Block {
         self.attn.quantize()?;
         if let Some((c, _)) = &mut self.cross {
             // Cross-attention keys and values are projected once per audio
-            // window, a row per frame: f32 GEMM's ground, as in the encoder.
+            // window, a row per frame: they would never take the Q8_0 path.
             c.q.quantize()?;
             c.out.quantize()?;
         }
@@ -270,7 +309,9 @@ impl Block {
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.mlp_ln.forward(x)?;
-        x + self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?
+        x + self
+            .fc2
+            .forward(&crate::ops::gelu_erf(&self.fc1.forward(&h)?)?)?
     }
 }
 
@@ -322,15 +363,10 @@ impl Encoder {
         })
     }
 
-    /// Quantises the linear layers to Q8_0 (the convolutions stay as loaded).
-    pub fn quantize(&mut self) -> Result<()> {
-        self.blocks.iter_mut().try_for_each(Block::quantize)
-    }
-
     /// Encodes log-mel windows.
     pub fn forward(&self, mel: &Tensor) -> Result<Tensor> {
-        let x = self.conv1.forward(mel)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        let x = crate::ops::gelu_erf(&self.conv1.forward(mel)?)?;
+        let x = crate::ops::gelu_erf(&self.conv2.forward(&x)?)?.transpose(1, 2)?;
         let t = x.dim(1)?;
         let mut x = x.broadcast_add(&self.positions.i(0..t)?)?;
         for b in &self.blocks {
@@ -419,8 +455,10 @@ impl Decoder {
     fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         let ffn = vb.pp("layers.0.fc1").get_unchecked("weight")?.dim(0)?;
+        let embeddings = vb.get((cfg.vocab_size, d), "embed_tokens.weight")?;
         Ok(Self {
-            embed: Embedding::new(vb.get((cfg.vocab_size, d), "embed_tokens.weight")?, d),
+            vocab: VocabProjection::new(&embeddings)?,
+            embed: Embedding::new(embeddings, d),
             positions: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             blocks: (0..cfg.decoder_layers)
                 .map(|i| {
@@ -434,19 +472,15 @@ impl Decoder {
                 })
                 .collect::<Result<_>>()?,
             ln: layer_norm(d, vb.pp("layer_norm"))?,
-            vocab: VocabProjection::Tied,
             n_ctx: cfg.max_target_positions,
         })
     }
 
-    /// Quantises the linear layers and the vocabulary projection to Q8_0
-    /// (token embeddings stay as loaded for the lookup).
+    /// Adds Q8_0 weights to the linear layers and the vocabulary projection,
+    /// for products of a few rows (see [`Dense`]).
     pub fn quantize(&mut self) -> Result<()> {
         self.blocks.iter_mut().try_for_each(Block::quantize)?;
-        self.vocab = VocabProjection::Int8(QMatMul::from_qtensor(QTensor::quantize(
-            self.embed.embeddings(),
-            GgmlDType::Q8_0,
-        )?)?);
+        self.vocab.quantize()?;
         Ok(())
     }
 
@@ -551,10 +585,7 @@ impl Decoder {
             }
             _ => x,
         };
-        let logits = self
-            .vocab
-            .forward(&x, self.embed.embeddings())?
-            .to_dtype(DType::F32)?;
+        let logits = self.vocab.forward(&x)?.to_dtype(DType::F32)?;
         Ok(DecoderOutput {
             logits,
             cross_attention,
@@ -643,10 +674,7 @@ impl Decoder {
     /// Logits (B, vocab) in f32 of a step's final states (B, 1, D).
     fn step_logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.ln.forward(x)?;
-        self.vocab
-            .forward(&x, self.embed.embeddings())?
-            .squeeze(1)?
-            .to_dtype(DType::F32)
+        self.vocab.forward(&x)?.squeeze(1)?.to_dtype(DType::F32)
     }
 
     /// The layers of [`step_batch`](Self::step_batch) on CPU: the products
@@ -808,12 +836,11 @@ impl Whisper {
         })
     }
 
-    /// Quantises the decoder ([`Decoder::quantize`]). The encoder stays as
-    /// loaded: its products have a row per audio frame (1500 in a 30 s
-    /// window), where candle's f32 GEMM is faster on CPU than its Q8_0
-    /// product (`nexus bench whisper` shows both), while a decoder step has
-    /// a row per sequence and reads every weight for it, where Q8_0's
-    /// quarter of the bytes wins.
+    /// Adds Q8_0 weights to the decoder ([`Decoder::quantize`]). The encoder
+    /// stays as loaded: its products have a row per audio frame (1500 in a
+    /// 30 s window), where candle's f32 GEMM is faster on CPU than its Q8_0
+    /// product, while a small decoder step reads every weight for a row or
+    /// two, where Q8_0's quarter of the bytes wins.
     pub fn quantize(&mut self) -> Result<()> {
         self.decoder.quantize()
     }
@@ -821,5 +848,47 @@ impl Whisper {
     /// Log-probabilities over the vocabulary from logits (last dim).
     pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
         candle_nn::ops::log_softmax(logits, D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    /// A quantised layer answers a few rows from its Q8_0 weights (close to,
+    /// not equal to, the float product) and more rows from the float weights
+    /// (equal to the float product).
+    #[test]
+    fn quantised_dense_takes_q8_for_few_rows_and_floats_for_many() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (96, 64), &dev)?;
+        let b = Tensor::randn(0f32, 0.1, 96, &dev)?;
+        let float = Dense::Float {
+            wt: w.t()?.contiguous()?,
+            b: Some(b.clone()),
+        };
+        let mut int8 = float.clone();
+        int8.quantize()?;
+        let reference = |x: &Tensor| x.matmul(&w.t()?)?.broadcast_add(&b);
+        for rows in [1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 40] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 64), &dev)?;
+            let want = reference(&x.squeeze(0)?)?.unsqueeze(0)?;
+            assert!(max_diff(&float.forward(&x)?, &want) < 1e-5, "{rows} rows");
+            let q = max_diff(&int8.forward(&x)?, &want);
+            if rows <= INT8_MAX_ROWS {
+                assert!(q > 0.0 && q < 0.05, "{rows} rows: Q8_0 off by {q}");
+            } else {
+                assert!(q < 1e-5, "{rows} rows take the float weights, off by {q}");
+            }
+        }
+        Ok(())
     }
 }
