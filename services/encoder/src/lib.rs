@@ -15,7 +15,7 @@ use candle_core::{IndexOp, Tensor};
 use nexus_bus::{Bus, BusError, Entry, EntryId, decode, encode};
 use nexus_core::grpc::GrpcServer;
 use nexus_fleet::{Fleet, ModelSet, Process, StageReader, now_unix_ms, retry, stages};
-use nexus_models::mel::{CHUNK_FRAMES, CHUNK_SAMPLES, SAMPLE_RATE};
+use nexus_models::mel::{CHUNK_FRAMES, CHUNK_SAMPLES, HOP_LENGTH, N_FFT, SAMPLE_RATE};
 use nexus_proto::pipeline::{AudioSegment, DType, EncodedSegment, Envelope};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -522,9 +522,13 @@ async fn encode_group(
         for (_, s) in &group {
             let samples = samples_of(s)?;
             valid.push((samples.len() / nexus_models::mel::HOP_LENGTH).min(context) as u32);
+            // Zeros up to the context and one FFT window past it: the frames
+            // kept are those of the padded 30 s window (zeros never raise
+            // the log floor's peak), without transforming the rest.
+            let pad = (context * HOP_LENGTH + N_FFT).saturating_sub(samples.len());
             let mel = engine
                 .mel
-                .compute(&samples, CHUNK_SAMPLES)?
+                .compute(&samples, pad)?
                 .to_tensor(&engine.device)?;
             mels.push(mel.i((.., .., ..context))?.contiguous()?);
         }
