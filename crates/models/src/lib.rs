@@ -15,6 +15,7 @@ pub mod nexus;
 pub mod ops;
 pub mod precision;
 pub mod qwen;
+pub mod threads;
 pub mod tts;
 pub mod vad;
 pub mod vocoder;

@@ -70,6 +70,16 @@ enum KeysCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before any thread starts (telemetry and the runtimes start some).
+    #[cfg(feature = "fleet")]
+    let serving = matches!(cli.command, Command::Serve(_));
+    #[cfg(not(feature = "fleet"))]
+    let serving = false;
+    nexus_models::threads::settle_cpu_threads(if serving {
+        nexus_models::threads::CpuUse::Serving
+    } else {
+        nexus_models::threads::CpuUse::Offline
+    });
     let telemetry = telemetry::init(&cli.telemetry, "nexus")?;
     let done = match cli.command {
         #[cfg(feature = "fleet")]

@@ -24,8 +24,13 @@ struct Cli {
     telemetry: TelemetryArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread starts: the async runtime below starts several.
+    nexus_models::threads::settle_cpu_threads(nexus_models::threads::CpuUse::Serving);
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-decoder")?;
     let (process, bus) = cli.process.start(&cli.fleet, &telemetry).await?;

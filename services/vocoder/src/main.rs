@@ -28,8 +28,13 @@ struct Cli {
     telemetry: TelemetryArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread starts: the async runtime below starts several.
+    nexus_models::threads::settle_cpu_threads(nexus_models::threads::CpuUse::Serving);
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-vocoder")?;
     // The vocoder serves no recognition model; its voices are its stage's.

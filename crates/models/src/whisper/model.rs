@@ -39,9 +39,10 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
 ///
 /// Quantised, a layer keeps Q8_0 blocks beside the float weights and takes
 /// whichever is faster for the rows at hand: candle's Q8_0 product reads a
-/// quarter of the bytes, which wins for the few rows of a small decoder
-/// step, and loses to the float kernel from about [`INT8_MAX_ROWS`] rows up
-/// (`nexus bench whisper`).
+/// quarter of the bytes, which wins for a lone sequence's decoder step
+/// (1.9 against 5.5 ms for tiny.en), and is level with the float kernel at
+/// two or three rows and behind it from four (`nexus bench whisper
+/// --batches 1,2,3,4`).
 #[derive(Debug, Clone)]
 enum Dense {
     Float {
@@ -56,7 +57,7 @@ enum Dense {
 }
 
 /// The most rows a product runs on Q8_0 weights where both are kept.
-const INT8_MAX_ROWS: usize = 3;
+const INT8_MAX_ROWS: usize = 1;
 
 impl Dense {
     /// Adds Q8_0 weights (CPU only; the input width must be a multiple of
