@@ -48,7 +48,17 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
         // The embedded server's admin port gave the model time per audio second.
         assert!(l["rtf_encoder"].as_f64().unwrap() > 0.0, "{l}");
         assert!(l["rtf_decoder"].as_f64().unwrap() > 0.0, "{l}");
+        // A level is within budget exactly when it missed nothing, and says
+        // what it missed otherwise.
+        let missed = l["missed"].as_array().unwrap();
+        assert_eq!(
+            l["within_budget"].as_bool().unwrap(),
+            missed.is_empty(),
+            "{l}"
+        );
     }
+    assert_eq!(r["interim_budget_ms"].as_f64(), Some(5000.0), "{r}");
+    assert_eq!(r["wer_margin_points"].as_f64(), Some(30.0), "{r}");
     // Capacity is the last level of the unbroken run within budget (timing
     // here depends on the machine, so only its consistency is checked).
     let within: Vec<bool> = levels

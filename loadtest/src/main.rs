@@ -4,8 +4,9 @@
 //! latency after the endpoint and interim latency (p50/p95/p99), WER against
 //! the clips' references, errors by gRPC code, and the model time per second
 //! of audio (real-time factor) read from the services' `/metrics`. The
-//! largest level whose final p95 keeps the scenario's budget without errors
-//! is the sustainable concurrency; the first one that does not is the break.
+//! largest level that keeps the scenario's budgets (final p95, and where set
+//! interim p95 and WER against the first level) without errors is the
+//! sustainable concurrency; the first one that does not is the break.
 //!
 //! ```sh
 //! nexus-loadtest loadtest/scenarios/live-tiny.toml --spawn serve
@@ -50,6 +51,12 @@ struct Scenario {
     interim_ms: u32,
     /// Final-caption p95 after the endpoint a level must keep, ms.
     final_budget_ms: f64,
+    /// Interim p95 a level must keep, ms (when interims are asked for).
+    #[serde(default)]
+    interim_budget_ms: Option<f64>,
+    /// WER points a level may lose against the first level's.
+    #[serde(default)]
+    wer_margin_points: Option<f64>,
 }
 
 fn english() -> String {
@@ -129,6 +136,9 @@ struct Level {
     rtf_decoder: Option<f64>,
     errors: std::collections::BTreeMap<String, usize>,
     within_budget: bool,
+    /// Why the level is not within budget (errors, then each budget missed).
+    #[serde(default)]
+    missed: Vec<String>,
 }
 
 /// The whole report.
@@ -138,6 +148,8 @@ struct Report {
     model: String,
     target: String,
     final_budget_ms: f64,
+    interim_budget_ms: Option<f64>,
+    wer_margin_points: Option<f64>,
     levels: Vec<Level>,
     /// Most concurrent streams that kept the budget without errors.
     sustainable_streams: usize,
@@ -256,7 +268,6 @@ async fn level(
         0.0
     };
     let final_lat = Latency::of(finals);
-    let within = errors.is_empty() && final_lat.n > 0 && final_lat.p95 <= s.final_budget_ms;
     Level {
         streams: n,
         final_after_endpoint_ms: final_lat,
@@ -267,8 +278,45 @@ async fn level(
         rtf_encoder: rate(before.0, after.0),
         rtf_decoder: rate(before.1, after.1),
         errors,
-        within_budget: within,
+        within_budget: false,
+        missed: Vec::new(),
     }
+}
+
+/// What `l` missed of the scenario's budgets; WER against `first_wer`, the
+/// first level's. Empty when the level is sustainable.
+fn missed(l: &Level, s: &Scenario, first_wer: f64) -> Vec<String> {
+    let mut out = Vec::new();
+    if !l.errors.is_empty() {
+        out.push(format!("errors {:?}", l.errors));
+    }
+    let f = &l.final_after_endpoint_ms;
+    if f.n == 0 {
+        out.push("no final caption".to_owned());
+    } else if f.p95 > s.final_budget_ms {
+        out.push(format!(
+            "final p95 {:.0} ms > {:.0} ms",
+            f.p95, s.final_budget_ms
+        ));
+    }
+    if let Some(budget) = s.interim_budget_ms.filter(|_| s.interim_ms > 0) {
+        let i = &l.interim_ms;
+        if i.n == 0 {
+            out.push("no interim result".to_owned());
+        } else if i.p95 > budget {
+            out.push(format!("interim p95 {:.0} ms > {budget:.0} ms", i.p95));
+        }
+    }
+    if let Some(margin) = s.wer_margin_points
+        && l.wer * 100.0 > first_wer * 100.0 + margin + 1e-9
+    {
+        out.push(format!(
+            "WER {:.1} % > {:.1} % + {margin} points",
+            l.wer * 100.0,
+            first_wer * 100.0
+        ));
+    }
+    out
 }
 
 fn print_level(l: &Level) {
@@ -325,9 +373,16 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --spawn serve|fleet or --target ADDR"),
     };
     warm_up(target.addr, &s, &clips[0]).await?;
+    let mut budgets = format!("final p95 {} ms", s.final_budget_ms);
+    if let Some(b) = s.interim_budget_ms.filter(|_| s.interim_ms > 0) {
+        budgets += &format!(", interim p95 {b} ms");
+    }
+    if let Some(m) = s.wer_margin_points {
+        budgets += &format!(", WER within {m} points of the first level");
+    }
     println!(
-        "# {} — model {}, {label}, {} s per session, ramp-up {} s, final budget p95 {} ms",
-        s.name, s.model, s.duration_s, s.ramp_up_s, s.final_budget_ms
+        "# {} — model {}, {label}, {} s per session, ramp-up {} s, budget: {budgets}",
+        s.name, s.model, s.duration_s, s.ramp_up_s
     );
     println!(
         "{:>7} | {:>20} | {:>20} | {:>5} | {:>6} | {:>13} | {:>5} | errors",
@@ -342,18 +397,14 @@ async fn main() -> anyhow::Result<()> {
     let mut levels = Vec::new();
     let mut breaks_at = None;
     for &n in &s.streams {
-        let l = level(target.addr, &target.admin, &s, &clips, n).await;
+        let mut l = level(target.addr, &target.admin, &s, &clips, n).await;
+        let first_wer = levels.first().map_or(l.wer, |f: &Level| f.wer);
+        l.missed = missed(&l, &s, first_wer);
+        l.within_budget = l.missed.is_empty();
         print_level(&l);
         let ok = l.within_budget;
         if !ok && breaks_at.is_none() {
-            breaks_at = Some(if !l.errors.is_empty() {
-                format!("{n} streams: errors {:?}", l.errors)
-            } else {
-                format!(
-                    "{n} streams: final p95 {:.0} ms > {:.0} ms",
-                    l.final_after_endpoint_ms.p95, s.final_budget_ms
-                )
-            });
+            breaks_at = Some(format!("{n} streams: {}", l.missed.join("; ")));
         }
         levels.push(l);
         if !ok && !cli.all_levels {
@@ -375,6 +426,8 @@ async fn main() -> anyhow::Result<()> {
         model: s.model.clone(),
         target: label,
         final_budget_ms: s.final_budget_ms,
+        interim_budget_ms: s.interim_budget_ms,
+        wer_margin_points: s.wer_margin_points,
         levels,
         sustainable_streams: sustainable,
         breaks_at,
@@ -385,4 +438,59 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(target);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(final_p95: f64, interim_p95: f64, wer: f64) -> Level {
+        serde_json::from_value(serde_json::json!({
+            "streams": 4,
+            "final_after_endpoint_ms": {"n": 10, "p50": 100.0, "p95": final_p95, "p99": final_p95},
+            "interim_ms": {"n": 20, "p50": 100.0, "p95": interim_p95, "p99": interim_p95},
+            "wer": wer,
+            "audio_s": 120.0,
+            "rtf_encoder": null,
+            "rtf_decoder": null,
+            "errors": {},
+            "within_budget": false,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_level_misses_each_budget_by_name() {
+        let s: Scenario = toml::from_str(
+            r#"
+            name = "t"
+            model = "tiny.en"
+            speech = "librivox"
+            streams = [1, 4]
+            ramp_up_s = 1.0
+            duration_s = 10.0
+            interim_ms = 1000
+            final_budget_ms = 1000.0
+            interim_budget_ms = 800.0
+            wer_margin_points = 1.0
+            "#,
+        )
+        .unwrap();
+        assert!(missed(&level(900.0, 700.0, 0.060), &s, 0.055).is_empty());
+        let m = missed(&level(1100.0, 900.0, 0.070), &s, 0.055);
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert!(m[0].starts_with("final p95 1100 ms"), "{m:?}");
+        assert!(m[1].starts_with("interim p95 900 ms"), "{m:?}");
+        assert!(m[2].starts_with("WER 7.0 % > 5.5 %"), "{m:?}");
+        // Without the optional budgets only the final latency counts.
+        let plain = Scenario {
+            interim_budget_ms: None,
+            wer_margin_points: None,
+            ..s
+        };
+        assert_eq!(
+            missed(&level(900.0, 5000.0, 0.5), &plain, 0.055),
+            Vec::<String>::new()
+        );
+    }
 }
