@@ -230,6 +230,18 @@ async fn three_processes_match_offline_transcription() {
             "{stage}"
         );
     }
+    // Serving processes run candle's element-wise kernels on the calling
+    // thread: no pool of spinning workers beside the stages' own threads
+    // (crates/models/src/threads.rs). Every stage has run a model by now.
+    for proc in [&enc, &dec, &ing] {
+        let names = proc.thread_names();
+        assert!(!names.is_empty());
+        assert!(
+            !names.iter().any(|n| n.starts_with("candle-bp")),
+            "{}: {names:?}",
+            proc.name
+        );
+    }
     // SIGTERM drains: health flips, the process exits cleanly.
     assert!(dec.terminate().success(), "{}", dec.log().join("\n"));
 }

@@ -136,6 +136,16 @@ pub mod fleet {
     }
 
     impl Proc {
+        /// The names of the process's threads (Linux: `/proc/PID/task/*/comm`).
+        pub fn thread_names(&self) -> Vec<String> {
+            let dir = format!("/proc/{}/task", self.child.id());
+            std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{dir}: {e}"))
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        }
+
         /// Starts `program` with `args` plus `--listen ADDR` on a free port.
         pub fn start(name: &str, program: &str, args: &[&str]) -> Self {
             let addr = free_addr();
