@@ -59,6 +59,13 @@ struct Scenario {
     wer_margin_points: Option<f64>,
 }
 
+impl Scenario {
+    /// The interim p95 budget, where interims are asked for.
+    fn interim_budget(&self) -> Option<f64> {
+        self.interim_budget_ms.filter(|_| self.interim_ms > 0)
+    }
+}
+
 fn english() -> String {
     "en".into()
 }
@@ -224,6 +231,7 @@ async fn level(
     s: &Scenario,
     clips: &[Clip],
     n: usize,
+    first_wer: Option<f64>,
 ) -> Level {
     let before = target::model_seconds(admin).await;
     let mut tasks = tokio::task::JoinSet::new();
@@ -268,7 +276,7 @@ async fn level(
         0.0
     };
     let final_lat = Latency::of(finals);
-    Level {
+    let mut l = Level {
         streams: n,
         final_after_endpoint_ms: final_lat,
         interim_ms: Latency::of(interims),
@@ -280,11 +288,15 @@ async fn level(
         errors,
         within_budget: false,
         missed: Vec::new(),
-    }
+    };
+    l.missed = missed(&l, s, first_wer.unwrap_or(l.wer));
+    l.within_budget = l.missed.is_empty();
+    l
 }
 
 /// What `l` missed of the scenario's budgets; WER against `first_wer`, the
-/// first level's. Empty when the level is sustainable.
+/// first level's (its own for the first). Empty when the level is
+/// sustainable.
 fn missed(l: &Level, s: &Scenario, first_wer: f64) -> Vec<String> {
     let mut out = Vec::new();
     if !l.errors.is_empty() {
@@ -299,7 +311,7 @@ fn missed(l: &Level, s: &Scenario, first_wer: f64) -> Vec<String> {
             f.p95, s.final_budget_ms
         ));
     }
-    if let Some(budget) = s.interim_budget_ms.filter(|_| s.interim_ms > 0) {
+    if let Some(budget) = s.interim_budget() {
         let i = &l.interim_ms;
         if i.n == 0 {
             out.push("no interim result".to_owned());
@@ -374,7 +386,7 @@ async fn main() -> anyhow::Result<()> {
     };
     warm_up(target.addr, &s, &clips[0]).await?;
     let mut budgets = format!("final p95 {} ms", s.final_budget_ms);
-    if let Some(b) = s.interim_budget_ms.filter(|_| s.interim_ms > 0) {
+    if let Some(b) = s.interim_budget() {
         budgets += &format!(", interim p95 {b} ms");
     }
     if let Some(m) = s.wer_margin_points {
@@ -397,10 +409,8 @@ async fn main() -> anyhow::Result<()> {
     let mut levels = Vec::new();
     let mut breaks_at = None;
     for &n in &s.streams {
-        let mut l = level(target.addr, &target.admin, &s, &clips, n).await;
-        let first_wer = levels.first().map_or(l.wer, |f: &Level| f.wer);
-        l.missed = missed(&l, &s, first_wer);
-        l.within_budget = l.missed.is_empty();
+        let first_wer = levels.first().map(|f: &Level| f.wer);
+        let l = level(target.addr, &target.admin, &s, &clips, n, first_wer).await;
         print_level(&l);
         let ok = l.within_budget;
         if !ok && breaks_at.is_none() {

@@ -15,7 +15,7 @@ pub mod stages;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use models::ModelSet;
-pub use process::{ModelArgs, Process};
+pub use process::{ModelArgs, Process, serving_runtime};
 pub use reader::{Acker, StageReader, retry};
 
 use nexus_bus::{Keys, StreamLimits};

@@ -13,6 +13,14 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{self, FleetMetrics};
 use crate::{Fleet, FleetArgs, ModelSet};
 
+/// The async runtime of a serving process, built after settling how
+/// candle's CPU kernels use the cores ([`nexus_models::threads`]), which must
+/// happen before any thread starts. Call it first thing in `main`.
+pub fn serving_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    nexus_models::threads::settle_cpu_threads(nexus_models::threads::CpuUse::Serving);
+    tokio::runtime::Runtime::new()
+}
+
 /// The models a process serves and where they run.
 #[derive(Debug, Clone)]
 pub struct ModelArgs {

@@ -446,8 +446,7 @@ fn context_frames(samples: usize, full: bool, min_ms: u64) -> usize {
     if full {
         return CHUNK_FRAMES;
     }
-    let hop = nexus_models::mel::HOP_LENGTH;
-    let frames = (samples + SAMPLE_RATE as usize * WINDOW_MARGIN_MS / 1000).div_ceil(hop);
+    let frames = (samples + SAMPLE_RATE as usize * WINDOW_MARGIN_MS / 1000).div_ceil(HOP_LENGTH);
     let shortest = (min_ms / 10) as usize;
     frames
         .max(shortest)
@@ -521,7 +520,7 @@ async fn encode_group(
         let mut valid = Vec::with_capacity(group.len());
         for (_, s) in &group {
             let samples = samples_of(s)?;
-            valid.push((samples.len() / nexus_models::mel::HOP_LENGTH).min(context) as u32);
+            valid.push((samples.len() / HOP_LENGTH).min(context) as u32);
             // Zeros up to the context and one FFT window past it: the frames
             // kept are those of the padded 30 s window (zeros never raise
             // the log floor's peak), without transforming the rest.

@@ -36,9 +36,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Before any thread starts: the async runtime below starts several.
-    nexus_models::threads::settle_cpu_threads(nexus_models::threads::CpuUse::Serving);
-    tokio::runtime::Runtime::new()?.block_on(run())
+    nexus_fleet::serving_runtime()?.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -22,10 +22,7 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
     } else {
         None
     };
-    Ok(Dense::Float {
-        wt: w.t()?.contiguous()?,
-        b,
-    })
+    Dense::new(&w, b)
 }
 
 /// A linear layer that runs any (…, in) input as one (rows, in) × (in, out)
@@ -35,7 +32,9 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
 /// row-major order: the matrix-product kernel packs them with plain copies,
 /// where a transposed view of candle's (out, in) layout made it gather
 /// element by element (the packing took longer than the product itself in
-/// a profile of the encoder).
+/// a profile of the encoder). The decoder's vocabulary projection is one
+/// too, over a transposed copy of the token embeddings (which stay as
+/// loaded for the lookup).
 ///
 /// Quantised, a layer keeps Q8_0 blocks beside the float weights and takes
 /// whichever is faster for the rows at hand: candle's Q8_0 product reads a
@@ -44,33 +43,32 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
 /// two or three rows and behind it from four (`nexus bench whisper
 /// --batches 1,2,3,4`).
 #[derive(Debug, Clone)]
-enum Dense {
-    Float {
-        wt: Tensor,
-        b: Option<Tensor>,
-    },
-    Int8 {
-        w: QMatMul,
-        wt: Tensor,
-        b: Option<Tensor>,
-    },
+struct Dense {
+    /// The weights, (in, out).
+    wt: Tensor,
+    b: Option<Tensor>,
+    /// Q8_0 weights for products of at most [`INT8_MAX_ROWS`] rows.
+    q: Option<QMatMul>,
 }
 
 /// The most rows a product runs on Q8_0 weights where both are kept.
 const INT8_MAX_ROWS: usize = 1;
 
 impl Dense {
+    /// A layer of weights `w`, (out, in), and an optional bias.
+    fn new(w: &Tensor, b: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            wt: w.t()?.contiguous()?,
+            b,
+            q: None,
+        })
+    }
+
     /// Adds Q8_0 weights (CPU only; the input width must be a multiple of
     /// the 32-value block, as every Whisper width is).
     fn quantize(&mut self) -> Result<()> {
-        if let Self::Float { wt, b } = self {
-            let q = QTensor::quantize(&wt.t()?.contiguous()?, GgmlDType::Q8_0)?;
-            *self = Self::Int8 {
-                w: QMatMul::from_qtensor(q)?,
-                wt: wt.clone(),
-                b: b.take(),
-            };
-        }
+        let q = QTensor::quantize(&self.wt.t()?.contiguous()?, GgmlDType::Q8_0)?;
+        self.q = Some(QMatMul::from_qtensor(q)?);
         Ok(())
     }
 }
@@ -80,61 +78,18 @@ impl Module for Dense {
         let dims = x.dims();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
-        let (y, b) = match self {
-            Self::Int8 { w, b, .. } if rows <= INT8_MAX_ROWS => {
-                (w.forward(&x.reshape((rows, inp))?.contiguous()?)?, b)
-            }
-            Self::Float { wt, b } | Self::Int8 { wt, b, .. } => {
-                (x.reshape((rows, inp))?.matmul(wt)?, b)
-            }
+        let x = x.reshape((rows, inp))?;
+        let y = match &self.q {
+            Some(q) if rows <= INT8_MAX_ROWS => q.forward(&x.contiguous()?)?,
+            _ => x.matmul(&self.wt)?,
         };
-        let y = match b {
+        let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out = dims.to_vec();
         out[dims.len() - 1] = y.dim(1)?;
         y.reshape(out)
-    }
-}
-
-/// The vocabulary projection: logits of (B, T, D) states against the token
-/// embeddings as one (B·T, D) × (D, V) product, the matrix read once. The
-/// embeddings are kept a second time, transposed, for the same reason as
-/// [`Dense`]'s weights; quantised, a Q8_0 copy serves products of at most
-/// [`INT8_MAX_ROWS`] rows.
-#[derive(Debug, Clone)]
-struct VocabProjection {
-    et: Tensor,
-    q: Option<QMatMul>,
-}
-
-impl VocabProjection {
-    fn new(embeddings: &Tensor) -> Result<Self> {
-        Ok(Self {
-            et: embeddings.t()?.contiguous()?,
-            q: None,
-        })
-    }
-
-    fn quantize(&mut self) -> Result<()> {
-        let w = self.et.t()?.contiguous()?;
-        self.q = Some(QMatMul::from_qtensor(QTensor::quantize(
-            &w,
-            GgmlDType::Q8_0,
-        )?)?);
-        Ok(())
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let v = self.et.dim(1)?;
-        let x = x.reshape((b * t, d))?;
-        match &self.q {
-            Some(q) if b * t <= INT8_MAX_ROWS => q.forward(&x.contiguous()?)?,
-            _ => x.matmul(&self.et)?,
-        }
-        .reshape((b, t, v))
     }
 }
 
@@ -439,7 +394,8 @@ pub struct Decoder {
     positions: Tensor,
     blocks: Vec<Block>,
     ln: LayerNorm,
-    vocab: VocabProjection,
+    /// Logits against the token embeddings (tied weights, no bias).
+    vocab: Dense,
     n_ctx: usize,
 }
 
@@ -458,7 +414,7 @@ impl Decoder {
         let ffn = vb.pp("layers.0.fc1").get_unchecked("weight")?.dim(0)?;
         let embeddings = vb.get((cfg.vocab_size, d), "embed_tokens.weight")?;
         Ok(Self {
-            vocab: VocabProjection::new(&embeddings)?,
+            vocab: Dense::new(&embeddings, None)?,
             embed: Embedding::new(embeddings, d),
             positions: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             blocks: (0..cfg.decoder_layers)
@@ -872,10 +828,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.1, (96, 64), &dev)?;
         let b = Tensor::randn(0f32, 0.1, 96, &dev)?;
-        let float = Dense::Float {
-            wt: w.t()?.contiguous()?,
-            b: Some(b.clone()),
-        };
+        let float = Dense::new(&w, Some(b.clone()))?;
         let mut int8 = float.clone();
         int8.quantize()?;
         let reference = |x: &Tensor| x.matmul(&w.t()?)?.broadcast_add(&b);
