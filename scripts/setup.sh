@@ -81,11 +81,12 @@ if [ "$BUILD_ONLY" = 1 ]; then
   log "ready to build: $(cargo --version)"
   exit 0
 fi
-# Independent clients the API tests drive: OpenAI's Python package, and the
-# srt / webvtt-py parsers that check our subtitles. Pinned, in a venv of our own.
+# Independent clients the API tests drive: OpenAI's Python package (with its
+# realtime WebSocket client), the websockets library, and the srt / webvtt-py
+# parsers that check our subtitles. Pinned, in a venv of our own.
 # kubernetes-validate checks the chart's rendered manifests against the API's schemas.
-PY_CLIENTS=(openai==3.54.0 srt==3.5.3 webvtt-py==0.6.0 kubernetes-validate==1.37.0)
-if ! .venv/bin/python -c 'import openai, srt, webvtt, kubernetes_validate' >/dev/null 2>&1; then
+PY_CLIENTS=("openai[realtime]==3.54.0" websockets==15.0.1 srt==3.5.3 webvtt-py==0.6.0 kubernetes-validate==1.37.0)
+if ! .venv/bin/python -c 'import openai, websockets, srt, webvtt, kubernetes_validate' >/dev/null 2>&1; then
   log "installing the Python test clients: ${PY_CLIENTS[*]}"
   python3 -m venv .venv || { as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && python3 -m venv .venv; }
   .venv/bin/python -m pip install -q --disable-pip-version-check "${PY_CLIENTS[@]}"

@@ -150,6 +150,7 @@ impl SpeechRecognition for CountingRecognizer {
                     speech_event: SpeechEvent::EndOfSession as i32,
                     speech_event_ms: received / bytes_per_ms,
                     speech_audio: None,
+                    speech_event_segment_id: 0,
                 }))
                 .await;
         });

@@ -28,6 +28,10 @@ pub struct EndpointConfig {
     pub pre_roll_ms: u32,
     /// Interval between interim ticks while speaking; 0 disables them.
     pub interim_interval_ms: u32,
+    /// Turn detection off: an utterance starts with the first audio after
+    /// the previous one and ends only at [`Endpointer::commit`] (or at
+    /// `max_utterance_ms`), whatever the voice probabilities say.
+    pub manual: bool,
 }
 
 impl Default for EndpointConfig {
@@ -42,6 +46,7 @@ impl Default for EndpointConfig {
             max_utterance_ms: 30_000,
             pre_roll_ms: 320,
             interim_interval_ms: 1_000,
+            manual: false,
         }
     }
 }
@@ -55,6 +60,8 @@ pub enum EndReason {
     MaxLength,
     /// The stream ended while speaking.
     StreamEnd,
+    /// The client committed its audio so far.
+    Committed,
 }
 
 /// What happened at a frame. Positions are sample offsets in the stream.
@@ -148,6 +155,17 @@ impl Endpointer {
         self.history.push_back(voiced);
         match self.state {
             State::Idle => {
+                if self.cfg.manual {
+                    self.state = State::Speaking {
+                        start: frame_start,
+                        last_voiced: self.pos,
+                        last_interim: self.pos,
+                    };
+                    return Some(EndpointEvent::Started {
+                        segment: self.segment,
+                        start: frame_start,
+                    });
+                }
                 let n = self.history.iter().filter(|v| **v).count();
                 let full = self.history.len() == self.history_len;
                 if full && n as f32 >= self.cfg.start_threshold * self.history_len as f32 && voiced
@@ -174,7 +192,7 @@ impl Endpointer {
                 mut last_voiced,
                 mut last_interim,
             } => {
-                if probability >= self.cfg.silence_probability {
+                if probability >= self.cfg.silence_probability || self.cfg.manual {
                     last_voiced = self.pos;
                 }
                 let segment = self.segment;
@@ -227,6 +245,30 @@ impl Endpointer {
             State::Idle => None,
         }
     }
+
+    /// Closes the utterance in progress at the audio seen so far; the
+    /// stream goes on.
+    pub fn commit(&mut self) -> Option<EndpointEvent> {
+        match self.state {
+            State::Speaking { start, .. } => Some(self.end(start, self.pos, EndReason::Committed)),
+            State::Idle => None,
+        }
+    }
+
+    /// Drops the utterance in progress: it never ends, and the next one
+    /// gets the next number. Returns the dropped utterance's number.
+    pub fn clear(&mut self) -> Option<u64> {
+        match self.state {
+            State::Speaking { .. } => {
+                let segment = self.segment;
+                self.segment += 1;
+                self.state = State::Idle;
+                self.history.clear();
+                Some(segment)
+            }
+            State::Idle => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +289,94 @@ mod tests {
             interim_interval_ms: 0,
             ..EndpointConfig::default()
         }
+    }
+
+    #[test]
+    fn commit_ends_the_utterance_and_clear_drops_it() {
+        let mut e = Endpointer::new(quiet(), 16_000);
+        let mut ev: Vec<_> = (0..40).filter_map(|_| e.push(0.9)).collect();
+        assert!(
+            matches!(ev[..], [EndpointEvent::Started { segment: 0, .. }]),
+            "{ev:?}"
+        );
+        assert_eq!(
+            e.commit(),
+            Some(EndpointEvent::Ended {
+                segment: 0,
+                start: ev
+                    .pop()
+                    .map(|x| match x {
+                        EndpointEvent::Started { start, .. } => start,
+                        _ => 0,
+                    })
+                    .unwrap(),
+                end: 40 * SPF,
+                reason: EndReason::Committed
+            })
+        );
+        assert_eq!(e.commit(), None, "nothing in progress");
+        let ev: Vec<_> = (0..40).filter_map(|_| e.push(0.9)).collect();
+        assert!(
+            matches!(ev[..], [EndpointEvent::Started { segment: 1, .. }]),
+            "{ev:?}"
+        );
+        assert_eq!(e.clear(), Some(1));
+        assert!(!e.in_speech());
+        let ev: Vec<_> = (0..40).filter_map(|_| e.push(0.9)).collect();
+        assert!(
+            matches!(ev[..], [EndpointEvent::Started { segment: 2, .. }]),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn manual_turns_span_silence_and_end_at_commit() {
+        let cfg = EndpointConfig {
+            manual: true,
+            ..quiet()
+        };
+        let mut e = Endpointer::new(cfg, 16_000);
+        // Silence first, then speech, then 3 s of silence: one utterance from the first frame.
+        let mut p = vec![0.0; 10];
+        p.extend(vec![0.9; 30]);
+        p.extend(vec![0.0; 94]);
+        let ev: Vec<_> = p.iter().filter_map(|x| e.push(*x)).collect();
+        assert_eq!(
+            ev,
+            vec![EndpointEvent::Started {
+                segment: 0,
+                start: 0
+            }]
+        );
+        assert_eq!(
+            e.commit(),
+            Some(EndpointEvent::Ended {
+                segment: 0,
+                start: 0,
+                end: 134 * SPF,
+                reason: EndReason::Committed
+            })
+        );
+        // The next utterance starts at the next frame, and length still cuts it.
+        let ev: Vec<_> = (0..940).filter_map(|_| e.push(0.0)).collect();
+        assert_eq!(
+            ev[0],
+            EndpointEvent::Started {
+                segment: 1,
+                start: 134 * SPF
+            }
+        );
+        assert!(
+            matches!(
+                ev[1],
+                EndpointEvent::Ended {
+                    segment: 1,
+                    reason: EndReason::MaxLength,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
     }
 
     #[test]

@@ -11,6 +11,30 @@ pub enum SampleFormat {
     S16Le,
     /// IEEE 754 32-bit float little-endian, nominally in [-1, 1].
     F32Le,
+    /// ITU-T G.711 mu-law, one byte a sample (North American telephony).
+    MuLaw,
+    /// ITU-T G.711 A-law, one byte a sample (European telephony).
+    ALaw,
+}
+
+/// The 16-bit linear value of a G.711 mu-law byte.
+pub fn mulaw(byte: u8) -> i16 {
+    const BIAS: i32 = 0x84;
+    let u = !byte;
+    let t = ((i32::from(u & 0x0f) << 3) + BIAS) << ((u & 0x70) >> 4);
+    (if u & 0x80 != 0 { BIAS - t } else { t - BIAS }) as i16
+}
+
+/// The 16-bit linear value of a G.711 A-law byte.
+pub fn alaw(byte: u8) -> i16 {
+    let a = byte ^ 0x55;
+    let mut t = i32::from(a & 0x0f) << 4;
+    match (a & 0x70) >> 4 {
+        0 => t += 8,
+        1 => t += 0x108,
+        seg => t = (t + 0x108) << (seg - 1),
+    }
+    (if a & 0x80 != 0 { t } else { -t }) as i16
 }
 
 impl SampleFormat {
@@ -19,6 +43,7 @@ impl SampleFormat {
         match self {
             SampleFormat::S16Le => 2,
             SampleFormat::F32Le => 4,
+            SampleFormat::MuLaw | SampleFormat::ALaw => 1,
         }
     }
 }
@@ -113,6 +138,16 @@ impl PcmDecoder {
                     out[i % ch].push(v.clamp(-1.0, 1.0));
                 }
             }
+            SampleFormat::MuLaw => {
+                for (i, b) in data[..whole].iter().enumerate() {
+                    out[i % ch].push(f32::from(mulaw(*b)) / 32768.0);
+                }
+            }
+            SampleFormat::ALaw => {
+                for (i, b) in data[..whole].iter().enumerate() {
+                    out[i % ch].push(f32::from(alaw(*b)) / 32768.0);
+                }
+            }
         }
         self.carry = data.split_off(whole);
         self.frames_out += frames as u64;
@@ -170,6 +205,45 @@ mod tests {
             sample_rate: 16_000,
             channels,
         }
+    }
+
+    #[test]
+    fn g711_bytes_decode_to_the_standard_linear_values() {
+        // Points and sums of the ITU-T G.711 tables (as CPython's audioop gives them).
+        let mu = [
+            (0x00, -32124),
+            (0x0f, -16764),
+            (0x55, -716),
+            (0x7f, 0),
+            (0x80, 32124),
+            (0xaa, 5372),
+            (0xd5, 716),
+            (0xff, 0),
+        ];
+        let a = [
+            (0x00, -5504),
+            (0x0f, -6784),
+            (0x55, -8),
+            (0x7f, -848),
+            (0x80, 5504),
+            (0xaa, 32256),
+            (0xd5, 8),
+            (0xff, 848),
+        ];
+        for (b, v) in mu {
+            assert_eq!(mulaw(b), v, "mu-law {b:#04x}");
+        }
+        for (b, v) in a {
+            assert_eq!(alaw(b), v, "A-law {b:#04x}");
+        }
+        let abs = |f: fn(u8) -> i16| (0..=255u8).map(|b| i64::from(f(b)).abs()).sum::<i64>();
+        assert_eq!(abs(mulaw), 1_532_928);
+        assert_eq!(abs(alaw), 1_564_672);
+        let mut dec =
+            PcmDecoder::new(spec(SampleFormat::MuLaw, 1), AudioLimits::default()).unwrap();
+        let mut out = vec![Vec::new()];
+        assert_eq!(dec.push(&[0x80, 0xff, 0x00], &mut out).unwrap(), 3);
+        assert_eq!(out[0], vec![32124.0 / 32768.0, 0.0, -32124.0 / 32768.0]);
     }
 
     #[test]

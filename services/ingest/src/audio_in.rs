@@ -34,30 +34,48 @@ fn interleaved_to_mono(x: &[f32], channels: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The sample format and rate of raw-sample audio (LINEAR_PCM_*, G711_*);
+/// the error names what is missing.
+pub(crate) fn raw_samples(fmt: &AudioFormat) -> Result<(SampleFormat, u32), String> {
+    let enc = AudioEncoding::try_from(fmt.encoding).unwrap_or(AudioEncoding::Unspecified);
+    let format = match enc {
+        AudioEncoding::LinearPcmS16le => SampleFormat::S16Le,
+        AudioEncoding::LinearPcmF32le => SampleFormat::F32Le,
+        AudioEncoding::G711Ulaw => SampleFormat::MuLaw,
+        AudioEncoding::G711Alaw => SampleFormat::ALaw,
+        _ => return Err(format!("{} is not raw samples", enc.as_str_name())),
+    };
+    let rate = match (fmt.sample_rate_hz, format) {
+        (0, SampleFormat::MuLaw | SampleFormat::ALaw) => 8_000,
+        (0, _) => {
+            return Err(format!(
+                "audio_format.sample_rate_hz is required for {} audio",
+                enc.as_str_name()
+            ));
+        }
+        (r, _) => r,
+    };
+    Ok((format, rate))
+}
+
 impl AudioIn {
     /// Checks a stream's declared format; the error says what to send instead.
     pub fn new(fmt: &AudioFormat, limits: &AudioLimits) -> Result<Self, String> {
         let channels = fmt.channels.max(1);
         let enc = AudioEncoding::try_from(fmt.encoding).unwrap_or(AudioEncoding::Unspecified);
         let (source, rate) = match enc {
-            AudioEncoding::LinearPcmS16le | AudioEncoding::LinearPcmF32le => {
-                if fmt.sample_rate_hz == 0 {
-                    return Err(
-                        "audio_format.sample_rate_hz is required for LINEAR_PCM_* streams".into(),
-                    );
-                }
-                let format = if enc == AudioEncoding::LinearPcmS16le {
-                    SampleFormat::S16Le
-                } else {
-                    SampleFormat::F32Le
-                };
+            AudioEncoding::LinearPcmS16le
+            | AudioEncoding::LinearPcmF32le
+            | AudioEncoding::G711Ulaw
+            | AudioEncoding::G711Alaw => {
+                let (format, sample_rate) = raw_samples(fmt)?;
                 let spec = PcmSpec {
                     format,
-                    sample_rate: fmt.sample_rate_hz,
+                    sample_rate,
                     channels,
                 };
                 let dec = PcmDecoder::new(spec, limits.clone()).map_err(|e| e.to_string())?;
-                (Source::Pcm(dec, channels as usize), fmt.sample_rate_hz)
+                (Source::Pcm(dec, channels as usize), sample_rate)
             }
             AudioEncoding::OggOpus => (Source::Ogg(OggOpusStream::new()), 48_000),
             AudioEncoding::OpusPackets => {

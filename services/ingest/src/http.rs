@@ -145,6 +145,7 @@ pub(crate) fn router<B: Bus>(ingest: Ingest<B>) -> axum::Router {
     axum::Router::new()
         .route("/v1/models", get(list_models::<B>))
         .route("/v1/models/{id}", get(get_model::<B>))
+        .route("/v1/realtime", get(crate::realtime::upgrade::<B>))
         .route("/", get(crate::webrtc::page))
         .route("/captions", get(crate::webrtc::page))
         .route(

@@ -16,6 +16,7 @@ mod http;
 pub mod jobs;
 pub mod metrics;
 mod models;
+mod realtime;
 mod recognize;
 mod resume;
 mod rooms;
@@ -96,6 +97,10 @@ pub struct IngestArgs {
     /// and ends with DEADLINE_EXCEEDED, freeing its slot (0: never).
     #[arg(long, env = "NEXUS_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
     pub idle_timeout_ms: u64,
+    /// How long a WebSocket client (/v1/realtime) may leave an event unread
+    /// before it is disconnected; its session then waits to be resumed.
+    #[arg(long, env = "NEXUS_CLIENT_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub client_write_timeout_ms: u64,
     /// Fastest a live session's audio is read, as a multiple of real time,
     /// after its first `--live-burst-s` seconds: a sender that is faster is
     /// slowed by flow control, so one stream cannot do a batch job's work.
@@ -150,6 +155,7 @@ impl Default for IngestArgs {
             resume_grace_ms: 30_000,
             max_session_minutes: 240,
             idle_timeout_ms: 30_000,
+            client_write_timeout_ms: 10_000,
             live_max_speed: 4.0,
             live_burst_s: 60,
             max_audio_mb: 100,
@@ -277,6 +283,8 @@ pub(crate) struct Settings {
     pub(crate) max_session: Duration,
     /// Longest a live session may go without audio; zero: no bound.
     pub(crate) idle_timeout: Duration,
+    /// Longest a WebSocket client may leave an event unread.
+    pub(crate) client_write_timeout: Duration,
     /// Fastest live audio is read after the burst, × real time.
     pub(crate) live_max_speed: f64,
     /// Audio a live session may send ahead of that pace.
@@ -299,8 +307,9 @@ pub(crate) struct Inner<B: Bus> {
     pub(crate) limits: AudioLimits,
     pub(crate) access: auth::Access,
     pub(crate) jobs: jobs::JobArgs,
-    /// Sessions whose client went away, by id: their tenant and the way to hand them a resumed call.
-    pub(crate) parked: std::sync::Mutex<std::collections::HashMap<String, Parked>>,
+    /// Resumable sessions running on this replica, by id: their tenant and
+    /// the way to hand them a resumed call.
+    pub(crate) resumable: std::sync::Mutex<std::collections::HashMap<String, Parked>>,
     /// WebRTC sessions and caption rooms.
     pub(crate) webrtc: webrtc::WebRtc,
     /// What the admin port reports.
@@ -426,9 +435,26 @@ impl<B: Bus> Ingest<B> {
                 )))
             }
         };
+        let most = |name: &str, v: u32, limit: u32| {
+            if v > limit {
+                Err(invalid(format!(
+                    "endpointing.{name} is {v}; the limit is {limit}"
+                )))
+            } else {
+                Ok(v)
+            }
+        };
+        most("start_history_ms", c.start_history_ms, 10_000)?;
+        most("stop_history_ms", c.stop_history_ms, 30_000)?;
+        most("interim_interval_ms", c.interim_interval_ms, 30_000)?;
+        most("pre_roll_ms", c.pre_roll_ms, 2_000)?;
         if c.start_history_ms > 0 {
             e.start_history_ms = c.start_history_ms.max(e.frame_ms);
         }
+        if c.pre_roll_ms > 0 {
+            e.pre_roll_ms = c.pre_roll_ms;
+        }
+        e.manual = c.manual;
         if c.start_threshold > 0.0 {
             e.start_threshold = prob("start_threshold", c.start_threshold)?;
         }
@@ -547,18 +573,19 @@ impl<B: Bus> Ingest<B> {
         Ok(())
     }
 
-    async fn open(
+    /// Checks a live session's settings; the recognition config with its
+    /// defaults filled in, the audio decoder and the endpointer's settings.
+    pub(crate) fn check_stream(
         &self,
-        cfg: StreamingRecognitionConfig,
-        grant: auth::Grant,
-    ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
+        cfg: &StreamingRecognitionConfig,
+    ) -> Result<(RecognitionConfig, audio_in::AudioIn, EndpointConfig), Status> {
         let inner = &self.inner;
         let mut rc = cfg
             .config
             .clone()
             .ok_or_else(|| invalid("streaming_config.config is required"))?;
         self.check_config(&mut rc)?;
-        bounds::check_streaming(&cfg)?;
+        bounds::check_streaming(cfg)?;
         if rc.separate_recognition_per_channel {
             return Err(invalid(
                 "separate_recognition_per_channel is not supported on streams yet; open one stream per channel",
@@ -572,8 +599,30 @@ impl<B: Bus> Ingest<B> {
             .check_format(fmt.sample_rate_hz.max(8_000), fmt.channels.max(1))
             .map_err(|e| invalid(e.to_string()))?;
         let audio_in = audio_in::AudioIn::new(&fmt, &inner.limits.live()).map_err(invalid)?;
-        let endpoint = Self::endpointing(&cfg)?;
+        let endpoint = Self::endpointing(cfg)?;
+        Ok((rc, audio_in, endpoint))
+    }
 
+    async fn open(
+        &self,
+        cfg: StreamingRecognitionConfig,
+        grant: auth::Grant,
+    ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
+        let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.open_as(id, cfg, grant).await
+    }
+
+    /// Opens the live session `id`: checks its settings, takes a place on
+    /// this replica and a slot of the decoder pool.
+    pub(crate) async fn open_as(
+        &self,
+        id: SessionId,
+        cfg: StreamingRecognitionConfig,
+        grant: auth::Grant,
+    ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
+        let inner = &self.inner;
+        let (rc, audio_in, endpoint) = self.check_stream(&cfg)?;
         let local = inner.sessions.clone().try_acquire_owned().map_err(|_| {
             inner.metrics.refused("replica_sessions_full");
             Status::resource_exhausted(format!(
@@ -581,8 +630,6 @@ impl<B: Bus> Ingest<B> {
                 inner.max_sessions
             ))
         })?;
-        let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
-            .map_err(|e| Status::internal(e.to_string()))?;
         self.admit(&id, &rc.model).await?;
         inner.metrics.session_started();
         let span = tracing::info_span!(
@@ -657,7 +704,7 @@ impl<B: Bus> SpeechRecognition for Ingest<B> {
         let cfg = match first.streaming_request {
             Some(StreamingRequest::StreamingConfig(c)) => c,
             Some(StreamingRequest::Resume(r)) => return self.resume(r, tenant, inbound).await,
-            Some(StreamingRequest::AudioContent(_)) | None => {
+            Some(StreamingRequest::AudioContent(_) | StreamingRequest::Control(_)) | None => {
                 return Err(invalid(
                     "the first message must carry streaming_config; audio follows it",
                 ));
@@ -722,6 +769,7 @@ async fn run<B: Bus>(
             drain_grace: cfg.fleet.drain.grace,
             max_session: Duration::from_secs(cfg.args.max_session_minutes.max(1) * 60),
             idle_timeout: Duration::from_millis(cfg.args.idle_timeout_ms),
+            client_write_timeout: Duration::from_millis(cfg.args.client_write_timeout_ms.max(100)),
             live_max_speed: cfg.args.live_max_speed,
             live_burst: Duration::from_secs(cfg.args.live_burst_s),
             models: cfg.models.clone(),
@@ -742,7 +790,7 @@ async fn run<B: Bus>(
         },
         access,
         jobs: cfg.args.jobs.clone(),
-        parked: Default::default(),
+        resumable: Default::default(),
         webrtc: webrtc::WebRtc::new(cfg.args.webrtc.clone())?,
         metrics: Arc::new(metrics::IngestMetrics::new(cfg.fleet.metrics.clone())),
         synthesis_slots: synthesis::slots(),

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use nexus_audio::{
     AudioLimits, EndpointConfig, EndpointEvent, Endpointer, MODEL_SAMPLE_RATE, PcmSpec,
-    SampleFormat,
 };
 use nexus_bus::{Bus, BusError, EntryId, SessionId, encode};
 use nexus_fleet::{now_unix_ms, stages};
@@ -70,24 +69,19 @@ fn decode_audio(
     let fmt = rc.audio_format.unwrap_or_default();
     let enc = AudioEncoding::try_from(fmt.encoding).unwrap_or(AudioEncoding::Unspecified);
     let (channels, rate) = match enc {
-        AudioEncoding::LinearPcmS16le | AudioEncoding::LinearPcmF32le => {
-            if fmt.sample_rate_hz == 0 {
-                return Err(
-                    "audio_format.sample_rate_hz is required for LINEAR_PCM_* audio".into(),
-                );
-            }
+        AudioEncoding::LinearPcmS16le
+        | AudioEncoding::LinearPcmF32le
+        | AudioEncoding::G711Ulaw
+        | AudioEncoding::G711Alaw => {
+            let (format, sample_rate) = crate::audio_in::raw_samples(&fmt)?;
             let spec = PcmSpec {
-                format: if enc == AudioEncoding::LinearPcmS16le {
-                    SampleFormat::S16Le
-                } else {
-                    SampleFormat::F32Le
-                },
-                sample_rate: fmt.sample_rate_hz,
+                format,
+                sample_rate,
                 channels: fmt.channels.max(1),
             };
             let ch =
                 nexus_audio::pcm::decode_all(&bytes, spec, limits).map_err(|e| e.to_string())?;
-            (ch, fmt.sample_rate_hz)
+            (ch, sample_rate)
         }
         AudioEncoding::OpusPackets => {
             return Err(

@@ -1,8 +1,9 @@
 //! Resuming a live session after a dropped connection. A session whose client
 //! went away stays parked on its ingest replica for the resume grace, still
-//! decoding the audio it has; a resumed call takes it over, gets every result
-//! after the index it names, and may send more audio. A session that is not
-//! parked here (it ended, or ran on a replica that died) can still hand over
+//! decoding the audio it has; a resumed call takes it over (even before the
+//! replica noticed the old connection died), gets every result after the
+//! index it names, and may send more audio. A session that is not running
+//! here (it ended, or ran on a replica that died) can still hand over
 //! the finals in its result log, after which the call ends.
 
 use std::collections::HashSet;
@@ -26,7 +27,19 @@ impl<B: Bus> Ingest<B> {
         tenant: String,
         inbound: Streaming<StreamingRecognizeRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let mut inbound: crate::session::Inbound = Box::pin(inbound);
+        let rx = self.resume_session(r, tenant, Box::pin(inbound)).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// Hands `inbound` to the running session `r` names (its current client,
+    /// if it still has one, is told it was taken over), or replays the finals
+    /// its result log holds; the session's responses come on the receiver.
+    pub(crate) async fn resume_session(
+        &self,
+        r: ResumeSession,
+        tenant: String,
+        mut inbound: crate::session::Inbound,
+    ) -> Result<mpsc::Receiver<Result<StreamingRecognizeResponse, Status>>, Status> {
         let id = SessionId::parse(&r.session_id).map_err(|_| {
             invalid(format!(
                 "resume.session_id {:?} is not a session id; use the session_id of the session's first response",
@@ -36,7 +49,7 @@ impl<B: Bus> Ingest<B> {
         let keys_on = self.inner.access.requires_keys();
         let parked = self
             .inner
-            .parked
+            .resumable
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id.as_str())
@@ -54,7 +67,7 @@ impl<B: Bus> Ingest<B> {
                 })
                 .await;
             match handed {
-                Ok(()) => return Ok(Response::new(Box::pin(ReceiverStream::new(rx)))),
+                Ok(()) => return Ok(rx),
                 // The session ended meanwhile; its log still holds the finals.
                 Err(mpsc::error::SendError(back)) => inbound = back.inbound,
             }
@@ -120,7 +133,7 @@ impl<B: Bus> Ingest<B> {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(rx)
     }
 }
 

@@ -12,6 +12,7 @@ use nexus_fleet::{now_unix_ms, retry, stages};
 use nexus_models::vad::{CHUNK, VadState};
 use nexus_proto::pipeline::{AudioSegment, DecodeResult, Envelope};
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
+use nexus_proto::speech::turn_control::Action;
 use nexus_proto::speech::{
     RecognitionConfig, SpeechEvent, StreamingRecognitionConfig, StreamingRecognizeRequest,
     StreamingRecognizeResponse,
@@ -179,7 +180,7 @@ impl<B: Bus> Session<B> {
 
     fn unpark(&self) {
         self.inner
-            .parked
+            .resumable
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(self.id.as_str());
@@ -198,7 +199,20 @@ impl<B: Bus> Session<B> {
         } else {
             Duration::ZERO
         };
-        let mut away: Option<(tokio::time::Instant, mpsc::Receiver<Reattach>)> = None;
+        // A resumable session can be taken over by a resumed call at any
+        // time: after its client went away, or before this replica noticed
+        // (a client reconnects faster than a dead connection times out).
+        let mut handover: Option<mpsc::Receiver<Reattach>> = None;
+        if !grace.is_zero() {
+            let (tx, rx) = mpsc::channel(1);
+            self.inner
+                .resumable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.id.to_string(), (self.tenant.clone(), tx));
+            handover = Some(rx);
+        }
+        let mut away_until: Option<tokio::time::Instant> = None;
         self.respond(
             live,
             StreamingRecognizeResponse {
@@ -218,8 +232,8 @@ impl<B: Bus> Session<B> {
         let max_samples = self.inner.cfg.max_session.as_secs() * u64::from(MODEL_SAMPLE_RATE);
         let mut last_audio = started;
         loop {
-            if (live.out.is_none() || inbound.is_none()) && away.is_none() {
-                // The client went away. Park the session for the resume grace:
+            if (live.out.is_none() || inbound.is_none()) && away_until.is_none() {
+                // The client went away. The session waits the resume grace:
                 // audio in hand is still decoded and results are kept for it.
                 live.out = None;
                 inbound = None;
@@ -227,14 +241,8 @@ impl<B: Bus> Session<B> {
                     tracing::info!(session = %self.id, "client gone; session ends");
                     return Ok(());
                 }
-                let (tx, rx) = mpsc::channel(1);
-                self.inner
-                    .parked
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(self.id.to_string(), (self.tenant.clone(), tx));
                 tracing::info!(session = %self.id, ?grace, "client gone; session parked for resuming");
-                away = Some((tokio::time::Instant::now() + grace, rx));
+                away_until = Some(tokio::time::Instant::now() + grace);
             }
             if live.input_done
                 && live.expected_finals.is_subset(&live.finals)
@@ -290,22 +298,30 @@ impl<B: Bus> Session<B> {
                 }
             };
             let reattach = async {
-                match away.as_mut() {
-                    Some((until, rx)) => tokio::select! {
-                        r = rx.recv() => r,
-                        _ = tokio::time::sleep_until(*until) => None,
-                    },
+                match handover.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let grace_over = async {
+                match away_until {
+                    Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                r = reattach => {
-                    let Some(r) = r else {
-                        tracing::info!(session = %self.id, "not resumed within the grace; session ends");
-                        return Ok(());
-                    };
-                    self.unpark();
-                    away = None;
+                _ = grace_over => {
+                    tracing::info!(session = %self.id, "not resumed within the grace; session ends");
+                    return Ok(());
+                }
+                Some(r) = reattach => {
+                    if away_until.take().is_none()
+                        && let Some(old) = live.out.take()
+                    {
+                        let _ = old.try_send(Err(Status::aborted(
+                            "the session was resumed by another call",
+                        )));
+                    }
                     tracing::info!(session = %self.id, after = r.after, "session resumed");
                     live.out = Some(r.out);
                     inbound = Some(r.inbound);
@@ -346,10 +362,14 @@ impl<B: Bus> Session<B> {
                                     self.feed(live, &samples).await?;
                                 }
                             }
+                            Some(StreamingRequest::Control(c)) => {
+                                last_audio = tokio::time::Instant::now();
+                                self.control(live, c.action()).await?;
+                            }
                             Some(_) => return Err(Status::invalid_argument(
-                                "streaming_config and resume belong in the first message only; later messages carry audio_content",
+                                "streaming_config and resume belong in the first message only; later messages carry audio_content or control",
                             )),
-                            None => return Err(Status::invalid_argument("a message with no content; send audio_content")),
+                            None => return Err(Status::invalid_argument("a message with no content; send audio_content or control")),
                         },
                         Ok(None) => {
                             let tail = decoder.finish().map_err(Status::invalid_argument)?;
@@ -468,6 +488,43 @@ impl<B: Bus> Session<B> {
         Ok(())
     }
 
+    /// A client's turn control: COMMIT ends the utterance in progress at the
+    /// audio so far, CLEAR drops it (results of its interims that are still
+    /// on their way are not shown).
+    async fn control(&self, live: &mut Live, action: Action) -> Result<(), Status> {
+        let (event, segment) = match action {
+            Action::Commit => match live.endpointer.commit() {
+                Some(ev) => return self.on_event(live, ev).await,
+                None => (SpeechEvent::NothingToCommit, 0),
+            },
+            Action::Clear => {
+                let dropped = live.endpointer.clear();
+                if let Some(seg) = dropped {
+                    live.finals.insert(seg);
+                    live.agreement.remove(&seg);
+                    live.sent.retain(|(s, _), _| *s != seg);
+                }
+                (SpeechEvent::AudioCleared, dropped.unwrap_or_default())
+            }
+            Action::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "control.action is unspecified; use COMMIT or CLEAR",
+                ));
+            }
+        };
+        self.respond(
+            live,
+            StreamingRecognizeResponse {
+                session_id: self.id.to_string(),
+                speech_event: event as i32,
+                speech_event_ms: ms(live.processed),
+                speech_event_segment_id: segment,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     async fn end_input(&self, live: &mut Live) -> Result<(), Status> {
         if let Some(ev) = live.endpointer.finish() {
             self.on_event(live, ev).await?;
@@ -491,13 +548,14 @@ impl<B: Bus> Session<B> {
 
     async fn on_event(&self, live: &mut Live, ev: EndpointEvent) -> Result<(), Status> {
         match ev {
-            EndpointEvent::Started { start, .. } => {
+            EndpointEvent::Started { segment, start } => {
                 self.respond(
                     live,
                     StreamingRecognizeResponse {
                         session_id: self.id.to_string(),
                         speech_event: SpeechEvent::SpeechStarted as i32,
                         speech_event_ms: ms(start),
+                        speech_event_segment_id: segment,
                         ..Default::default()
                     },
                 )
@@ -526,6 +584,7 @@ impl<B: Bus> Session<B> {
                         session_id: self.id.to_string(),
                         speech_event: SpeechEvent::EndOfUtterance as i32,
                         speech_event_ms: ms(end),
+                        speech_event_segment_id: segment,
                         ..Default::default()
                     },
                 )
