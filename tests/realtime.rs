@@ -1,0 +1,229 @@
+//! Live captions over WebSocket (`/v1/realtime`, the OpenAI Realtime
+//! transcription protocol), driven by clients the fleet did not write: the
+//! official `openai` Python SDK's realtime client, unchanged, against the
+//! gRPC stream's finals for the same audio; and the `websockets` library
+//! plus a raw socket for every event type, bad input, keys, resume, the idle
+//! timeout and a client that never reads (tests/realtime_client.py).
+//!
+//! Needs the tiny.en and silero-vad weights, the LibriVox test speech, the
+//! Python clients in `.venv` and a Redis on 127.0.0.1; `scripts/test.sh`
+//! provides them all.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use nexus_proto::speech::{AudioEncoding, AudioFormat};
+use nexus_tests::fleet::{
+    MODEL, bin, free_addr, pcm16_chunks, pcm16_config, prefix, redis_url, speech, stage, stream,
+};
+
+fn python() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: scripts/setup.sh installs the Python test clients",
+        p.display()
+    );
+    p
+}
+
+fn client(args: &[&str]) -> std::process::Output {
+    Command::new(python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/realtime_client.py"))
+        .args(args)
+        .output()
+        .expect("the Python client runs")
+}
+
+/// Words as compared across APIs: lower case, letters and digits.
+fn words(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_lowercase)
+                .collect::<String>()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// 16 kHz samples as one 16-bit PCM byte string at `rate`, converted as the
+/// gRPC client's chunks are.
+fn pcm16_at(samples: &[f32], rate: u32) -> (Vec<f32>, Vec<u8>) {
+    let x = if rate == 16_000 {
+        samples.to_vec()
+    } else {
+        nexus_audio::resample(&[samples.to_vec()], 16_000, rate)
+            .unwrap()
+            .remove(0)
+    };
+    let bytes = pcm16_chunks(&x, 1_600).concat();
+    (x, bytes)
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en, silero-vad, LibriVox speech, .venv and Redis; scripts/test.sh"]
+async fn openai_sdk_realtime_transcribes_like_the_grpc_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    // The protocol's own format: 16-bit PCM at 24 kHz, the same bytes on both APIs.
+    let (x24, bytes24) = pcm16_at(&speech(), 24_000);
+    let path = dir.path().join("speech24k.raw");
+    std::fs::write(&path, &bytes24).unwrap();
+    let http = free_addr();
+    let p = prefix("realtime_sdk");
+    let mut fleet = stage(
+        "fleet",
+        "all",
+        &redis_url(),
+        &p,
+        &["--http-listen", &http.to_string()],
+    );
+    fleet.wait_serving(Duration::from_secs(180)).await;
+
+    let mut cfg = pcm16_config(MODEL);
+    cfg.config.as_mut().unwrap().audio_format = Some(AudioFormat {
+        encoding: AudioEncoding::LinearPcmS16le as i32,
+        sample_rate_hz: 24_000,
+        channels: 1,
+    });
+    // Chunks of 1600 samples at 24 kHz: 1.5 per 100 ms is real time.
+    let grpc = stream(fleet.addr, cfg, &x24, 1.5, |_| {}).await.unwrap();
+    nexus_tests::fleet::assert_complete(&grpc);
+    let grpc_text = grpc.text();
+
+    let out = client(&["sdk", &http.port().to_string(), path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the SDK client failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fleet.log().join("\n")
+    );
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    for k in [
+        "transcription_session.created",
+        "transcription_session.updated",
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed",
+    ] {
+        assert!(kinds.contains(&k), "no {k} among {kinds:?}");
+    }
+    assert!(!kinds.contains(&"error"), "{stdout}");
+    let completed: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "conversation.item.input_audio_transcription.completed")
+        .map(|e| e["transcript"].as_str().unwrap())
+        .collect();
+    let ws_text = completed.join(" ");
+    assert_eq!(
+        words(&ws_text),
+        words(&grpc_text),
+        "the WebSocket's completed transcripts differ from the gRPC stream's finals"
+    );
+    assert_eq!(
+        completed.len(),
+        grpc.finals().len(),
+        "{completed:?} against {grpc_text:?}"
+    );
+    // Every delta of an item is a piece of what that item's words grew into.
+    for d in events
+        .iter()
+        .filter(|e| e["type"] == "conversation.item.input_audio_transcription.delta")
+    {
+        assert!(!d["delta"].as_str().unwrap().is_empty(), "{d}");
+    }
+    assert!(
+        words(&grpc_text).contains(&"dashwood".to_owned()),
+        "{grpc_text}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en, silero-vad, LibriVox speech, .venv and Redis; scripts/test.sh"]
+async fn raw_websocket_clients_events_errors_resume_and_stuck_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "realtime-key";
+    let hash = Command::new(bin("nexus"))
+        .args(["keys", "hash", key])
+        .output()
+        .unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\ntenant = \"acme\"\nsha256 = \"{}\"\n",
+            String::from_utf8_lossy(&hash.stdout).trim()
+        ),
+    )
+    .unwrap();
+    let s = speech();
+    let (_, b16) = pcm16_at(&s, 16_000);
+    let (_, b24) = pcm16_at(&s, 24_000);
+    let p16 = dir.path().join("speech16k.raw");
+    let p24 = dir.path().join("speech24k.raw");
+    std::fs::write(&p16, b16).unwrap();
+    std::fs::write(&p24, b24).unwrap();
+    let http = free_addr();
+    let p = prefix("realtime_raw");
+    let mut fleet = stage(
+        "fleet",
+        "all",
+        &redis_url(),
+        &p,
+        &[
+            "--http-listen",
+            &http.to_string(),
+            "--api-keys",
+            keys.to_str().unwrap(),
+            "--idle-timeout-ms",
+            "4000",
+            "--client-write-timeout-ms",
+            "2000",
+            "--resume-grace-ms",
+            "10000",
+        ],
+    );
+    fleet.wait_serving(Duration::from_secs(180)).await;
+    let out = client(&[
+        "raw",
+        &http.port().to_string(),
+        key,
+        p16.to_str().unwrap(),
+        p24.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the websockets client failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fleet.log().join("\n")
+    );
+    for case in [
+        "auth",
+        "bad-input",
+        "vad-session",
+        "defaults",
+        "manual",
+        "resume",
+        "idle",
+        "never-reads",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&format!("ok {case}"))),
+            "case {case} did not run:\n{stdout}"
+        );
+    }
+    // The server stayed healthy throughout.
+    fleet.wait_serving(Duration::from_secs(5)).await;
+}
