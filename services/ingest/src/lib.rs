@@ -868,7 +868,15 @@ async fn run<B: Bus>(
             tracing::info!(%addr, tls = tls.is_some(), "HTTP API listening");
             Some(match &tls {
                 Some(t) => tokio::spawn(serve_http(t.http(l)?, app, stop)),
-                None => tokio::spawn(serve_http(l, app, stop)),
+                None => {
+                    use axum::serve::ListenerExt;
+                    // Small messages (WebSocket events, SSE lines) leave at once,
+                    // not after the peer's delayed ACK.
+                    let l = l.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    tokio::spawn(serve_http(l, app, stop))
+                }
             })
         }
         None => None,
@@ -896,4 +904,74 @@ where
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_proto::speech::EndpointingConfig;
+
+    fn endpointing(e: EndpointingConfig) -> Result<EndpointConfig, Status> {
+        Ingest::<nexus_bus::MemoryBus>::endpointing(&StreamingRecognitionConfig {
+            endpointing: Some(e),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn endpointing_durations_are_bounded_and_name_their_field() {
+        let e = endpointing(EndpointingConfig {
+            start_history_ms: u32::MAX,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.message().contains("endpointing.start_history_ms") && e.message().contains("10000"),
+            "{e:?}"
+        );
+        for (field, cfg) in [
+            (
+                "stop_history_ms",
+                EndpointingConfig {
+                    stop_history_ms: 30_001,
+                    ..Default::default()
+                },
+            ),
+            (
+                "interim_interval_ms",
+                EndpointingConfig {
+                    interim_interval_ms: 30_001,
+                    ..Default::default()
+                },
+            ),
+            (
+                "pre_roll_ms",
+                EndpointingConfig {
+                    pre_roll_ms: 2_001,
+                    ..Default::default()
+                },
+            ),
+            (
+                "max_utterance_ms",
+                EndpointingConfig {
+                    max_utterance_ms: 30_001,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let e = endpointing(cfg).unwrap_err();
+            assert!(e.message().contains(field), "{field}: {e:?}");
+        }
+        let ok = endpointing(EndpointingConfig {
+            pre_roll_ms: 500,
+            manual: true,
+            stop_history_ms: 30_000,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (ok.pre_roll_ms, ok.manual, ok.stop_history_ms),
+            (500, true, 30_000)
+        );
+    }
 }

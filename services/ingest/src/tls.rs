@@ -107,6 +107,8 @@ impl axum::serve::Listener for TlsListener {
                     continue;
                 }
             };
+            // Small messages (WebSocket events, SSE lines) leave at once.
+            let _ = tcp.set_nodelay(true);
             match tokio::time::timeout(HANDSHAKE, self.acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => return (tls, addr),
                 Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),

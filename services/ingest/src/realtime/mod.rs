@@ -258,17 +258,38 @@ async fn connection<B: Bus>(socket: WebSocket, ingest: Ingest<B>, start: Start) 
             input = Some(i);
         }
     }
+    // Before its first audio a connection holds no decoder slot, but it may
+    // not linger past the idle timeout either, whatever else it sends.
+    let audio_due = tokio::time::Instant::now() + idle;
     let ended = loop {
-        // Before its first audio a connection holds no decoder slot, but it
-        // may not linger past the idle timeout either.
         let read = async {
             match (&waiting, idle.is_zero()) {
-                (Some(_), false) => tokio::time::timeout(idle, stream.next()).await.ok(),
+                (Some(_), false) => tokio::time::timeout_at(audio_due, stream.next()).await.ok(),
                 _ => Some(stream.next().await),
+            }
+        };
+        let draining = async {
+            if waiting.is_some() {
+                ingest.inner.shutdown.cancelled().await;
+            } else {
+                // A running session finishes its utterance and ends itself.
+                std::future::pending::<()>().await;
             }
         };
         let msg = tokio::select! {
             _ = gone.cancelled() => break Ended::Lost,
+            () = draining => {
+                let e = ProtocolError {
+                    kind: "server_error",
+                    code: "service_unavailable",
+                    message: "this ingest replica is draining; reconnect to another".into(),
+                    param: None,
+                    event_id: None,
+                };
+                let _ = ctl.send(ToWriter::Error(e)).await;
+                let _ = ctl.send(ToWriter::Close(1012, "draining".into())).await;
+                break Ended::Server;
+            }
             m = read => m,
         };
         let Some(msg) = msg else {
@@ -443,7 +464,10 @@ async fn connection<B: Bus>(socket: WebSocket, ingest: Ingest<B>, start: Start) 
         Ended::Lost => {
             // The session parks for the resume grace.
             if let Some(i) = input.take() {
-                let _ = i.try_send(Err(Status::cancelled("the WebSocket connection was lost")));
+                // Queued behind audio the session reads at its pace; once it
+                // arrives the session parks instead of ending its input.
+                let lost = Err(Status::cancelled("the WebSocket connection was lost"));
+                let _ = tokio::time::timeout(Duration::from_secs(10), i.send(lost)).await;
             }
             gone.cancel();
         }

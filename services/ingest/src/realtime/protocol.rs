@@ -8,7 +8,8 @@
 //! `turn_detection.max_utterance_ms` / `interim_interval_ms`, audio formats as
 //! objects with any rate the fleet takes, binary frames as raw audio; on
 //! server events `result_index`, `start_ms`, `end_ms`, `language`, `words`,
-//! `translation`, and `text` / `stability` on deltas.
+//! `translation`, and `text` / `stability` on deltas (whose `start_ms` /
+//! `end_ms` are the interim window's, in the session's audio).
 
 use std::collections::HashMap;
 
@@ -31,8 +32,8 @@ const OPENAI_MODELS: &[&str] = &[
 /// What `include` may ask for.
 pub(crate) const INCLUDE_WORDS: &str = "item.input_audio_transcription.words";
 
-/// Longest prompt a session may set, in characters.
-pub(crate) const MAX_PROMPT_CHARS: usize = 4_000;
+/// Longest prompt a session may set, in characters (as on gRPC).
+pub(crate) const MAX_PROMPT_CHARS: usize = crate::bounds::MAX_PROMPT_CHARS;
 
 /// A client event the session acts on.
 #[derive(Debug, Clone, PartialEq)]
@@ -844,6 +845,8 @@ impl Render {
                         "text": alt.transcript.trim(),
                         "stability": res.stability,
                         "result_index": res.result_index,
+                        "start_ms": span.start_ms,
+                        "end_ms": span.end_ms,
                     }),
                 ));
             }
@@ -933,7 +936,7 @@ mod tests {
         assert!(e.message.contains("tiny.en"), "{e:?}");
         let long = "x".repeat(MAX_PROMPT_CHARS + 1);
         let e = update(json!({"input_audio_transcription": {"prompt": long}})).unwrap_err();
-        assert!(e.message.contains("4000"), "{e:?}");
+        assert!(e.message.contains("2000"), "{e:?}");
         let e =
             update(json!({"include": ["item.input_audio_transcription.logprobs"]})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("session.include"));
