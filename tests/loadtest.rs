@@ -1,5 +1,5 @@
 //! The load generator end to end: a short scenario against `nexus serve`
-//! (which it starts), its report read back.
+//! (which it starts) over gRPC and the Realtime WebSocket, its report read back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
@@ -15,7 +15,14 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../loadtest/scenarios/smoke.toml");
     let out = Command::new(bin("nexus-loadtest"))
         .arg(&scenario)
-        .args(["--spawn", "serve", "--all-levels", "--report"])
+        .args([
+            "--spawn",
+            "serve",
+            "--all-levels",
+            "--protocol",
+            "grpc,websocket",
+            "--report",
+        ])
         .arg(&report)
         .arg("--testdata")
         .arg(testdata())
@@ -30,9 +37,14 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
     assert!(stdout.contains("sustainable:"), "{stdout}");
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let levels = r["levels"].as_array().unwrap();
-    assert_eq!(levels.len(), 2, "{r}");
-    for l in levels {
+    let all = r["levels"].as_array().unwrap();
+    assert_eq!(all.len(), 4, "two levels over two protocols: {r}");
+    for protocol in ["grpc", "websocket"] {
+        let n = all.iter().filter(|l| l["protocol"] == protocol).count();
+        assert_eq!(n, 2, "{protocol}: {r}");
+    }
+    let levels: Vec<&serde_json::Value> = all.iter().filter(|l| l["protocol"] == "grpc").collect();
+    for l in all {
         assert!(l["errors"].as_object().unwrap().is_empty(), "{l}");
         assert!(
             l["final_after_endpoint_ms"]["n"].as_u64().unwrap() >= 1,
@@ -67,7 +79,7 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
         .collect();
     let sustainable = within
         .iter()
-        .zip(levels)
+        .zip(&levels)
         .take_while(|(ok, _)| **ok)
         .last()
         .map_or(0, |(_, l)| l["streams"].as_u64().unwrap());
@@ -77,4 +89,12 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
         "{r}"
     );
     assert_eq!(r["breaks_at"].is_null(), within.iter().all(|ok| *ok), "{r}");
+    let by: Vec<&str> = r["by_protocol"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["protocol"].as_str().unwrap())
+        .collect();
+    assert_eq!(by, ["grpc", "websocket"], "{r}");
+    assert!(stdout.contains("over websocket"), "{stdout}");
 }

@@ -227,3 +227,166 @@ async fn raw_websocket_clients_events_errors_resume_and_stuck_readers() {
     // The server stayed healthy throughout.
     fleet.wait_serving(Duration::from_secs(5)).await;
 }
+
+/// A Realtime session from Rust: `samples` (16 kHz) appended in 100 ms
+/// pieces at real-time pace; `on_chunk(i)` runs before piece `i`. Returns
+/// every server event, once each utterance that started has its transcript.
+async fn websocket_session(
+    http: std::net::SocketAddr,
+    samples: &[f32],
+    mut on_chunk: impl FnMut(usize),
+) -> Vec<serde_json::Value> {
+    use base64::Engine;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let url = format!("ws://{http}/v1/realtime?intent=transcription");
+    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut sink, mut events) = ws.split();
+    let update = serde_json::json!({"type": "transcription_session.update", "session": {
+        "input_audio_format": {"type": "audio/pcm", "rate": 16_000},
+        "input_audio_transcription": {"language": "en"},
+    }});
+    sink.send(Message::Text(update.to_string().into()))
+        .await
+        .unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let reader = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = events.next().await {
+                if let Message::Text(t) = m {
+                    received
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_str(t.as_str()).unwrap());
+                }
+            }
+        })
+    };
+    let start = tokio::time::Instant::now();
+    for (i, c) in pcm16_chunks(samples, 1_600).into_iter().enumerate() {
+        on_chunk(i);
+        tokio::time::sleep_until(start + Duration::from_millis(100 * i as u64)).await;
+        let ev = serde_json::json!({"type": "input_audio_buffer.append",
+            "audio": base64::engine::general_purpose::STANDARD.encode(c)});
+        sink.send(Message::Text(ev.to_string().into()))
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        {
+            let ev = received.lock().unwrap();
+            let of = |kind: &str| -> std::collections::BTreeSet<String> {
+                ev.iter()
+                    .filter(|e| e["type"] == kind)
+                    .map(|e| e["item_id"].as_str().unwrap().to_owned())
+                    .collect()
+            };
+            let started = of("input_audio_buffer.speech_started");
+            assert!(
+                !ev.iter().any(|e| e["type"] == "error"),
+                "error event: {ev:?}"
+            );
+            if !started.is_empty()
+                && started == of("conversation.item.input_audio_transcription.completed")
+            {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no complete transcript: {:?}",
+            received.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = sink.send(Message::Close(None)).await;
+    reader.abort();
+    received.lock().unwrap().clone()
+}
+
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn websocket_captions_survive_killed_replicas_of_the_three_processes() {
+    let redis = redis_url();
+    let p = prefix("wskill");
+    let fast = ["--claim-idle-ms", "1500"];
+    let mut enc1 = stage("encoder-1", "encoder", &redis, &p, &fast);
+    let mut enc2 = stage("encoder-2", "encoder", &redis, &p, &fast);
+    let mut dec1 = stage("decoder-1", "decoder", &redis, &p, &fast);
+    let mut dec2 = stage("decoder-2", "decoder", &redis, &p, &fast);
+    let http = free_addr();
+    let mut ing = stage(
+        "ingest",
+        "ingest",
+        &redis,
+        &p,
+        &[
+            "--claim-idle-ms",
+            "1500",
+            "--http-listen",
+            &http.to_string(),
+        ],
+    );
+    for proc in [&mut enc1, &mut enc2, &mut dec1, &mut dec2, &mut ing] {
+        proc.wait_serving(Duration::from_secs(120)).await;
+    }
+    let samples = speech();
+    let events = {
+        let (e1, d1) = (&mut enc1, &mut dec1);
+        websocket_session(http, &samples, move |i| {
+            // Mid-utterance, while windows are in flight.
+            if i == 45 {
+                e1.kill9();
+            }
+            if i == 85 {
+                d1.kill9();
+            }
+        })
+        .await
+    };
+    let completed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["type"] == "conversation.item.input_audio_transcription.completed")
+        .collect();
+    assert!(completed.len() >= 3, "{events:?}");
+    // Each caption is what the offline transcriber hears in its span.
+    let dir = tempfile::tempdir().unwrap();
+    for c in &completed {
+        let (a, b) = (
+            c["start_ms"].as_u64().unwrap() as usize * 16,
+            (c["end_ms"].as_u64().unwrap() as usize * 16).min(samples.len()),
+        );
+        let wav = dir.path().join("span.wav");
+        std::fs::write(
+            &wav,
+            nexus_audio::wav::encode_pcm16(&[samples[a..b].to_vec()], 16_000),
+        )
+        .unwrap();
+        let offline = nexus_tests::fleet::transcribe_file(&wav, &["--beam-size", "1"]);
+        assert_eq!(
+            c["transcript"].as_str().unwrap(),
+            offline.replace('\n', " "),
+            "{c}"
+        );
+    }
+    let took_over: usize = [&enc2, &dec2]
+        .iter()
+        .map(|p| {
+            p.log()
+                .iter()
+                .filter(|l| l.contains("took over work"))
+                .count()
+        })
+        .sum();
+    println!(
+        "websocket: {}\nsurvivors took over unacknowledged work {took_over} times",
+        completed
+            .iter()
+            .map(|c| c["transcript"].as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}

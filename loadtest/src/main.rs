@@ -66,6 +66,10 @@ impl Scenario {
     }
 }
 
+fn grpc() -> Protocol {
+    Protocol::Grpc
+}
+
 fn english() -> String {
     "en".into()
 }
@@ -83,6 +87,15 @@ struct Cli {
     /// Or load a running ingest at this address.
     #[arg(long)]
     target: Option<SocketAddr>,
+    /// The HTTP API of a `--target` (for `--protocol websocket`).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// How sessions reach the fleet: `grpc` (StreamingRecognize),
+    /// `websocket` (the Realtime transcription protocol), or both
+    /// (`grpc,websocket`: each level runs once per protocol, one after the
+    /// other, against the same processes).
+    #[arg(long, value_delimiter = ',', default_value = "grpc")]
+    protocol: Vec<Protocol>,
     /// Admin ports of a `--target` (for the real-time factor).
     #[arg(long = "admin", value_delimiter = ',')]
     admin: Vec<SocketAddr>,
@@ -98,6 +111,23 @@ struct Cli {
     /// Keep going after the first level that breaks the budget.
     #[arg(long)]
     all_levels: bool,
+}
+
+/// A client protocol the load is sent over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Protocol {
+    Grpc,
+    Websocket,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Websocket => "websocket",
+        }
+    }
 }
 
 /// Percentiles of a latency sample, ms.
@@ -128,6 +158,9 @@ impl Latency {
 /// One level of the report.
 #[derive(Debug, Serialize, Deserialize)]
 struct Level {
+    /// The protocol the sessions spoke.
+    #[serde(default = "grpc")]
+    protocol: Protocol,
     streams: usize,
     final_after_endpoint_ms: Latency,
     interim_ms: Latency,
@@ -158,9 +191,21 @@ struct Report {
     interim_budget_ms: Option<f64>,
     wer_margin_points: Option<f64>,
     levels: Vec<Level>,
-    /// Most concurrent streams that kept the budget without errors.
+    /// Most concurrent streams that kept the budget without errors (over
+    /// the first protocol asked for).
     sustainable_streams: usize,
     /// The first level that did not, and why.
+    breaks_at: Option<String>,
+    /// The same, per protocol.
+    #[serde(default)]
+    by_protocol: Vec<Capacity>,
+}
+
+/// What one protocol sustained.
+#[derive(Debug, Serialize, Deserialize)]
+struct Capacity {
+    protocol: Protocol,
+    sustainable_streams: usize,
     breaks_at: Option<String>,
 }
 
@@ -195,7 +240,7 @@ fn load_clips(dir: &std::path::Path) -> anyhow::Result<Vec<Clip>> {
 }
 
 /// Waits until the target transcribes a short clip.
-async fn warm_up(addr: SocketAddr, s: &Scenario, clip: &Clip) -> anyhow::Result<()> {
+async fn warm_up(to: session::Endpoint, s: &Scenario, clip: &Clip) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     let short = Clip {
         samples: clip.samples[..clip.samples.len().min(4 * 16_000)].to_vec(),
@@ -204,7 +249,7 @@ async fn warm_up(addr: SocketAddr, s: &Scenario, clip: &Clip) -> anyhow::Result<
     loop {
         let p = Program::new(std::slice::from_ref(&short), 0, 0.0);
         let o = session::run(
-            addr,
+            to,
             s.model.clone(),
             s.language.clone(),
             0,
@@ -226,7 +271,8 @@ async fn warm_up(addr: SocketAddr, s: &Scenario, clip: &Clip) -> anyhow::Result<
 }
 
 async fn level(
-    addr: SocketAddr,
+    to: session::Endpoint,
+    protocol: Protocol,
     admin: &[SocketAddr],
     s: &Scenario,
     clips: &[Clip],
@@ -239,7 +285,7 @@ async fn level(
         let program = Program::new(clips, i, s.duration_s);
         let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / n as f64);
         tasks.spawn(session::run(
-            addr,
+            to,
             s.model.clone(),
             s.language.clone(),
             s.interim_ms,
@@ -277,6 +323,7 @@ async fn level(
     };
     let final_lat = Latency::of(finals);
     let mut l = Level {
+        protocol,
         streams: n,
         final_after_endpoint_ms: final_lat,
         interim_ms: Latency::of(interims),
@@ -336,8 +383,9 @@ fn print_level(l: &Level) {
     let i = &l.interim_ms;
     let rtf = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
     println!(
-        "{:>7} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.2} | {:>5.1}% | {:>6} {:>6} | {:>5} | {}",
+        "{:>7} | {:>9} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.2} | {:>5.1}% | {:>6} {:>6} | {:>5} | {}",
         l.streams,
+        l.protocol.name(),
         f.p50,
         f.p95,
         f.p99,
@@ -381,10 +429,27 @@ async fn main() -> anyhow::Result<()> {
             "three processes on Redis".to_owned(),
         ),
         (Some(kind), _) => anyhow::bail!("--spawn {kind:?}: use serve or fleet"),
-        (None, Some(addr)) => (target::external(addr, cli.admin.clone()), addr.to_string()),
+        (None, Some(addr)) => (
+            target::external(addr, cli.http, cli.admin.clone()),
+            addr.to_string(),
+        ),
         (None, None) => anyhow::bail!("give --spawn serve|fleet or --target ADDR"),
     };
-    warm_up(target.addr, &s, &clips[0]).await?;
+    let endpoint = |p: Protocol| -> anyhow::Result<session::Endpoint> {
+        Ok(match p {
+            Protocol::Grpc => session::Endpoint::Grpc(target.addr),
+            Protocol::Websocket => session::Endpoint::WebSocket(
+                target
+                    .http
+                    .context("--protocol websocket needs the HTTP API: give --http ADDR")?,
+            ),
+        })
+    };
+    let mut protocols = cli.protocol.clone();
+    protocols.dedup();
+    for &p in &protocols {
+        warm_up(endpoint(p)?, &s, &clips[0]).await?;
+    }
     let mut budgets = format!("final p95 {} ms", s.final_budget_ms);
     if let Some(b) = s.interim_budget() {
         budgets += &format!(", interim p95 {b} ms");
@@ -397,8 +462,9 @@ async fn main() -> anyhow::Result<()> {
         s.name, s.model, s.duration_s, s.ramp_up_s
     );
     println!(
-        "{:>7} | {:>20} | {:>20} | {:>5} | {:>6} | {:>13} | {:>5} | errors",
+        "{:>7} | {:>9} | {:>20} | {:>20} | {:>5} | {:>6} | {:>13} | {:>5} | errors",
         "streams",
+        "protocol",
         "final p50/p95/p99 ms",
         "interim p50/p95/p99",
         "int/s",
@@ -406,31 +472,48 @@ async fn main() -> anyhow::Result<()> {
         "RTF enc/dec",
         "ok"
     );
-    let mut levels = Vec::new();
-    let mut breaks_at = None;
-    for &n in &s.streams {
-        let first_wer = levels.first().map(|f: &Level| f.wer);
-        let l = level(target.addr, &target.admin, &s, &clips, n, first_wer).await;
-        print_level(&l);
-        let ok = l.within_budget;
-        if !ok && breaks_at.is_none() {
-            breaks_at = Some(format!("{n} streams: {}", l.missed.join("; ")));
-        }
-        levels.push(l);
-        if !ok && !cli.all_levels {
-            break;
+    let mut levels: Vec<Level> = Vec::new();
+    let mut broken: Vec<Option<String>> = vec![None; protocols.len()];
+    'levels: for &n in &s.streams {
+        for (k, &p) in protocols.iter().enumerate() {
+            let first_wer = levels.iter().find(|l| l.protocol == p).map(|f| f.wer);
+            let l = level(endpoint(p)?, p, &target.admin, &s, &clips, n, first_wer).await;
+            print_level(&l);
+            let ok = l.within_budget;
+            if !ok && broken[k].is_none() {
+                broken[k] = Some(format!("{n} streams: {}", l.missed.join("; ")));
+            }
+            levels.push(l);
+            if !ok && !cli.all_levels {
+                break 'levels;
+            }
         }
     }
-    let sustainable = levels
+    let by_protocol: Vec<Capacity> = protocols
         .iter()
-        .take_while(|l| l.within_budget)
-        .map(|l| l.streams)
-        .last()
-        .unwrap_or(0);
-    println!(
-        "sustainable: {sustainable} concurrent streams; breaks at: {}",
-        breaks_at.as_deref().unwrap_or("not reached")
-    );
+        .zip(&broken)
+        .map(|(&p, breaks_at)| Capacity {
+            protocol: p,
+            sustainable_streams: levels
+                .iter()
+                .filter(|l| l.protocol == p)
+                .take_while(|l| l.within_budget)
+                .map(|l| l.streams)
+                .last()
+                .unwrap_or(0),
+            breaks_at: breaks_at.clone(),
+        })
+        .collect();
+    for c in &by_protocol {
+        println!(
+            "sustainable: {} concurrent streams over {}; breaks at: {}",
+            c.sustainable_streams,
+            c.protocol.name(),
+            c.breaks_at.as_deref().unwrap_or("not reached")
+        );
+    }
+    let sustainable = by_protocol.first().map_or(0, |c| c.sustainable_streams);
+    let breaks_at = by_protocol.first().and_then(|c| c.breaks_at.clone());
     let report = Report {
         scenario: s.name.clone(),
         model: s.model.clone(),
@@ -441,6 +524,7 @@ async fn main() -> anyhow::Result<()> {
         levels,
         sustainable_streams: sustainable,
         breaks_at,
+        by_protocol,
     };
     if let Some(path) = &cli.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

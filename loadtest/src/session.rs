@@ -1,5 +1,7 @@
 //! One simulated live client: speech sent at real-time pace (100 ms chunks,
-//! each once its last sample "was captured"), results timed as they arrive.
+//! each once its last sample "was captured"), results timed as they arrive,
+//! over a gRPC stream or a Realtime WebSocket session (base64 appends, as
+//! standard clients send them).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -70,9 +72,18 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
-/// Runs one session against `addr`, starting after `lead`.
+/// How a session reaches the fleet.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint {
+    /// StreamingRecognize on the gRPC address.
+    Grpc(SocketAddr),
+    /// `/v1/realtime?intent=transcription` on the HTTP address.
+    WebSocket(SocketAddr),
+}
+
+/// Runs one session against `to`, starting after `lead`.
 pub async fn run(
-    addr: SocketAddr,
+    to: Endpoint,
     model: String,
     language: String,
     interim_ms: u32,
@@ -85,11 +96,150 @@ pub async fn run(
         audio_s: program.samples.len() as f64 / 16_000.0,
         ..Default::default()
     };
-    match stream(addr, model, language, interim_ms, program.samples, &mut out).await {
-        Ok(()) => {}
-        Err(s) => out.error = Some(format!("{:?}", s.code())),
+    match to {
+        Endpoint::Grpc(addr) => {
+            if let Err(s) =
+                stream(addr, model, language, interim_ms, program.samples, &mut out).await
+            {
+                out.error = Some(format!("{:?}", s.code()));
+            }
+        }
+        Endpoint::WebSocket(addr) => {
+            if let Err(e) =
+                websocket(addr, model, language, interim_ms, program.samples, &mut out).await
+            {
+                out.error = Some(e);
+            }
+        }
     }
     out
+}
+
+fn pcm16(c: &[f32]) -> Vec<u8> {
+    c.iter()
+        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+        .collect()
+}
+
+/// A Realtime transcription session: the same audio and timing as the gRPC
+/// stream. Final latency runs from `speech_stopped` to the item's
+/// `completed`; interim latency from the delta window's end (`end_ms`).
+async fn websocket(
+    addr: SocketAddr,
+    model: String,
+    language: String,
+    interim_ms: u32,
+    samples: Vec<f32>,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    use base64::Engine;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let url = format!("ws://{addr}/v1/realtime?intent=transcription&model={model}");
+    // Without Nagle, as a real-time client (and Python's asyncio) sends.
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sink, mut stream) = ws.split();
+    let mut turn = serde_json::json!({"type": "server_vad"});
+    if interim_ms > 0 {
+        turn["interim_interval_ms"] = interim_ms.into();
+    }
+    let update = serde_json::json!({"type": "transcription_session.update", "session": {
+        "input_audio_format": {"type": "audio/pcm", "rate": 16_000},
+        "input_audio_transcription": {"model": model, "language": language},
+        "turn_detection": turn,
+    }});
+    sink.send(Message::Text(update.to_string().into()))
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let start = Instant::now();
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let sender = async move {
+        for (i, c) in samples.chunks(1_600).enumerate() {
+            tokio::time::sleep_until(start + Duration::from_millis(100 * (i as u64 + 1))).await;
+            let ev = serde_json::json!({
+                "type": "input_audio_buffer.append",
+                "audio": base64::engine::general_purpose::STANDARD.encode(pcm16(c)),
+            });
+            if sink
+                .send(Message::Text(ev.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = done_tx.send(true);
+        sink
+    };
+    let receiver = async {
+        let mut started: Vec<String> = Vec::new();
+        let mut stopped: HashMap<String, Instant> = HashMap::new();
+        let mut finals: HashMap<String, (Instant, String)> = HashMap::new();
+        loop {
+            // Once the audio is sent, the session is done when every
+            // utterance that started has its transcript.
+            if *done_rx.borrow() && started.iter().all(|k| finals.contains_key(k)) {
+                break;
+            }
+            let next = tokio::select! {
+                m = stream.next() => m,
+                _ = done_rx.changed() => continue,
+            };
+            let Some(m) = next else {
+                return Err("the server closed the connection".to_owned());
+            };
+            let text = match m.map_err(|e| format!("read: {e}"))? {
+                Message::Text(t) => t,
+                Message::Close(f) => return Err(format!("closed: {f:?}")),
+                _ => continue,
+            };
+            let now = Instant::now();
+            let ev: serde_json::Value =
+                serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+            let item = ev["item_id"].as_str().unwrap_or_default().to_owned();
+            match ev["type"].as_str().unwrap_or_default() {
+                "input_audio_buffer.speech_started" => started.push(item),
+                "input_audio_buffer.speech_stopped" => {
+                    stopped.insert(item, now);
+                }
+                "conversation.item.input_audio_transcription.completed" => {
+                    let t = ev["transcript"].as_str().unwrap_or_default().to_owned();
+                    finals.entry(item).or_insert((now, t));
+                }
+                "conversation.item.input_audio_transcription.delta" => {
+                    if let Some(end) = ev["end_ms"].as_u64() {
+                        let captured = start + Duration::from_millis(end);
+                        out.interim_ms
+                            .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
+                    }
+                }
+                "error" => {
+                    return Err(ev["error"]["code"].as_str().unwrap_or("error").to_owned());
+                }
+                _ => {}
+            }
+        }
+        for (item, at) in &stopped {
+            if let Some((f, _)) = finals.get(item) {
+                out.final_ms
+                    .push(f.saturating_duration_since(*at).as_secs_f64() * 1e3);
+            }
+        }
+        let mut items: Vec<_> = finals.into_iter().collect();
+        items.sort();
+        out.hypothesis = items
+            .into_iter()
+            .map(|(_, (_, t))| t)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(())
+    };
+    let (mut sink, r) = tokio::join!(sender, receiver);
+    let _ = sink.send(Message::Close(None)).await;
+    r
 }
 
 async fn stream(
@@ -138,12 +288,8 @@ async fn stream(
     let sender = async move {
         for (i, c) in samples.chunks(1_600).enumerate() {
             tokio::time::sleep_until(start + Duration::from_millis(100 * (i as u64 + 1))).await;
-            let bytes: Vec<u8> = c
-                .iter()
-                .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
-                .collect();
             let msg = StreamingRecognizeRequest {
-                streaming_request: Some(StreamingRequest::AudioContent(bytes.into())),
+                streaming_request: Some(StreamingRequest::AudioContent(pcm16(c).into())),
             };
             if tx.send(msg).await.is_err() {
                 break;

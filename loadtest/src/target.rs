@@ -13,6 +13,8 @@ use anyhow::Context;
 pub struct Target {
     /// The public gRPC address.
     pub addr: SocketAddr,
+    /// The HTTP API (the Realtime WebSocket), when known.
+    pub http: Option<SocketAddr>,
     /// Admin ports whose `/metrics` hold the encoder's and decoder's model time.
     pub admin: Vec<SocketAddr>,
     children: Vec<Child>,
@@ -69,9 +71,10 @@ fn spawn(program: &str, args: &[String]) -> anyhow::Result<Child> {
 }
 
 /// An address someone else serves.
-pub fn external(addr: SocketAddr, admin: Vec<SocketAddr>) -> Target {
+pub fn external(addr: SocketAddr, http: Option<SocketAddr>, admin: Vec<SocketAddr>) -> Target {
     Target {
         addr,
+        http,
         admin,
         children: Vec::new(),
     }
@@ -79,7 +82,7 @@ pub fn external(addr: SocketAddr, admin: Vec<SocketAddr>) -> Target {
 
 /// `nexus serve`: every stage in one process over in-memory channels.
 pub fn embedded(model: &str) -> anyhow::Result<Target> {
-    let (addr, admin) = (free()?, free()?);
+    let (addr, admin, http) = (free()?, free()?, free()?);
     let args: Vec<String> = [
         "serve",
         "--listen",
@@ -87,7 +90,7 @@ pub fn embedded(model: &str) -> anyhow::Result<Target> {
         "--admin-listen",
         &admin.to_string(),
         "--http-listen",
-        "none",
+        &http.to_string(),
         "--model",
         model,
         // Admission must not be what limits a level: the run finds the number.
@@ -102,6 +105,7 @@ pub fn embedded(model: &str) -> anyhow::Result<Target> {
     .to_vec();
     Ok(Target {
         addr,
+        http: Some(http),
         admin: vec![admin],
         children: vec![spawn("nexus", &args)?],
     })
@@ -134,13 +138,13 @@ pub fn fleet(model: &str, redis: &str) -> anyhow::Result<Target> {
         "--decoder-sessions".into(),
         "512".into(),
     ]);
-    let addr = free()?;
+    let (addr, http) = (free()?, free()?);
     let mut ing = common(ing_admin);
     ing.extend([
         "--listen".into(),
         addr.to_string(),
         "--http-listen".into(),
-        "none".into(),
+        http.to_string(),
         "--ingest-sessions".into(),
         "512".into(),
     ]);
@@ -149,6 +153,7 @@ pub fn fleet(model: &str, redis: &str) -> anyhow::Result<Target> {
     children.push(spawn("nexus-ingest", &ing)?);
     Ok(Target {
         addr,
+        http: Some(http),
         admin: vec![enc_admin, dec_admin],
         children,
     })
