@@ -557,19 +557,7 @@ mod bodies {
     #[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
     async fn bodies_are_refused_by_their_head_before_they_are_read() {
         let dir = tempfile::tempdir().unwrap();
-        let hash = std::process::Command::new(nexus_tests::fleet::bin("nexus"))
-            .args(["keys", "hash", "body-test-key"])
-            .output()
-            .unwrap();
-        let keys = dir.path().join("keys.toml");
-        std::fs::write(
-            &keys,
-            format!(
-                "[[keys]]\ntenant = \"t\"\nsha256 = \"{}\"\n",
-                String::from_utf8_lossy(&hash.stdout).trim()
-            ),
-        )
-        .unwrap();
+        let keys = nexus_tests::fleet::keys_file(dir.path(), &[("t", "body-test-key")]);
         let http = nexus_tests::fleet::free_addr();
         let p = prefix("hostile-bodies");
         let mut fleet = stage(

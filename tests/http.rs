@@ -18,7 +18,7 @@ use nexus_proto::speech::translation_client::TranslationClient;
 use nexus_proto::speech::{
     RecognitionConfig, RecognizeRequest, StreamingRecognizeRequest, TranslateTextRequest,
 };
-use nexus_tests::fleet::{MODEL, bin, free_addr, pcm16_config, prefix, redis_url, speech};
+use nexus_tests::fleet::{MODEL, bin, free_addr, pcm16_config, prefix, python, redis_url, speech};
 use tonic::Code;
 
 const TRANSLATOR: &str = "qwen2.5-0.5b-instruct";
@@ -81,16 +81,6 @@ fn recognize_request() -> RecognizeRequest {
             nexus_audio::wav::encode_pcm16(&[vec![0.0; 16_000]], 16_000).into(),
         )),
     }
-}
-
-fn python() -> std::path::PathBuf {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: scripts/setup.sh installs the Python test clients",
-        p.display()
-    );
-    p
 }
 
 #[tokio::test]

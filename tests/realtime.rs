@@ -16,18 +16,9 @@ use std::time::Duration;
 
 use nexus_proto::speech::{AudioEncoding, AudioFormat};
 use nexus_tests::fleet::{
-    MODEL, bin, free_addr, pcm16_chunks, pcm16_config, prefix, redis_url, speech, stage, stream,
+    MODEL, free_addr, keys_file, pcm16_chunks, pcm16_config, prefix, python, redis_url, speech,
+    stage, stream,
 };
-
-fn python() -> std::path::PathBuf {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: scripts/setup.sh installs the Python test clients",
-        p.display()
-    );
-    p
-}
 
 fn client(args: &[&str]) -> std::process::Output {
     Command::new(python())
@@ -153,19 +144,7 @@ async fn openai_sdk_realtime_transcribes_like_the_grpc_stream() {
 async fn raw_websocket_clients_events_errors_resume_and_stuck_readers() {
     let dir = tempfile::tempdir().unwrap();
     let key = "realtime-key";
-    let hash = Command::new(bin("nexus"))
-        .args(["keys", "hash", key])
-        .output()
-        .unwrap();
-    let keys = dir.path().join("keys.toml");
-    std::fs::write(
-        &keys,
-        format!(
-            "[[keys]]\ntenant = \"acme\"\nsha256 = \"{}\"\n",
-            String::from_utf8_lossy(&hash.stdout).trim()
-        ),
-    )
-    .unwrap();
+    let keys = keys_file(dir.path(), &[("acme", key)]);
     let s = speech();
     let (_, b16) = pcm16_at(&s, 16_000);
     let (_, b24) = pcm16_at(&s, 24_000);

@@ -116,6 +116,41 @@ pub mod fleet {
         Proc::start(name, "nexus", &args)
     }
 
+    /// The Python of `.venv`, where `scripts/setup.sh` installs the
+    /// independent clients (openai, websockets, srt, webvtt-py).
+    pub fn python() -> PathBuf {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+        assert!(
+            p.exists(),
+            "{} is missing: scripts/setup.sh installs the Python test clients",
+            p.display()
+        );
+        p
+    }
+
+    /// An API keys file in `dir` giving each `(tenant, key)` its tenant.
+    pub fn keys_file(dir: &std::path::Path, keys: &[(&str, &str)]) -> PathBuf {
+        let mut toml = String::new();
+        for (tenant, key) in keys {
+            let out = std::process::Command::new(bin("nexus"))
+                .args(["keys", "hash", key])
+                .output()
+                .expect("nexus keys hash runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            toml += &format!(
+                "[[keys]]\ntenant = \"{tenant}\"\nsha256 = \"{}\"\n\n",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        let path = dir.join("keys.toml");
+        std::fs::write(&path, toml).expect("keys file written");
+        path
+    }
+
     /// A free loopback port (bound, read, released).
     pub fn free_addr() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
