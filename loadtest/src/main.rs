@@ -163,6 +163,10 @@ struct Level {
     protocol: Protocol,
     streams: usize,
     final_after_endpoint_ms: Latency,
+    /// From the capture of the utterance's last sample to its final: the
+    /// same clock on every protocol.
+    #[serde(default)]
+    final_after_audio_ms: Latency,
     interim_ms: Latency,
     /// Interims received per second of audio sent, over every stream: 1 at
     /// an interim interval of 1 s when none is skipped; less when the fleet
@@ -297,6 +301,7 @@ async fn level(
         (Vec::new(), Vec::new(), std::collections::BTreeMap::new());
     let mut wer = nexus_eval::ErrorCounts::default();
     let mut audio_s = 0.0;
+    let mut after_audio = Vec::new();
     while let Some(r) = tasks.join_next().await {
         let o = match r {
             Ok(o) => o,
@@ -311,6 +316,7 @@ async fn level(
             continue;
         }
         finals.extend(o.final_ms);
+        after_audio.extend(o.final_after_audio_ms);
         interims.extend(o.interim_ms);
         wer = wer + nexus_eval::wer(&o.reference, &o.hypothesis);
     }
@@ -326,6 +332,7 @@ async fn level(
         protocol,
         streams: n,
         final_after_endpoint_ms: final_lat,
+        final_after_audio_ms: Latency::of(after_audio),
         interim_ms: Latency::of(interims),
         interims_per_s,
         wer: wer.rate(),

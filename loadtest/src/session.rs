@@ -60,6 +60,9 @@ impl Program {
 pub struct Outcome {
     /// From the END_OF_UTTERANCE event to the utterance's final, ms.
     pub final_ms: Vec<f64>,
+    /// From the capture of an utterance's last sample to its final, ms: the
+    /// same clock on every protocol (it includes the endpointer's silence).
+    pub final_after_audio_ms: Vec<f64>,
     /// From the capture of an interim window's last sample to the interim, ms.
     pub interim_ms: Vec<f64>,
     /// Final text, in order.
@@ -206,6 +209,11 @@ async fn websocket(
                     stopped.insert(item, now);
                 }
                 "conversation.item.input_audio_transcription.completed" => {
+                    if let Some(end) = ev["end_ms"].as_u64() {
+                        let captured = start + Duration::from_millis(end);
+                        out.final_after_audio_ms
+                            .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
+                    }
                     let t = ev["transcript"].as_str().unwrap_or_default().to_owned();
                     finals.entry(item).or_insert((now, t));
                 }
@@ -312,6 +320,13 @@ async fn stream(
                     .map(|a| a.transcript.clone())
                     .unwrap_or_default();
                 if res.is_final {
+                    if let Some(span) = &res.span
+                        && !finals.contains_key(&res.segment_id)
+                    {
+                        let captured = start + Duration::from_millis(span.end_ms);
+                        out.final_after_audio_ms
+                            .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
+                    }
                     finals.entry(res.segment_id).or_insert((now, text));
                 } else if let Some(span) = &res.span {
                     let captured = start + Duration::from_millis(span.end_ms);
