@@ -561,7 +561,7 @@ pub(crate) fn parse(
         }
     };
     match kind {
-        "transcription_session.update" => {
+        "transcription_session.update" | "session.update" => {
             known(&["session"])?;
             let Some(session) = obj.get("session").and_then(Value::as_object) else {
                 return Err(with_id(
@@ -569,26 +569,16 @@ pub(crate) fn parse(
                         .param("session"),
                 ));
             };
-            current
-                .updated(session, served)
-                .map(|s| ClientEvent::Update {
-                    settings: Box::new(s),
-                    ga: false,
-                })
-                .map_err(with_id)
-        }
-        "session.update" => {
-            known(&["session"])?;
-            let Some(session) = obj.get("session").and_then(Value::as_object) else {
-                return Err(with_id(
-                    ProtocolError::invalid("missing_required_parameter", "session is required")
-                        .param("session"),
-                ));
+            let ga = kind == "session.update";
+            let settings = if ga {
+                ga_update(session, current, served)
+            } else {
+                current.updated(session, served)
             };
-            ga_update(session, current, served)
+            settings
                 .map(|s| ClientEvent::Update {
                     settings: Box::new(s),
-                    ga: true,
+                    ga,
                 })
                 .map_err(with_id)
         }
