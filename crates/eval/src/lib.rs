@@ -1,4 +1,9 @@
-//! Scoring transcripts against references.
+//! Scoring transcripts and translations against references.
+//!
+//! Translations: [`mt`] holds chrF and BLEU as sacreBLEU computes them,
+//! [`langid`] tells the language of a short text, and [`translation`] the
+//! caption test set and the failure checks the translator also runs on
+//! itself.
 //!
 //! [`normalize_english`] follows the spirit of Whisper's `EnglishTextNormalizer`
 //! so that formatting choices (case, punctuation, "ten" vs "10", "Mr." vs
@@ -6,7 +11,10 @@
 //! are edit distances over words and characters. Both systems in a comparison
 //! go through the same normaliser.
 
+pub mod langid;
+pub mod mt;
 pub mod sentences;
+pub mod translation;
 
 /// Edit-distance totals; rates are `errors / reference_len`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
