@@ -7,9 +7,10 @@
 use std::io::{Read, Seek};
 use std::path::Path;
 
+use std::collections::HashMap;
+
+use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_qwen2::ModelWeights;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -17,6 +18,11 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{ModelError, Result};
+
+pub mod lm;
+pub mod prompt;
+
+pub use lm::{Cache, QwenLm};
 
 /// Qwen2's pre-tokenisation regex (from its tokenizer configuration).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -163,18 +169,33 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer> {
 
 /// A loaded Qwen2 chat model used as a translator.
 pub struct Translator {
-    model: ModelWeights,
+    model: QwenLm,
     tokenizer: Tokenizer,
     stop: Vec<u32>,
-    device: Device,
+    /// Keys and values of prompt prefixes seen (instruction and examples of
+    /// a language pair and framing), by their text.
+    prefixes: HashMap<String, Cache>,
 }
+
+/// Prompt prefixes whose keys and values are kept (about 10 MB each for
+/// the 0.5B model's few-shot prefix).
+const MAX_PREFIXES: usize = 16;
 
 impl std::fmt::Debug for Translator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Translator")
+            .field("model", &self.model)
             .field("stop", &self.stop)
+            .field("prefixes", &self.prefixes.len())
             .finish()
     }
+}
+
+fn render(turns: &[prompt::Turn]) -> String {
+    turns
+        .iter()
+        .map(|t| format!("<|im_start|>{}\n{}<|im_end|>\n", t.role, t.content))
+        .collect()
 }
 
 impl Translator {
@@ -219,13 +240,14 @@ impl Translator {
         } else {
             None
         };
+        let in_file = |e: ModelError| ModelError::Load(format!("{}: {e}", path.display()));
         let model = match buf {
             Some(buf) => {
                 let mut c = std::io::Cursor::new(buf);
                 let ct = gguf_file::Content::read(&mut c).map_err(load)?;
-                ModelWeights::from_gguf(ct, &mut c, device).map_err(load)?
+                QwenLm::from_gguf(&ct, &mut c, device).map_err(in_file)?
             }
-            None => ModelWeights::from_gguf(ct, r, device).map_err(load)?,
+            None => QwenLm::from_gguf(&ct, r, device).map_err(in_file)?,
         };
         let stop = ["<|im_end|>", "<|endoftext|>"]
             .iter()
@@ -235,8 +257,13 @@ impl Translator {
             model,
             tokenizer,
             stop,
-            device: device.clone(),
+            prefixes: HashMap::new(),
         })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &QwenLm {
+        &self.model
     }
 
     /// Token ids of `text` (special tokens recognised).
@@ -249,52 +276,467 @@ impl Translator {
             .to_vec())
     }
 
-    /// Runs a ChatML conversation greedily and returns the assistant's reply.
-    pub fn chat(&mut self, system: &str, user: &str, max_new_tokens: usize) -> Result<String> {
-        let prompt = format!(
-            "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        );
-        let ids = self.encode(&prompt)?;
-        self.model.clear_kv_cache();
-        let mut logits = self
-            .model
-            .forward(&Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?, 0)?;
+    /// The cache after the prompt prefix `text`, from the kept ones or run now.
+    fn prefix_cache(&mut self, text: &str) -> Result<Cache> {
+        if let Some(c) = self.prefixes.get(text) {
+            return Ok(c.clone());
+        }
+        let mut cache = self.model.new_cache();
+        let ids = self.encode(text)?;
+        if !ids.is_empty() {
+            self.model.forward(&ids, &mut cache)?;
+        }
+        if self.prefixes.len() >= MAX_PREFIXES {
+            self.prefixes.clear();
+        }
+        self.prefixes.insert(text.to_owned(), cache.clone());
+        Ok(cache)
+    }
+
+    /// Runs a ChatML conversation greedily and returns the assistant's
+    /// reply and how many tokens it took. The first `fixed` turns' keys and
+    /// values are kept and reused by later conversations that start with them.
+    pub fn chat_turns(
+        &mut self,
+        turns: &[prompt::Turn],
+        fixed: usize,
+        max_new_tokens: usize,
+    ) -> Result<(String, usize)> {
+        let fixed = fixed.min(turns.len());
+        let prefix = render(&turns[..fixed]);
+        let rest = format!("{}<|im_start|>assistant\n", render(&turns[fixed..]));
+        let mut cache = self.prefix_cache(&prefix)?;
+        let ids = self.encode(&rest)?;
+        let room = lm::MAX_POSITIONS.saturating_sub(cache.len() + ids.len());
+        let mut logits = self.model.forward(&ids, &mut cache)?;
         let mut out = Vec::new();
-        for pos in ids.len()..ids.len() + max_new_tokens {
-            let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        for _ in 0..max_new_tokens.min(room) {
+            let next = QwenLm::argmax(&logits)?;
             if self.stop.contains(&next) {
                 break;
             }
             out.push(next);
-            logits = self
-                .model
-                .forward(&Tensor::new(&[next], &self.device)?.unsqueeze(0)?, pos)?;
+            logits = self.model.forward(&[next], &mut cache)?;
         }
-        self.tokenizer
+        let text = self
+            .tokenizer
             .decode(&out, true)
-            .map(|s| s.trim().to_owned())
-            .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))
+            .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))?;
+        Ok((text.trim().to_owned(), out.len()))
     }
 
-    /// Translates `text` into `target` (ISO 639-1); `source` may be `None` to let the model tell.
-    pub fn translate(&mut self, text: &str, source: Option<&str>, target: &str) -> Result<String> {
-        let tgt = language_name(target).ok_or_else(|| {
-            ModelError::Input(format!(
-                "target language {target:?} is not supported for translation"
-            ))
-        })?;
-        if text.trim().is_empty() {
-            return Ok(String::new());
-        }
-        let from = match source.and_then(language_name) {
-            Some(s) => format!(" from {s}"),
-            None => String::new(),
-        };
-        let system = format!(
-            "You are a professional translator. Translate the user's text{from} into {tgt}. \
-             Reply with the translation only, no explanations, no quotes."
-        );
-        let budget = self.encode(text)?.len() * 3 + 32;
-        self.chat(&system, text, budget)
+    /// Runs a one-question ChatML conversation greedily and returns the
+    /// assistant's reply.
+    pub fn chat(&mut self, system: &str, user: &str, max_new_tokens: usize) -> Result<String> {
+        let turns = [
+            prompt::Turn {
+                role: "system",
+                content: system.to_owned(),
+            },
+            prompt::Turn {
+                role: "user",
+                content: user.to_owned(),
+            },
+        ];
+        Ok(self.chat_turns(&turns, 1, max_new_tokens)?.0)
     }
+
+    /// One attempt at a translation in the given framing, its output as the
+    /// model wrote it (first line only: a translation of a caption is one
+    /// line, and what follows a line break is commentary).
+    pub fn attempt(
+        &mut self,
+        style: prompt::Style,
+        spec: &prompt::Spec<'_>,
+    ) -> Result<(String, usize)> {
+        if language_name(spec.target).is_none() {
+            return Err(ModelError::Input(format!(
+                "target language {:?} is not supported for translation",
+                spec.target
+            )));
+        }
+        if spec.text.trim().is_empty() {
+            return Ok((String::new(), 0));
+        }
+        let budget = self.encode(spec.text)?.len() * 3 + 32;
+        let t = prompt::turns(style, spec);
+        let (text, tokens) = self.chat_turns(&t.turns, t.fixed, budget)?;
+        let text = match style {
+            prompt::Style::Plain => text,
+            _ => clean(&text, spec.target),
+        };
+        Ok((text, tokens))
+    }
+
+    /// Translates one text with no context or glossary (see [`Self::translate`]).
+    pub fn translate_text(
+        &mut self,
+        text: &str,
+        source: Option<&str>,
+        target: &str,
+    ) -> Result<Translated> {
+        self.translate(&prompt::Spec {
+            text,
+            source,
+            target,
+            context: &[],
+            glossary: &[],
+        })
+    }
+
+    /// Beam search over the reply to a ChatML conversation: up to `beams`
+    /// finished replies, best first by mean token log-probability. The
+    /// beams step together as one batch.
+    pub fn chat_beams(
+        &mut self,
+        turns: &[prompt::Turn],
+        fixed: usize,
+        beams: usize,
+        max_new_tokens: usize,
+    ) -> Result<(Vec<String>, usize)> {
+        let beams = beams.clamp(1, MAX_BEAMS);
+        let fixed = fixed.min(turns.len());
+        let prefix = render(&turns[..fixed]);
+        let rest = format!("{}<|im_start|>assistant\n", render(&turns[fixed..]));
+        let mut cache = self.prefix_cache(&prefix)?;
+        let ids = self.encode(&rest)?;
+        let room = lm::MAX_POSITIONS.saturating_sub(cache.len() + ids.len());
+        let first = self.model.forward(&ids, &mut cache)?;
+        // (tokens, summed log-probability, cache after all but the last token)
+        let mut live: Vec<(Vec<u32>, f32, Cache)> = vec![(Vec::new(), 0.0, cache)];
+        let mut logits = vec![log_softmax(&first)?];
+        let mut done: Vec<(Vec<u32>, f32)> = Vec::new();
+        let mut generated = 0;
+        for step in 0..max_new_tokens.min(room) {
+            let mut cands: Vec<(usize, u32, f32)> = Vec::new();
+            for (i, lp) in logits.iter().enumerate() {
+                for (tok, l) in top_k(lp, beams) {
+                    cands.push((i, tok, live[i].1 + l));
+                }
+            }
+            cands.sort_by(|a, b| b.2.total_cmp(&a.2));
+            let mut next: Vec<(Vec<u32>, f32, Cache)> = Vec::new();
+            for (i, tok, score) in cands {
+                if next.len() + done.len() >= beams {
+                    break;
+                }
+                let mut toks = live[i].0.clone();
+                if self.stop.contains(&tok) {
+                    done.push((toks, score));
+                    continue;
+                }
+                toks.push(tok);
+                next.push((toks, score, live[i].2.clone()));
+            }
+            if next.is_empty() || done.len() >= beams || step + 1 == max_new_tokens.min(room) {
+                done.extend(next.into_iter().map(|(t, s, _)| (t, s)));
+                break;
+            }
+            let last: Vec<u32> = next
+                .iter()
+                .map(|(t, _, _)| *t.last().unwrap_or(&0))
+                .collect();
+            generated += last.len();
+            let mut caches: Vec<&mut Cache> = next.iter_mut().map(|(_, _, c)| c).collect();
+            let out = self.model.step_batch(&last, &mut caches)?;
+            logits = (0..last.len())
+                .map(|i| log_softmax(&out.get(i)?))
+                .collect::<Result<_>>()?;
+            live = next;
+        }
+        done.sort_by(|a, b| {
+            let norm = |(t, s): &(Vec<u32>, f32)| s / (t.len().max(1) as f32);
+            norm(b).total_cmp(&norm(a))
+        });
+        let texts = done
+            .iter()
+            .map(|(t, _)| {
+                self.tokenizer
+                    .decode(t, true)
+                    .map(|s| s.trim().to_owned())
+                    .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((texts, generated))
+    }
+
+    /// Greedy replies to several ChatML conversations, decoded together:
+    /// each prompt runs on its own (after its cached prefix), then every
+    /// unfinished reply takes its next token in one batched step.
+    pub fn chat_batch(
+        &mut self,
+        prompts: &[(&[prompt::Turn], usize, usize)],
+    ) -> Result<Vec<(String, usize)>> {
+        struct Seq {
+            cache: Cache,
+            out: Vec<u32>,
+            next: u32,
+            left: usize,
+            done: bool,
+        }
+        let mut seqs = Vec::with_capacity(prompts.len());
+        for &(turns, fixed, max_new) in prompts {
+            let fixed = fixed.min(turns.len());
+            let prefix = render(&turns[..fixed]);
+            let rest = format!("{}<|im_start|>assistant\n", render(&turns[fixed..]));
+            let mut cache = self.prefix_cache(&prefix)?;
+            let ids = self.encode(&rest)?;
+            let room = lm::MAX_POSITIONS.saturating_sub(cache.len() + ids.len());
+            let logits = self.model.forward(&ids, &mut cache)?;
+            let next = QwenLm::argmax(&logits)?;
+            let left = max_new.min(room);
+            seqs.push(Seq {
+                cache,
+                out: Vec::new(),
+                next,
+                left,
+                done: left == 0 || self.stop.contains(&next),
+            });
+        }
+        loop {
+            let mut active: Vec<&mut Seq> = seqs.iter_mut().filter(|s| !s.done).collect();
+            if active.is_empty() {
+                break;
+            }
+            let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
+            for s in active.iter_mut() {
+                s.out.push(s.next);
+                s.left -= 1;
+            }
+            let mut caches: Vec<&mut Cache> = active.iter_mut().map(|s| &mut s.cache).collect();
+            let logits = self.model.step_batch(&tokens, &mut caches)?;
+            for (i, s) in active.into_iter().enumerate() {
+                s.next = QwenLm::argmax(&logits.get(i)?)?;
+                s.done = s.left == 0 || self.stop.contains(&s.next);
+            }
+        }
+        seqs.into_iter()
+            .map(|s| {
+                let text = self
+                    .tokenizer
+                    .decode(&s.out, true)
+                    .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))?;
+                Ok((text.trim().to_owned(), s.out.len()))
+            })
+            .collect()
+    }
+
+    /// Translates several captions (of different sessions) at once: their
+    /// first, greedy attempts decode as one batch; a caption whose output
+    /// fails the checks then goes through [`Self::translate`]'s retries on
+    /// its own.
+    pub fn translate_batch(&mut self, specs: &[prompt::Spec<'_>]) -> Result<Vec<Translated>> {
+        let mut prompts = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if language_name(spec.target).is_none() {
+                return Err(ModelError::Input(format!(
+                    "target language {:?} is not supported for translation",
+                    spec.target
+                )));
+            }
+            let t = prompt::turns(prompt::Style::Chat, spec);
+            let budget = self.encode(spec.text)?.len() * 3 + 32;
+            prompts.push((t, budget));
+        }
+        let refs: Vec<(&[prompt::Turn], usize, usize)> = prompts
+            .iter()
+            .zip(specs)
+            .filter(|(_, s)| !s.text.trim().is_empty())
+            .map(|((t, b), _)| (t.turns.as_slice(), t.fixed, *b))
+            .collect();
+        let mut firsts = self.chat_batch(&refs)?.into_iter();
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if spec.text.trim().is_empty() {
+                out.push(self.translate(spec)?);
+                continue;
+            }
+            let (text, tokens) = firsts
+                .next()
+                .ok_or_else(|| ModelError::Input("batch lost a caption".into()))?;
+            let text = clean(&text, spec.target);
+            if judge(spec, &text).is_none() {
+                out.push(Translated {
+                    text,
+                    failure: None,
+                    attempts: 1,
+                    tokens,
+                });
+            } else {
+                let mut r = self.translate_retries(spec, &text)?;
+                r.tokens += tokens;
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Translates a caption: greedily in the [`prompt::Style::Chat`]
+    /// framing first; when the output fails a check (answered,
+    /// untranslated, wrong language, truncated, overlong; see
+    /// `nexus_eval::translation::check`) or drops a glossary term the source
+    /// holds, a beam search over the same prompt, taking the best reply
+    /// that passes; then greedily in the [`prompt::Style::Strict`] framing.
+    /// When all fail, the result carries no text and names the failure.
+    pub fn translate(&mut self, spec: &prompt::Spec<'_>) -> Result<Translated> {
+        if spec.text.trim().is_empty() {
+            return Ok(Translated {
+                text: String::new(),
+                failure: None,
+                attempts: 0,
+                tokens: 0,
+            });
+        }
+        let ok = |text: String, attempts: u32, tokens: usize| Translated {
+            text,
+            failure: None,
+            attempts,
+            tokens,
+        };
+        let (text, tokens) = self.attempt(prompt::Style::Chat, spec)?;
+        if judge(spec, &text).is_none() {
+            return Ok(ok(text, 1, tokens));
+        }
+        let mut r = self.translate_retries(spec, &text)?;
+        r.tokens += tokens;
+        Ok(r)
+    }
+
+    /// The retries after a first output `first` failed its checks.
+    fn translate_retries(&mut self, spec: &prompt::Spec<'_>, first: &str) -> Result<Translated> {
+        let ok = |text: String, attempts: u32, tokens: usize| Translated {
+            text,
+            failure: None,
+            attempts,
+            tokens,
+        };
+        let mut failure = judge(spec, first);
+        tracing::debug!(output = %first, failure = ?failure, "greedy translation failed its checks");
+        let t = prompt::turns(prompt::Style::Chat, spec);
+        let budget = self.encode(spec.text)?.len() * 3 + 32;
+        let (candidates, mut tokens) = self.chat_beams(&t.turns, t.fixed, RETRY_BEAMS, budget)?;
+        for c in candidates {
+            let c = clean(&c, spec.target);
+            match judge(spec, &c) {
+                None => return Ok(ok(c, 2, tokens)),
+                Some(f) => {
+                    tracing::debug!(output = %c, failure = ?f, "beam candidate failed its checks")
+                }
+            }
+        }
+        let (text, n) = self.attempt(prompt::Style::Strict, spec)?;
+        tokens += n;
+        match judge(spec, &text) {
+            None => return Ok(ok(text, 3, tokens)),
+            Some(f) => {
+                tracing::debug!(output = %text, failure = ?f, "strict translation failed its checks");
+                failure = Some(f);
+            }
+        }
+        Ok(Translated {
+            text: String::new(),
+            failure: failure.map(|f| f.as_str()),
+            attempts: 3,
+            tokens,
+        })
+    }
+}
+
+/// Beams of a retry.
+const RETRY_BEAMS: usize = 4;
+/// Beams [`Translator::chat_beams`] runs at most.
+pub const MAX_BEAMS: usize = 8;
+
+fn log_softmax(logits: &candle_core::Tensor) -> Result<Vec<f32>> {
+    let v: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+    Ok(v.into_iter().map(|x| x - lse).collect())
+}
+
+fn top_k(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &x) in lp.iter().enumerate() {
+        if best.len() < k || x > best[best.len() - 1].1 {
+            let at = best.partition_point(|b| b.1 >= x);
+            best.insert(at, (i as u32, x));
+            best.truncate(k);
+        }
+    }
+    best
+}
+
+/// A checked translation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Translated {
+    /// The translation; empty when it failed.
+    pub text: String,
+    /// Why no acceptable translation came out (`answered`, `untranslated`,
+    /// `wrong_language`, `truncated`, `overlong`, `glossary`), or `None`.
+    pub failure: Option<&'static str>,
+    /// Attempts made: 1 greedy, 2 after the beam search, 3 after the
+    /// strict prompt (0 for an empty text).
+    pub attempts: u32,
+    /// Tokens generated over all attempts.
+    pub tokens: usize,
+}
+
+/// Why `output` is no acceptable translation of the caption in `spec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Check(nexus_eval::translation::Failure),
+    Glossary,
+}
+
+impl Fault {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fault::Check(f) => f.as_str(),
+            Fault::Glossary => "glossary",
+        }
+    }
+}
+
+fn judge(spec: &prompt::Spec<'_>, output: &str) -> Option<Fault> {
+    let source = spec
+        .source
+        .or_else(|| nexus_eval::langid::identify(spec.text))
+        .unwrap_or("");
+    if let Some(f) = nexus_eval::translation::check(spec.text, output, source, spec.target) {
+        return Some(Fault::Check(f));
+    }
+    let lower_src = spec.text.to_lowercase();
+    let lower_out = output.to_lowercase();
+    let dropped = spec.glossary.iter().map(|t| t.trim()).any(|t| {
+        !t.is_empty()
+            && lower_src.contains(&t.to_lowercase())
+            && !lower_out.contains(&t.to_lowercase())
+    });
+    dropped.then_some(Fault::Glossary)
+}
+
+/// The translation line of a reply: the first non-empty line, without a
+/// "German:" label or quotes wrapped around it.
+fn clean(reply: &str, target: &str) -> String {
+    let line = reply
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let mut line = line;
+    if let Some(name) = language_name(target)
+        && let Some(rest) = line.strip_prefix(name)
+        && let Some(rest) = rest.strip_prefix(':')
+    {
+        line = rest.trim_start();
+    }
+    for (open, close) in [('"', '"'), ('“', '”'), ('«', '»'), ('„', '“'), ('「', '」')]
+    {
+        if let Some(inner) = line.strip_prefix(open).and_then(|l| l.strip_suffix(close))
+            && !inner.contains(open)
+        {
+            line = inner;
+        }
+    }
+    line.trim().to_owned()
 }
