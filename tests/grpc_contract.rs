@@ -137,6 +137,7 @@ impl SpeechRecognition for CountingRecognizer {
                     target_language: t.target_language,
                     text: "向前走十米".into(),
                     model: "test".into(),
+                    ..Default::default()
                 }),
                 language: rc.language,
                 speaker: cfg.speaker_label,

@@ -45,6 +45,10 @@ pub struct Segment {
     /// The text in the requested target language, when translated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translation: Option<String>,
+    /// Why the segment could not be translated (`answered`, `untranslated`,
+    /// ...), when a translation was asked for and none passed the checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translation_failure: Option<String>,
 }
 
 /// How the decoder arrived at a segment's text (OpenAI's verbose_json fields).
@@ -61,11 +65,20 @@ pub struct Decoding {
 }
 
 impl Segment {
-    /// What to show: the translation when there is one, else the text.
-    pub fn display_text(&self) -> &str {
-        self.translation.as_deref().unwrap_or(&self.text)
+    /// What to show: the translation when there is one; the text marked
+    /// [`UNTRANSLATED`] when its translation failed; else the text.
+    pub fn display_text(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.translation, &self.translation_failure) {
+            (_, Some(_)) => format!("{UNTRANSLATED} {}", self.text.trim()).into(),
+            (Some(t), None) => t.as_str().into(),
+            (None, None) => self.text.as_str().into(),
+        }
     }
 }
+
+/// Marks a caption shown in its own language because no translation of it
+/// passed the checks.
+pub const UNTRANSLATED: &str = "[untranslated]";
 
 /// A whole transcript.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,7 +193,7 @@ impl Transcript {
         let unspaced = matches!(self.target_language.as_deref(), Some("zh" | "ja" | "th"));
         self.segments
             .iter()
-            .map(|s| s.display_text().trim())
+            .map(|s| s.display_text().trim().to_owned())
             .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()
             .join(if unspaced { "" } else { " " })
@@ -191,12 +204,12 @@ impl Transcript {
         let shown = || {
             self.segments
                 .iter()
-                .filter(|s| !cue_text(s.display_text()).is_empty())
+                .filter(|s| !cue_text(&s.display_text()).is_empty())
         };
         match format {
             Format::Text => {
                 let mut out = shown()
-                    .map(|s| s.display_text().trim())
+                    .map(|s| s.display_text().trim().to_owned())
                     .collect::<Vec<_>>()
                     .join("\n");
                 out.push('\n');
@@ -236,7 +249,7 @@ impl Transcript {
                         n + 1,
                         timestamp(s.start, ','),
                         timestamp(s.end, ','),
-                        cue_text(s.display_text())
+                        cue_text(&s.display_text())
                     )
                 })
                 .collect(),
@@ -247,7 +260,7 @@ impl Transcript {
                         "{} --> {}\n{}\n\n",
                         timestamp(s.start, '.'),
                         timestamp(s.end, '.'),
-                        cue_text(s.display_text())
+                        cue_text(&s.display_text())
                     ));
                 }
                 out
@@ -275,6 +288,7 @@ mod tests {
             no_speech_prob: 0.01,
             words: vec![],
             translation: None,
+            translation_failure: None,
         };
         let mut t = Transcript {
             task: "transcribe".into(),

@@ -170,6 +170,7 @@ pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Trans
                     })
                     .collect(),
                 translation: None,
+                translation_failure: None,
             })
             .collect(),
     }
@@ -229,9 +230,24 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         let mut translator =
             nexus_models::qwen::Translator::load(&file, &candle_core::Device::Cpu)?;
         let source = transcript.language.clone();
+        // Each segment is translated with the ones before it as context, and
+        // the hotwords as its glossary.
+        let mut context: Vec<String> = Vec::new();
         for seg in &mut transcript.segments {
-            seg.translation =
-                Some(translator.translate(seg.text.trim(), Some(&source), &target)?);
+            let text = seg.text.trim().to_owned();
+            let t = translator.translate(&nexus_models::qwen::prompt::Spec {
+                text: &text,
+                source: Some(&source),
+                target: &target,
+                context: &context,
+                glossary: &args.hotwords,
+            })?;
+            seg.translation = Some(t.text);
+            seg.translation_failure = t.failure.map(str::to_owned);
+            context.push(text);
+            if context.len() > nexus_models::qwen::prompt::MAX_CONTEXT {
+                context.remove(0);
+            }
         }
         transcript.target_language = Some(target);
     }

@@ -18,6 +18,9 @@ pub struct TranslateArgs {
     /// Source language; the model tells when absent.
     #[arg(long)]
     from: Option<String>,
+    /// Names and terms to keep as written (repeat the flag for each).
+    #[arg(long = "glossary", value_name = "TERM")]
+    glossary: Vec<String>,
     /// Registry name of a GGUF chat model, or a `.gguf` path.
     #[arg(long, default_value = "qwen2.5-0.5b-instruct")]
     model: String,
@@ -43,9 +46,19 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
     check_target(&args.to)?;
     let file = resolve_gguf(&args.model, args.home)?;
     let mut t = Translator::load(&file, &candle_core::Device::Cpu)?;
-    println!(
-        "{}",
-        t.translate(&args.text, args.from.as_deref(), &args.to)?
-    );
+    let out = t.translate(&nexus_models::qwen::prompt::Spec {
+        text: &args.text,
+        source: args.from.as_deref(),
+        target: &args.to,
+        context: &[],
+        glossary: &args.glossary,
+    })?;
+    if let Some(why) = out.failure {
+        bail!(
+            "the text could not be translated ({why}, after {} attempts)",
+            out.attempts
+        );
+    }
+    println!("{}", out.text);
     Ok(())
 }

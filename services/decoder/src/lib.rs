@@ -9,8 +9,9 @@
 //! sessions only while the fleet's advertised capacity lasts.
 
 pub mod pool;
+pub mod translator;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -25,6 +26,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::{Job, Output, Slot};
+use crate::translator::TranslationWorker;
 
 /// Settings of the decoder stage.
 #[derive(Debug, Clone, clap::Args)]
@@ -70,7 +72,7 @@ struct DecoderConfig {
     /// Stage settings.
     args: DecoderArgs,
     /// Text translation into languages Whisper cannot target, with its model name.
-    translator: Option<(String, Arc<Mutex<Translator>>)>,
+    translator: Option<(String, TranslationWorker)>,
 }
 
 /// The decoder stage, built: what `nexus-decoder` and `nexus serve` run.
@@ -125,14 +127,15 @@ fn load_translator(
     spec: &str,
     home: Option<std::path::PathBuf>,
     device: &candle_core::Device,
-) -> anyhow::Result<Option<(String, Arc<Mutex<Translator>>)>> {
+) -> anyhow::Result<Option<(String, TranslationWorker)>> {
     if spec.is_empty() {
         return Ok(None);
     }
     let file = nexus_fleet::models::resolve_gguf(spec, home)?;
     let t =
         Translator::load(&file, device).with_context(|| format!("loading {}", file.display()))?;
-    Ok(Some((spec.to_owned(), Arc::new(Mutex::new(t)))))
+    let worker = TranslationWorker::start(t).context("starting the translation thread")?;
+    Ok(Some((spec.to_owned(), worker)))
 }
 
 async fn run<B: Bus>(
@@ -373,12 +376,13 @@ async fn run<B: Bus>(
     Ok(())
 }
 
-/// Answers TranslateText requests one at a time (the model is one mutex).
+/// Answers TranslateText requests (each batched with whatever captions the
+/// translation thread has waiting).
 async fn serve_translations<B: Bus>(
     mut reader: StageReader<B>,
     bus: B,
     keys: nexus_bus::Keys,
-    (name, tr): (String, Arc<Mutex<Translator>>),
+    (name, tr): (String, TranslationWorker),
     (ttl, fresh): (Duration, Duration),
     shutdown: CancellationToken,
 ) {
@@ -395,23 +399,18 @@ async fn serve_translations<B: Bus>(
             let env = task.envelope.clone().unwrap_or_default();
             let _fresh = reader.acker().keep_fresh(vec![e.id], fresh);
             let t0 = std::time::Instant::now();
-            let (src, dst, texts, tr2) = (
-                task.source_language.clone(),
-                task.target_language.clone(),
-                task.texts.clone(),
-                tr.clone(),
-            );
-            let out = tokio::task::spawn_blocking(move || {
-                let mut tr = tr2.lock().unwrap_or_else(|p| p.into_inner());
-                texts
-                    .iter()
-                    .map(|t| tr.translate(t, (!src.is_empty()).then_some(src.as_str()), &dst))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+            let captions = task
+                .texts
+                .iter()
+                .map(|t| translator::Caption {
+                    text: t.clone(),
+                    source: task.source_language.clone(),
+                    target: task.target_language.clone(),
+                    context: Vec::new(),
+                    glossary: Vec::new(),
+                })
+                .collect();
+            let out = tr.translate(captions).await;
             let mut done = TranslateDone {
                 envelope: Some(Envelope {
                     emitted_unix_ms: now_unix_ms(),
@@ -422,7 +421,13 @@ async fn serve_translations<B: Bus>(
                 ..Default::default()
             };
             match out {
-                Ok(texts) => done.texts = texts,
+                Ok(out) => {
+                    done.failures = out
+                        .iter()
+                        .map(|t| t.failure.unwrap_or_default().to_owned())
+                        .collect();
+                    done.texts = out.into_iter().map(|t| t.text).collect();
+                }
                 Err(err) => done.error = format!("translation failed: {err}"),
             }
             let Ok(request) = SessionId::parse(&env.session_id) else {
@@ -585,6 +590,7 @@ async fn translate(
     if texts.is_empty() {
         texts.push(r.alternatives[0].transcript.clone());
     }
+    let mut failures = vec![String::new(); texts.len()];
     let (model, target) = if let Some(target) = model_translated {
         // The model translated itself (Whisper into English, NEXUS-O into any language).
         (seg.model.clone(), target)
@@ -595,34 +601,69 @@ async fn translate(
                 t.target_language
             ));
         };
-        let (src, dst) = (r.language.clone(), t.target_language.clone());
-        texts = tokio::task::spawn_blocking(move || {
-            let mut tr = tr.lock().unwrap_or_else(|p| p.into_inner());
-            texts
-                .iter()
-                .map(|text| tr.translate(text, (!src.is_empty()).then_some(src.as_str()), &dst))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("translation failed: {e}"))?;
+        // The session's earlier finals (and this utterance's earlier pieces)
+        // are context; its hotwords are the glossary.
+        let glossary = rc
+            .speech_context
+            .as_ref()
+            .map(|c| c.hotwords.clone())
+            .unwrap_or_default();
+        let mut context = seg.translation_context.clone();
+        let mut captions = Vec::with_capacity(texts.len());
+        for text in &texts {
+            captions.push(translator::Caption {
+                text: text.clone(),
+                source: r.language.clone(),
+                target: t.target_language.clone(),
+                context: context.clone(),
+                glossary: glossary.clone(),
+            });
+            context.push(text.clone());
+        }
+        let out = tr
+            .translate(captions)
+            .await
+            .map_err(|e| format!("translation failed: {e}"))?;
+        failures = out
+            .iter()
+            .map(|t| t.failure.unwrap_or_default().to_owned())
+            .collect();
+        texts = out.into_iter().map(|t| t.text).collect();
         (name, t.target_language)
     };
-    let result = |text: String| TranslationResult {
+    let result = |text: String, failure: String| TranslationResult {
         source_language: r.language.clone(),
         target_language: target.clone(),
         text,
         model: model.clone(),
+        failure,
     };
-    for (s, text) in segments.iter_mut().zip(&texts) {
-        s.translation = Some(result(text.clone()));
+    for ((s, text), failure) in segments.iter_mut().zip(&texts).zip(&failures) {
+        s.translation = Some(result(text.clone(), failure.clone()));
     }
     let sep = if nexus_models::whisper::align::written_without_spaces(&target) {
         ""
     } else {
         " "
     };
-    r.translation = Some(result(texts.join(sep)));
+    // The utterance's translation: its pieces that translated; marked failed
+    // (with the first piece's reason) only when none did.
+    let good: Vec<&str> = texts
+        .iter()
+        .zip(&failures)
+        .filter(|(_, f)| f.is_empty())
+        .map(|(t, _)| t.as_str())
+        .collect();
+    let failure = if good.is_empty() {
+        failures
+            .iter()
+            .find(|f| !f.is_empty())
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    r.translation = Some(result(good.join(sep), failure));
     Ok(())
 }
 

@@ -637,6 +637,7 @@ fn encoded(
         is_final: s.is_final,
         channel_tag: s.channel_tag,
         previous_text: s.previous_text,
+        translation_context: s.translation_context,
         model: model.to_owned(),
         shape: vec![frames as u32, hidden as u32],
         dtype: DType::F32 as i32,

@@ -533,6 +533,9 @@ impl<B: Bus> Ingest<B> {
             is_final: true,
             channel_tag: w.channel_tag,
             previous_text,
+            // A file's windows are queued before any is decoded: no finals
+            // exist yet to give a translation context.
+            translation_context: Vec::new(),
         };
         let fields: nexus_bus::Fields = encode(&msg)
             .into_iter()

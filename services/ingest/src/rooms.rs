@@ -34,7 +34,12 @@ pub(crate) struct Word {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub(crate) struct Translated {
     pub(crate) language: String,
+    /// Empty when the translation failed its checks.
     pub(crate) text: String,
+    /// Why no translation passed the checks ("answered", "untranslated",
+    /// ...), when none did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) failure: Option<String>,
 }
 
 /// One caption event, as the data channel and server-sent events carry it.
@@ -277,12 +282,16 @@ fn escape_vtt(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// What a cue shows: the translation when asked for and present, else the
-/// speech's text.
-fn shown(c: &Caption, translated: bool) -> &str {
+/// What a cue shows: the translation when asked for and present; the
+/// speech's text marked untranslated when the translation failed its
+/// checks; else the speech's text.
+fn shown(c: &Caption, translated: bool) -> std::borrow::Cow<'_, str> {
     match (&c.translation, translated) {
-        (Some(t), true) if !t.text.is_empty() => &t.text,
-        _ => &c.text,
+        (Some(t), true) if t.failure.is_some() => {
+            format!("{} {}", nexus_transcript::UNTRANSLATED, c.text).into()
+        }
+        (Some(t), true) if !t.text.is_empty() => t.text.as_str().into(),
+        _ => c.text.as_str().into(),
     }
 }
 
@@ -299,7 +308,7 @@ pub(crate) fn webvtt(cues: &[Caption], translated: bool) -> String {
             cue_timestamp(c.start_ms, '.'),
             cue_timestamp(c.end_ms.max(c.start_ms + 1), '.'),
             escape_vtt(&c.participant),
-            escape_vtt(shown(c, translated))
+            escape_vtt(&shown(c, translated))
         ));
     }
     out
@@ -315,7 +324,7 @@ pub(crate) fn srt(cues: &[Caption], translated: bool) -> String {
             cue_timestamp(c.start_ms, ','),
             cue_timestamp(c.end_ms.max(c.start_ms + 1), ','),
             c.participant,
-            cue_text(shown(c, translated))
+            cue_text(&shown(c, translated))
         ));
     }
     out
@@ -339,6 +348,7 @@ mod tests {
             translation: Some(Translated {
                 language: "de".into(),
                 text: format!("{text} (de)"),
+                failure: None,
             }),
         }
     }

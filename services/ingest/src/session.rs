@@ -84,6 +84,9 @@ struct Live {
     end_status: Option<Status>,
     /// The session's final text so far, for `condition_on_previous_text`.
     previous_text: String,
+    /// The last finals of a translating session, the context of the next
+    /// final's translation.
+    translation_context: VecDeque<String>,
 }
 
 /// Responses kept for a client that resumes.
@@ -146,6 +149,7 @@ impl<B: Bus> Session<B> {
             history: VecDeque::new(),
             end_status: None,
             previous_text: String::new(),
+            translation_context: VecDeque::new(),
         };
         let r = self
             .drive(&mut live, &mut decoder, inbound, &mut res_rx)
@@ -674,6 +678,11 @@ impl<B: Bus> Session<B> {
             } else {
                 String::new()
             },
+            translation_context: if is_final {
+                live.translation_context.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
         let fields: nexus_bus::Fields = encode(&msg)
@@ -770,6 +779,15 @@ impl<B: Bus> Session<B> {
             if crate::conditions_on_previous_text(&self.rc) {
                 let joined = format!("{} {}", live.previous_text, best.transcript);
                 live.previous_text = crate::previous_text_tail(&joined);
+            }
+            if self.rc.task == nexus_proto::speech::Task::Translate as i32
+                && !best.transcript.trim().is_empty()
+            {
+                live.translation_context
+                    .push_back(crate::previous_text_tail(best.transcript.trim()));
+                while live.translation_context.len() > nexus_models::qwen::prompt::MAX_CONTEXT {
+                    live.translation_context.pop_front();
+                }
             }
             let speaks = self.rc.speech_output.as_ref().is_some_and(|s| s.enabled);
             if speaks && !live.speech_seen.iter().any(|(s, _)| *s == r.segment_id) {

@@ -35,6 +35,11 @@ pub(crate) fn segment(id: usize, r: &SpeechRecognitionResult) -> Segment {
             })
             .collect(),
         translation: r.translation.as_ref().map(|t| t.text.trim().to_owned()),
+        translation_failure: r
+            .translation
+            .as_ref()
+            .filter(|t| !t.failure.is_empty())
+            .map(|t| t.failure.clone()),
     }
 }
 

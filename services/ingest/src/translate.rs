@@ -168,9 +168,11 @@ impl<B: Bus> Ingest<B> {
             translations: done
                 .texts
                 .into_iter()
-                .map(|text| TextTranslation {
+                .enumerate()
+                .map(|(i, text)| TextTranslation {
                     text,
                     source_language: r.source_language.clone(),
+                    failure: done.failures.get(i).cloned().unwrap_or_default(),
                 })
                 .collect(),
             model: if done.model.is_empty() {

@@ -803,6 +803,9 @@ impl Render {
                 }
                 if let Some(t) = &res.translation {
                     fields["translation"] = json!({"language": t.target_language, "text": t.text});
+                    if !t.failure.is_empty() {
+                        fields["translation"]["failure"] = t.failure.clone().into();
+                    }
                 }
                 out.push(self.event(
                     "conversation.item.input_audio_transcription.completed",

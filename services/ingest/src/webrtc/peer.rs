@@ -271,6 +271,7 @@ fn captions(
                 translation: r.translation.as_ref().map(|t| Translated {
                     language: t.target_language.clone(),
                     text: t.text.clone(),
+                    failure: (!t.failure.is_empty()).then(|| t.failure.clone()),
                 }),
             };
             Some(if r.is_final {
