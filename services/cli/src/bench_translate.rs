@@ -1,13 +1,23 @@
-//! `nexus bench translate`: text translation speed of the Qwen GGUF as
-//! loaded for the fleet (slow block formats requantised to Q8_0) beside the
-//! same file with its tensors as stored, on the same sentences and thread
-//! count, with the outputs printed for a look at quality.
+//! `nexus bench translate`: translation quality and speed on the caption
+//! test set (`crates/eval/data/translation`), per direction and per prompt:
+//! chrF and BLEU against the references, failures by kind (answered,
+//! untranslated, wrong language, truncated, overlong), captions the
+//! translator marked as untranslatable, seconds per caption and tokens per
+//! second. The prompts run side by side in one process on the same model:
+//! `plain` (the single-instruction prompt the fleet used first), `chat` (the
+//! caption framed as data, with examples, one attempt) and `checked` (what
+//! the fleet runs: `chat`, checked, retried under the strict prompt, marked
+//! when that fails too).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::{Context, bail};
 use clap::Args;
+use nexus_eval::translation::{DIRECTIONS, Failure, Pair, check, test_set};
 use nexus_models::qwen::Translator;
+use nexus_models::qwen::prompt::{Spec, Style};
 
 /// Options of `nexus bench translate`.
 #[derive(Debug, Args)]
@@ -15,90 +25,263 @@ pub struct TranslateBenchArgs {
     /// Registry name of a GGUF chat model, or a `.gguf` path.
     #[arg(long, default_value = "qwen2.5-0.5b-instruct")]
     model: String,
-    /// Target language.
-    #[arg(long, default_value = "de")]
-    to: String,
+    /// Directions to run, as source-target (en-de, en-zh, zh-en, en-es).
+    #[arg(long, value_delimiter = ',', default_value = "en-de,en-zh,zh-en,en-es")]
+    directions: Vec<String>,
+    /// Prompts to compare: plain, chat, checked.
+    #[arg(long, value_delimiter = ',', default_value = "plain,checked")]
+    prompts: Vec<String>,
+    /// Sentences per direction (the first N; all when absent).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print every output, not only failed ones.
+    #[arg(long)]
+    print_all: bool,
+    /// Load the GGUF's tensors as stored (no Q8_0 requantisation).
+    #[arg(long)]
+    as_stored: bool,
+    /// Write the figures and outputs as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Where weights are kept.
     #[arg(long, env = "NEXUS_HOME")]
     home: Option<PathBuf>,
 }
 
-const SENTENCES: [&str; 4] = [
-    "Go forward ten meters.",
-    "Thank you very much.",
-    "The meeting starts at nine tomorrow morning in the large room.",
-    "Please send me the slides before the end of the day.",
-];
-
-struct Run {
-    load_s: f64,
-    total_s: f64,
-    tokens: usize,
-    outputs: Vec<String>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prompt {
+    Plain,
+    Chat,
+    Checked,
 }
 
-fn measure(t: &mut Translator, load_s: f64, to: &str) -> anyhow::Result<Run> {
-    // One warm-up sentence: first-call allocations are not the model's speed.
-    t.translate(SENTENCES[0], Some("en"), to)?;
-    let start = Instant::now();
-    let mut outputs = Vec::new();
-    let mut tokens = 0;
-    for s in SENTENCES {
-        let out = t.translate(s, Some("en"), to)?;
-        tokens += t.encode(&out)?.len();
-        outputs.push(out);
+impl Prompt {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "plain" => Prompt::Plain,
+            "chat" => Prompt::Chat,
+            "checked" => Prompt::Checked,
+            _ => bail!("--prompts: {s:?} is not one of plain, chat, checked"),
+        })
     }
-    Ok(Run {
-        load_s,
-        total_s: start.elapsed().as_secs_f64(),
-        tokens,
+
+    fn name(self) -> &'static str {
+        match self {
+            Prompt::Plain => "plain",
+            Prompt::Chat => "chat",
+            Prompt::Checked => "checked",
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Output {
+    kind: &'static str,
+    source: &'static str,
+    reference: &'static str,
+    output: String,
+    /// The benchmark's check of the output (as the translator would judge it).
+    failure: Option<&'static str>,
+    /// The translator's own marker: it gave up on this caption.
+    marked: Option<&'static str>,
+    attempts: u32,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    direction: String,
+    prompt: &'static str,
+    sentences: usize,
+    chrf: f64,
+    bleu: f64,
+    failures: BTreeMap<&'static str, usize>,
+    marked: usize,
+    retried: usize,
+    seconds_per_caption: f64,
+    tokens_per_s: f64,
+    outputs: Vec<Output>,
+}
+
+fn run_one(
+    t: &mut Translator,
+    set: &[Pair],
+    (src, dst): (&str, &str),
+    prompt: Prompt,
+) -> anyhow::Result<Row> {
+    let start = Instant::now();
+    let mut tokens = 0;
+    let mut outputs = Vec::with_capacity(set.len());
+    for p in set {
+        let spec = Spec {
+            text: p.source,
+            source: Some(src),
+            target: dst,
+            context: &[],
+            glossary: &[],
+        };
+        let (output, marked, attempts) = match prompt {
+            Prompt::Plain | Prompt::Chat => {
+                let style = if prompt == Prompt::Plain {
+                    Style::Plain
+                } else {
+                    Style::Chat
+                };
+                let (text, n) = t.attempt(style, &spec)?;
+                tokens += n;
+                (text, None, 1)
+            }
+            Prompt::Checked => {
+                let r = t.translate(&spec)?;
+                tokens += r.tokens;
+                (r.text, r.failure, r.attempts)
+            }
+        };
+        // A caption the translator marked is not an output a viewer reads as
+        // a translation: it is counted as marked, not as a failure.
+        let failure = if marked.is_some() {
+            None
+        } else {
+            check(p.source, &output, src, dst).map(Failure::as_str)
+        };
+        outputs.push(Output {
+            kind: p.kind,
+            source: p.source,
+            reference: p.reference,
+            output,
+            failure,
+            marked,
+            attempts,
+        });
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let hyps: Vec<&str> = outputs.iter().map(|o| o.output.as_str()).collect();
+    let refs: Vec<&str> = outputs.iter().map(|o| o.reference).collect();
+    let mut failures: BTreeMap<&'static str, usize> =
+        Failure::ALL.iter().map(|f| (f.as_str(), 0)).collect();
+    for o in &outputs {
+        if let Some(f) = o.failure {
+            *failures.entry(f).or_default() += 1;
+        }
+    }
+    Ok(Row {
+        direction: format!("{src}-{dst}"),
+        prompt: prompt.name(),
+        sentences: set.len(),
+        chrf: nexus_eval::mt::chrf(&hyps, &refs),
+        bleu: nexus_eval::mt::bleu(&hyps, &refs, dst),
+        failures,
+        marked: outputs.iter().filter(|o| o.marked.is_some()).count(),
+        retried: outputs.iter().filter(|o| o.attempts > 1).count(),
+        seconds_per_caption: secs / set.len().max(1) as f64,
+        tokens_per_s: tokens as f64 / secs,
         outputs,
     })
 }
 
 /// Runs the benchmark.
 pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
-    crate::translate::check_target(&args.to)?;
+    let prompts: Vec<Prompt> = args
+        .prompts
+        .iter()
+        .map(|p| Prompt::parse(p))
+        .collect::<anyhow::Result<_>>()?;
+    let mut directions = Vec::new();
+    for d in &args.directions {
+        let Some((s, t)) = d.split_once('-') else {
+            bail!("--directions: {d:?} is not source-target, e.g. en-de");
+        };
+        if !DIRECTIONS.contains(&(s, t)) {
+            bail!("--directions: the test set has no {d}; it has en-de, en-zh, zh-en, en-es");
+        }
+        directions.push((s, t));
+    }
     let file = crate::translate::resolve_gguf(&args.model, args.home)?;
     let dev = candle_core::Device::Cpu;
+    let t0 = Instant::now();
+    let mut t = if args.as_stored {
+        Translator::load_as_stored(&file, &dev)?
+    } else {
+        Translator::load(&file, &dev)?
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    // One warm-up caption: first-call allocations are not the model's speed.
+    t.translate_text("Good morning.", Some("en"), "de")?;
     let mut rows = Vec::new();
-    for (label, requantize) in [("as loaded (Q8_0)", true), ("as stored", false)] {
-        let t0 = Instant::now();
-        let mut t = if requantize {
-            Translator::load(&file, &dev)?
-        } else {
-            Translator::load_as_stored(&file, &dev)?
-        };
-        let load_s = t0.elapsed().as_secs_f64();
-        rows.push((label, measure(&mut t, load_s, &args.to)?));
+    for &(s, d) in &directions {
+        let mut set = test_set(s, d).context("test set")?;
+        if let Some(n) = args.limit {
+            set.truncate(n);
+        }
+        for &p in &prompts {
+            let row = run_one(&mut t, &set, (s, d), p)?;
+            eprintln!(
+                "{} {}: chrF {:.1}, {:.2} s/caption",
+                row.direction, row.prompt, row.chrf, row.seconds_per_caption
+            );
+            rows.push(row);
+        }
     }
     println!(
-        "Text translation, {} sentences en → {}, {} ({} threads)",
-        SENTENCES.len(),
-        args.to,
+        "Caption translation, {} ({} threads, loaded in {load_s:.1} s{})",
         file.display(),
-        candle_core::utils::get_num_threads()
+        candle_core::utils::get_num_threads(),
+        if args.as_stored {
+            ", tensors as stored"
+        } else {
+            ""
+        }
     );
     println!(
-        "{:<18} {:>8} {:>12} {:>12} {:>10}",
-        "weights", "load s", "s/sentence", "tokens/s", "vs stored"
+        "{:<6} {:<8} {:>4} {:>6} {:>6} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6} {:>7} {:>6} {:>7}",
+        "dir",
+        "prompt",
+        "n",
+        "chrF",
+        "BLEU",
+        "answered",
+        "untrans",
+        "wrong",
+        "trunc",
+        "long",
+        "marked",
+        "retried",
+        "s/cap",
+        "tok/s"
     );
-    let stored = rows.last().map_or(1.0, |(_, r)| r.total_s);
-    for (label, r) in &rows {
+    for r in &rows {
+        let f = |k: Failure| r.failures.get(k.as_str()).copied().unwrap_or(0);
         println!(
-            "{:<18} {:>8.2} {:>12.2} {:>12.1} {:>9.2}x",
-            label,
-            r.load_s,
-            r.total_s / SENTENCES.len() as f64,
-            r.tokens as f64 / r.total_s,
-            stored / r.total_s
+            "{:<6} {:<8} {:>4} {:>6.1} {:>6.1} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6} {:>7} {:>6.2} {:>7.1}",
+            r.direction,
+            r.prompt,
+            r.sentences,
+            r.chrf,
+            r.bleu,
+            f(Failure::Answered),
+            f(Failure::Untranslated),
+            f(Failure::WrongLanguage),
+            f(Failure::Truncated),
+            f(Failure::Overlong),
+            r.marked,
+            r.retried,
+            r.seconds_per_caption,
+            r.tokens_per_s
         );
     }
-    for (i, s) in SENTENCES.iter().enumerate() {
-        println!("{s}");
-        for (label, r) in &rows {
-            println!("  {label:<18} {}", r.outputs[i]);
+    for r in &rows {
+        for o in &r.outputs {
+            if args.print_all || o.failure.is_some() || o.marked.is_some() {
+                let why = o.failure.or(o.marked.map(|_| "marked")).unwrap_or("ok");
+                println!(
+                    "[{} {} {why}] {} => {}",
+                    r.direction, r.prompt, o.source, o.output
+                );
+            }
         }
+    }
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
