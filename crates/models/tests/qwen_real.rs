@@ -231,8 +231,8 @@ fn checked_translations_neither_answer_nor_copy_on_the_fixed_subset() {
         let subset: Vec<_> = set
             .iter()
             .filter(|p| p.kind == "question")
-            .take(6)
-            .chain(set.iter().filter(|p| p.kind == "imperative").take(3))
+            .take(5)
+            .chain(set.iter().filter(|p| p.kind == "imperative").take(2))
             .collect();
         let (mut plain_faults, mut plain_out, mut checked_out) = (0, Vec::new(), Vec::new());
         for p in &subset {
@@ -261,7 +261,7 @@ fn checked_translations_neither_answer_nor_copy_on_the_fixed_subset() {
         }
         if (src, dst) == ("en", "de") {
             // The checks find the reported faults in the first prompt's output.
-            assert!(plain_faults >= 4, "plain prompt: {plain_out:?}");
+            assert!(plain_faults >= 3, "plain prompt: {plain_out:?}");
             let refs: Vec<&str> = subset.iter().map(|p| p.reference).collect();
             let (before, after) = (
                 nexus_eval::mt::chrf(&plain_out, &refs),

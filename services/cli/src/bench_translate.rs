@@ -40,6 +40,13 @@ pub struct TranslateBenchArgs {
     /// Load the GGUF's tensors as stored (no Q8_0 requantisation).
     #[arg(long)]
     as_stored: bool,
+    /// Concurrent sessions to time (each sends a caption at the same moment;
+    /// the checked translator takes them as one batch, and one by one).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    sessions: Vec<usize>,
+    /// Captions (from en-de) the session timing runs through.
+    #[arg(long, default_value_t = 24)]
+    session_captions: usize,
     /// Write the figures and outputs as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -178,6 +185,96 @@ fn run_one(
     })
 }
 
+#[derive(Debug, serde::Serialize)]
+struct SessionRow {
+    sessions: usize,
+    captions: usize,
+    /// Mean time from a caption's arrival to its translation, batched.
+    batched_mean_s: f64,
+    batched_max_s: f64,
+    /// The same captions translated one after another.
+    serial_mean_s: f64,
+    serial_max_s: f64,
+}
+
+/// Translation time per caption when `n` sessions each send one at the same
+/// moment: as one batch (what the decoder's translation thread does) and
+/// one after another.
+fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Result<Vec<SessionRow>> {
+    let set = test_set("en", "de").context("test set")?;
+    let mut rows = Vec::new();
+    for &n in &args.sessions {
+        if n == 0 {
+            continue;
+        }
+        let pool: Vec<&Pair> = set
+            .iter()
+            .cycle()
+            .take(args.session_captions.max(n))
+            .collect();
+        let (mut batched, mut serial) = (Vec::new(), Vec::new());
+        for group in pool.chunks(n) {
+            let specs: Vec<Spec<'_>> = group
+                .iter()
+                .map(|p| Spec {
+                    text: p.source,
+                    source: Some("en"),
+                    target: "de",
+                    context: &[],
+                    glossary: &[],
+                })
+                .collect();
+            let t0 = Instant::now();
+            t.translate_batch(&specs)?;
+            let took = t0.elapsed().as_secs_f64();
+            batched.extend(std::iter::repeat_n(took, specs.len()));
+            let t0 = Instant::now();
+            for s in &specs {
+                t.translate(s)?;
+                serial.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        rows.push(SessionRow {
+            sessions: n,
+            captions: batched.len(),
+            batched_mean_s: mean(&batched),
+            batched_max_s: max(&batched),
+            serial_mean_s: mean(&serial),
+            serial_max_s: max(&serial),
+        });
+    }
+    if !rows.is_empty() {
+        println!(
+            "\nTranslation time per caption, en-de, N sessions sending a caption at once (seconds from arrival to translation)"
+        );
+        println!(
+            "{:>8} {:>8} {:>13} {:>12} {:>12} {:>11} {:>9}",
+            "sessions",
+            "captions",
+            "batched mean",
+            "batched max",
+            "serial mean",
+            "serial max",
+            "speed-up"
+        );
+        for r in &rows {
+            println!(
+                "{:>8} {:>8} {:>13.2} {:>12.2} {:>12.2} {:>11.2} {:>8.2}x",
+                r.sessions,
+                r.captions,
+                r.batched_mean_s,
+                r.batched_max_s,
+                r.serial_mean_s,
+                r.serial_max_s,
+                r.serial_mean_s / r.batched_mean_s
+            );
+        }
+    }
+    Ok(rows)
+}
+
 /// Runs the benchmark.
 pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     let prompts: Vec<Prompt> = args
@@ -195,7 +292,7 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
         }
         directions.push((s, t));
     }
-    let file = crate::translate::resolve_gguf(&args.model, args.home)?;
+    let file = crate::translate::resolve_gguf(&args.model, args.home.clone())?;
     let dev = candle_core::Device::Cpu;
     let t0 = Instant::now();
     let mut t = if args.as_stored {
@@ -279,8 +376,10 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let sessions = time_sessions(&mut t, &args)?;
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_vec_pretty(&rows)?)
+        let report = serde_json::json!({"quality": rows, "sessions": sessions});
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -1,7 +1,9 @@
-//! The decoder's text translation model on a thread of its own, translating
-//! the captions of several sessions as one batched decode: requests that
-//! arrive while a batch runs wait for the next one, which takes them all
-//! (up to [`MAX_BATCH`] captions).
+//! The decoder's text translation model on a thread of its own. Captions
+//! are translated one after another, in arrival order: decoding several as
+//! one batch ([`Translator::translate_batch`]) measured slower on CPU than
+//! one by one (candle's quantised matrix product takes a different, slower
+//! kernel for several rows; see BENCHMARKS.md), so the thread takes the
+//! batch size [`MAX_BATCH`] of 1 until a backend batches faster.
 
 use std::sync::mpsc;
 
@@ -9,8 +11,8 @@ use nexus_models::qwen::prompt::Spec;
 use nexus_models::qwen::{Translated, Translator};
 use tokio::sync::oneshot;
 
-/// Captions one batched decode takes at most.
-pub const MAX_BATCH: usize = 8;
+/// Captions one decode takes at most.
+pub const MAX_BATCH: usize = 1;
 
 /// A caption to translate, owned so it can cross to the model's thread.
 #[derive(Debug, Clone)]
@@ -54,7 +56,7 @@ impl TranslationWorker {
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     let mut n = jobs[0].captions.len();
-                    while n < MAX_BATCH {
+                    while MAX_BATCH > 1 && n < MAX_BATCH {
                         match rx.try_recv() {
                             Ok(j) => {
                                 n += j.captions.len();
@@ -69,7 +71,7 @@ impl TranslationWorker {
         Ok(Self { tx })
     }
 
-    /// Translates `captions` (with whatever else is waiting, as one batch).
+    /// Translates `captions`, after the captions queued before them.
     pub async fn translate(&self, captions: Vec<Caption>) -> Result<Vec<Translated>, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -80,18 +82,31 @@ impl TranslationWorker {
     }
 }
 
+fn spec(c: &Caption) -> Spec<'_> {
+    Spec {
+        text: &c.text,
+        source: (!c.source.is_empty()).then_some(c.source.as_str()),
+        target: &c.target,
+        context: &c.context,
+        glossary: &c.glossary,
+    }
+}
+
 fn run_batch(model: &mut Translator, jobs: Vec<Job>) {
+    if MAX_BATCH == 1 {
+        for j in jobs {
+            let r = j
+                .captions
+                .iter()
+                .map(|c| model.translate(&spec(c)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string());
+            let _ = j.reply.send(r);
+        }
+        return;
+    }
     let all: Vec<&Caption> = jobs.iter().flat_map(|j| &j.captions).collect();
-    let specs: Vec<Spec<'_>> = all
-        .iter()
-        .map(|c| Spec {
-            text: &c.text,
-            source: (!c.source.is_empty()).then_some(c.source.as_str()),
-            target: &c.target,
-            context: &c.context,
-            glossary: &c.glossary,
-        })
-        .collect();
+    let specs: Vec<Spec<'_>> = all.iter().map(|c| spec(c)).collect();
     let t0 = std::time::Instant::now();
     let out = model.translate_batch(&specs);
     tracing::debug!(
@@ -116,15 +131,7 @@ fn run_batch(model: &mut Translator, jobs: Vec<Job>) {
                 let r = j
                     .captions
                     .iter()
-                    .map(|c| {
-                        model.translate(&Spec {
-                            text: &c.text,
-                            source: (!c.source.is_empty()).then_some(c.source.as_str()),
-                            target: &c.target,
-                            context: &c.context,
-                            glossary: &c.glossary,
-                        })
-                    })
+                    .map(|c| model.translate(&spec(c)))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string());
                 let _ = j.reply.send(r);

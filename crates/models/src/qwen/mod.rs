@@ -705,13 +705,10 @@ fn judge(spec: &prompt::Spec<'_>, output: &str) -> Option<Fault> {
     if let Some(f) = nexus_eval::translation::check(spec.text, output, source, spec.target) {
         return Some(Fault::Check(f));
     }
-    let lower_src = spec.text.to_lowercase();
     let lower_out = output.to_lowercase();
-    let dropped = spec.glossary.iter().map(|t| t.trim()).any(|t| {
-        !t.is_empty()
-            && lower_src.contains(&t.to_lowercase())
-            && !lower_out.contains(&t.to_lowercase())
-    });
+    let dropped = prompt::glossary_terms(spec)
+        .iter()
+        .any(|t| !lower_out.contains(&t.to_lowercase()));
     dropped.then_some(Fault::Glossary)
 }
 
@@ -739,4 +736,63 @@ fn clean(reply: &str, target: &str) -> String {
         }
     }
     line.trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec<'a>(text: &'a str, glossary: &'a [String]) -> prompt::Spec<'a> {
+        prompt::Spec {
+            text,
+            source: Some("en"),
+            target: "de",
+            context: &[],
+            glossary,
+        }
+    }
+
+    #[test]
+    fn outputs_are_judged_by_the_checks_and_the_glossary() {
+        let gl = vec!["Kubeflow".to_string(), "Helm".to_string()];
+        let s = spec("Can Priya deploy Kubeflow today?", &gl);
+        assert_eq!(judge(&s, "Kann Priya Kubeflow heute deployen?"), None);
+        // Helm is not in the caption: its absence is no fault.
+        assert_eq!(
+            judge(&s, "Kann Priya Kubeflow-Pipelines heute ausrollen?"),
+            None
+        );
+        assert_eq!(
+            judge(&s, "Kann Priya den Dienst heute ausrollen?"),
+            Some(Fault::Glossary)
+        );
+        assert_eq!(
+            judge(&s, "Ja, Priya kann Kubeflow heute deployen."),
+            Some(Fault::Check(nexus_eval::translation::Failure::Answered))
+        );
+        assert_eq!(Fault::Glossary.as_str(), "glossary");
+    }
+
+    #[test]
+    fn replies_are_cleaned_to_their_translation_line() {
+        assert_eq!(
+            clean("German: „Guten Morgen.“\nNote: formal.", "de"),
+            "Guten Morgen."
+        );
+        assert_eq!(clean("\n\"Hallo zusammen\"", "de"), "Hallo zusammen");
+        assert_eq!(clean("「早上好」", "zh"), "早上好");
+        assert_eq!(clean("Simplified Chinese: 早上好", "zh"), "早上好");
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_in_order() {
+        assert_eq!(
+            top_k(&[0.1, 0.5, -1.0, 0.7, 0.5], 3),
+            vec![(3, 0.7), (1, 0.5), (4, 0.5)]
+        );
+        let lp = log_softmax(&candle_core::Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap())
+            .unwrap();
+        let sum: f32 = lp.iter().map(|x| x.exp()).sum();
+        assert!((sum - 1.0).abs() < 1e-5);
+    }
 }

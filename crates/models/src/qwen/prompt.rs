@@ -149,15 +149,23 @@ fn context_lines(context: &[String]) -> Vec<&str> {
     out
 }
 
-fn extras(spec: &Spec<'_>) -> String {
-    let mut s = String::new();
-    let terms: Vec<&str> = spec
-        .glossary
+/// The glossary terms a caption's prompt carries and its output must keep:
+/// those its text holds (case aside), of at most [`MAX_TERM_CHARS`], the
+/// first [`MAX_GLOSSARY`].
+pub fn glossary_terms<'a>(spec: &Spec<'a>) -> Vec<&'a str> {
+    let text = spec.text.to_lowercase();
+    spec.glossary
         .iter()
         .map(|t| t.trim())
         .filter(|t| !t.is_empty() && t.chars().count() <= MAX_TERM_CHARS)
+        .filter(|t| text.contains(&t.to_lowercase()))
         .take(MAX_GLOSSARY)
-        .collect();
+        .collect()
+}
+
+fn extras(spec: &Spec<'_>) -> String {
+    let mut s = String::new();
+    let terms = glossary_terms(spec);
     if !terms.is_empty() {
         s.push_str(&format!(
             "\nKeep these names and terms exactly as written: {}.",
@@ -281,8 +289,18 @@ mod tests {
     #[test]
     fn chat_prompts_carry_examples_context_and_glossary() {
         let ctx: Vec<String> = (0..6).map(|i| format!("caption {i}")).collect();
-        let gl = vec!["Kubernetes".to_string(), " ".to_string()];
-        let Turns { turns: t, fixed } = turns(Style::Chat, &spec(&ctx, &gl));
+        let gl = vec![
+            "kubernetes".to_string(),
+            " ".to_string(),
+            "Helm".to_string(),
+        ];
+        let with_term = Spec {
+            text: "Can you hear me on Kubernetes?",
+            ..spec(&ctx, &gl)
+        };
+        // Only the terms the caption holds, as the glossary spells them.
+        assert_eq!(glossary_terms(&with_term), vec!["kubernetes"]);
+        let Turns { turns: t, fixed } = turns(Style::Chat, &with_term);
         assert_eq!(t[0].role, "system");
         assert!(t[0].content.contains("into German"));
         assert_eq!(t[1].content, "Can everyone see the chart on the left?");
@@ -293,7 +311,7 @@ mod tests {
         assert_eq!(t.len(), fixed + 2);
         let extras = &t[fixed].content;
         assert!(
-            extras.contains("exactly as written: Kubernetes."),
+            extras.contains("exactly as written: kubernetes."),
             "{extras}"
         );
         // The newest three captions, oldest first.
@@ -302,7 +320,7 @@ mod tests {
             "{extras}"
         );
         assert!(!extras.contains("caption 2"));
-        assert_eq!(t.last().unwrap().content, "Can you hear me?");
+        assert_eq!(t.last().unwrap().content, "Can you hear me on Kubernetes?");
         // Without context or glossary the caption follows the examples.
         let plain = turns(Style::Chat, &spec(&[], &[]));
         assert_eq!(plain.turns.len(), plain.fixed + 1);
