@@ -199,7 +199,7 @@ impl QwenLm {
             heads,
             kv_heads,
             head_dim,
-            eps: eps as f32,
+            eps,
             device: device.clone(),
         })
     }
