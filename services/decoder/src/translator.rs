@@ -92,17 +92,22 @@ fn spec(c: &Caption) -> Spec<'_> {
     }
 }
 
+/// Answers each job with its captions translated one after another.
+fn one_by_one(model: &mut Translator, jobs: Vec<Job>) {
+    for j in jobs {
+        let r = j
+            .captions
+            .iter()
+            .map(|c| model.translate(&spec(c)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string());
+        let _ = j.reply.send(r);
+    }
+}
+
 fn run_batch(model: &mut Translator, jobs: Vec<Job>) {
     if MAX_BATCH == 1 {
-        for j in jobs {
-            let r = j
-                .captions
-                .iter()
-                .map(|c| model.translate(&spec(c)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string());
-            let _ = j.reply.send(r);
-        }
+        one_by_one(model, jobs);
         return;
     }
     let all: Vec<&Caption> = jobs.iter().flat_map(|j| &j.captions).collect();
@@ -127,15 +132,7 @@ fn run_batch(model: &mut Translator, jobs: Vec<Job>) {
             // One bad caption (an unsupported target) must not fail the
             // others batched with it: each request runs again on its own.
             drop(specs);
-            for j in jobs {
-                let r = j
-                    .captions
-                    .iter()
-                    .map(|c| model.translate(&spec(c)))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string());
-                let _ = j.reply.send(r);
-            }
+            one_by_one(model, jobs);
             tracing::debug!(error = %e, "a batch failed; its requests ran one by one");
         }
     }

@@ -293,6 +293,24 @@ impl Translator {
         Ok(cache)
     }
 
+    /// Runs a ChatML conversation up to the assistant's reply: its first
+    /// `fixed` turns from the kept prefixes, the rest now. Returns the cache,
+    /// the next token's logits and how many positions are left for the reply.
+    fn prefill(
+        &mut self,
+        turns: &[prompt::Turn],
+        fixed: usize,
+    ) -> Result<(Cache, candle_core::Tensor, usize)> {
+        let fixed = fixed.min(turns.len());
+        let prefix = render(&turns[..fixed]);
+        let rest = format!("{}<|im_start|>assistant\n", render(&turns[fixed..]));
+        let mut cache = self.prefix_cache(&prefix)?;
+        let ids = self.encode(&rest)?;
+        let room = lm::MAX_POSITIONS.saturating_sub(cache.len() + ids.len());
+        let logits = self.model.forward(&ids, &mut cache)?;
+        Ok((cache, logits, room))
+    }
+
     /// Runs a ChatML conversation greedily and returns the assistant's
     /// reply and how many tokens it took. The first `fixed` turns' keys and
     /// values are kept and reused by later conversations that start with them.
@@ -302,13 +320,7 @@ impl Translator {
         fixed: usize,
         max_new_tokens: usize,
     ) -> Result<(String, usize)> {
-        let fixed = fixed.min(turns.len());
-        let prefix = render(&turns[..fixed]);
-        let rest = format!("{}<|im_start|>assistant\n", render(&turns[fixed..]));
-        let mut cache = self.prefix_cache(&prefix)?;
-        let ids = self.encode(&rest)?;
-        let room = lm::MAX_POSITIONS.saturating_sub(cache.len() + ids.len());
-        let mut logits = self.model.forward(&ids, &mut cache)?;
+        let (mut cache, mut logits, room) = self.prefill(turns, fixed)?;
         let mut out = Vec::new();
         for _ in 0..max_new_tokens.min(room) {
             let next = QwenLm::argmax(&logits)?;
@@ -395,13 +407,7 @@ impl Translator {
         max_new_tokens: usize,
     ) -> Result<(Vec<String>, usize)> {
         let beams = beams.clamp(1, MAX_BEAMS);
-        let fixed = fixed.min(turns.len());
-        let prefix = render(&turns[..fixed]);
-        let rest = format!("{}<|im_start|>assistant\n", render(&turns[fixed..]));
-        let mut cache = self.prefix_cache(&prefix)?;
-        let ids = self.encode(&rest)?;
-        let room = lm::MAX_POSITIONS.saturating_sub(cache.len() + ids.len());
-        let first = self.model.forward(&ids, &mut cache)?;
+        let (cache, first, room) = self.prefill(turns, fixed)?;
         // (tokens, summed log-probability, cache after all but the last token)
         let mut live: Vec<(Vec<u32>, f32, Cache)> = vec![(Vec::new(), 0.0, cache)];
         let mut logits = vec![log_softmax(&first)?];
@@ -476,13 +482,7 @@ impl Translator {
         }
         let mut seqs = Vec::with_capacity(prompts.len());
         for &(turns, fixed, max_new) in prompts {
-            let fixed = fixed.min(turns.len());
-            let prefix = render(&turns[..fixed]);
-            let rest = format!("{}<|im_start|>assistant\n", render(&turns[fixed..]));
-            let mut cache = self.prefix_cache(&prefix)?;
-            let ids = self.encode(&rest)?;
-            let room = lm::MAX_POSITIONS.saturating_sub(cache.len() + ids.len());
-            let logits = self.model.forward(&ids, &mut cache)?;
+            let (cache, logits, room) = self.prefill(turns, fixed)?;
             let next = QwenLm::argmax(&logits)?;
             let left = max_new.min(room);
             seqs.push(Seq {
