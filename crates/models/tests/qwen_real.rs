@@ -177,24 +177,20 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
     // The kernels round differently with more rows (see above): the same
     // leading tokens and a mean difference on the scale of that rounding,
     // where a wrong cache or position would move every logit by whole units.
-    let rounding = (&from_prefix - &full)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    for (i, alone) in [alone1, alone2].iter().enumerate() {
-        let batched = both.get(i).unwrap();
-        let mean = (&batched - alone)
+    let mean_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .mean_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
+            .unwrap()
+    };
+    let rounding = mean_diff(&from_prefix, &full);
+    for (i, alone) in [alone1, alone2].iter().enumerate() {
+        let batched = both.get(i).unwrap();
+        let mean = mean_diff(&batched, alone);
         assert!(
             mean < 2.0 * rounding + 0.01,
             "sequence {i} batched differs from alone by {mean} on average; rounding alone moves {rounding}"
