@@ -279,6 +279,16 @@ async fn openai_client_auth_limits_and_text_translation() {
             Code::InvalidArgument,
             "at most 4000",
         ),
+        (
+            // 4,000 characters, 16,000 bytes: as many tokens as bytes.
+            TranslateTextRequest {
+                texts: vec!["😀".repeat(4_000)],
+                target_language: "de".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "at most 12000 bytes",
+        ),
     ] {
         let e = tr
             .translate_text(with_key(req, Some("acme-key")))

@@ -207,6 +207,34 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
         assert_eq!(top3(&batched), top3(alone), "sequence {i}");
     }
     assert_eq!((c1.len(), c2.len()), (ids.len() + 1, split + 1));
+    // A prompt longer than one prefill piece runs in pieces and lands where
+    // candle's whole-prompt run does, within the same rounding.
+    let long: Vec<u32> = ids
+        .iter()
+        .cycle()
+        .take(nexus_models::qwen::lm::PREFILL_CHUNK + 7)
+        .copied()
+        .collect();
+    let mut lc = lm.new_cache();
+    let ours = lm.forward(&long, &mut lc).unwrap();
+    assert_eq!(lc.len(), long.len());
+    reference.clear_kv_cache();
+    let theirs = reference
+        .forward(
+            &Tensor::new(long.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            0,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let mean = mean_diff(&ours, &theirs);
+    assert!(
+        mean < 2.0 * rounding + 0.01,
+        "a prompt in pieces differs from candle's whole by {mean} on average; rounding alone moves {rounding}"
+    );
 }
 
 /// The captions users saw answered or left untranslated: on a fixed subset

@@ -19,6 +19,10 @@ use crate::{Ingest, invalid};
 pub(crate) const MAX_TEXTS: usize = 64;
 /// Characters one text may have.
 pub(crate) const MAX_CHARS: usize = 4_000;
+/// UTF-8 bytes one text may have: the model's byte-level tokens are at most
+/// one per byte, so this bounds the prompt (4,000 Chinese characters fit;
+/// 4,000 emoji do not).
+pub(crate) const MAX_BYTES: usize = 12_000;
 
 /// The Translation service of an ingest replica.
 pub struct TranslationService<B: Bus>(pub(crate) Ingest<B>);
@@ -54,6 +58,17 @@ impl<B: Bus> Ingest<B> {
             return Err(invalid(format!(
                 "texts[{i}] has {} characters; split it into pieces of at most {MAX_CHARS}",
                 t.chars().count()
+            )));
+        }
+        if let Some((i, t)) = r
+            .texts
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.len() > MAX_BYTES)
+        {
+            return Err(invalid(format!(
+                "texts[{i}] is {} bytes of UTF-8; split it into pieces of at most {MAX_BYTES} bytes",
+                t.len()
             )));
         }
         let target = r.target_language.trim().to_owned();

@@ -19,9 +19,15 @@ use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
 
-/// Positions a sequence may reach: prompts here are a few hundred tokens,
-/// and the rotary tables are sized to this.
-pub const MAX_POSITIONS: usize = 4_096;
+/// Positions a sequence may reach: the rotary tables are sized to this. A
+/// text translation request's longest text (its byte count bounds its
+/// tokens) plus the prompt fits.
+pub const MAX_POSITIONS: usize = 16_384;
+
+/// Tokens a prefill runs at once: longer prompts run in pieces, so the
+/// attention scores of one piece (heads × piece × positions) stay bounded
+/// whatever the prompt's length.
+pub const PREFILL_CHUNK: usize = 256;
 
 struct Block {
     attn_norm: Tensor,
@@ -287,6 +293,15 @@ impl QwenLm {
             return Err(ModelError::Input("no tokens to run".into()));
         }
         self.check_room(cache, ids.len())?;
+        let mut chunks = ids.chunks(PREFILL_CHUNK);
+        let last = chunks.next_back().unwrap_or(ids);
+        for c in chunks {
+            self.forward_piece(c, cache)?;
+        }
+        self.forward_piece(last, cache)
+    }
+
+    fn forward_piece(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
         if cache.kv.len() != self.blocks.len() {
             *cache = self.new_cache();
         }
