@@ -85,20 +85,20 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
             .to_scalar::<f32>()
             .unwrap()
     };
+    // candle's next-token logits after `ids` at `pos`.
+    let candle_logits = |m: &mut candle_transformers::models::quantized_qwen2::ModelWeights,
+                         ids: &[u32],
+                         pos: usize|
+     -> Tensor {
+        m.forward(&Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap(), pos)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+    };
     let lm = t.model();
     let mut cache = lm.new_cache();
     let ours = lm.forward(&ids, &mut cache).unwrap();
-    let theirs = reference
-        .forward(
-            &Tensor::new(ids.as_slice(), &dev)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            0,
-        )
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let theirs = candle_logits(&mut reference, &ids, 0);
     let d = max_diff(&ours, &theirs);
     assert!(d < 1e-2, "prefill logits differ by {d}");
     // Five greedy steps, each compared.
@@ -219,17 +219,7 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
     let ours = lm.forward(&long, &mut lc).unwrap();
     assert_eq!(lc.len(), long.len());
     reference.clear_kv_cache();
-    let theirs = reference
-        .forward(
-            &Tensor::new(long.as_slice(), &dev)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            0,
-        )
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let theirs = candle_logits(&mut reference, &long, 0);
     let mean = mean_diff(&ours, &theirs);
     assert!(
         mean < 2.0 * rounding + 0.01,
