@@ -120,6 +120,10 @@ async fn openai_client_auth_limits_and_text_translation() {
             keys.to_str().unwrap(),
             "--translation-model",
             TRANSLATOR,
+            // The test reads what is translated, not how fast: no time
+            // budget marks a caption on a machine busy with other tests.
+            "--translation-time-budget-ms",
+            "600000",
             "--max-audio-mb",
             "2",
             // Below a debug build's Qwen time per final: entries in

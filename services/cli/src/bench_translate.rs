@@ -295,11 +295,14 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     let file = crate::translate::resolve_gguf(&args.model, args.home.clone())?;
     let dev = candle_core::Device::Cpu;
     let t0 = Instant::now();
+    // Quality as the model gives it: no time budget cuts a retry short
+    // when the machine is busy.
     let mut t = if args.as_stored {
         Translator::load_as_stored(&file, &dev)?
     } else {
         Translator::load(&file, &dev)?
-    };
+    }
+    .with_time_budget(std::time::Duration::from_secs(3_600));
     let load_s = t0.elapsed().as_secs_f64();
     // One warm-up caption: first-call allocations are not the model's speed.
     t.translate_text("Good morning.", Some("en"), "de")?;

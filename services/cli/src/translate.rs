@@ -46,7 +46,8 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
     check_target(&args.to)?;
     let file = resolve_gguf(&args.model, args.home)?;
     let mut t = Translator::load(&file, &candle_core::Device::Cpu)?;
-    let out = t.translate(&nexus_models::qwen::prompt::Spec {
+    // Line by line and sentence by sentence: every line of the text comes back.
+    let out = t.translate_long(&nexus_models::qwen::prompt::Spec {
         text: &args.text,
         source: args.from.as_deref(),
         target: &args.to,

@@ -50,6 +50,16 @@ pub struct DecoderArgs {
     /// GGUF model for translation into languages Whisper cannot target; none when empty.
     #[arg(long, env = "NEXUS_TRANSLATION_MODEL", default_value = "")]
     pub translation_model: String,
+    /// Wall-clock time one caption's (or one piece of a text's) translation
+    /// may take, all its attempts together; past it the caption comes back
+    /// marked untranslated. At most 600,000.
+    #[arg(
+        long,
+        env = "NEXUS_TRANSLATION_TIME_BUDGET_MS",
+        default_value_t = 15_000,
+        value_parser = clap::value_parser!(u64).range(1..=600_000)
+    )]
+    pub translation_time_budget_ms: u64,
 }
 
 impl Default for DecoderArgs {
@@ -60,6 +70,7 @@ impl Default for DecoderArgs {
             result_ttl_s: 3_600,
             advertise_ttl_ms: 6_000,
             translation_model: String::new(),
+            translation_time_budget_ms: 15_000,
         }
     }
 }
@@ -87,13 +98,15 @@ impl DecoderStage {
     /// other stage of the process has) and `--translation-model`.
     pub async fn build(process: &Process, args: DecoderArgs) -> anyhow::Result<Self> {
         anyhow::ensure!(args.slots > 0, "--slots must be at least 1");
-        let (spec, home, device) = (
+        let (spec, home, device, budget) = (
             args.translation_model.clone(),
             process.home(),
             process.device().clone(),
+            Duration::from_millis(args.translation_time_budget_ms),
         );
         let translator =
-            tokio::task::spawn_blocking(move || load_translator(&spec, home, &device)).await??;
+            tokio::task::spawn_blocking(move || load_translator(&spec, home, &device, budget))
+                .await??;
         Ok(Self {
             cfg: DecoderConfig {
                 fleet: process.fleet("decoder")?,
@@ -127,13 +140,15 @@ fn load_translator(
     spec: &str,
     home: Option<std::path::PathBuf>,
     device: &candle_core::Device,
+    time_budget: Duration,
 ) -> anyhow::Result<Option<(String, TranslationWorker)>> {
     if spec.is_empty() {
         return Ok(None);
     }
     let file = nexus_fleet::models::resolve_gguf(spec, home)?;
-    let t =
-        Translator::load(&file, device).with_context(|| format!("loading {}", file.display()))?;
+    let t = Translator::load(&file, device)
+        .with_context(|| format!("loading {}", file.display()))?
+        .with_time_budget(time_budget);
     let worker = TranslationWorker::start(t).context("starting the translation thread")?;
     Ok(Some((spec.to_owned(), worker)))
 }
@@ -410,7 +425,7 @@ async fn serve_translations<B: Bus>(
                     glossary: Vec::new(),
                 })
                 .collect();
-            let out = tr.translate(captions).await;
+            let out = tr.translate(captions, translator::Priority::Text).await;
             let mut done = TranslateDone {
                 envelope: Some(Envelope {
                     emitted_unix_ms: now_unix_ms(),
@@ -621,7 +636,7 @@ async fn translate(
             context.push(text.clone());
         }
         let out = tr
-            .translate(captions)
+            .translate(captions, translator::Priority::Live)
             .await
             .map_err(|e| format!("translation failed: {e}"))?;
         failures = out

@@ -1,12 +1,23 @@
-//! The decoder's text translation model on a thread of its own. Captions
-//! are translated one after another, in arrival order: decoding several as
-//! one batch (`Translator::translate_batch`) measured slower on CPU than one
-//! by one (candle's quantised matrix product takes a different, slower
-//! kernel for several rows; see BENCHMARKS.md, "Text translation"), so the
-//! thread does not batch.
+//! The decoder's text translation model on a thread of its own.
+//!
+//! Two queues share it. Live captions (finals of sessions that translate)
+//! come first, each job whole and in arrival order. Texts (TranslateText)
+//! go piece by piece: a text is cut into lines and sentences
+//! ([`nexus_models::qwen::pieces`]), each piece translated with the ones
+//! before it as context, and the thread looks for live captions between
+//! two pieces, so a long text delays a live caption by one piece at most.
+//! Every caption and piece is bounded in reply tokens and in time
+//! ([`Translator::with_time_budget`]).
+//!
+//! Captions are not batched: decoding several as one batch
+//! (`Translator::translate_batch`) measured slower on CPU than one by one
+//! (candle's quantised matrix product takes a different, slower kernel for
+//! several rows; see BENCHMARKS.md, "Text translation").
 
+use std::collections::VecDeque;
 use std::sync::mpsc;
 
+use nexus_models::qwen::pieces::LongText;
 use nexus_models::qwen::prompt::Spec;
 use nexus_models::qwen::{Translated, Translator};
 use tokio::sync::oneshot;
@@ -26,9 +37,33 @@ pub struct Caption {
     pub glossary: Vec<String>,
 }
 
+impl Caption {
+    fn spec(&self) -> Spec<'_> {
+        Spec {
+            text: &self.text,
+            source: (!self.source.is_empty()).then_some(self.source.as_str()),
+            target: &self.target,
+            context: &self.context,
+            glossary: &self.glossary,
+        }
+    }
+}
+
+/// Which queue a job waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Captions of live sessions: translated whole, before any text.
+    Live,
+    /// Texts: translated piece by piece, live captions taken in between.
+    Text,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Translated>, String>>;
+
 struct Job {
     captions: Vec<Caption>,
-    reply: oneshot::Sender<Result<Vec<Translated>, String>>,
+    priority: Priority,
+    reply: Reply,
 }
 
 /// A handle to the translation thread; cloning shares it.
@@ -50,39 +85,194 @@ impl TranslationWorker {
         std::thread::Builder::new()
             .name("decoder-translator".into())
             .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    answer(&mut model, job);
+                let mut live: VecDeque<Job> = VecDeque::new();
+                let mut texts: VecDeque<TextJob> = VecDeque::new();
+                loop {
+                    if live.is_empty() && texts.is_empty() {
+                        match rx.recv() {
+                            Ok(job) => queue(job, &mut live, &mut texts),
+                            Err(_) => break,
+                        }
+                    }
+                    while let Ok(job) = rx.try_recv() {
+                        queue(job, &mut live, &mut texts);
+                    }
+                    if let Some(job) = live.pop_front() {
+                        answer(&mut model, job);
+                    } else if let Some(t) = texts.front_mut()
+                        && t.step(&mut model)
+                        && let Some(t) = texts.pop_front()
+                    {
+                        t.finish();
+                    }
                 }
             })?;
         Ok(Self { tx })
     }
 
-    /// Translates `captions`, after the captions queued before them.
-    pub async fn translate(&self, captions: Vec<Caption>) -> Result<Vec<Translated>, String> {
+    /// Translates `captions`: live ones after the live captions queued
+    /// before them; texts after the texts queued before them, with live
+    /// captions going first between their pieces.
+    pub async fn translate(
+        &self,
+        captions: Vec<Caption>,
+        priority: Priority,
+    ) -> Result<Vec<Translated>, String> {
+        self.submit(captions, priority)?
+            .await
+            .map_err(|_| "the translation thread stopped".to_owned())?
+    }
+
+    /// Queues `captions` now; the answer comes on the receiver.
+    pub fn submit(
+        &self,
+        captions: Vec<Caption>,
+        priority: Priority,
+    ) -> Result<oneshot::Receiver<Result<Vec<Translated>, String>>, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { captions, reply })
+            .send(Job {
+                captions,
+                priority,
+                reply,
+            })
             .map_err(|_| "the translation thread stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the translation thread stopped".to_owned())?
+        Ok(rx)
     }
 }
 
-/// Answers a job with its captions translated one after another.
+fn queue(job: Job, live: &mut VecDeque<Job>, texts: &mut VecDeque<TextJob>) {
+    match job.priority {
+        Priority::Live => live.push_back(job),
+        Priority::Text => texts.push_back(TextJob::new(job)),
+    }
+}
+
+/// Answers a live job with its captions translated one after another
+/// (none when nobody waits for the answer any more).
 fn answer(model: &mut Translator, job: Job) {
+    if job.reply.is_closed() {
+        return;
+    }
     let r = job
         .captions
         .iter()
-        .map(|c| {
-            model.translate(&Spec {
-                text: &c.text,
-                source: (!c.source.is_empty()).then_some(c.source.as_str()),
-                target: &c.target,
-                context: &c.context,
-                glossary: &c.glossary,
-            })
-        })
+        .map(|c| model.translate(&c.spec()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string());
     let _ = job.reply.send(r);
+}
+
+/// A text job in progress: its texts one after another, each in pieces.
+struct TextJob {
+    captions: Vec<Caption>,
+    reply: Reply,
+    done: Vec<Translated>,
+    current: Option<LongText>,
+    error: Option<String>,
+}
+
+impl TextJob {
+    fn new(job: Job) -> Self {
+        Self {
+            captions: job.captions,
+            reply: job.reply,
+            done: Vec::new(),
+            current: None,
+            error: None,
+        }
+    }
+
+    /// Translates the next piece; true when the job is done, failed, or
+    /// abandoned because nobody waits for its answer.
+    fn step(&mut self, model: &mut Translator) -> bool {
+        if self.error.is_some() || self.reply.is_closed() {
+            return true;
+        }
+        let Some(caption) = self.captions.get(self.done.len()) else {
+            return true;
+        };
+        let long = self
+            .current
+            .get_or_insert_with(|| LongText::new(&caption.spec()));
+        match long.step(model) {
+            Ok(Some(t)) => {
+                self.done.push(t);
+                self.current = None;
+            }
+            Ok(None) => {}
+            Err(e) => self.error = Some(e.to_string()),
+        }
+        self.error.is_some() || self.done.len() == self.captions.len()
+    }
+
+    fn finish(self) {
+        let r = match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.done),
+        };
+        let _ = self.reply.send(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caption(text: &str) -> Caption {
+        Caption {
+            text: text.to_owned(),
+            source: "en".into(),
+            target: "de".into(),
+            context: Vec::new(),
+            glossary: Vec::new(),
+        }
+    }
+
+    /// A text of several lines and sentences is translated piece by piece,
+    /// its lines kept, and a live caption sent after it is answered before
+    /// the text is done.
+    #[tokio::test]
+    #[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
+    async fn a_live_caption_goes_between_the_pieces_of_a_long_text() {
+        let gguf = nexus_fleet::models::resolve_gguf("qwen2.5-0.5b-instruct", None)
+            .expect("nexus models pull qwen2.5-0.5b-instruct");
+        // Order and lines, not speed: no time budget on a busy machine.
+        let model = Translator::load(&gguf, &candle_core::Device::Cpu)
+            .expect("nexus models pull qwen2.5-0.5b-instruct")
+            .with_time_budget(std::time::Duration::from_secs(3_600));
+        let worker = TranslationWorker::start(model).unwrap();
+        let long = "The meeting starts at nine. The room is on the second floor.\n\nWe will talk about the budget.\nLunch is at noon.";
+        let mut text = worker
+            .submit(vec![caption(long), caption("")], Priority::Text)
+            .unwrap();
+        let live = worker
+            .translate(vec![caption("Can you hear me?")], Priority::Live)
+            .await
+            .unwrap();
+        assert!(
+            matches!(text.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "the text was done before the live caption"
+        );
+        assert_eq!(live.len(), 1);
+        assert!(live[0].text.ends_with('?'), "{:?}", live[0].text);
+        let out = text.await.unwrap().unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].failure, None, "{out:?}");
+        // Every line translated, the blank one kept.
+        let lines: Vec<&str> = out[0].text.split('\n').collect();
+        let sources: Vec<&str> = long.split('\n').collect();
+        assert_eq!(lines.len(), sources.len(), "{:?}", out[0].text);
+        assert!(lines[1].is_empty(), "{:?}", out[0].text);
+        for (l, s) in lines.iter().zip(&sources).filter(|(_, s)| !s.is_empty()) {
+            assert!(!l.is_empty() && l != s, "{l:?} for {s:?}");
+        }
+        assert_eq!(
+            nexus_eval::langid::identify(&out[0].text),
+            Some("de"),
+            "{:?}",
+            out[0].text
+        );
+        assert_eq!((out[1].text.as_str(), out[1].failure), ("", None));
+    }
 }

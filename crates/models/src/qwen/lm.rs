@@ -289,11 +289,22 @@ impl QwenLm {
     /// Runs `ids` after what `cache` holds and returns the logits of the
     /// last position (`[vocab]`).
     pub fn forward(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        self.forward_in_pieces(ids, cache, PREFILL_CHUNK)
+    }
+
+    /// [`Self::forward`] with the prompt run in pieces of `piece` tokens
+    /// (at least 1): the same logits as one whole run, within rounding.
+    pub fn forward_in_pieces(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache,
+        piece: usize,
+    ) -> Result<Tensor> {
         if ids.is_empty() {
             return Err(ModelError::Input("no tokens to run".into()));
         }
         self.check_room(cache, ids.len())?;
-        let mut chunks = ids.chunks(PREFILL_CHUNK);
+        let mut chunks = ids.chunks(piece.max(1));
         let last = chunks.next_back().unwrap_or(ids);
         for c in chunks {
             self.forward_piece(c, cache)?;

@@ -7,7 +7,8 @@
 use std::io::{Read, Seek};
 use std::path::Path;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
@@ -20,6 +21,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use crate::error::{ModelError, Result};
 
 pub mod lm;
+pub mod pieces;
 pub mod prompt;
 
 pub use lm::{Cache, QwenLm};
@@ -27,12 +29,20 @@ pub use lm::{Cache, QwenLm};
 /// Qwen2's pre-tokenisation regex (from its tokenizer configuration).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Block formats whose CPU dot product has no SIMD kernel in candle: a
-/// Q5_0 matrix-vector product runs several times slower than a Q8_0 one.
-const SLOW_BLOCKS: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+/// Block formats whose CPU matrix-vector product in candle is several times
+/// slower than Q8_0's (AVX2 build): one row through Qwen2.5-0.5B's
+/// `ffn_up` (Q5_0, no SIMD kernel) takes 4.5 ms against 0.41 ms as Q8_0,
+/// its `ffn_down` (Q6_K) 1.30 against 0.29 ms. Requantised at load, a
+/// reply's token takes about two thirds of the time.
+const SLOW_BLOCKS: [GgmlDType; 4] = [
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q6K,
+];
 
 /// The GGUF rewritten in memory with its [`SLOW_BLOCKS`] tensors requantised
-/// to Q8_0 (8 bits per weight; finer than the 4–5 it replaces, so the
+/// to Q8_0 (8 bits per weight; finer than the 4–6 it replaces, so the
 /// weights change by well under one step of their original grid), or `None`
 /// when it holds none.
 fn requantized<R: Read + Seek>(
@@ -71,7 +81,7 @@ fn requantized<R: Read + Seek>(
     tracing::info!(
         tensors = changed,
         took_ms = t0.elapsed().as_millis() as u64,
-        "requantised Q4_1/Q5_0/Q5_1 tensors to Q8_0 for the CPU's SIMD kernels"
+        "requantised Q4_1/Q5_0/Q5_1/Q6_K tensors to Q8_0 for the CPU's SIMD kernels"
     );
     Ok(Some(out.into_inner()))
 }
@@ -172,9 +182,57 @@ pub struct Translator {
     model: QwenLm,
     tokenizer: Tokenizer,
     stop: Vec<u32>,
+    /// Tokens whose text holds a line break.
+    newline: HashSet<u32>,
+    /// Wall-clock time one caption's translation may take, all attempts.
+    time_budget: Duration,
     /// Keys and values of prompt prefixes seen (instruction and examples of
     /// a language pair and framing), by their text.
     prefixes: HashMap<String, Cache>,
+}
+
+/// Tokens one reply may take at most, whatever the source's length: a
+/// caption (or a piece of a long text, see [`pieces`]) translates in far
+/// fewer; a reply that runs on repeats itself.
+pub const MAX_REPLY_TOKENS: usize = 384;
+
+/// Tokens a reply to a source of `source_tokens` may take.
+pub fn reply_budget(source_tokens: usize) -> usize {
+    (source_tokens * 3 + 32).min(MAX_REPLY_TOKENS)
+}
+
+/// Wall-clock time one caption's translation may take by default, over
+/// all its attempts: past it the reply in progress ends and the caption is
+/// judged on what came, so no caption holds the translation thread for
+/// long (see [`Translator::with_time_budget`]).
+pub const DEFAULT_TIME_BUDGET: Duration = Duration::from_secs(15);
+
+/// When a reply ends, besides the model's end-of-turn tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Until {
+    /// Tokens generated at most.
+    pub tokens: usize,
+    /// End at the first line break after some text: a caption's
+    /// translation is the first line of the reply, and what a model adds
+    /// after it is commentary, not worth decoding.
+    pub one_line: bool,
+    /// End by this time, whatever else.
+    pub deadline: Option<Instant>,
+}
+
+impl Until {
+    /// At most `tokens` tokens, any number of lines, no deadline.
+    pub fn tokens(tokens: usize) -> Self {
+        Self {
+            tokens,
+            one_line: false,
+            deadline: None,
+        }
+    }
+
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
 }
 
 /// Prompt prefixes whose keys and values are kept (about 10 MB each for
@@ -253,12 +311,43 @@ impl Translator {
             .iter()
             .filter_map(|t| tokenizer.token_to_id(t))
             .collect();
+        // Byte-level BPE writes the line feed byte as 'Ċ'.
+        let newline = tokenizer
+            .get_vocab(true)
+            .into_iter()
+            .filter(|(t, _)| t.contains('Ċ') || t.contains('\n'))
+            .map(|(_, id)| id)
+            .collect();
         Ok(Self {
             model,
             tokenizer,
             stop,
+            newline,
+            time_budget: DEFAULT_TIME_BUDGET,
             prefixes: HashMap::new(),
         })
+    }
+
+    /// Sets the wall-clock time one caption's translation may take (see
+    /// [`DEFAULT_TIME_BUDGET`]).
+    pub fn with_time_budget(mut self, budget: Duration) -> Self {
+        self.time_budget = budget;
+        self
+    }
+
+    /// Whether `out`, the reply so far ending in a line-break token, has
+    /// finished its first non-empty line.
+    fn line_done(&self, out: &[u32]) -> Result<bool> {
+        let text = self
+            .tokenizer
+            .decode(out, true)
+            .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))?;
+        Ok(text.trim_start().contains('\n'))
+    }
+
+    /// Whether a reply `out` whose last token is `last` ends under `until`.
+    fn ends(&self, out: &[u32], last: u32, until: &Until) -> Result<bool> {
+        Ok(until.one_line && self.newline.contains(&last) && self.line_done(out)?)
     }
 
     /// The model.
@@ -318,16 +407,19 @@ impl Translator {
         &mut self,
         turns: &[prompt::Turn],
         fixed: usize,
-        max_new_tokens: usize,
+        until: Until,
     ) -> Result<(String, usize)> {
         let (mut cache, mut logits, room) = self.prefill(turns, fixed)?;
         let mut out = Vec::new();
-        for _ in 0..max_new_tokens.min(room) {
+        for _ in 0..until.tokens.min(room) {
             let next = QwenLm::argmax(&logits)?;
             if self.stop.contains(&next) {
                 break;
             }
             out.push(next);
+            if self.ends(&out, next, &until)? || until.expired() {
+                break;
+            }
             logits = self.model.forward(&[next], &mut cache)?;
         }
         let text = self
@@ -350,7 +442,7 @@ impl Translator {
                 content: user.to_owned(),
             },
         ];
-        Ok(self.chat_turns(&turns, 1, max_new_tokens)?.0)
+        Ok(self.chat_turns(&turns, 1, Until::tokens(max_new_tokens))?.0)
     }
 
     /// One attempt at a translation in the given framing, its output as the
@@ -361,6 +453,16 @@ impl Translator {
         style: prompt::Style,
         spec: &prompt::Spec<'_>,
     ) -> Result<(String, usize)> {
+        self.attempt_until(style, spec, None)
+    }
+
+    /// [`Self::attempt`], ended by `deadline`.
+    fn attempt_until(
+        &mut self,
+        style: prompt::Style,
+        spec: &prompt::Spec<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<(String, usize)> {
         if language_name(spec.target).is_none() {
             return Err(ModelError::Input(format!(
                 "target language {:?} is not supported for translation",
@@ -370,14 +472,32 @@ impl Translator {
         if spec.text.trim().is_empty() {
             return Ok((String::new(), 0));
         }
-        let budget = self.encode(spec.text)?.len() * 3 + 32;
+        let until = Until {
+            tokens: reply_budget(self.encode(spec.text)?.len()),
+            // The plain framing's reply is taken whole (the baseline).
+            one_line: style != prompt::Style::Plain,
+            deadline,
+        };
         let t = prompt::turns(style, spec);
-        let (text, tokens) = self.chat_turns(&t.turns, t.fixed, budget)?;
+        let (text, tokens) = self.chat_turns(&t.turns, t.fixed, until)?;
         let text = match style {
             prompt::Style::Plain => text,
             _ => clean(&text, spec.target),
         };
         Ok((text, tokens))
+    }
+
+    /// Translates a text of any length: cut into lines and sentences
+    /// ([`pieces::split`]), each translated as a caption with the ones
+    /// before it as context, joined back with the source's line breaks.
+    /// Fails (empty text, the failure named) when a piece fails.
+    pub fn translate_long(&mut self, spec: &prompt::Spec<'_>) -> Result<Translated> {
+        let mut long = pieces::LongText::new(spec);
+        loop {
+            if let Some(t) = long.step(self)? {
+                return Ok(t);
+            }
+        }
     }
 
     /// Translates one text with no context or glossary (see [`Self::translate`]).
@@ -404,9 +524,10 @@ impl Translator {
         turns: &[prompt::Turn],
         fixed: usize,
         beams: usize,
-        max_new_tokens: usize,
+        until: Until,
     ) -> Result<(Vec<String>, usize)> {
         let beams = beams.clamp(1, MAX_BEAMS);
+        let max_new_tokens = until.tokens;
         let (cache, first, room) = self.prefill(turns, fixed)?;
         // (tokens, summed log-probability, cache after all but the last token)
         let mut live: Vec<(Vec<u32>, f32, Cache)> = vec![(Vec::new(), 0.0, cache)];
@@ -432,9 +553,17 @@ impl Translator {
                     continue;
                 }
                 toks.push(tok);
+                if self.ends(&toks, tok, &until)? {
+                    done.push((toks, score));
+                    continue;
+                }
                 next.push((toks, score, live[i].2.clone()));
             }
-            if next.is_empty() || done.len() >= beams || step + 1 == max_new_tokens.min(room) {
+            if next.is_empty()
+                || done.len() >= beams
+                || step + 1 == max_new_tokens.min(room)
+                || until.expired()
+            {
                 done.extend(next.into_iter().map(|(t, s, _)| (t, s)));
                 break;
             }
@@ -471,25 +600,27 @@ impl Translator {
     /// unfinished reply takes its next token in one batched step.
     pub fn chat_batch(
         &mut self,
-        prompts: &[(&[prompt::Turn], usize, usize)],
+        prompts: &[(&[prompt::Turn], usize, Until)],
     ) -> Result<Vec<(String, usize)>> {
         struct Seq {
             cache: Cache,
             out: Vec<u32>,
             next: u32,
             left: usize,
+            until: Until,
             done: bool,
         }
         let mut seqs = Vec::with_capacity(prompts.len());
-        for &(turns, fixed, max_new) in prompts {
+        for &(turns, fixed, until) in prompts {
             let (cache, logits, room) = self.prefill(turns, fixed)?;
             let next = QwenLm::argmax(&logits)?;
-            let left = max_new.min(room);
+            let left = until.tokens.min(room);
             seqs.push(Seq {
                 cache,
                 out: Vec::new(),
                 next,
                 left,
+                until,
                 done: left == 0 || self.stop.contains(&next),
             });
         }
@@ -498,11 +629,20 @@ impl Translator {
             if active.is_empty() {
                 break;
             }
-            let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
             for s in active.iter_mut() {
                 s.out.push(s.next);
                 s.left -= 1;
             }
+            for s in active.iter_mut() {
+                if self.ends(&s.out, s.next, &s.until)? || s.until.expired() {
+                    s.done = true;
+                }
+            }
+            active.retain(|s| !s.done);
+            if active.is_empty() {
+                break;
+            }
+            let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
             let mut caches: Vec<&mut Cache> = active.iter_mut().map(|s| &mut s.cache).collect();
             let logits = self.model.step_batch(&tokens, &mut caches)?;
             for (i, s) in active.into_iter().enumerate() {
@@ -535,10 +675,14 @@ impl Translator {
                 )));
             }
             let t = prompt::turns(prompt::Style::Chat, spec);
-            let budget = self.encode(spec.text)?.len() * 3 + 32;
-            prompts.push((t, budget));
+            let until = Until {
+                tokens: reply_budget(self.encode(spec.text)?.len()),
+                one_line: true,
+                deadline: None,
+            };
+            prompts.push((t, until));
         }
-        let refs: Vec<(&[prompt::Turn], usize, usize)> = prompts
+        let refs: Vec<(&[prompt::Turn], usize, Until)> = prompts
             .iter()
             .zip(specs)
             .filter(|(_, s)| !s.text.trim().is_empty())
@@ -563,7 +707,8 @@ impl Translator {
                     tokens,
                 });
             } else {
-                let mut r = self.translate_retries(spec, &text)?;
+                let deadline = Instant::now() + self.time_budget;
+                let mut r = self.translate_retries(spec, &text, deadline)?;
                 r.tokens += tokens;
                 out.push(r);
             }
@@ -593,17 +738,24 @@ impl Translator {
             attempts,
             tokens,
         };
-        let (text, tokens) = self.attempt(prompt::Style::Chat, spec)?;
+        let deadline = Instant::now() + self.time_budget;
+        let (text, tokens) = self.attempt_until(prompt::Style::Chat, spec, Some(deadline))?;
         if judge(spec, &text).is_none() {
             return Ok(ok(text, 1, tokens));
         }
-        let mut r = self.translate_retries(spec, &text)?;
+        let mut r = self.translate_retries(spec, &text, deadline)?;
         r.tokens += tokens;
         Ok(r)
     }
 
-    /// The retries after a first output `first` failed its checks.
-    fn translate_retries(&mut self, spec: &prompt::Spec<'_>, first: &str) -> Result<Translated> {
+    /// The retries after a first output `first` failed its checks, each
+    /// begun only before `deadline` and ended by it.
+    fn translate_retries(
+        &mut self,
+        spec: &prompt::Spec<'_>,
+        first: &str,
+        deadline: Instant,
+    ) -> Result<Translated> {
         let ok = |text: String, attempts: u32, tokens: usize| Translated {
             text,
             failure: None,
@@ -612,9 +764,25 @@ impl Translator {
         };
         let mut failure = judge(spec, first);
         tracing::debug!(output = %first, failure = ?failure, "greedy translation failed its checks");
+        let gave_up = |failure: Option<Fault>, attempts: u32, tokens: usize| {
+            tracing::debug!(failure = ?failure, attempts, "translation out of time");
+            Translated {
+                text: String::new(),
+                failure: failure.map(|f| f.as_str()),
+                attempts,
+                tokens,
+            }
+        };
+        if Instant::now() >= deadline {
+            return Ok(gave_up(failure, 1, 0));
+        }
         let t = prompt::turns(prompt::Style::Chat, spec);
-        let budget = self.encode(spec.text)?.len() * 3 + 32;
-        let (candidates, mut tokens) = self.chat_beams(&t.turns, t.fixed, RETRY_BEAMS, budget)?;
+        let until = Until {
+            tokens: reply_budget(self.encode(spec.text)?.len()),
+            one_line: true,
+            deadline: Some(deadline),
+        };
+        let (candidates, mut tokens) = self.chat_beams(&t.turns, t.fixed, RETRY_BEAMS, until)?;
         for c in candidates {
             let c = clean(&c, spec.target);
             match judge(spec, &c) {
@@ -624,7 +792,10 @@ impl Translator {
                 }
             }
         }
-        let (text, n) = self.attempt(prompt::Style::Strict, spec)?;
+        if Instant::now() >= deadline {
+            return Ok(gave_up(failure, 2, tokens));
+        }
+        let (text, n) = self.attempt_until(prompt::Style::Strict, spec, Some(deadline))?;
         tokens += n;
         match judge(spec, &text) {
             None => return Ok(ok(text, 3, tokens)),
@@ -782,6 +953,13 @@ mod tests {
         assert_eq!(clean("\n\"Hallo zusammen\"", "de"), "Hallo zusammen");
         assert_eq!(clean("「早上好」", "zh"), "早上好");
         assert_eq!(clean("Simplified Chinese: 早上好", "zh"), "早上好");
+    }
+
+    #[test]
+    fn replies_are_budgeted_by_source_length_up_to_a_cap() {
+        assert_eq!(reply_budget(0), 32);
+        assert_eq!(reply_budget(10), 62);
+        assert_eq!(reply_budget(100_000), MAX_REPLY_TOKENS);
     }
 
     #[test]
