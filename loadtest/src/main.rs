@@ -3,7 +3,9 @@
 //! with starts spread over a ramp-up, and reports per level: final-caption
 //! latency after the endpoint and interim latency (p50/p95/p99), WER against
 //! the clips' references, errors by gRPC code, and the model time per second
-//! of audio (real-time factor) read from the services' `/metrics`. The
+//! of audio (real-time factor) read from the services' `/metrics`. A
+//! scenario with `translate_to` has every final translated (its latency then
+//! includes the translation) and counts finals that came untranslated. The
 //! largest level that keeps the scenario's budgets (final p95, and where set
 //! interim p95 and WER against the first level) without errors is the
 //! sustainable concurrency; the first one that does not is the break.
@@ -57,12 +59,49 @@ struct Scenario {
     /// WER points a level may lose against the first level's.
     #[serde(default)]
     wer_margin_points: Option<f64>,
+    /// Also run each level with every final translated into this language
+    /// (ISO 639-1), right after the same level untranslated: final
+    /// latencies then include the translation, as a translated caption
+    /// reaches its viewer.
+    #[serde(default)]
+    translate_to: Option<String>,
+    /// The text translation model started with `--spawn` when translating.
+    #[serde(default = "default_translation_model")]
+    translation_model: String,
+}
+
+fn default_translation_model() -> String {
+    "qwen2.5-0.5b-instruct".into()
 }
 
 impl Scenario {
     /// The interim p95 budget, where interims are asked for.
     fn interim_budget(&self) -> Option<f64> {
         self.interim_budget_ms.filter(|_| self.interim_ms > 0)
+    }
+
+    /// What each session asks for, translating into `translate_to`.
+    fn ask(&self, translate_to: Option<&str>) -> session::Ask {
+        session::Ask {
+            model: self.model.clone(),
+            language: self.language.clone(),
+            interim_ms: self.interim_ms,
+            translate_to: translate_to.map(str::to_owned),
+        }
+    }
+
+    /// The runs of each level: untranslated, then translated when asked.
+    fn translations(&self) -> Vec<Option<&str>> {
+        let mut v = vec![None];
+        v.extend(self.translate_to.as_deref().map(Some));
+        v
+    }
+
+    /// The translation model to start with the target, when translating.
+    fn spawned_translation(&self) -> Option<&str> {
+        self.translate_to
+            .as_ref()
+            .map(|_| self.translation_model.as_str())
     }
 }
 
@@ -161,6 +200,9 @@ struct Level {
     /// The protocol the sessions spoke.
     #[serde(default = "grpc")]
     protocol: Protocol,
+    /// The language finals were translated into, when they were.
+    #[serde(default)]
+    translate_to: Option<String>,
     streams: usize,
     final_after_endpoint_ms: Latency,
     /// From the capture of the utterance's last sample to its final: the
@@ -174,6 +216,10 @@ struct Level {
     #[serde(default)]
     interims_per_s: f64,
     wer: f64,
+    /// Finals that asked for a translation and came without one (marked
+    /// untranslated, or none at all).
+    #[serde(default)]
+    untranslated: usize,
     audio_s: f64,
     /// Encoder and decoder model seconds per second of audio (when readable).
     rtf_encoder: Option<f64>,
@@ -205,10 +251,12 @@ struct Report {
     by_protocol: Vec<Capacity>,
 }
 
-/// What one protocol sustained.
+/// What one protocol sustained (translating, or not).
 #[derive(Debug, Serialize, Deserialize)]
 struct Capacity {
     protocol: Protocol,
+    #[serde(default)]
+    translate_to: Option<String>,
     sustainable_streams: usize,
     breaks_at: Option<String>,
 }
@@ -252,15 +300,11 @@ async fn warm_up(to: session::Endpoint, s: &Scenario, clip: &Clip) -> anyhow::Re
     };
     loop {
         let p = Program::new(std::slice::from_ref(&short), 0, 0.0);
-        let o = session::run(
-            to,
-            s.model.clone(),
-            s.language.clone(),
-            0,
-            p,
-            Duration::ZERO,
-        )
-        .await;
+        let ask = session::Ask {
+            interim_ms: 0,
+            ..s.ask(None)
+        };
+        let o = session::run(to, ask, p, Duration::ZERO).await;
         if o.error.is_none() && !o.final_ms.is_empty() {
             return Ok(());
         }
@@ -274,9 +318,11 @@ async fn warm_up(to: session::Endpoint, s: &Scenario, clip: &Clip) -> anyhow::Re
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn level(
     to: session::Endpoint,
     protocol: Protocol,
+    translate_to: Option<&str>,
     admin: &[SocketAddr],
     s: &Scenario,
     clips: &[Clip],
@@ -288,19 +334,13 @@ async fn level(
     for i in 0..n {
         let program = Program::new(clips, i, s.duration_s);
         let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / n as f64);
-        tasks.spawn(session::run(
-            to,
-            s.model.clone(),
-            s.language.clone(),
-            s.interim_ms,
-            program,
-            lead,
-        ));
+        tasks.spawn(session::run(to, s.ask(translate_to), program, lead));
     }
     let (mut finals, mut interims, mut errors) =
         (Vec::new(), Vec::new(), std::collections::BTreeMap::new());
     let mut wer = nexus_eval::ErrorCounts::default();
     let mut audio_s = 0.0;
+    let mut untranslated = 0;
     let mut after_audio = Vec::new();
     while let Some(r) = tasks.join_next().await {
         let o = match r {
@@ -315,6 +355,7 @@ async fn level(
             *errors.entry(code).or_insert(0) += 1;
             continue;
         }
+        untranslated += o.untranslated;
         finals.extend(o.final_ms);
         after_audio.extend(o.final_after_audio_ms);
         interims.extend(o.interim_ms);
@@ -330,12 +371,14 @@ async fn level(
     let final_lat = Latency::of(finals);
     let mut l = Level {
         protocol,
+        translate_to: translate_to.map(str::to_owned),
         streams: n,
         final_after_endpoint_ms: final_lat,
         final_after_audio_ms: Latency::of(after_audio),
         interim_ms: Latency::of(interims),
         interims_per_s,
         wer: wer.rate(),
+        untranslated,
         audio_s,
         rtf_encoder: rate(before.0, after.0),
         rtf_decoder: rate(before.1, after.1),
@@ -390,9 +433,12 @@ fn print_level(l: &Level) {
     let i = &l.interim_ms;
     let rtf = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
     println!(
-        "{:>7} | {:>9} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.2} | {:>5.1}% | {:>6} {:>6} | {:>5} | {}",
+        "{:>7} | {:>12} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.2} | {:>5.1}% | {:>5} | {:>6} {:>6} | {:>5} | {}",
         l.streams,
-        l.protocol.name(),
+        match &l.translate_to {
+            Some(t) => format!("{}+{t}", l.protocol.name()),
+            None => l.protocol.name().to_owned(),
+        },
         f.p50,
         f.p95,
         f.p99,
@@ -401,6 +447,7 @@ fn print_level(l: &Level) {
         i.p99,
         l.interims_per_s,
         l.wer * 100.0,
+        l.untranslated,
         rtf(l.rtf_encoder),
         rtf(l.rtf_decoder),
         if l.within_budget { "yes" } else { "NO" },
@@ -428,11 +475,11 @@ async fn main() -> anyhow::Result<()> {
     let clips = load_clips(&dir)?;
     let (target, label) = match (&cli.spawn, cli.target) {
         (Some(kind), None) if kind == "serve" => (
-            target::embedded(&s.model)?,
+            target::embedded(&s.model, s.spawned_translation())?,
             "nexus serve (embedded)".to_owned(),
         ),
         (Some(kind), None) if kind == "fleet" => (
-            target::fleet(&s.model, &cli.redis)?,
+            target::fleet(&s.model, s.spawned_translation(), &cli.redis)?,
             "three processes on Redis".to_owned(),
         ),
         (Some(kind), _) => anyhow::bail!("--spawn {kind:?}: use serve or fleet"),
@@ -464,27 +511,41 @@ async fn main() -> anyhow::Result<()> {
     if let Some(m) = s.wer_margin_points {
         budgets += &format!(", WER within {m} points of the first level");
     }
+    let translating = s
+        .translate_to
+        .as_ref()
+        .map(|t| format!(", finals translated into {t} by {}", s.translation_model))
+        .unwrap_or_default();
     println!(
-        "# {} — model {}, {label}, {} s per session, ramp-up {} s, budget: {budgets}",
+        "# {} — model {}{translating}, {label}, {} s per session, ramp-up {} s, budget: {budgets}",
         s.name, s.model, s.duration_s, s.ramp_up_s
     );
     println!(
-        "{:>7} | {:>9} | {:>20} | {:>20} | {:>5} | {:>6} | {:>13} | {:>5} | errors",
+        "{:>7} | {:>12} | {:>20} | {:>20} | {:>5} | {:>6} | {:>5} | {:>13} | {:>5} | errors",
         "streams",
         "protocol",
         "final p50/p95/p99 ms",
         "interim p50/p95/p99",
         "int/s",
         "WER",
+        "untr.",
         "RTF enc/dec",
         "ok"
     );
+    // Each level once per protocol and per translation, one after the other.
+    let variants: Vec<(Protocol, Option<&str>)> = protocols
+        .iter()
+        .flat_map(|&p| s.translations().into_iter().map(move |t| (p, t)))
+        .collect();
     let mut levels: Vec<Level> = Vec::new();
-    let mut broken: Vec<Option<String>> = vec![None; protocols.len()];
+    let mut broken: Vec<Option<String>> = vec![None; variants.len()];
+    let same = |l: &Level, (p, t): (Protocol, Option<&str>)| {
+        l.protocol == p && l.translate_to.as_deref() == t
+    };
     'levels: for &n in &s.streams {
-        for (k, &p) in protocols.iter().enumerate() {
-            let first_wer = levels.iter().find(|l| l.protocol == p).map(|f| f.wer);
-            let l = level(endpoint(p)?, p, &target.admin, &s, &clips, n, first_wer).await;
+        for (k, &(p, t)) in variants.iter().enumerate() {
+            let first_wer = levels.iter().find(|l| same(l, (p, t))).map(|f| f.wer);
+            let l = level(endpoint(p)?, p, t, &target.admin, &s, &clips, n, first_wer).await;
             print_level(&l);
             let ok = l.within_budget;
             if !ok && broken[k].is_none() {
@@ -496,14 +557,15 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let by_protocol: Vec<Capacity> = protocols
+    let by_protocol: Vec<Capacity> = variants
         .iter()
         .zip(&broken)
-        .map(|(&p, breaks_at)| Capacity {
+        .map(|(&(p, t), breaks_at)| Capacity {
             protocol: p,
+            translate_to: t.map(str::to_owned),
             sustainable_streams: levels
                 .iter()
-                .filter(|l| l.protocol == p)
+                .filter(|l| same(l, (p, t)))
                 .take_while(|l| l.within_budget)
                 .map(|l| l.streams)
                 .last()
@@ -512,8 +574,13 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     for c in &by_protocol {
+        let translated = c
+            .translate_to
+            .as_ref()
+            .map(|t| format!(", translated into {t}"))
+            .unwrap_or_default();
         println!(
-            "sustainable: {} concurrent streams over {}; breaks at: {}",
+            "sustainable: {} concurrent streams over {}{translated}; breaks at: {}",
             c.sustainable_streams,
             c.protocol.name(),
             c.breaks_at.as_deref().unwrap_or("not reached")

@@ -11,7 +11,7 @@ use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::{
     AudioEncoding, AudioFormat, EndpointingConfig, RecognitionConfig, SpeechEvent,
-    StreamingRecognitionConfig, StreamingRecognizeRequest,
+    StreamingRecognitionConfig, StreamingRecognizeRequest, Task, TranslationConfig,
 };
 use tokio::time::Instant;
 
@@ -55,6 +55,19 @@ impl Program {
     }
 }
 
+/// What a session asks the fleet for, on either protocol.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// Model name.
+    pub model: String,
+    /// Spoken language.
+    pub language: String,
+    /// Interim results every this many ms; 0 asks for finals only.
+    pub interim_ms: u32,
+    /// Translate every final into this language.
+    pub translate_to: Option<String>,
+}
+
 /// What one session measured.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -71,6 +84,8 @@ pub struct Outcome {
     pub reference: String,
     /// Seconds of audio sent.
     pub audio_s: f64,
+    /// Finals that asked for a translation and came without one.
+    pub untranslated: usize,
     /// The gRPC code the session failed with, if it did.
     pub error: Option<String>,
 }
@@ -85,14 +100,7 @@ pub enum Endpoint {
 }
 
 /// Runs one session against `to`, starting after `lead`.
-pub async fn run(
-    to: Endpoint,
-    model: String,
-    language: String,
-    interim_ms: u32,
-    program: Program,
-    lead: Duration,
-) -> Outcome {
+pub async fn run(to: Endpoint, ask: Ask, program: Program, lead: Duration) -> Outcome {
     tokio::time::sleep(lead).await;
     let mut out = Outcome {
         reference: program.reference.clone(),
@@ -101,16 +109,12 @@ pub async fn run(
     };
     match to {
         Endpoint::Grpc(addr) => {
-            if let Err(s) =
-                stream(addr, model, language, interim_ms, program.samples, &mut out).await
-            {
+            if let Err(s) = stream(addr, &ask, program.samples, &mut out).await {
                 out.error = Some(format!("{:?}", s.code()));
             }
         }
         Endpoint::WebSocket(addr) => {
-            if let Err(e) =
-                websocket(addr, model, language, interim_ms, program.samples, &mut out).await
-            {
+            if let Err(e) = websocket(addr, &ask, program.samples, &mut out).await {
                 out.error = Some(e);
             }
         }
@@ -129,9 +133,7 @@ fn pcm16(c: &[f32]) -> Vec<u8> {
 /// `completed`; interim latency from the delta window's end (`end_ms`).
 async fn websocket(
     addr: SocketAddr,
-    model: String,
-    language: String,
-    interim_ms: u32,
+    ask: &Ask,
     samples: Vec<f32>,
     out: &mut Outcome,
 ) -> Result<(), String> {
@@ -139,21 +141,27 @@ async fn websocket(
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    let url = format!("ws://{addr}/v1/realtime?intent=transcription&model={model}");
+    let url = format!(
+        "ws://{addr}/v1/realtime?intent=transcription&model={}",
+        ask.model
+    );
     // Without Nagle, as a real-time client (and Python's asyncio) sends.
     let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let (mut sink, mut stream) = ws.split();
     let mut turn = serde_json::json!({"type": "server_vad"});
-    if interim_ms > 0 {
-        turn["interim_interval_ms"] = interim_ms.into();
+    if ask.interim_ms > 0 {
+        turn["interim_interval_ms"] = ask.interim_ms.into();
     }
-    let update = serde_json::json!({"type": "transcription_session.update", "session": {
+    let mut update = serde_json::json!({"type": "transcription_session.update", "session": {
         "input_audio_format": {"type": "audio/pcm", "rate": 16_000},
-        "input_audio_transcription": {"model": model, "language": language},
+        "input_audio_transcription": {"model": ask.model, "language": ask.language},
         "turn_detection": turn,
     }});
+    if let Some(t) = &ask.translate_to {
+        update["session"]["translation"] = serde_json::json!({"target_language": t});
+    }
     sink.send(Message::Text(update.to_string().into()))
         .await
         .map_err(|e| format!("send: {e}"))?;
@@ -215,6 +223,12 @@ async fn websocket(
                             .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
                     }
                     let t = ev["transcript"].as_str().unwrap_or_default().to_owned();
+                    if ask.translate_to.is_some() && !finals.contains_key(&item) {
+                        let tr = &ev["translation"];
+                        let text = tr["text"].as_str().unwrap_or_default();
+                        let failed = tr["failure"].as_str().is_some_and(|f| !f.is_empty());
+                        out.untranslated += usize::from(text.is_empty() || failed);
+                    }
                     finals.entry(item).or_insert((now, t));
                 }
                 "conversation.item.input_audio_transcription.delta" => {
@@ -252,9 +266,7 @@ async fn websocket(
 
 async fn stream(
     addr: SocketAddr,
-    model: String,
-    language: String,
-    interim_ms: u32,
+    ask: &Ask,
     samples: Vec<f32>,
     out: &mut Outcome,
 ) -> Result<(), tonic::Status> {
@@ -266,18 +278,27 @@ async fn stream(
     let mut client = SpeechRecognitionClient::new(ch);
     let cfg = StreamingRecognitionConfig {
         config: Some(RecognitionConfig {
-            model,
-            language,
+            model: ask.model.clone(),
+            language: ask.language.clone(),
             audio_format: Some(AudioFormat {
                 encoding: AudioEncoding::LinearPcmS16le as i32,
                 sample_rate_hz: 16_000,
                 channels: 1,
             }),
+            task: if ask.translate_to.is_some() {
+                Task::Translate as i32
+            } else {
+                Task::Transcribe as i32
+            },
+            translation: ask.translate_to.as_ref().map(|t| TranslationConfig {
+                target_language: t.clone(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
-        interim_results: interim_ms > 0,
+        interim_results: ask.interim_ms > 0,
         endpointing: Some(EndpointingConfig {
-            interim_interval_ms: interim_ms,
+            interim_interval_ms: ask.interim_ms,
             ..Default::default()
         }),
         ..Default::default()
@@ -326,6 +347,13 @@ async fn stream(
                         let captured = start + Duration::from_millis(span.end_ms);
                         out.final_after_audio_ms
                             .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
+                    }
+                    if ask.translate_to.is_some() && !finals.contains_key(&res.segment_id) {
+                        let ok = res
+                            .translation
+                            .as_ref()
+                            .is_some_and(|t| !t.text.is_empty() && t.failure.is_empty());
+                        out.untranslated += usize::from(!ok);
                     }
                     finals.entry(res.segment_id).or_insert((now, text));
                 } else if let Some(span) = &res.span {

@@ -80,10 +80,11 @@ pub fn external(addr: SocketAddr, http: Option<SocketAddr>, admin: Vec<SocketAdd
     }
 }
 
-/// `nexus serve`: every stage in one process over in-memory channels.
-pub fn embedded(model: &str) -> anyhow::Result<Target> {
+/// `nexus serve`: every stage in one process over in-memory channels, with
+/// the text translation model `translation` when given.
+pub fn embedded(model: &str, translation: Option<&str>) -> anyhow::Result<Target> {
     let (addr, admin, http) = (free()?, free()?, free()?);
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "serve",
         "--listen",
         &addr.to_string(),
@@ -103,6 +104,9 @@ pub fn embedded(model: &str) -> anyhow::Result<Target> {
     ]
     .map(str::to_owned)
     .to_vec();
+    if let Some(t) = translation {
+        args.extend(["--translation-model".into(), t.to_owned()]);
+    }
     Ok(Target {
         addr,
         http: Some(http),
@@ -111,8 +115,9 @@ pub fn embedded(model: &str) -> anyhow::Result<Target> {
     })
 }
 
-/// The three stage processes on Redis, under a key prefix of their own.
-pub fn fleet(model: &str, redis: &str) -> anyhow::Result<Target> {
+/// The three stage processes on Redis, under a key prefix of their own;
+/// the decoder with the text translation model `translation` when given.
+pub fn fleet(model: &str, translation: Option<&str>, redis: &str) -> anyhow::Result<Target> {
     let prefix = format!("load{}", uuid::Uuid::new_v4().simple());
     let common = |admin: SocketAddr| -> Vec<String> {
         [
@@ -138,6 +143,9 @@ pub fn fleet(model: &str, redis: &str) -> anyhow::Result<Target> {
         "--decoder-sessions".into(),
         "512".into(),
     ]);
+    if let Some(t) = translation {
+        dec.extend(["--translation-model".into(), t.to_owned()]);
+    }
     let (addr, http) = (free()?, free()?);
     let mut ing = common(ing_admin);
     ing.extend([
