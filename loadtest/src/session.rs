@@ -11,7 +11,7 @@ use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::{
     AudioEncoding, AudioFormat, EndpointingConfig, RecognitionConfig, SpeechEvent,
-    StreamingRecognitionConfig, StreamingRecognizeRequest, Task, TranslationConfig,
+    StreamingRecognitionConfig, StreamingRecognizeRequest,
 };
 use tokio::time::Instant;
 
@@ -277,25 +277,19 @@ async fn stream(
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = SpeechRecognitionClient::new(ch);
     let cfg = StreamingRecognitionConfig {
-        config: Some(RecognitionConfig {
-            model: ask.model.clone(),
-            language: ask.language.clone(),
-            audio_format: Some(AudioFormat {
-                encoding: AudioEncoding::LinearPcmS16le as i32,
-                sample_rate_hz: 16_000,
-                channels: 1,
-            }),
-            task: if ask.translate_to.is_some() {
-                Task::Translate as i32
-            } else {
-                Task::Transcribe as i32
-            },
-            translation: ask.translate_to.as_ref().map(|t| TranslationConfig {
-                target_language: t.clone(),
+        config: Some(
+            RecognitionConfig {
+                model: ask.model.clone(),
+                language: ask.language.clone(),
+                audio_format: Some(AudioFormat {
+                    encoding: AudioEncoding::LinearPcmS16le as i32,
+                    sample_rate_hz: 16_000,
+                    channels: 1,
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }),
+            }
+            .translated_into(ask.translate_to.as_deref()),
+        ),
         interim_results: ask.interim_ms > 0,
         endpointing: Some(EndpointingConfig {
             interim_interval_ms: ask.interim_ms,

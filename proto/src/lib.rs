@@ -88,3 +88,44 @@ mod format {
         }
     }
 }
+
+/// A recognition config's task, set from an optional target language.
+mod task {
+    use super::speech::{RecognitionConfig, Task, TranslationConfig};
+
+    impl RecognitionConfig {
+        /// Translation into `target` (with the fleet's default text model)
+        /// when one is given and not empty; transcription otherwise.
+        pub fn translated_into(self, target: Option<&str>) -> Self {
+            let target = target.filter(|t| !t.is_empty());
+            Self {
+                task: match target {
+                    Some(_) => Task::Translate as i32,
+                    None => Task::Transcribe as i32,
+                },
+                translation: target.map(|t| TranslationConfig {
+                    target_language: t.to_owned(),
+                    ..Default::default()
+                }),
+                ..self
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_target_makes_a_translation_and_none_or_empty_a_transcription() {
+            let c = RecognitionConfig::default().translated_into(Some("de"));
+            assert_eq!(c.task, Task::Translate as i32);
+            assert_eq!(c.translation.unwrap().target_language, "de");
+            for t in [None, Some("")] {
+                let c = RecognitionConfig::default().translated_into(t);
+                assert_eq!(c.task, Task::Transcribe as i32);
+                assert_eq!(c.translation, None);
+            }
+        }
+    }
+}

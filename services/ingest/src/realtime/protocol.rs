@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use base64::Engine;
 use nexus_proto::speech::{
     AudioEncoding, AudioFormat, EndpointingConfig, RecognitionConfig, SpeechContext, SpeechEvent,
-    StreamingRecognitionConfig, StreamingRecognizeResponse, Task, TranslationConfig,
+    StreamingRecognitionConfig, StreamingRecognizeResponse,
 };
 use serde_json::{Map, Value, json};
 
@@ -468,26 +468,20 @@ impl Settings {
             },
         };
         StreamingRecognitionConfig {
-            config: Some(RecognitionConfig {
-                model: self.model.clone(),
-                language: self.language.clone(),
-                audio_format: Some(self.format),
-                enable_word_time_offsets: self.words,
-                speech_context: (!self.prompt.is_empty()).then(|| SpeechContext {
-                    prompt: self.prompt.clone(),
+            config: Some(
+                RecognitionConfig {
+                    model: self.model.clone(),
+                    language: self.language.clone(),
+                    audio_format: Some(self.format),
+                    enable_word_time_offsets: self.words,
+                    speech_context: (!self.prompt.is_empty()).then(|| SpeechContext {
+                        prompt: self.prompt.clone(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                task: if self.target_language.is_some() {
-                    Task::Translate as i32
-                } else {
-                    Task::Transcribe as i32
-                },
-                translation: self.target_language.as_ref().map(|t| TranslationConfig {
-                    target_language: t.clone(),
-                    model: String::new(),
-                }),
-                ..Default::default()
-            }),
+                }
+                .translated_into(self.target_language.as_deref()),
+            ),
             interim_results: true,
             endpointing: Some(endpointing),
             ..Default::default()
@@ -851,7 +845,7 @@ impl Render {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_proto::speech::{SpeechRecognitionAlternative, StreamingRecognitionResult};
+    use nexus_proto::speech::{SpeechRecognitionAlternative, StreamingRecognitionResult, Task};
 
     fn served() -> Vec<String> {
         vec!["tiny.en".into(), "base".into()]

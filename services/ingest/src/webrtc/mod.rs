@@ -21,8 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use nexus_bus::Bus;
 use nexus_proto::speech::{
-    AudioEncoding, AudioFormat, RecognitionConfig, StreamingRecognitionConfig, Task,
-    TranslationConfig,
+    AudioEncoding, AudioFormat, RecognitionConfig, StreamingRecognitionConfig,
 };
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde::Deserialize;
@@ -286,26 +285,20 @@ pub(crate) async fn offer<B: Bus>(
         .open(&tenant, &q.room)
         .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, e))?;
     let cfg = StreamingRecognitionConfig {
-        config: Some(RecognitionConfig {
-            model: q.model.clone(),
-            language: q.language.clone(),
-            enable_word_time_offsets: true,
-            audio_format: Some(AudioFormat {
-                encoding: AudioEncoding::LinearPcmF32le as i32,
-                sample_rate_hz: OPUS_RATE,
-                channels: 1,
-            }),
-            task: if q.target_language.is_empty() {
-                Task::Transcribe as i32
-            } else {
-                Task::Translate as i32
-            },
-            translation: (!q.target_language.is_empty()).then(|| TranslationConfig {
-                target_language: q.target_language.clone(),
+        config: Some(
+            RecognitionConfig {
+                model: q.model.clone(),
+                language: q.language.clone(),
+                enable_word_time_offsets: true,
+                audio_format: Some(AudioFormat {
+                    encoding: AudioEncoding::LinearPcmF32le as i32,
+                    sample_rate_hz: OPUS_RATE,
+                    channels: 1,
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }),
+            }
+            .translated_into(Some(q.target_language.as_str())),
+        ),
         interim_results: true,
         ..Default::default()
     };
