@@ -345,6 +345,21 @@ impl Translator {
         Ok(text.trim_start().contains('\n'))
     }
 
+    /// When a reply translating `source` ends: its [`reply_budget`], its
+    /// first line when `one_line`, `deadline`.
+    fn reply_until(
+        &self,
+        source: &str,
+        one_line: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Until> {
+        Ok(Until {
+            tokens: reply_budget(self.encode(source)?.len()),
+            one_line,
+            deadline,
+        })
+    }
+
     /// Whether a reply `out` whose last token is `last` ends under `until`.
     fn ends(&self, out: &[u32], last: u32, until: &Until) -> Result<bool> {
         Ok(until.one_line && self.newline.contains(&last) && self.line_done(out)?)
@@ -472,12 +487,8 @@ impl Translator {
         if spec.text.trim().is_empty() {
             return Ok((String::new(), 0));
         }
-        let until = Until {
-            tokens: reply_budget(self.encode(spec.text)?.len()),
-            // The plain framing's reply is taken whole (the baseline).
-            one_line: style != prompt::Style::Plain,
-            deadline,
-        };
+        // The plain framing's reply is taken whole (the baseline).
+        let until = self.reply_until(spec.text, style != prompt::Style::Plain, deadline)?;
         let t = prompt::turns(style, spec);
         let (text, tokens) = self.chat_turns(&t.turns, t.fixed, until)?;
         let text = match style {
@@ -527,14 +538,13 @@ impl Translator {
         until: Until,
     ) -> Result<(Vec<String>, usize)> {
         let beams = beams.clamp(1, MAX_BEAMS);
-        let max_new_tokens = until.tokens;
         let (cache, first, room) = self.prefill(turns, fixed)?;
         // (tokens, summed log-probability, cache after all but the last token)
         let mut live: Vec<(Vec<u32>, f32, Cache)> = vec![(Vec::new(), 0.0, cache)];
         let mut logits = vec![log_softmax(&first)?];
         let mut done: Vec<(Vec<u32>, f32)> = Vec::new();
         let mut generated = 0;
-        for step in 0..max_new_tokens.min(room) {
+        for step in 0..until.tokens.min(room) {
             let mut cands: Vec<(usize, u32, f32)> = Vec::new();
             for (i, lp) in logits.iter().enumerate() {
                 for (tok, l) in top_k(lp, beams) {
@@ -561,7 +571,7 @@ impl Translator {
             }
             if next.is_empty()
                 || done.len() >= beams
-                || step + 1 == max_new_tokens.min(room)
+                || step + 1 == until.tokens.min(room)
                 || until.expired()
             {
                 done.extend(next.into_iter().map(|(t, s, _)| (t, s)));
@@ -675,12 +685,7 @@ impl Translator {
                 )));
             }
             let t = prompt::turns(prompt::Style::Chat, spec);
-            let until = Until {
-                tokens: reply_budget(self.encode(spec.text)?.len()),
-                one_line: true,
-                deadline: None,
-            };
-            prompts.push((t, until));
+            prompts.push((t, self.reply_until(spec.text, true, None)?));
         }
         let refs: Vec<(&[prompt::Turn], usize, Until)> = prompts
             .iter()
@@ -700,12 +705,7 @@ impl Translator {
                 .ok_or_else(|| ModelError::Input("batch lost a caption".into()))?;
             let text = clean(&text, spec.target);
             if judge(spec, &text).is_none() {
-                out.push(Translated {
-                    text,
-                    failure: None,
-                    attempts: 1,
-                    tokens,
-                });
+                out.push(Translated::passed(text, 1, tokens));
             } else {
                 let deadline = Instant::now() + self.time_budget;
                 let mut r = self.translate_retries(spec, &text, deadline)?;
@@ -725,23 +725,12 @@ impl Translator {
     /// When all fail, the result carries no text and names the failure.
     pub fn translate(&mut self, spec: &prompt::Spec<'_>) -> Result<Translated> {
         if spec.text.trim().is_empty() {
-            return Ok(Translated {
-                text: String::new(),
-                failure: None,
-                attempts: 0,
-                tokens: 0,
-            });
+            return Ok(Translated::passed(String::new(), 0, 0));
         }
-        let ok = |text: String, attempts: u32, tokens: usize| Translated {
-            text,
-            failure: None,
-            attempts,
-            tokens,
-        };
         let deadline = Instant::now() + self.time_budget;
         let (text, tokens) = self.attempt_until(prompt::Style::Chat, spec, Some(deadline))?;
         if judge(spec, &text).is_none() {
-            return Ok(ok(text, 1, tokens));
+            return Ok(Translated::passed(text, 1, tokens));
         }
         let mut r = self.translate_retries(spec, &text, deadline)?;
         r.tokens += tokens;
@@ -756,60 +745,43 @@ impl Translator {
         first: &str,
         deadline: Instant,
     ) -> Result<Translated> {
-        let ok = |text: String, attempts: u32, tokens: usize| Translated {
-            text,
-            failure: None,
-            attempts,
-            tokens,
-        };
         let mut failure = judge(spec, first);
         tracing::debug!(output = %first, failure = ?failure, "greedy translation failed its checks");
-        let gave_up = |failure: Option<Fault>, attempts: u32, tokens: usize| {
-            tracing::debug!(failure = ?failure, attempts, "translation out of time");
-            Translated {
-                text: String::new(),
-                failure: failure.map(|f| f.as_str()),
-                attempts,
-                tokens,
+        let out_of_time = || {
+            let late = Instant::now() >= deadline;
+            if late {
+                tracing::debug!("translation out of time");
             }
+            late
         };
-        if Instant::now() >= deadline {
-            return Ok(gave_up(failure, 1, 0));
+        if out_of_time() {
+            return Ok(Translated::failed(failure, 1, 0));
         }
         let t = prompt::turns(prompt::Style::Chat, spec);
-        let until = Until {
-            tokens: reply_budget(self.encode(spec.text)?.len()),
-            one_line: true,
-            deadline: Some(deadline),
-        };
+        let until = self.reply_until(spec.text, true, Some(deadline))?;
         let (candidates, mut tokens) = self.chat_beams(&t.turns, t.fixed, RETRY_BEAMS, until)?;
         for c in candidates {
             let c = clean(&c, spec.target);
             match judge(spec, &c) {
-                None => return Ok(ok(c, 2, tokens)),
+                None => return Ok(Translated::passed(c, 2, tokens)),
                 Some(f) => {
                     tracing::debug!(output = %c, failure = ?f, "beam candidate failed its checks")
                 }
             }
         }
-        if Instant::now() >= deadline {
-            return Ok(gave_up(failure, 2, tokens));
+        if out_of_time() {
+            return Ok(Translated::failed(failure, 2, tokens));
         }
         let (text, n) = self.attempt_until(prompt::Style::Strict, spec, Some(deadline))?;
         tokens += n;
         match judge(spec, &text) {
-            None => return Ok(ok(text, 3, tokens)),
+            None => return Ok(Translated::passed(text, 3, tokens)),
             Some(f) => {
                 tracing::debug!(output = %text, failure = ?f, "strict translation failed its checks");
                 failure = Some(f);
             }
         }
-        Ok(Translated {
-            text: String::new(),
-            failure: failure.map(|f| f.as_str()),
-            attempts: 3,
-            tokens,
-        })
+        Ok(Translated::failed(failure, 3, tokens))
     }
 }
 
@@ -850,6 +822,28 @@ pub struct Translated {
     pub attempts: u32,
     /// Tokens generated over all attempts.
     pub tokens: usize,
+}
+
+impl Translated {
+    /// A translation that passed its checks.
+    pub fn passed(text: String, attempts: u32, tokens: usize) -> Self {
+        Self {
+            text,
+            failure: None,
+            attempts,
+            tokens,
+        }
+    }
+
+    /// No translation: every attempt failed, the last for `failure`.
+    fn failed(failure: Option<Fault>, attempts: u32, tokens: usize) -> Self {
+        Self {
+            text: String::new(),
+            failure: failure.map(Fault::as_str),
+            attempts,
+            tokens,
+        }
+    }
 }
 
 /// Why `output` is no acceptable translation of the caption in `spec`.

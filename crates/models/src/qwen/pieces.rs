@@ -156,28 +156,24 @@ impl LongText {
             target: spec.target.to_owned(),
             context: spec.context.to_vec(),
             glossary: spec.glossary.to_vec(),
-            result: Translated {
-                text: String::new(),
-                failure: None,
-                attempts: 0,
-                tokens: 0,
-            },
+            result: Translated::passed(String::new(), 0, 0),
         }
     }
 
     /// Translates the next piece; the text's translation once none is left
-    /// (or one failed).
+    /// or one failed.
     pub fn step(&mut self, model: &mut Translator) -> Result<Option<Translated>> {
         let k = self.translated.len();
-        if k < self.pieces.len() && self.result.failure.is_none() {
-            let mut context: Vec<String> = self
+        if let Some((joint, text)) = self.pieces.get(k) {
+            // The last pieces before this one (after the caller's context).
+            let before = self.context.len() + k;
+            let context: Vec<String> = self
                 .context
                 .iter()
                 .chain(self.pieces[..k].iter().map(|(_, p)| p))
+                .skip(before.saturating_sub(MAX_CONTEXT))
                 .cloned()
                 .collect();
-            context.drain(..context.len().saturating_sub(MAX_CONTEXT));
-            let (joint, text) = &self.pieces[k];
             let t = model.translate(&Spec {
                 text,
                 source: self.source.as_deref(),
@@ -189,6 +185,8 @@ impl LongText {
             self.result.tokens += t.tokens;
             self.result.failure = t.failure;
             self.translated.push((*joint, t.text));
+        }
+        if self.result.failure.is_none() && self.translated.len() < self.pieces.len() {
             return Ok(None);
         }
         let mut r = self.result.clone();
