@@ -11,7 +11,9 @@
 //! are edit distances over words and characters. Both systems in a comparison
 //! go through the same normaliser.
 
+pub mod der;
 pub mod langid;
+pub mod meetings;
 pub mod mt;
 pub mod sentences;
 pub mod translation;

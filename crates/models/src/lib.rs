@@ -5,8 +5,8 @@
 //! and run it on their own threads.
 //!
 //! It owns the Whisper log-mel frontend ([`mel`]) and Whisper recognition and
-//! translation ([`whisper`]), text translation with Qwen2.5 ([`qwen`]) and
-//! Silero voice activity detection ([`vad`]).
+//! translation ([`whisper`]), text translation with Qwen2.5 ([`qwen`]), Silero voice activity detection
+//! ([`vad`]) and speakers (who spoke when, [`speaker`]).
 
 pub mod device;
 pub mod error;
@@ -15,6 +15,7 @@ pub mod nexus;
 pub mod ops;
 pub mod precision;
 pub mod qwen;
+pub mod speaker;
 pub mod threads;
 pub mod tts;
 pub mod vad;

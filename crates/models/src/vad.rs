@@ -186,3 +186,82 @@ impl SileroVad {
             .collect()
     }
 }
+/// Speech regions (sample ranges) of a recording from its step
+/// probabilities ([`SileroVad::probabilities`]), the way Silero's own
+/// `get_speech_timestamps` draws them: speech starts at a step of at least
+/// 0.5 and ends after 0.3 s under 0.35; regions under 0.25 s are dropped and
+/// the rest widened by 30 ms on each side, within `total` samples.
+pub fn speech_regions(probs: &[f32], total: usize) -> Vec<std::ops::Range<usize>> {
+    const ON: f32 = 0.5;
+    const OFF: f32 = 0.35;
+    const MIN_SILENCE: usize = 4_800;
+    const MIN_SPEECH: usize = 4_000;
+    const PAD: usize = 480;
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut quiet_from: Option<usize> = None;
+    let close = |s: usize, e: usize, out: &mut Vec<std::ops::Range<usize>>| {
+        if e.saturating_sub(s) >= MIN_SPEECH {
+            let (s, e) = (s.saturating_sub(PAD), (e + PAD).min(total));
+            match out.last_mut() {
+                Some(last) if last.end >= s => last.end = e,
+                _ => out.push(s..e),
+            }
+        }
+    };
+    for (i, p) in probs.iter().enumerate() {
+        let at = i * CHUNK;
+        match start {
+            None if *p >= ON => {
+                start = Some(at);
+                quiet_from = None;
+            }
+            None => {}
+            Some(s) => {
+                if *p >= OFF {
+                    quiet_from = None;
+                } else {
+                    let q = *quiet_from.get_or_insert(at);
+                    if at + CHUNK - q >= MIN_SILENCE {
+                        close(s, q, &mut out);
+                        start = None;
+                        quiet_from = None;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = start {
+        close(
+            s,
+            quiet_from.unwrap_or(probs.len() * CHUNK).min(total),
+            &mut out,
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_follow_hysteresis_and_drop_blips() {
+        // 32 ms steps: 20 quiet, 30 speech with a 4-step dip (0.13 s, kept
+        // inside), 20 quiet, one lone speech step (dropped), 10 quiet.
+        let mut p = vec![0.1; 20];
+        p.extend(vec![0.9; 13]);
+        p.extend(vec![0.2; 4]);
+        p.extend(vec![0.9; 13]);
+        p.extend(vec![0.1; 20]);
+        p.push(0.9);
+        p.extend(vec![0.1; 10]);
+        let total = p.len() * CHUNK;
+        let r = speech_regions(&p, total);
+        assert_eq!(r, vec![20 * CHUNK - 480..50 * CHUNK + 480]);
+        assert!(speech_regions(&[0.1; 50], 50 * CHUNK).is_empty());
+        // Speech to the very end is closed there.
+        let r = speech_regions(&[0.9; 20], 20 * CHUNK);
+        assert_eq!(r, vec![0..20 * CHUNK]);
+    }
+}

@@ -15,6 +15,7 @@ pub mod onnx;
 pub mod piper;
 pub mod registry;
 pub mod resolve;
+pub mod speaker;
 pub mod store;
 pub mod torch_legacy;
 pub mod whisper;
@@ -43,6 +44,9 @@ pub fn import_pulled(store: &Store, model: &ModelEntry) -> Result<Imported> {
         "torch-pickle" if model.family == "hifigan" => {
             Ok(Imported::Hifigan(hifigan::import(&src, &dir)?))
         }
+        "torch-pickle" if model.family == "ge2e" => {
+            Ok(Imported::Speaker(speaker::import(&src, &dir)?))
+        }
         "onnx" if model.family == "piper" => Ok(Imported::Piper(piper::import(&src, &dir)?)),
         "safetensors" => {
             let file = src.join("model.safetensors");
@@ -64,6 +68,8 @@ pub enum Imported {
     Whisper(whisper::ImportReport),
     /// A converted HiFi-GAN generator folder.
     Hifigan(hifigan::HifiganReport),
+    /// A converted GE2E speaker encoder folder.
+    Speaker(speaker::SpeakerReport),
     /// A converted Piper voice folder.
     Piper(piper::PiperReport),
     /// A file loaded as fetched.

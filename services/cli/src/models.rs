@@ -67,6 +67,12 @@ fn describe(imported: &Imported) -> String {
             r.parameters as f64 / 1e6,
             r.out_dir.display()
         ),
+        Imported::Speaker(r) => format!(
+            "ge2e speaker encoder: {} tensors, {:.2} M parameters in {}",
+            r.tensors,
+            r.parameters as f64 / 1e6,
+            r.out_dir.display()
+        ),
         Imported::AsIs(p) => format!("ready: {}", p.display()),
     }
 }

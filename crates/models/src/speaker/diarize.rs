@@ -1,0 +1,358 @@
+//! Who spoke when in one recording: 1.6 s windows slid over the speech
+//! regions a VAD found, one GE2E embedding per window, the windows clustered
+//! into speakers ([`cluster`]), and each region split between its windows'
+//! speakers at the midpoints of their centres.
+
+use std::ops::Range;
+
+use super::cluster::{SpeakerCount, cluster, renumber};
+use super::encoder::{PARTIAL_FRAMES, PARTIAL_SAMPLES, SpeakerEncoder, mean_normalized};
+use super::mel::{N_MELS, SAMPLE_RATE, normalize_volume};
+use crate::error::Result;
+
+/// Average-linkage similarity below which two groups of windows are
+/// different speakers (chosen on the meeting set, see BENCHMARKS.md).
+pub const DEFAULT_THRESHOLD: f32 = 0.65;
+/// Hop between windows inside a region (0.5 s).
+pub const DEFAULT_HOP: usize = 8_000;
+/// The most items clustered at once; longer recordings cluster the means of
+/// neighbouring windows.
+pub const MAX_CLUSTER_ITEMS: usize = 2_048;
+/// A speaker heard for less than this (seconds) is folded into the most
+/// similar other one, unless the minimum count needs it.
+pub const MIN_SPEAKER_SECONDS: f64 = 1.0;
+
+/// How to diarize.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiarizeOptions {
+    /// Speakers to find.
+    pub count: SpeakerCount,
+    /// Clustering threshold (cosine similarity).
+    pub threshold: f32,
+    /// Samples between window starts.
+    pub hop: usize,
+}
+
+impl Default for DiarizeOptions {
+    fn default() -> Self {
+        Self {
+            count: SpeakerCount::default(),
+            threshold: DEFAULT_THRESHOLD,
+            hop: DEFAULT_HOP,
+        }
+    }
+}
+
+/// One speaker's stretch of speech, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Turn {
+    /// Start.
+    pub start: f64,
+    /// End.
+    pub end: f64,
+    /// Speaker index, from 0 in order of first speech.
+    pub speaker: usize,
+}
+
+/// A recording's speakers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Diarization {
+    /// Turns in time order, not overlapping.
+    pub turns: Vec<Turn>,
+    /// Speakers found.
+    pub speakers: usize,
+}
+
+impl Diarization {
+    /// The speaker who talks most during `[start, end)` seconds, or the one of
+    /// the nearest turn when none does; `None` without turns.
+    pub fn speaker_at(&self, start: f64, end: f64) -> Option<usize> {
+        let mut overlap = vec![0f64; self.speakers];
+        for t in &self.turns {
+            let o = t.end.min(end) - t.start.max(start);
+            if o > 0.0 {
+                overlap[t.speaker] += o;
+            }
+        }
+        if let Some((s, _)) = overlap
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o > 0.0)
+            .max_by(|a, b| a.1.total_cmp(b.1))
+        {
+            return Some(s);
+        }
+        let mid = (start + end) / 2.0;
+        self.turns
+            .iter()
+            .min_by(|a, b| {
+                let d = |t: &Turn| (t.start - mid).abs().min((t.end - mid).abs());
+                d(a).total_cmp(&d(b))
+            })
+            .map(|t| t.speaker)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    region: usize,
+    start: usize,
+    center: usize,
+}
+
+fn plan(regions: &[Range<usize>], total: usize, hop: usize) -> Vec<Window> {
+    let hop = hop.max(HOP_MIN);
+    let mut out = Vec::new();
+    for (r, reg) in regions.iter().enumerate() {
+        let len = reg.end.saturating_sub(reg.start);
+        if len == 0 {
+            continue;
+        }
+        if len <= PARTIAL_SAMPLES {
+            let mid = reg.start + len / 2;
+            let start = mid
+                .saturating_sub(PARTIAL_SAMPLES / 2)
+                .min(total.saturating_sub(PARTIAL_SAMPLES));
+            out.push(Window {
+                region: r,
+                start,
+                center: mid,
+            });
+            continue;
+        }
+        let last = reg.end - PARTIAL_SAMPLES;
+        let mut s = reg.start;
+        loop {
+            out.push(Window {
+                region: r,
+                start: s,
+                center: s + PARTIAL_SAMPLES / 2,
+            });
+            if s == last {
+                break;
+            }
+            s = (s + hop).min(last);
+        }
+    }
+    out
+}
+
+const HOP_MIN: usize = 1_600;
+
+/// Diarizes `samples` (16 kHz mono) given its speech `regions` (sample
+/// ranges, sorted, not overlapping).
+pub fn diarize(
+    encoder: &SpeakerEncoder,
+    samples: &[f32],
+    regions: &[Range<usize>],
+    opts: &DiarizeOptions,
+) -> Result<Diarization> {
+    let regions: Vec<Range<usize>> = regions
+        .iter()
+        .map(|r| r.start.min(samples.len())..r.end.min(samples.len()))
+        .filter(|r| r.end > r.start)
+        .collect();
+    let windows = plan(&regions, samples.len(), opts.hop);
+    if windows.is_empty() {
+        return Ok(Diarization::default());
+    }
+    // Loudness as the reference normalises it, over the speech only.
+    let speech: Vec<f32> = regions
+        .iter()
+        .flat_map(|r| &samples[r.clone()])
+        .copied()
+        .collect();
+    let gain = {
+        let mut probe = speech.clone();
+        normalize_volume(&mut probe);
+        let (a, b) = (rms(&speech), rms(&probe));
+        if a > 0.0 { b / a } else { 1.0 }
+    };
+    let mel = encoder.mel();
+    let mut mels = Vec::with_capacity(windows.len() * PARTIAL_FRAMES * N_MELS);
+    let mut buf = vec![0f32; PARTIAL_SAMPLES];
+    for w in &windows {
+        buf.fill(0.0);
+        let end = (w.start + PARTIAL_SAMPLES).min(samples.len());
+        for (b, s) in buf.iter_mut().zip(&samples[w.start..end]) {
+            *b = s * gain;
+        }
+        let m = mel.compute(&buf)?;
+        mels.extend_from_slice(&m[..PARTIAL_FRAMES * N_MELS]);
+    }
+    let embeds = encoder.embed_partials(&mels)?;
+    let labels = label_windows(&windows, &embeds, opts);
+    Ok(turns(&windows, &labels, &regions))
+}
+
+fn rms(x: &[f32]) -> f32 {
+    if x.is_empty() {
+        return 0.0;
+    }
+    (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt()
+}
+
+fn label_windows(windows: &[Window], embeds: &[Vec<f32>], opts: &DiarizeOptions) -> Vec<usize> {
+    // Bound the clustering: neighbouring windows of one region are averaged
+    // in groups when there are too many.
+    let group = embeds.len().div_ceil(MAX_CLUSTER_ITEMS).max(1);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, w) in windows.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if g.len() < group && windows[g[0]].region == w.region => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    let items: Vec<Vec<f32>> = groups
+        .iter()
+        .map(|g| mean_normalized(&g.iter().map(|&i| embeds[i].clone()).collect::<Vec<_>>()))
+        .collect();
+    let item_labels = cluster(&items, opts.threshold, opts.count);
+    let mut labels = vec![0usize; windows.len()];
+    for (g, l) in groups.iter().zip(&item_labels) {
+        for &i in g {
+            labels[i] = *l;
+        }
+    }
+    fold_small(&mut labels, embeds, opts.count.min, opts.hop);
+    // A lone window between two of one speaker inside a region is theirs,
+    // unless that would leave fewer speakers than the minimum asked for.
+    let before = labels.clone();
+    for i in 1..labels.len().saturating_sub(1) {
+        let (p, n) = (labels[i - 1], labels[i + 1]);
+        if p == n
+            && labels[i] != p
+            && windows[i - 1].region == windows[i].region
+            && windows[i + 1].region == windows[i].region
+        {
+            labels[i] = p;
+        }
+    }
+    let distinct = |l: &[usize]| l.iter().collect::<std::collections::HashSet<_>>().len();
+    if distinct(&labels) < opts.count.min.min(distinct(&before)) {
+        labels = before;
+    }
+    renumber(&labels)
+}
+
+/// Folds speakers heard for under [`MIN_SPEAKER_SECONDS`] into the most
+/// similar remaining one while more than `min` speakers remain.
+fn fold_small(labels: &mut [usize], embeds: &[Vec<f32>], min: usize, hop: usize) {
+    let secs_per_window = hop as f64 / f64::from(SAMPLE_RATE);
+    loop {
+        let k = labels.iter().max().map_or(0, |m| m + 1);
+        let mut counts = vec![0usize; k];
+        for l in labels.iter() {
+            counts[*l] += 1;
+        }
+        let live: Vec<usize> = (0..k).filter(|s| counts[*s] > 0).collect();
+        if live.len() <= min.max(1) {
+            return;
+        }
+        let Some(&small) = live
+            .iter()
+            .filter(|s| counts[**s] as f64 * secs_per_window < MIN_SPEAKER_SECONDS)
+            .min_by_key(|s| counts[**s])
+        else {
+            return;
+        };
+        let centroid = |s: usize| {
+            mean_normalized(
+                &labels
+                    .iter()
+                    .zip(embeds)
+                    .filter(|(l, _)| **l == s)
+                    .map(|(_, e)| e.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let c = centroid(small);
+        let Some(&to) = live.iter().filter(|s| **s != small).max_by(|a, b| {
+            let da: f32 = centroid(**a).iter().zip(&c).map(|(x, y)| x * y).sum();
+            let db: f32 = centroid(**b).iter().zip(&c).map(|(x, y)| x * y).sum();
+            da.total_cmp(&db)
+        }) else {
+            return;
+        };
+        for l in labels.iter_mut() {
+            if *l == small {
+                *l = to;
+            }
+        }
+    }
+}
+
+fn turns(windows: &[Window], labels: &[usize], regions: &[Range<usize>]) -> Diarization {
+    let sr = f64::from(SAMPLE_RATE);
+    let mut turns: Vec<Turn> = Vec::new();
+    let mut i = 0;
+    while i < windows.len() {
+        let r = windows[i].region;
+        let mut j = i;
+        while j < windows.len() && windows[j].region == r {
+            j += 1;
+        }
+        let reg = &regions[r];
+        for k in i..j {
+            let from = if k == i {
+                reg.start
+            } else {
+                (windows[k - 1].center + windows[k].center) / 2
+            };
+            let to = if k + 1 == j {
+                reg.end
+            } else {
+                (windows[k].center + windows[k + 1].center) / 2
+            };
+            let (start, end) = (from as f64 / sr, to as f64 / sr);
+            match turns.last_mut() {
+                Some(t) if t.speaker == labels[k] && (start - t.end).abs() < 1e-9 => t.end = end,
+                _ => turns.push(Turn {
+                    start,
+                    end,
+                    speaker: labels[k],
+                }),
+            }
+        }
+        i = j;
+    }
+    let speakers = labels.iter().max().map_or(0, |m| m + 1);
+    Diarization { turns, speakers }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_each_region_and_short_ones_get_context() {
+        let regions = vec![0..16_000, 20_000..60_000];
+        let w = plan(&regions, 80_000, 8_000);
+        // Region 0 (1 s) is shorter than a window: one, centred on it, clamped at 0.
+        assert_eq!((w[0].region, w[0].start), (0, 0));
+        // Region 1 (2.5 s): starts 20000, 28000, 34400 (= end - window).
+        let r1: Vec<usize> = w
+            .iter()
+            .filter(|w| w.region == 1)
+            .map(|w| w.start)
+            .collect();
+        assert_eq!(r1, vec![20_000, 28_000, 34_400]);
+    }
+
+    #[test]
+    fn turns_split_regions_between_windows() {
+        let regions: Vec<Range<usize>> = std::iter::once(0..48_000).collect();
+        let w = plan(&regions, 48_000, 8_000);
+        let labels: Vec<usize> = w.iter().map(|w| usize::from(w.center > 24_000)).collect();
+        let d = turns(&w, &labels, &regions);
+        assert_eq!(d.speakers, 2);
+        assert_eq!(d.turns.len(), 2);
+        assert_eq!(d.turns[0].start, 0.0);
+        assert_eq!(d.turns[1].end, 3.0);
+        assert_eq!(d.speaker_at(2.9, 3.0), Some(1));
+        assert_eq!(d.speaker_at(0.0, 0.2), Some(0));
+        // Outside every turn: the nearest.
+        assert_eq!(d.speaker_at(5.0, 5.5), Some(1));
+        assert_eq!(Diarization::default().speaker_at(0.0, 1.0), None);
+    }
+}
