@@ -18,6 +18,9 @@ pub struct Word {
     pub end: f64,
     /// Confidence (0..1).
     pub probability: f64,
+    /// Who said it (`Speaker 1`, ...), when the transcript was diarized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speaker: Option<String>,
 }
 
 /// A timed stretch of text.
@@ -49,6 +52,9 @@ pub struct Segment {
     /// ...), when a translation was asked for and none passed the checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translation_failure: Option<String>,
+    /// Who spoke (`Speaker 1`, ...), when the transcript was diarized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speaker: Option<String>,
 }
 
 /// How the decoder arrived at a segment's text (OpenAI's verbose_json fields).
@@ -74,6 +80,11 @@ impl Segment {
             (None, None) => self.text.as_str().into(),
         }
     }
+}
+
+/// The name of speaker `index` (from 0) in every output: `Speaker 1`, ...
+pub fn speaker_name(index: usize) -> String {
+    format!("Speaker {}", index + 1)
 }
 
 /// Marks a caption shown in its own language because no translation of it
@@ -188,6 +199,50 @@ pub fn cue_text(text: &str) -> String {
 }
 
 impl Transcript {
+    /// Labels every word and segment with the speaker `speaker_at` gives for
+    /// its time span (seconds), and splits a segment where its words change
+    /// speaker, at the word boundary. Split parts take their words' text and
+    /// times; their decoder figures (which were for the whole) are dropped.
+    /// A translated segment is not split (its translation has no word
+    /// times): it takes the speaker of most of its words. Segments are
+    /// renumbered.
+    pub fn apply_speakers(&mut self, speaker_at: impl Fn(f64, f64) -> Option<usize>) {
+        let mut out = Vec::with_capacity(self.segments.len());
+        for mut seg in std::mem::take(&mut self.segments) {
+            for w in &mut seg.words {
+                w.speaker = speaker_at(w.start, w.end).map(speaker_name);
+            }
+            let translated = seg.translation.is_some() || seg.translation_failure.is_some();
+            let runs = runs_of(&seg.words);
+            if runs.len() <= 1 || translated {
+                seg.speaker = majority(&seg.words)
+                    .or_else(|| speaker_at(seg.start, seg.end).map(speaker_name));
+                out.push(seg);
+                continue;
+            }
+            for run in runs {
+                let words = seg.words[run].to_vec();
+                let text: String = words.iter().map(|w| w.word.as_str()).collect();
+                out.push(Segment {
+                    id: 0,
+                    start: words.first().map_or(seg.start, |w| w.start),
+                    end: words.last().map_or(seg.end, |w| w.end),
+                    text,
+                    decoding: None,
+                    no_speech_prob: seg.no_speech_prob,
+                    speaker: words.first().and_then(|w| w.speaker.clone()),
+                    words,
+                    translation: None,
+                    translation_failure: None,
+                });
+            }
+        }
+        for (i, s) in out.iter_mut().enumerate() {
+            s.id = i;
+        }
+        self.segments = out;
+    }
+
     /// The whole text, translated when a translation was asked for.
     pub fn text(&self) -> String {
         let unspaced = matches!(self.target_language.as_deref(), Some("zh" | "ja" | "th"));
@@ -209,7 +264,7 @@ impl Transcript {
         match format {
             Format::Text => {
                 let mut out = shown()
-                    .map(|s| s.display_text().trim().to_owned())
+                    .map(|s| format!("{}{}", prefix(s), s.display_text().trim()))
                     .collect::<Vec<_>>()
                     .join("\n");
                 out.push('\n');
@@ -219,9 +274,15 @@ impl Transcript {
                 "text": self.text(),
                 "language": self.target_language.as_deref().unwrap_or(&self.language),
                 "duration": self.duration,
-                "segments": self.segments.iter().map(|s| serde_json::json!({
-                    "id": s.id, "start": s.start, "end": s.end, "text": s.display_text().trim(),
-                })).collect::<Vec<_>>(),
+                "segments": self.segments.iter().map(|s| {
+                    let mut v = serde_json::json!({
+                        "id": s.id, "start": s.start, "end": s.end, "text": s.display_text().trim(),
+                    });
+                    if let Some(who) = &s.speaker {
+                        v["speaker"] = who.clone().into();
+                    }
+                    v
+                }).collect::<Vec<_>>(),
             })
             .to_string(),
             Format::VerboseJson => {
@@ -245,10 +306,11 @@ impl Transcript {
                 .enumerate()
                 .map(|(n, s)| {
                     format!(
-                        "{}\n{} --> {}\n{}\n\n",
+                        "{}\n{} --> {}\n{}{}\n\n",
                         n + 1,
                         timestamp(s.start, ','),
                         timestamp(s.end, ','),
+                        prefix(s),
                         cue_text(&s.display_text())
                     )
                 })
@@ -256,17 +318,66 @@ impl Transcript {
             Format::Vtt => {
                 let mut out = String::from("WEBVTT\n\n");
                 for s in shown() {
+                    // A voice span names the speaker (`<v Speaker 1>`); the
+                    // cue text is escaped as WebVTT requires inside one.
+                    let text = cue_text(&s.display_text());
+                    let text = match &s.speaker {
+                        Some(who) => format!("<v {}>{}", vtt_escape(who), vtt_escape(&text)),
+                        None => text,
+                    };
                     out.push_str(&format!(
-                        "{} --> {}\n{}\n\n",
+                        "{} --> {}\n{text}\n\n",
                         timestamp(s.start, '.'),
                         timestamp(s.end, '.'),
-                        cue_text(&s.display_text())
                     ));
                 }
                 out
             }
         }
     }
+}
+
+/// `Speaker 1: ` before a diarized segment in text and SubRip.
+fn prefix(s: &Segment) -> String {
+    s.speaker
+        .as_deref()
+        .map(|w| format!("{w}: "))
+        .unwrap_or_default()
+}
+
+fn vtt_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Index ranges of consecutive words with one speaker.
+fn runs_of(words: &[Word]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if words[r.start].speaker == w.speaker => r.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
+/// The speaker of most words.
+fn majority(words: &[Word]) -> Option<String> {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for w in words {
+        if let Some(s) = &w.speaker {
+            match counts.iter_mut().find(|(n, _)| *n == s) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((s, 1)),
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, c)| *c)
+        .map(|(n, _)| n.to_owned())
 }
 
 #[cfg(test)]
@@ -289,6 +400,7 @@ mod tests {
             words: vec![],
             translation: None,
             translation_failure: None,
+            speaker: None,
         };
         let mut t = Transcript {
             task: "transcribe".into(),
@@ -305,6 +417,7 @@ mod tests {
             start: 0.0,
             end: 0.4,
             probability: 0.9,
+            speaker: None,
         }];
         t
     }
@@ -382,5 +495,62 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&t.render(Format::VerboseJson)).unwrap();
         assert_eq!(v["segments"][0]["text"], " Go forward.");
         assert_eq!(v["segments"][0]["translation"], "向前走。");
+    }
+
+    #[test]
+    fn speakers_split_segments_at_word_boundaries_and_show_in_every_format() {
+        let w = |word: &str, start: f64, end: f64| Word {
+            word: word.into(),
+            start,
+            end,
+            probability: 0.9,
+            speaker: None,
+        };
+        let mut t = sample();
+        t.segments[0].words = vec![
+            w(" Go", 0.0, 0.4),
+            w(" forward.", 0.5, 1.0),
+            w(" Yes.", 1.6, 2.4),
+        ];
+        // Speaker 0 until 1.2 s, then speaker 1.
+        t.apply_speakers(|s, e| Some(usize::from((s + e) / 2.0 > 1.2)));
+        assert_eq!(t.segments.len(), 3);
+        assert_eq!(t.segments[0].text, " Go forward.");
+        assert_eq!((t.segments[0].start, t.segments[0].end), (0.0, 1.0));
+        assert_eq!(t.segments[0].decoding, None);
+        assert_eq!(t.segments[1].text, " Yes.");
+        assert_eq!(t.segments[1].speaker.as_deref(), Some("Speaker 2"));
+        assert_eq!(t.segments[1].words[0].speaker.as_deref(), Some("Speaker 2"));
+        // No words: the segment's span decides.
+        assert_eq!(t.segments[2].speaker.as_deref(), Some("Speaker 2"));
+        assert_eq!(
+            t.segments.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert!(
+            t.render(Format::Text)
+                .starts_with("Speaker 1: Go forward.\nSpeaker 2: Yes.\n")
+        );
+        assert!(
+            t.render(Format::Srt)
+                .contains("00:00:01,000\nSpeaker 1: Go forward.\n")
+        );
+        let vtt = t.render(Format::Vtt);
+        assert!(
+            vtt.contains("00:00:01.600 --> 00:00:02.400\n<v Speaker 2>Yes.\n"),
+            "{vtt}"
+        );
+        assert!(vtt.contains("<v Speaker 2>Ten -&gt; meters now"), "{vtt}");
+        let j: serde_json::Value = serde_json::from_str(&t.render(Format::Json)).unwrap();
+        assert_eq!(j["segments"][0]["speaker"], "Speaker 1");
+        let v: serde_json::Value = serde_json::from_str(&t.render(Format::VerboseJson)).unwrap();
+        assert_eq!(v["segments"][1]["speaker"], "Speaker 2");
+        assert_eq!(v["words"][2]["speaker"], "Speaker 2");
+        // Undiarized output is unchanged: no speaker fields, no prefixes.
+        let plain = sample();
+        let v: serde_json::Value =
+            serde_json::from_str(&plain.render(Format::VerboseJson)).unwrap();
+        assert!(v["segments"][0].get("speaker").is_none());
+        assert!(!plain.render(Format::Vtt).contains("<v "));
     }
 }

@@ -39,6 +39,9 @@ enum BenchCommand {
     /// after the end of speech.
     #[cfg(feature = "fleet")]
     Fleet(crate::bench_fleet::FleetArgs),
+    /// Speaker diarization: DER (offline and live), word speaker attribution
+    /// error and time on the meeting set, beside Resemblyzer's own encoder.
+    Diarize(crate::bench_diarize::DiarizeBenchArgs),
     /// Text translation: seconds per sentence and tokens per second of the
     /// Qwen GGUF as the fleet loads it, beside the same file as stored.
     Translate(crate::bench_translate::TranslateBenchArgs),
@@ -390,6 +393,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Bus(a) => crate::bench_bus::run(a),
         #[cfg(feature = "fleet")]
         BenchCommand::Fleet(a) => crate::bench_fleet::run(a),
+        BenchCommand::Diarize(a) => crate::bench_diarize::run(a),
         BenchCommand::Translate(a) => crate::bench_translate::run(a),
         #[cfg(feature = "fleet")]
         BenchCommand::Tts(a) => crate::bench_tts::run(a),

@@ -7,6 +7,7 @@
 mod bench;
 #[cfg(feature = "fleet")]
 mod bench_bus;
+mod bench_diarize;
 #[cfg(feature = "fleet")]
 mod bench_fleet;
 mod bench_translate;

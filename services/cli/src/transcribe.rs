@@ -37,6 +37,16 @@ pub struct TranscribeArgs {
     /// Time every word (verbose_json, and finer subtitle cues).
     #[arg(long)]
     word_timestamps: bool,
+    /// Say who spoke when: segments split at speaker changes and labelled
+    /// `Speaker 1`, `Speaker 2`, ... (needs `nexus models pull ge2e silero-vad`).
+    #[arg(long)]
+    diarize: bool,
+    /// At least this many speakers (implies `--diarize`).
+    #[arg(long)]
+    min_speakers: Option<usize>,
+    /// At most this many speakers (implies `--diarize`).
+    #[arg(long)]
+    max_speakers: Option<usize>,
     /// Beam width (1 = greedy).
     #[arg(long, default_value_t = 5)]
     beam_size: usize,
@@ -167,10 +177,12 @@ pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Trans
                         start: f64::from(w.start),
                         end: f64::from(w.end),
                         probability: f64::from(w.probability),
+                        speaker: None,
                     })
                     .collect(),
                 translation: None,
                 translation_failure: None,
+                speaker: None,
             })
             .collect(),
     }
@@ -198,6 +210,25 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         };
         (r, f, args.raw_channels)
     });
+    let diarize = args.diarize || args.min_speakers.is_some() || args.max_speakers.is_some();
+    let diarizer = if diarize {
+        let count = nexus_models::speaker::speaker_count(args.min_speakers, args.max_speakers)
+            .map_err(anyhow::Error::msg)?;
+        let store = nexus_weights::Store::new(
+            args.home
+                .clone()
+                .unwrap_or_else(nexus_weights::Store::default_root),
+        );
+        let d = nexus_models::speaker::Diarizer::load(
+            &store.model_dir("ge2e"),
+            &store.source_dir("silero-vad").join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .context("--diarize needs `nexus models pull ge2e silero-vad`")?;
+        Some((d, count))
+    } else {
+        None
+    };
     let samples = load_audio(&args.file, raw)?;
     let t0 = Instant::now();
     let engine = WhisperEngine::load_with(&dir, &candle_core::Device::Cpu, args.precision)?;
@@ -212,7 +243,8 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         beam_size: args.beam_size.max(1),
         initial_prompt: args.prompt.clone(),
         hotwords: args.hotwords.clone(),
-        word_timestamps: args.word_timestamps,
+        // Speaker changes are placed at word boundaries.
+        word_timestamps: args.word_timestamps || diarize,
         ..TranscribeOptions::default()
     };
     let t1 = Instant::now();
@@ -226,6 +258,23 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         "transcribed"
     );
     let mut transcript = to_transcript(&result, task);
+    if let Some((d, count)) = &diarizer {
+        let t2 = Instant::now();
+        let who = d.run(
+            &samples,
+            &nexus_models::speaker::DiarizeOptions {
+                count: *count,
+                ..Default::default()
+            },
+        )?;
+        tracing::info!(
+            speakers = who.speakers,
+            turns = who.turns.len(),
+            took_s = t2.elapsed().as_secs_f64(),
+            "diarized"
+        );
+        transcript.apply_speakers(|s, e| who.speaker_at(s, e));
+    }
     if let (Some(target), Some(file)) = (text_target, translator_file) {
         let mut translator =
             nexus_models::qwen::Translator::load(&file, &candle_core::Device::Cpu)?;

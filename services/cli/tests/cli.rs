@@ -141,3 +141,116 @@ fn pull_verifies_a_real_package() {
         .unwrap();
     assert!(line.contains("ready"), "{line}");
 }
+
+fn testdata() -> std::path::PathBuf {
+    std::env::var_os("NEXUS_TESTDATA").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/testdata"),
+        std::path::PathBuf::from,
+    )
+}
+
+/// A 16-bit mono WAV of `clips` (test-data paths) with `gap` seconds between.
+fn meeting_wav(clips: &[&str], gap: f32) -> Vec<u8> {
+    let mut samples: Vec<f32> = Vec::new();
+    for c in clips {
+        let bytes = std::fs::read(testdata().join(c)).expect("run scripts/fetch-testdata.sh");
+        let mut ch = nexus_audio::decode_to_model_rate(
+            bytes,
+            Some("wav"),
+            &nexus_audio::AudioLimits::default(),
+            nexus_audio::Layout::Mono,
+        )
+        .expect("a test clip decodes");
+        samples.extend(ch.remove(0));
+        samples.extend(std::iter::repeat_n(0.0, (gap * 16_000.0) as usize));
+    }
+    let data = (samples.len() * 2) as u32;
+    let mut b = Vec::new();
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + data).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00");
+    b.extend_from_slice(&16_000u32.to_le_bytes());
+    b.extend_from_slice(&32_000u32.to_le_bytes());
+    b.extend_from_slice(b"\x02\x00\x10\x00data");
+    b.extend_from_slice(&data.to_le_bytes());
+    for s in samples {
+        b.extend_from_slice(&((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes());
+    }
+    b
+}
+
+#[test]
+#[ignore = "needs the tiny.en, ge2e and silero-vad weights and the test data"]
+fn transcribe_diarize_says_who_spoke_when() {
+    let home = std::env::var_os("NEXUS_HOME").map_or_else(
+        || {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
+                .join(".cache")
+                .join("nexus")
+        },
+        std::path::PathBuf::from,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("meeting.wav");
+    // The LibriVox reader, SpeechBrain's first reader, the LibriVox reader again.
+    std::fs::write(
+        &file,
+        meeting_wav(
+            &[
+                "librivox/sense_and_sensibility_01_austen_64kb-0870.wav",
+                "speechbrain/ASR/spk1_snt1.wav",
+                "speechbrain/ASR/spk1_snt2.wav",
+                "librivox/sense_and_sensibility_01_austen_64kb-0920.wav",
+            ],
+            0.6,
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let base = ["transcribe", f, "--model", "tiny.en", "--beam-size", "1"];
+    let run = |extra: &[&str]| {
+        let out = nexus(&[&base[..], extra].concat(), &home);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // WebVTT voices, in turn order: 1, 2, 1.
+    let vtt = run(&["--diarize", "--format", "vtt"]);
+    let voices: Vec<&str> = vtt
+        .lines()
+        .filter_map(|l| l.strip_prefix("<v ").and_then(|l| l.split('>').next()))
+        .collect();
+    let mut turns = voices.clone();
+    turns.dedup();
+    assert_eq!(turns, ["Speaker 1", "Speaker 2", "Speaker 1"], "{vtt}");
+    // Text and SubRip carry prefixes; JSON speakers on segments and words.
+    assert!(run(&["--diarize"]).starts_with("Speaker 1: "));
+    let v: serde_json::Value =
+        serde_json::from_str(&run(&["--diarize", "--format", "verbose_json"])).unwrap();
+    let words = v["words"].as_array().unwrap();
+    assert!(words.iter().all(|w| w["speaker"].is_string()), "{v}");
+    assert!(words.iter().any(|w| w["speaker"] == "Speaker 2"));
+    // At most one speaker: everyone is Speaker 1.
+    let one: serde_json::Value =
+        serde_json::from_str(&run(&["--max-speakers", "1", "--format", "verbose_json"])).unwrap();
+    assert!(
+        one["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["speaker"] == "Speaker 1"),
+        "{one}"
+    );
+    // Out-of-range counts are refused, naming the field and the limit.
+    let out = nexus(&[&base[..], &["--min-speakers", "0"]].concat(), &home);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("min_speakers is 0; it must be 1 to 32"),
+        "{}",
+        text(&out)
+    );
+    let out = nexus(
+        &[&base[..], &["--min-speakers", "3", "--max-speakers", "2"]].concat(),
+        &home,
+    );
+    assert!(text(&out).contains("above max_speakers"), "{}", text(&out));
+}

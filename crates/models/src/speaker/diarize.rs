@@ -139,6 +139,63 @@ fn plan(regions: &[Range<usize>], total: usize, hop: usize) -> Vec<Window> {
 
 const HOP_MIN: usize = 1_600;
 
+/// What diarizing a whole recording needs: the voice encoder and the VAD
+/// that finds its speech.
+pub struct Diarizer {
+    /// The GE2E encoder.
+    pub encoder: SpeakerEncoder,
+    /// Silero VAD.
+    pub vad: crate::vad::SileroVad,
+}
+
+impl std::fmt::Debug for Diarizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Diarizer").finish_non_exhaustive()
+    }
+}
+
+impl Diarizer {
+    /// Loads the encoder from its folder and the VAD from its safetensors file.
+    pub fn load(
+        encoder_dir: &std::path::Path,
+        vad_file: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            encoder: SpeakerEncoder::load(encoder_dir, device)?,
+            vad: crate::vad::SileroVad::load(vad_file, device)?,
+        })
+    }
+
+    /// Who spoke when in `samples` (16 kHz mono).
+    pub fn run(&self, samples: &[f32], opts: &DiarizeOptions) -> Result<Diarization> {
+        let probs = self.vad.probabilities(samples)?;
+        let regions = crate::vad::speech_regions(&probs, samples.len());
+        diarize(&self.encoder, samples, &regions, opts)
+    }
+}
+
+/// Checks a requested speaker range (`min_speakers`, `max_speakers`, either
+/// unset), naming the field and the limit when it is out of bounds.
+pub fn speaker_count(
+    min: Option<usize>,
+    max: Option<usize>,
+) -> std::result::Result<SpeakerCount, String> {
+    use super::cluster::MAX_SPEAKERS;
+    for (field, v) in [("min_speakers", min), ("max_speakers", max)] {
+        if let Some(v) = v
+            && !(1..=MAX_SPEAKERS).contains(&v)
+        {
+            return Err(format!("{field} is {v}; it must be 1 to {MAX_SPEAKERS}"));
+        }
+    }
+    let (lo, hi) = (min.unwrap_or(1), max.unwrap_or(MAX_SPEAKERS));
+    if lo > hi {
+        return Err(format!("min_speakers ({lo}) is above max_speakers ({hi})"));
+    }
+    Ok(SpeakerCount { min: lo, max: hi })
+}
+
 /// Diarizes `samples` (16 kHz mono) given its speech `regions` (sample
 /// ranges, sorted, not overlapping).
 pub fn diarize(
@@ -156,7 +213,76 @@ pub fn diarize(
     if windows.is_empty() {
         return Ok(Diarization::default());
     }
-    // Loudness as the reference normalises it, over the speech only.
+    let embeds = window_embeddings(encoder, samples, &regions, &windows)?;
+    let labels = label_windows(&windows, &embeds, opts);
+    Ok(turns(&windows, &labels, &regions))
+}
+
+/// Live diarization of one stream: each final's windows are labelled on
+/// arrival against the speakers heard so far ([`OnlineClusters`]: bounded
+/// centroids, no look-back), so a final whose audio changes speaker is
+/// split where its windows do.
+#[derive(Debug, Clone)]
+pub struct OnlineDiarizer {
+    clusters: super::cluster::OnlineClusters,
+    hop: usize,
+}
+
+impl OnlineDiarizer {
+    /// A session's diarizer.
+    pub fn new(threshold: f32, max_speakers: usize) -> Self {
+        Self {
+            clusters: super::cluster::OnlineClusters::new(threshold, max_speakers),
+            hop: DEFAULT_HOP,
+        }
+    }
+
+    /// Speakers heard so far.
+    pub fn speakers(&self) -> usize {
+        self.clusters.speakers()
+    }
+
+    /// The turns of `span` (sample offsets into `samples`, which holds at
+    /// least the span; the stream's own offsets are `origin` + these), in
+    /// stream seconds.
+    pub fn label(
+        &mut self,
+        encoder: &SpeakerEncoder,
+        samples: &[f32],
+        span: Range<usize>,
+        origin: usize,
+    ) -> Result<Vec<Turn>> {
+        let span = span.start.min(samples.len())..span.end.min(samples.len());
+        if span.is_empty() {
+            return Ok(Vec::new());
+        }
+        let regions = std::slice::from_ref(&span);
+        let windows = plan(regions, samples.len(), self.hop);
+        let embeds = window_embeddings(encoder, samples, regions, &windows)?;
+        let mut labels: Vec<usize> = embeds.iter().map(|e| self.clusters.assign(e)).collect();
+        for i in 1..labels.len().saturating_sub(1) {
+            if labels[i - 1] == labels[i + 1] {
+                labels[i] = labels[i - 1];
+            }
+        }
+        let mut d = turns(&windows, &labels, regions);
+        let shift = origin as f64 / f64::from(SAMPLE_RATE);
+        for t in &mut d.turns {
+            t.start += shift;
+            t.end += shift;
+        }
+        Ok(d.turns)
+    }
+}
+
+/// Embeddings of `windows`, loudness raised over the speech of `regions`
+/// as the reference normalises a recording.
+fn window_embeddings(
+    encoder: &SpeakerEncoder,
+    samples: &[f32],
+    regions: &[Range<usize>],
+    windows: &[Window],
+) -> Result<Vec<Vec<f32>>> {
     let speech: Vec<f32> = regions
         .iter()
         .flat_map(|r| &samples[r.clone()])
@@ -168,21 +294,18 @@ pub fn diarize(
         let (a, b) = (rms(&speech), rms(&probe));
         if a > 0.0 { b / a } else { 1.0 }
     };
-    let mel = encoder.mel();
     let mut mels = Vec::with_capacity(windows.len() * PARTIAL_FRAMES * N_MELS);
     let mut buf = vec![0f32; PARTIAL_SAMPLES];
-    for w in &windows {
+    for w in windows {
         buf.fill(0.0);
         let end = (w.start + PARTIAL_SAMPLES).min(samples.len());
         for (b, s) in buf.iter_mut().zip(&samples[w.start..end]) {
             *b = s * gain;
         }
-        let m = mel.compute(&buf)?;
+        let m = encoder.mel().compute(&buf)?;
         mels.extend_from_slice(&m[..PARTIAL_FRAMES * N_MELS]);
     }
-    let embeds = encoder.embed_partials(&mels)?;
-    let labels = label_windows(&windows, &embeds, opts);
-    Ok(turns(&windows, &labels, &regions))
+    encoder.embed_partials(&mels)
 }
 
 fn rms(x: &[f32]) -> f32 {
@@ -323,6 +446,34 @@ fn turns(windows: &[Window], labels: &[usize], regions: &[Range<usize>]) -> Diar
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speaker_counts_are_checked_at_the_edge() {
+        assert_eq!(
+            speaker_count(None, None).unwrap(),
+            SpeakerCount { min: 1, max: 32 }
+        );
+        assert_eq!(
+            speaker_count(Some(2), Some(2)).unwrap(),
+            SpeakerCount { min: 2, max: 2 }
+        );
+        assert!(
+            speaker_count(Some(0), None)
+                .unwrap_err()
+                .contains("min_speakers is 0")
+        );
+        assert!(
+            speaker_count(None, Some(33))
+                .unwrap_err()
+                .contains("max_speakers is 33; it must be 1 to 32")
+        );
+        assert!(
+            speaker_count(Some(3), Some(2))
+                .unwrap_err()
+                .contains("above max_speakers")
+        );
+        assert!(speaker_count(None, Some(1_000_000_000)).is_err());
+    }
 
     #[test]
     fn windows_cover_each_region_and_short_ones_get_context() {

@@ -8,5 +8,7 @@ pub mod encoder;
 pub mod mel;
 
 pub use cluster::{MAX_SPEAKERS, OnlineClusters, SpeakerCount};
-pub use diarize::{Diarization, DiarizeOptions, Turn, diarize};
+pub use diarize::{
+    Diarization, DiarizeOptions, Diarizer, OnlineDiarizer, Turn, diarize, speaker_count,
+};
 pub use encoder::{EMBED_DIM, SpeakerEncoder};
