@@ -122,6 +122,7 @@ impl SpeechRecognition for CountingRecognizer {
                         start_ms: 120,
                         end_ms: 300,
                         confidence: 0.95,
+                        speaker: String::new(),
                     }],
                 }],
                 is_final: true,

@@ -11,7 +11,9 @@ use nexus_models::Precision;
 use nexus_models::nexus::NexusModel;
 use nexus_models::whisper::WhisperEngine;
 
-pub use nexus_weights::resolve::{resolve_gguf, resolve_model, resolve_vad};
+pub use nexus_weights::resolve::{
+    resolve_gguf, resolve_model, resolve_speaker_encoder, resolve_vad,
+};
 
 /// The NEXUS-O models among `names` (their folder's config says so), for
 /// processes that do not load them: these translate into any language

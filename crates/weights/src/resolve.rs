@@ -58,6 +58,12 @@ pub fn resolve_gguf(spec: &str, home: Option<PathBuf>) -> Result<PathBuf> {
     Ok(file)
 }
 
+/// The GE2E speaker encoder's folder, when `nexus models pull ge2e` has run.
+pub fn resolve_speaker_encoder(home: Option<PathBuf>) -> Option<PathBuf> {
+    let dir = Store::new(home.unwrap_or_else(Store::default_root)).model_dir("ge2e");
+    dir.join("model.safetensors").is_file().then_some(dir)
+}
+
 /// The Silero VAD weights file.
 pub fn resolve_vad(home: Option<PathBuf>) -> Result<PathBuf> {
     let store = Store::new(home.unwrap_or_else(Store::default_root));

@@ -301,6 +301,8 @@ fn finish_nexus(
             no_speech_probability: 0.0,
             // The LM reports no Whisper-style window figures: left out, not zeroed.
             decoding: None,
+            // Speakers are given by ingest, which diarizes the recording.
+            speaker: String::new(),
         }]
     } else {
         Vec::new()
@@ -635,6 +637,7 @@ fn finish(a: Active) -> Output {
                 start_ms: seg.start_ms + (w.start * 1000.0) as u64,
                 end_ms: seg.start_ms + (w.end * 1000.0) as u64,
                 confidence: w.probability,
+                speaker: String::new(),
             })
             .collect();
         let alternatives = if text.is_empty() {
@@ -663,6 +666,7 @@ fn finish(a: Active) -> Output {
                                 start_ms: at(w.start),
                                 end_ms: at(w.end),
                                 confidence: w.probability,
+                                speaker: String::new(),
                             })
                             .collect(),
                     }],
@@ -680,6 +684,7 @@ fn finish(a: Active) -> Output {
                         avg_logprob: s.avg_logprob,
                         compression_ratio: s.compression_ratio,
                     }),
+                    speaker: String::new(),
                 })
                 .collect()
         } else {

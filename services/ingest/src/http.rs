@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use nexus_bus::Bus;
 use nexus_proto::speech::{
-    DecodingOptions, RecognitionConfig, SpeechContext, Task, TranslationConfig,
+    DecodingOptions, RecognitionConfig, SpeakerDiarizationConfig, SpeechContext, Task,
+    TranslationConfig,
 };
 use nexus_transcript::Format;
 use tokio::sync::mpsc;
@@ -234,6 +235,9 @@ struct Form {
     granularities: Vec<String>,
     stream: Option<String>,
     target_language: Option<String>,
+    diarize: Option<String>,
+    min_speakers: Option<String>,
+    max_speakers: Option<String>,
 }
 
 async fn read_form(mut mp: Multipart, limit: u64) -> Result<Form, ApiError> {
@@ -274,6 +278,9 @@ async fn read_form(mut mp: Multipart, limit: u64) -> Result<Form, ApiError> {
             "timestamp_granularities[]" | "timestamp_granularities" => f.granularities.push(value),
             "stream" => f.stream = Some(value),
             "target_language" => f.target_language = Some(value),
+            "diarize" => f.diarize = Some(value),
+            "min_speakers" => f.min_speakers = Some(value),
+            "max_speakers" => f.max_speakers = Some(value),
             other => tracing::debug!(field = other, "unused form field ignored"),
         }
     }
@@ -370,6 +377,51 @@ async fn audio<B: Bus>(
             ));
         }
     };
+    // Who spoke when (extension fields): `diarize=true`, optionally with
+    // `min_speakers` / `max_speakers`, which imply it.
+    let count = |field: &'static str, v: Option<&str>| -> Result<u32, ApiError> {
+        match v.map(str::trim) {
+            None | Some("") => Ok(0),
+            Some(n) => n
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=nexus_models::speaker::MAX_SPEAKERS as u32).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        format!(
+                            "{field} {n:?} must be a whole number from 1 to {}",
+                            nexus_models::speaker::MAX_SPEAKERS
+                        ),
+                        field,
+                    )
+                }),
+        }
+    };
+    let min_speakers = count("min_speakers", form.min_speakers.as_deref())?;
+    let max_speakers = count("max_speakers", form.max_speakers.as_deref())?;
+    let diarize = match form.diarize.as_deref().map(str::trim) {
+        None | Some("") => min_speakers > 0 || max_speakers > 0,
+        Some("true" | "True" | "1") => true,
+        Some("false" | "False" | "0") if min_speakers == 0 && max_speakers == 0 => false,
+        Some("false" | "False" | "0") => {
+            return Err(ApiError::bad(
+                "min_speakers/max_speakers need diarize=true",
+                "diarize",
+            ));
+        }
+        Some(s) => {
+            return Err(ApiError::bad(
+                format!("diarize {s:?} must be true or false"),
+                "diarize",
+            ));
+        }
+    };
+    if diarize && stream {
+        return Err(ApiError::bad(
+            "diarize needs the whole file before speakers are known; ask without stream=true",
+            "stream",
+        ));
+    }
     let model = match form.model.as_deref().map(str::trim) {
         None | Some("") | Some(OPENAI_MODEL) => String::new(),
         Some(m) => m.to_owned(),
@@ -401,6 +453,11 @@ async fn audio<B: Bus>(
         decoding: Some(DecodingOptions {
             temperature,
             ..Default::default()
+        }),
+        diarization: diarize.then_some(SpeakerDiarizationConfig {
+            enable: true,
+            min_speakers,
+            max_speakers,
         }),
         ..Default::default()
     };

@@ -21,6 +21,7 @@ mod recognize;
 mod resume;
 mod rooms;
 mod session;
+mod speakers;
 mod synthesis;
 pub mod tls;
 mod transcript;
@@ -206,6 +207,7 @@ pub struct FleetOffer {
 pub struct IngestStage {
     cfg: IngestConfig,
     vad: Arc<SileroVad>,
+    speaker: Option<Arc<nexus_models::speaker::SpeakerEncoder>>,
     shutdown: CancellationToken,
 }
 
@@ -229,6 +231,17 @@ impl IngestStage {
             })
             .await??
         };
+        // The speaker encoder, when pulled: diarization of whole audio runs
+        // here, beside the VAD whose speech regions it reads.
+        let speaker = match nexus_fleet::models::resolve_speaker_encoder(home.clone()) {
+            Some(dir) => Some(Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    nexus_models::speaker::SpeakerEncoder::load(&dir, &candle_core::Device::Cpu)
+                })
+                .await??,
+            )),
+            None => None,
+        };
         let names = process.model_names().to_vec();
         let english_only = match process.loaded_models() {
             Some(m) => m
@@ -250,6 +263,7 @@ impl IngestStage {
                 args,
             },
             vad: Arc::new(vad),
+            speaker,
             shutdown: process.shutdown.clone(),
         })
     }
@@ -268,7 +282,15 @@ impl IngestStage {
                 h.local_addr()?
             );
         }
-        run(self.cfg, bus, self.vad, listeners, self.shutdown).await
+        run(
+            self.cfg,
+            bus,
+            self.vad,
+            self.speaker,
+            listeners,
+            self.shutdown,
+        )
+        .await
     }
 }
 
@@ -301,6 +323,8 @@ pub(crate) struct Inner<B: Bus> {
     pub(crate) cfg: Settings,
     pub(crate) bus: B,
     pub(crate) vad: Arc<SileroVad>,
+    /// The GE2E encoder, when pulled (`nexus models pull ge2e`).
+    pub(crate) speaker: Option<Arc<nexus_models::speaker::SpeakerEncoder>>,
     pub(crate) sessions: Arc<Semaphore>,
     pub(crate) max_sessions: usize,
     pub(crate) shutdown: CancellationToken,
@@ -509,6 +533,26 @@ impl<B: Bus> Ingest<B> {
                 )));
             }
         }
+        if let Some(d) = rc.diarization.as_ref().filter(|d| d.enable) {
+            let nz = |v: u32| (v > 0).then_some(v as usize);
+            nexus_models::speaker::speaker_count(nz(d.min_speakers), nz(d.max_speakers))
+                .map_err(|e| invalid(format!("diarization.{e}")))?;
+            if inner.speaker.is_none() {
+                return Err(Status::failed_precondition(
+                    "diarization needs the speaker encoder on this server: run `nexus models pull ge2e` and restart it",
+                ));
+            }
+            // Speaker changes are placed at word boundaries.
+            rc.enable_word_time_offsets = true;
+        } else if rc
+            .diarization
+            .as_ref()
+            .is_some_and(|d| d.min_speakers > 0 || d.max_speakers > 0)
+        {
+            return Err(invalid(
+                "diarization.min_speakers/max_speakers are set but diarization.enable is false",
+            ));
+        }
         if rc.speech_output.as_ref().is_some_and(|s| s.enabled)
             && !inner.cfg.self_translating.contains(&rc.model)
         {
@@ -584,6 +628,11 @@ impl<B: Bus> Ingest<B> {
             .config
             .clone()
             .ok_or_else(|| invalid("streaming_config.config is required"))?;
+        if rc.diarization.as_ref().is_some_and(|d| d.enable) {
+            return Err(invalid(
+                "diarization is served for whole audio (Recognize, files, batch jobs); live streams do not take it yet",
+            ));
+        }
         self.check_config(&mut rc)?;
         bounds::check_streaming(cfg)?;
         if rc.separate_recognition_per_channel {
@@ -723,6 +772,7 @@ async fn run<B: Bus>(
     cfg: IngestConfig,
     bus: B,
     vad: Arc<SileroVad>,
+    speaker: Option<Arc<nexus_models::speaker::SpeakerEncoder>>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -781,6 +831,7 @@ async fn run<B: Bus>(
         },
         bus,
         vad,
+        speaker,
         sessions: Arc::new(Semaphore::new(cfg.args.max_sessions)),
         max_sessions: cfg.args.max_sessions,
         shutdown: shutdown.clone(),

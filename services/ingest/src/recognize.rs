@@ -129,7 +129,7 @@ pub(crate) struct Progress {
 /// A whole-audio request, decoded and planned, ready to run.
 pub(crate) struct Prepared {
     pub(crate) rc: RecognitionConfig,
-    channels: Vec<Vec<f32>>,
+    channels: std::sync::Arc<Vec<Vec<f32>>>,
     plan: Vec<Window>,
     /// Voice probability per VAD frame, per channel.
     probs: Vec<Vec<f32>>,
@@ -244,7 +244,7 @@ impl<B: Bus> Ingest<B> {
         .map_err(|e| Status::internal(format!("voice activity detection failed: {e}")))?;
         Ok(Prepared {
             rc,
-            channels,
+            channels: std::sync::Arc::new(channels),
             plan,
             probs,
             duration_ms,
@@ -273,9 +273,20 @@ impl<B: Bus> Ingest<B> {
                     duration_ms,
                 });
             }
+            // Who spoke when runs beside the decoding of the windows (on the
+            // blocking pool, one per admitted request), from the same VAD.
+            let diarization = self.start_diarization(&p)?;
             let r = self.run_windows(&id, tenant, &p, progress.as_ref()).await;
             inner.release_slot(&id).await;
             results = r?;
+            if let Some(task) = diarization {
+                let who = task
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::internal(format!("diarization failed: {e}")))?;
+                results.sort_by_key(|r| (r.span.as_ref().map_or(0, |s| s.start_ms), r.channel_tag));
+                results = crate::speakers::label(results, &who);
+            }
         }
         if let Some(p) = &progress {
             let _ = p.send(Progress {
@@ -303,6 +314,42 @@ impl<B: Bus> Ingest<B> {
             model: p.rc.model,
             request_id: id.to_string(),
         })
+    }
+
+    /// Starts diarizing each channel when the request asks for it.
+    #[allow(clippy::type_complexity)]
+    fn start_diarization(
+        &self,
+        p: &Prepared,
+    ) -> Result<
+        Option<tokio::task::JoinHandle<Result<Vec<nexus_models::speaker::Diarization>, String>>>,
+        Status,
+    > {
+        let Some(d) = p.rc.diarization.as_ref().filter(|d| d.enable) else {
+            return Ok(None);
+        };
+        let encoder = self.inner.speaker.clone().ok_or_else(|| {
+            Status::failed_precondition("diarization needs `nexus models pull ge2e` on this server")
+        })?;
+        let nz = |v: u32| (v > 0).then_some(v as usize);
+        let count = nexus_models::speaker::speaker_count(nz(d.min_speakers), nz(d.max_speakers))
+            .map_err(|e| invalid(format!("diarization.{e}")))?;
+        let (channels, probs) = (p.channels.clone(), p.probs.clone());
+        Ok(Some(tokio::task::spawn_blocking(move || {
+            let opts = nexus_models::speaker::DiarizeOptions {
+                count,
+                ..Default::default()
+            };
+            channels
+                .iter()
+                .zip(&probs)
+                .map(|(c, pr)| {
+                    let regions = nexus_models::vad::speech_regions(pr, c.len());
+                    nexus_models::speaker::diarize(&encoder, c, &regions, &opts)
+                        .map_err(|e| e.to_string())
+                })
+                .collect()
+        })))
     }
 
     /// Reads a `file://` location under the configured root.

@@ -32,7 +32,7 @@ pub(crate) fn segment(id: usize, r: &SpeechRecognitionResult) -> Segment {
                 start: seconds(w.start_ms),
                 end: seconds(w.end_ms),
                 probability: f64::from(w.confidence),
-                speaker: None,
+                speaker: (!w.speaker.is_empty()).then(|| w.speaker.clone()),
             })
             .collect(),
         translation: r.translation.as_ref().map(|t| t.text.trim().to_owned()),
@@ -41,7 +41,7 @@ pub(crate) fn segment(id: usize, r: &SpeechRecognitionResult) -> Segment {
             .as_ref()
             .filter(|t| !t.failure.is_empty())
             .map(|t| t.failure.clone()),
-        speaker: None,
+        speaker: (!r.speaker.is_empty()).then(|| r.speaker.clone()),
     }
 }
 

@@ -1,0 +1,167 @@
+//! Speakers on whole-audio results: each word takes the speaker the
+//! recording's diarization gives its time span, and a result whose words
+//! change speaker is split there, so every result has one speaker.
+
+use nexus_models::speaker::Diarization;
+use nexus_proto::speech::{SpeechRecognitionAlternative, SpeechRecognitionResult, TimeSpan};
+use nexus_transcript::speaker_name;
+
+fn secs(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// Labels `results` with `per_channel[channel]`'s speakers (channel tag 0
+/// and 1 both read the first) and splits them at speaker changes. A
+/// translated result keeps its text whole (its translation has no word
+/// times) and takes the speaker of most of its words.
+pub(crate) fn label(
+    results: Vec<SpeechRecognitionResult>,
+    per_channel: &[Diarization],
+) -> Vec<SpeechRecognitionResult> {
+    let mut out = Vec::with_capacity(results.len());
+    for mut r in results {
+        let Some(who) = per_channel.get(r.channel_tag.saturating_sub(1) as usize) else {
+            out.push(r);
+            continue;
+        };
+        let span = r.span.unwrap_or_default();
+        let Some(best) = r.alternatives.first_mut() else {
+            out.push(r);
+            continue;
+        };
+        for w in &mut best.words {
+            w.speaker = who
+                .speaker_at(secs(w.start_ms), secs(w.end_ms))
+                .map(speaker_name)
+                .unwrap_or_default();
+        }
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, w) in best.words.iter().enumerate() {
+            match runs.last_mut() {
+                Some(run) if best.words[run.start].speaker == w.speaker => run.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        if runs.len() <= 1 || r.translation.is_some() {
+            let mut counts: Vec<(String, usize)> = Vec::new();
+            for w in &best.words {
+                match counts.iter_mut().find(|(n, _)| *n == w.speaker) {
+                    Some((_, c)) => *c += 1,
+                    None => counts.push((w.speaker.clone(), 1)),
+                }
+            }
+            r.speaker = counts
+                .into_iter()
+                .max_by_key(|(_, c)| *c)
+                .map(|(n, _)| n)
+                .or_else(|| {
+                    who.speaker_at(secs(span.start_ms), secs(span.end_ms))
+                        .map(speaker_name)
+                })
+                .unwrap_or_default();
+            out.push(r);
+            continue;
+        }
+        let words = std::mem::take(&mut best.words);
+        let confidence = best.confidence;
+        for run in runs {
+            let part = words[run].to_vec();
+            let transcript = part
+                .iter()
+                .map(|w| w.word.trim())
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push(SpeechRecognitionResult {
+                alternatives: vec![SpeechRecognitionAlternative {
+                    transcript,
+                    confidence,
+                    words: part.clone(),
+                }],
+                channel_tag: r.channel_tag,
+                language: r.language.clone(),
+                span: Some(TimeSpan {
+                    start_ms: part.first().map_or(span.start_ms, |w| w.start_ms),
+                    end_ms: part.last().map_or(span.end_ms, |w| w.end_ms),
+                }),
+                translation: None,
+                no_speech_probability: r.no_speech_probability,
+                // The decoder's figures were for the whole segment.
+                decoding: None,
+                speaker: part.first().map(|w| w.speaker.clone()).unwrap_or_default(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use nexus_models::speaker::Turn;
+    use nexus_proto::speech::WordInfo;
+
+    use super::*;
+
+    fn word(w: &str, start_ms: u64, end_ms: u64) -> WordInfo {
+        WordInfo {
+            word: w.into(),
+            start_ms,
+            end_ms,
+            confidence: 0.9,
+            speaker: String::new(),
+        }
+    }
+
+    #[test]
+    fn results_split_where_words_change_speaker() {
+        let who = Diarization {
+            turns: vec![
+                Turn {
+                    start: 0.0,
+                    end: 1.2,
+                    speaker: 0,
+                },
+                Turn {
+                    start: 1.4,
+                    end: 3.0,
+                    speaker: 1,
+                },
+            ],
+            speakers: 2,
+        };
+        let r = SpeechRecognitionResult {
+            alternatives: vec![SpeechRecognitionAlternative {
+                transcript: "Go forward. Yes.".into(),
+                confidence: 0.8,
+                words: vec![
+                    word(" Go", 0, 400),
+                    word(" forward.", 500, 1000),
+                    word(" Yes.", 1600, 2400),
+                ],
+            }],
+            span: Some(TimeSpan {
+                start_ms: 0,
+                end_ms: 2500,
+            }),
+            ..Default::default()
+        };
+        let out = label(vec![r.clone()], std::slice::from_ref(&who));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].alternatives[0].transcript, "Go forward.");
+        assert_eq!(out[0].speaker, "Speaker 1");
+        assert_eq!(out[1].speaker, "Speaker 2");
+        assert_eq!(out[1].alternatives[0].words[0].speaker, "Speaker 2");
+        assert_eq!(
+            out[1].span,
+            Some(TimeSpan {
+                start_ms: 1600,
+                end_ms: 2400
+            })
+        );
+        // Translated: kept whole, the majority's speaker.
+        let mut t = r;
+        t.translation = Some(Default::default());
+        let out = label(vec![t], std::slice::from_ref(&who));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].speaker, "Speaker 1");
+    }
+}
