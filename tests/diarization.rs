@@ -11,7 +11,12 @@
 use nexus_eval::der::{Segment, der};
 use nexus_eval::meetings::{self, MEETINGS};
 use nexus_proto::speech::recognize_request::AudioSource;
-use nexus_proto::speech::{RecognitionConfig, SpeakerDiarizationConfig};
+use nexus_proto::speech::submit_job_request::Source;
+use nexus_proto::speech::transcription_jobs_client::TranscriptionJobsClient;
+use nexus_proto::speech::{
+    GetJobRequest, GetJobResultRequest, JobState, OutputFormat, RecognitionConfig,
+    SpeakerDiarizationConfig, SubmitJobRequest,
+};
 use nexus_tests::fleet::{
     MODEL, english_config, free_addr, pcm16_config, prefix, python, recognize, redis_url, stage,
     stream, testdata,
@@ -33,19 +38,7 @@ fn load16k(rel: &str) -> Vec<f32> {
 }
 
 fn wav(samples: &[f32]) -> Vec<u8> {
-    let data = (samples.len() * 2) as u32;
-    let mut b = Vec::new();
-    b.extend_from_slice(b"RIFF");
-    b.extend_from_slice(&(36 + data).to_le_bytes());
-    b.extend_from_slice(b"WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00");
-    b.extend_from_slice(&16_000u32.to_le_bytes());
-    b.extend_from_slice(&32_000u32.to_le_bytes());
-    b.extend_from_slice(b"\x02\x00\x10\x00data");
-    b.extend_from_slice(&data.to_le_bytes());
-    for s in samples {
-        b.extend_from_slice(&((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes());
-    }
-    b
+    nexus_audio::wav::encode_pcm16(&[samples.to_vec()], 16_000)
 }
 
 fn diarized(min: u32, max: u32) -> RecognitionConfig {
@@ -201,5 +194,49 @@ async fn recordings_are_diarized_over_grpc_and_http() {
     voices.dedup();
     assert_eq!(voices, speakers, "{v}");
     assert_eq!(v["one"], serde_json::json!(["Speaker 1"]));
+
+    // A batch job: the WebVTT output has the same voices in the same order.
+    let mut jobs = TranscriptionJobsClient::new(nexus_tests::connect(fleet.addr).await.unwrap())
+        .max_encoding_message_size(64 << 20);
+    let job = jobs
+        .submit_job(SubmitJobRequest {
+            config: Some(diarized(0, 0)),
+            source: Some(Source::Content(audio.into())),
+            output_formats: vec![OutputFormat::Vtt as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = jobs
+        .watch_job(GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut state = job.state;
+    while let Some(j) = watch.message().await.unwrap() {
+        state = j.state;
+        if state >= JobState::Succeeded as i32 {
+            break;
+        }
+    }
+    assert_eq!(state, JobState::Succeeded as i32);
+    let vtt = jobs
+        .get_job_result(GetJobResultRequest {
+            job_id: job.job_id,
+            format: OutputFormat::Vtt as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let vtt = String::from_utf8(vtt.content.to_vec()).unwrap();
+    let mut job_voices: Vec<&str> = vtt
+        .lines()
+        .filter_map(|l| l.strip_prefix("<v ").and_then(|l| l.split('>').next()))
+        .collect();
+    job_voices.dedup();
+    assert_eq!(job_voices, speakers, "{vtt}");
     fleet.terminate();
 }

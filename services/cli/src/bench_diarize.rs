@@ -64,27 +64,6 @@ fn named(turns: &[nexus_models::speaker::Turn]) -> Vec<Segment> {
         .collect()
 }
 
-fn wav_bytes(samples: &[f32]) -> Vec<u8> {
-    let data = (samples.len() * 2) as u32;
-    let mut b = Vec::with_capacity(44 + data as usize);
-    b.extend_from_slice(b"RIFF");
-    b.extend_from_slice(&(36 + data).to_le_bytes());
-    b.extend_from_slice(b"WAVEfmt ");
-    b.extend_from_slice(&16u32.to_le_bytes());
-    b.extend_from_slice(&1u16.to_le_bytes());
-    b.extend_from_slice(&1u16.to_le_bytes());
-    b.extend_from_slice(&16_000u32.to_le_bytes());
-    b.extend_from_slice(&32_000u32.to_le_bytes());
-    b.extend_from_slice(&2u16.to_le_bytes());
-    b.extend_from_slice(&16u16.to_le_bytes());
-    b.extend_from_slice(b"data");
-    b.extend_from_slice(&data.to_le_bytes());
-    for s in samples {
-        b.extend_from_slice(&((s.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes());
-    }
-    b
-}
-
 fn rttm(name: &str, segs: &[Segment]) -> String {
     segs.iter()
         .map(|s| {
@@ -161,7 +140,10 @@ pub fn run(args: DiarizeBenchArgs) -> anyhow::Result<()> {
         })?;
         let samples = &built.samples;
         let wav = out_dir.join(format!("{}.wav", m.name));
-        std::fs::write(&wav, wav_bytes(samples))?;
+        std::fs::write(
+            &wav,
+            nexus_audio::wav::encode_pcm16(std::slice::from_ref(samples), 16_000),
+        )?;
         std::fs::write(
             out_dir.join(format!("{}.rttm", m.name)),
             rttm(m.name, &built.reference),

@@ -164,19 +164,7 @@ fn meeting_wav(clips: &[&str], gap: f32) -> Vec<u8> {
         samples.extend(ch.remove(0));
         samples.extend(std::iter::repeat_n(0.0, (gap * 16_000.0) as usize));
     }
-    let data = (samples.len() * 2) as u32;
-    let mut b = Vec::new();
-    b.extend_from_slice(b"RIFF");
-    b.extend_from_slice(&(36 + data).to_le_bytes());
-    b.extend_from_slice(b"WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00");
-    b.extend_from_slice(&16_000u32.to_le_bytes());
-    b.extend_from_slice(&32_000u32.to_le_bytes());
-    b.extend_from_slice(b"\x02\x00\x10\x00data");
-    b.extend_from_slice(&data.to_le_bytes());
-    for s in samples {
-        b.extend_from_slice(&((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes());
-    }
-    b
+    nexus_audio::wav::encode_pcm16(&[samples], 16_000)
 }
 
 #[test]

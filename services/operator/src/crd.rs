@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use nexus_proto::pipeline::JobSpec;
-use nexus_proto::speech::{OutputFormat, RecognitionConfig, Task, TranslationConfig};
+use nexus_proto::speech::{
+    OutputFormat, RecognitionConfig, SpeakerDiarizationConfig, Task, TranslationConfig,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +66,23 @@ pub struct TranscriptionJobSpec {
     /// Labels copied onto the fleet's job record.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Say who spoke when: segments and words labelled `Speaker 1`, ...
+    /// (WebVTT voices, `Speaker N:` prefixes in text and SubRip). Present
+    /// (even `{}`) turns it on; the counts bound the speakers found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diarization: Option<JobDiarization>,
+}
+
+/// Speaker counts of a diarized job; unset counts are found from the audio.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobDiarization {
+    /// At least this many speakers (1 to 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_speakers: Option<u32>,
+    /// At most this many speakers (1 to 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_speakers: Option<u32>,
 }
 
 fn default_retries() -> u32 {
@@ -221,6 +240,24 @@ impl TranscriptionJobSpec {
                     .unwrap_or_default()
             ));
         }
+        if let Some(d) = &self.diarization {
+            let (lo, hi) = (d.min_speakers.unwrap_or(1), d.max_speakers.unwrap_or(32));
+            for (what, v) in [
+                ("minSpeakers", d.min_speakers),
+                ("maxSpeakers", d.max_speakers),
+            ] {
+                if let Some(v) = v
+                    && !(1..=32).contains(&v)
+                {
+                    return Err(format!("diarization.{what} is {v}; it must be 1 to 32"));
+                }
+            }
+            if lo > hi {
+                return Err(format!(
+                    "diarization.minSpeakers ({lo}) is above diarization.maxSpeakers ({hi})"
+                ));
+            }
+        }
         if let Some(name) = self.output.as_ref().and_then(|o| o.config_map.as_deref())
             && !dns_subdomain(name)
         {
@@ -268,6 +305,11 @@ impl TranscriptionJobSpec {
                     model: String::new(),
                 }),
                 enable_word_time_offsets: true,
+                diarization: self.diarization.map(|d| SpeakerDiarizationConfig {
+                    enable: true,
+                    min_speakers: d.min_speakers.unwrap_or(0),
+                    max_speakers: d.max_speakers.unwrap_or(0),
+                }),
                 ..Default::default()
             }),
             uri: self.input.clone(),
@@ -373,5 +415,50 @@ mod tests {
             s.validate(1_893_456_000_001)
                 .is_err_and(|e| e.contains("has passed"))
         );
+    }
+
+    #[test]
+    fn diarization_is_checked_and_carried() {
+        let with = |min, max| TranscriptionJobSpec {
+            diarization: Some(JobDiarization {
+                min_speakers: min,
+                max_speakers: max,
+            }),
+            ..spec("file:///m/a.wav")
+        };
+        assert!(with(None, None).validate(0).is_ok());
+        assert!(
+            with(Some(0), None)
+                .validate(0)
+                .is_err_and(|e| e.contains("diarization.minSpeakers is 0; it must be 1 to 32"))
+        );
+        assert!(
+            with(Some(3), Some(2))
+                .validate(0)
+                .is_err_and(|e| e.contains("is above diarization.maxSpeakers"))
+        );
+        let rc = with(Some(2), Some(4))
+            .job_spec("u-1", "k8s:ns")
+            .config
+            .expect("a config");
+        assert_eq!(
+            rc.diarization,
+            Some(SpeakerDiarizationConfig {
+                enable: true,
+                min_speakers: 2,
+                max_speakers: 4
+            })
+        );
+        let rc = spec("file:///m/a.wav")
+            .job_spec("u", "t")
+            .config
+            .expect("a config");
+        assert_eq!(rc.diarization, None);
+        // The CRD's schema spells it the Kubernetes way.
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"input":"file:///a.wav","diarization":{"minSpeakers":2}}"#)
+                .expect("json");
+        let s: TranscriptionJobSpec = serde_json::from_value(v).expect("a spec");
+        assert_eq!(s.diarization.and_then(|d| d.min_speakers), Some(2));
     }
 }
