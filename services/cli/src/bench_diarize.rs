@@ -45,6 +45,10 @@ pub struct DiarizeBenchArgs {
     /// Python with torch, librosa and scipy for the anchor; `none` skips it.
     #[arg(long, default_value = "python3")]
     anchor_python: String,
+    /// First diarize a recording this many minutes long (the meeting set
+    /// repeated) and print its time and the process's peak memory.
+    #[arg(long, default_value_t = 0)]
+    long_minutes: u32,
     /// Also write each recording (`NAME.wav`) and its reference (`NAME.rttm`) here.
     #[arg(long)]
     write: Option<PathBuf>,
@@ -112,32 +116,23 @@ pub fn run(args: DiarizeBenchArgs) -> anyhow::Result<()> {
         &cpu,
     )
     .context("needs `nexus models pull ge2e silero-vad`")?;
+    let opts = DiarizeOptions {
+        threshold: args.threshold,
+        ..DiarizeOptions::default()
+    };
+    if args.long_minutes > 0 {
+        long_recording(&args, &d, &opts)?;
+    }
     let whisper_dir = crate::transcribe::resolve_model(&args.model, args.home.clone())?;
     let whisper = WhisperEngine::load(&whisper_dir, &cpu)?;
     let out_dir = args.write.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("nexus-diarize-{}", std::process::id()))
     });
     std::fs::create_dir_all(&out_dir)?;
-    let opts = DiarizeOptions {
-        threshold: args.threshold,
-        ..DiarizeOptions::default()
-    };
     let mut rows = Vec::new();
     let mut anchor_items = Vec::new();
     for m in MEETINGS {
-        let built = meetings::build(m, |c| {
-            let path = args.data.join(c.path);
-            let bytes = std::fs::read(&path)
-                .with_context(|| format!("{}: run scripts/fetch-testdata.sh", path.display()))?;
-            let ext = path.extension().and_then(|e| e.to_str());
-            let mut ch = nexus_audio::decode_to_model_rate(
-                bytes,
-                ext,
-                &nexus_audio::AudioLimits::default(),
-                nexus_audio::Layout::Mono,
-            )?;
-            Ok::<_, anyhow::Error>(ch.remove(0))
-        })?;
+        let built = meetings::build(m, |c| load(&args, c))?;
         let samples = &built.samples;
         let wav = out_dir.join(format!("{}.wav", m.name));
         std::fs::write(
@@ -268,6 +263,69 @@ pub fn run(args: DiarizeBenchArgs) -> anyhow::Result<()> {
     if args.write.is_none() {
         let _ = std::fs::remove_dir_all(&out_dir);
     }
+    Ok(())
+}
+
+fn load(args: &DiarizeBenchArgs, c: &meetings::Clip) -> anyhow::Result<Vec<f32>> {
+    let path = args.data.join(c.path);
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("{}: run scripts/fetch-testdata.sh", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str());
+    let mut ch = nexus_audio::decode_to_model_rate(
+        bytes,
+        ext,
+        &nexus_audio::AudioLimits::default(),
+        nexus_audio::Layout::Mono,
+    )?;
+    Ok(ch.remove(0))
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The meeting set repeated to `--long-minutes`, diarized offline.
+fn long_recording(
+    args: &DiarizeBenchArgs,
+    d: &Diarizer,
+    opts: &DiarizeOptions,
+) -> anyhow::Result<()> {
+    let mut one = Vec::new();
+    for m in MEETINGS {
+        one.extend(meetings::build(m, |c| load(args, c))?.samples);
+    }
+    let want = args.long_minutes as usize * 60 * 16_000;
+    let mut samples = Vec::with_capacity(want);
+    while samples.len() < want {
+        let take = (want - samples.len()).min(one.len());
+        samples.extend_from_slice(&one[..take]);
+    }
+    drop(one);
+    let before = peak_rss_mb();
+    let t0 = Instant::now();
+    let probs = d.vad.probabilities(&samples)?;
+    let vad_s = t0.elapsed().as_secs_f64();
+    let regions = speech_regions(&probs, samples.len());
+    let who = diarize(&d.encoder, &samples, &regions, opts)?;
+    let total = t0.elapsed().as_secs_f64();
+    println!(
+        "long recording: {} min, {} speech regions, {} speakers found (the set has 9 readers), VAD {vad_s:.1} s + diarization {:.1} s = RTF {:.4}; peak RSS {:.0} MB ({:.0} MB before, the audio itself {:.0} MB)",
+        args.long_minutes,
+        regions.len(),
+        who.speakers,
+        total - vad_s,
+        total / (samples.len() as f64 / 16_000.0),
+        peak_rss_mb(),
+        before,
+        samples.len() as f64 * 4.0 / 1e6
+    );
     Ok(())
 }
 

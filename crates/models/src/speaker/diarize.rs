@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use super::cluster::{SpeakerCount, cluster, renumber};
 use super::encoder::{PARTIAL_FRAMES, PARTIAL_SAMPLES, SpeakerEncoder, mean_normalized};
-use super::mel::{N_MELS, SAMPLE_RATE, normalize_volume};
+use super::mel::{N_MELS, SAMPLE_RATE, volume_gain};
 use crate::error::Result;
 
 /// Average-linkage similarity below which two groups of windows are
@@ -283,37 +283,37 @@ fn window_embeddings(
     regions: &[Range<usize>],
     windows: &[Window],
 ) -> Result<Vec<Vec<f32>>> {
-    let speech: Vec<f32> = regions
-        .iter()
-        .flat_map(|r| &samples[r.clone()])
-        .copied()
-        .collect();
-    let gain = {
-        let mut probe = speech.clone();
-        normalize_volume(&mut probe);
-        let (a, b) = (rms(&speech), rms(&probe));
-        if a > 0.0 { b / a } else { 1.0 }
-    };
-    let mut mels = Vec::with_capacity(windows.len() * PARTIAL_FRAMES * N_MELS);
+    // Loudness over the speech, measured in place.
+    let (n, sum_sq) = regions.iter().fold((0usize, 0f64), |(n, s), r| {
+        let part = &samples[r.clone()];
+        (
+            n + part.len(),
+            s + part.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>(),
+        )
+    });
+    let gain = volume_gain(n, sum_sq);
+    // Mel frames a batch at a time, so memory stays flat however long the
+    // recording (an hour is 7,200 windows).
+    let mut out = Vec::with_capacity(windows.len());
     let mut buf = vec![0f32; PARTIAL_SAMPLES];
-    for w in windows {
-        buf.fill(0.0);
-        let end = (w.start + PARTIAL_SAMPLES).min(samples.len());
-        for (b, s) in buf.iter_mut().zip(&samples[w.start..end]) {
-            *b = s * gain;
+    for batch in windows.chunks(EMBED_BATCH) {
+        let mut mels = Vec::with_capacity(batch.len() * PARTIAL_FRAMES * N_MELS);
+        for w in batch {
+            buf.fill(0.0);
+            let end = (w.start + PARTIAL_SAMPLES).min(samples.len());
+            for (b, s) in buf.iter_mut().zip(&samples[w.start..end]) {
+                *b = s * gain;
+            }
+            let m = encoder.mel().compute(&buf)?;
+            mels.extend_from_slice(&m[..PARTIAL_FRAMES * N_MELS]);
         }
-        let m = encoder.mel().compute(&buf)?;
-        mels.extend_from_slice(&m[..PARTIAL_FRAMES * N_MELS]);
+        out.extend(encoder.embed_partials(&mels)?);
     }
-    encoder.embed_partials(&mels)
+    Ok(out)
 }
 
-fn rms(x: &[f32]) -> f32 {
-    if x.is_empty() {
-        return 0.0;
-    }
-    (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt()
-}
+/// Windows embedded together.
+const EMBED_BATCH: usize = 64;
 
 fn label_windows(windows: &[Window], embeds: &[Vec<f32>], opts: &DiarizeOptions) -> Vec<usize> {
     // Bound the clustering: neighbouring windows of one region are averaged

@@ -28,28 +28,31 @@ pub const TARGET_DBFS: f32 = -30.0;
 /// lowers them), as Resemblyzer's `normalize_volume(..., increase_only=True)`.
 /// Silence stays silence.
 pub fn normalize_volume(samples: &mut [f32]) {
-    if samples.is_empty() {
-        return;
+    let gain = volume_gain(
+        samples.len(),
+        samples.iter().map(|x| f64::from(*x).powi(2)).sum(),
+    );
+    if gain != 1.0 {
+        for x in samples {
+            *x *= gain;
+        }
+    }
+}
+
+/// The gain [`normalize_volume`] applies to `n` samples whose squares sum
+/// to `sum_sq` (so callers can measure audio in pieces without copying it).
+pub fn volume_gain(n: usize, sum_sq: f64) -> f32 {
+    if n == 0 || sum_sq <= 0.0 {
+        return 1.0;
     }
     let int16_max = 32767f64;
-    let mean_sq = samples
-        .iter()
-        .map(|x| (f64::from(*x) * int16_max).powi(2))
-        .sum::<f64>()
-        / samples.len() as f64;
-    let rms = mean_sq.sqrt();
-    if rms <= 0.0 {
-        return;
-    }
+    let rms = (sum_sq * int16_max * int16_max / n as f64).sqrt();
     let dbfs = 20.0 * (rms / int16_max).log10();
     let change = f64::from(TARGET_DBFS) - dbfs;
     if change <= 0.0 {
-        return;
+        return 1.0;
     }
-    let gain = 10f64.powf(change / 20.0) as f32;
-    for x in samples {
-        *x *= gain;
-    }
+    10f64.powf(change / 20.0) as f32
 }
 
 /// Computes the encoder's mel frames; build once, share freely.
