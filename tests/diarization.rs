@@ -131,15 +131,38 @@ async fn recordings_are_diarized_over_grpc_and_http() {
         .await
         .unwrap_err();
     assert!(e.message().contains("diarization.enable is false"), "{e}");
-    // Live streams do not take it (yet): said, not ignored.
+    // Live: each final's words are labelled as they arrive, consistently
+    // across the session; only the most speakers may be given.
     let mut cfg = pcm16_config(MODEL);
     cfg.config.as_mut().unwrap().diarization = diarized(0, 0).diarization;
+    let out = stream(fleet.addr, cfg.clone(), &built.samples, 4.0, |_| {})
+        .await
+        .unwrap();
+    let mut live = Vec::new();
+    for f in out.finals() {
+        assert!(f.speaker.starts_with("Speaker "), "{f:?}");
+        for w in &f.alternatives[0].words {
+            live.push(Segment {
+                start: w.start_ms as f64 / 1000.0,
+                end: w.end_ms as f64 / 1000.0,
+                speaker: w.speaker.clone(),
+            });
+        }
+    }
+    let (d, _) = der(&built.reference, &live, 0.25);
+    assert!(d.confusion < 0.1 * d.total, "live: {d:?}");
+    let mut live_speakers: Vec<&str> = live.iter().map(|s| s.speaker.as_str()).collect();
+    live_speakers.sort_unstable();
+    live_speakers.dedup();
+    assert!(live_speakers.len() >= 3, "{live_speakers:?}");
+    cfg.config.as_mut().unwrap().diarization = diarized(2, 0).diarization;
     let e = stream(fleet.addr, cfg, &[0.0; 1_600], 100.0, |_| {})
         .await
-        .expect_err("diarization on a live stream is refused");
+        .expect_err("min_speakers on a live stream is refused");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(
-        e.message().contains("live streams do not take it yet"),
+        e.message()
+            .contains("min_speakers applies to whole recordings"),
         "{e}"
     );
 

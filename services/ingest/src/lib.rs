@@ -628,9 +628,13 @@ impl<B: Bus> Ingest<B> {
             .config
             .clone()
             .ok_or_else(|| invalid("streaming_config.config is required"))?;
-        if rc.diarization.as_ref().is_some_and(|d| d.enable) {
+        if rc
+            .diarization
+            .as_ref()
+            .is_some_and(|d| d.enable && d.min_speakers > 0)
+        {
             return Err(invalid(
-                "diarization is served for whole audio (Recognize, files, batch jobs); live streams do not take it yet",
+                "diarization.min_speakers applies to whole recordings; a live stream finds its speakers as they speak (max_speakers bounds them)",
             ));
         }
         self.check_config(&mut rc)?;

@@ -87,6 +87,15 @@ struct Live {
     /// The last finals of a translating session, the context of the next
     /// final's translation.
     translation_context: VecDeque<String>,
+    /// Live diarization, when asked for: the session's speakers so far and
+    /// each sent final's labelling, which runs while the final decodes.
+    speakers: Option<LiveSpeakers>,
+}
+
+struct LiveSpeakers {
+    diarizer: Arc<std::sync::Mutex<nexus_models::speaker::OnlineDiarizer>>,
+    pending:
+        HashMap<u64, tokio::task::JoinHandle<Result<Vec<nexus_models::speaker::Turn>, String>>>,
 }
 
 /// Responses kept for a client that resumes.
@@ -150,6 +159,23 @@ impl<B: Bus> Session<B> {
             end_status: None,
             previous_text: String::new(),
             translation_context: VecDeque::new(),
+            speakers: self
+                .rc
+                .diarization
+                .as_ref()
+                .filter(|d| d.enable)
+                .map(|d| LiveSpeakers {
+                    diarizer: Arc::new(std::sync::Mutex::new(
+                        nexus_models::speaker::OnlineDiarizer::new(
+                            nexus_models::speaker::diarize::DEFAULT_THRESHOLD,
+                            match d.max_speakers {
+                                0 => nexus_models::speaker::MAX_SPEAKERS,
+                                n => n as usize,
+                            },
+                        ),
+                    )),
+                    pending: HashMap::new(),
+                }),
         };
         let r = self
             .drive(&mut live, &mut decoder, inbound, &mut res_rx)
@@ -626,6 +652,19 @@ impl<B: Bus> Session<B> {
             return self.send(live, segment, start, end, audio, false).await;
         }
         live.expected_finals.insert(segment);
+        if let (Some(sp), Some(encoder)) = (live.speakers.as_mut(), self.inner.speaker.clone()) {
+            let (diarizer, audio) = (sp.diarizer.clone(), audio.clone());
+            sp.pending.insert(
+                segment,
+                tokio::task::spawn_blocking(move || {
+                    let mut d = diarizer
+                        .lock()
+                        .map_err(|_| "the diarizer panicked".to_owned())?;
+                    d.label(&encoder, &audio, 0..audio.len(), start as usize)
+                        .map_err(|e| e.to_string())
+                }),
+            );
+        }
         self.send(live, segment, start, end, audio, true).await
     }
 
@@ -768,6 +807,18 @@ impl<B: Bus> Session<B> {
         }
         r.result_index = live.result_index;
         r.speaker = self.cfg.speaker_label.clone();
+        if r.is_final
+            && let Some(task) = live
+                .speakers
+                .as_mut()
+                .and_then(|s| s.pending.remove(&r.segment_id))
+        {
+            match task.await {
+                Ok(Ok(turns)) => crate::speakers::label_live(&mut r, &turns),
+                Ok(Err(e)) => tracing::warn!(session = %self.id, error = %e, "final not diarized"),
+                Err(e) => tracing::warn!(session = %self.id, error = %e, "final not diarized"),
+            }
+        }
         r.audio_processed_ms = ms(live.processed);
         if r.is_final {
             live.sent.retain(|(segment, _), _| *segment != r.segment_id);

@@ -2,8 +2,10 @@
 //! recording's diarization gives its time span, and a result whose words
 //! change speaker is split there, so every result has one speaker.
 
-use nexus_models::speaker::Diarization;
-use nexus_proto::speech::{SpeechRecognitionAlternative, SpeechRecognitionResult, TimeSpan};
+use nexus_models::speaker::{Diarization, Turn};
+use nexus_proto::speech::{
+    SpeechRecognitionAlternative, SpeechRecognitionResult, StreamingRecognitionResult, TimeSpan,
+};
 use nexus_transcript::speaker_name;
 
 fn secs(ms: u64) -> f64 {
@@ -94,9 +96,45 @@ pub(crate) fn label(
     out
 }
 
+/// Labels one live final's words with the speakers of its `turns`
+/// (stream seconds). The final is not split (its segment id is the
+/// client's handle on it): it takes the speaker of most of its words, after
+/// the session's own `speaker_label` when it has one ("Room 2 (Speaker 1)").
+pub(crate) fn label_live(r: &mut StreamingRecognitionResult, turns: &[Turn]) {
+    let who = Diarization {
+        turns: turns.to_vec(),
+        speakers: turns.iter().map(|t| t.speaker + 1).max().unwrap_or(0),
+    };
+    let span = r.span.unwrap_or_default();
+    let mut counts: Vec<(usize, usize)> = Vec::new();
+    if let Some(best) = r.alternatives.first_mut() {
+        for w in &mut best.words {
+            let s = who.speaker_at(secs(w.start_ms), secs(w.end_ms));
+            if let Some(s) = s {
+                match counts.iter_mut().find(|(n, _)| *n == s) {
+                    Some((_, c)) => *c += 1,
+                    None => counts.push((s, 1)),
+                }
+            }
+            w.speaker = s.map(speaker_name).unwrap_or_default();
+        }
+    }
+    let main = counts
+        .into_iter()
+        .max_by_key(|(_, c)| *c)
+        .map(|(s, _)| s)
+        .or_else(|| who.speaker_at(secs(span.start_ms), secs(span.end_ms)));
+    if let Some(s) = main {
+        r.speaker = if r.speaker.is_empty() {
+            speaker_name(s)
+        } else {
+            format!("{} ({})", r.speaker, speaker_name(s))
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use nexus_models::speaker::Turn;
     use nexus_proto::speech::WordInfo;
 
     use super::*;
@@ -163,5 +201,43 @@ mod tests {
         let out = label(vec![t], std::slice::from_ref(&who));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].speaker, "Speaker 1");
+    }
+
+    #[test]
+    fn a_live_final_keeps_one_result_and_names_its_speakers() {
+        let turns = [
+            Turn {
+                start: 10.0,
+                end: 11.0,
+                speaker: 0,
+            },
+            Turn {
+                start: 11.2,
+                end: 13.0,
+                speaker: 2,
+            },
+        ];
+        let mut r = StreamingRecognitionResult {
+            alternatives: vec![SpeechRecognitionAlternative {
+                transcript: "a b c".into(),
+                confidence: 0.9,
+                words: vec![
+                    word("a", 10_100, 10_500),
+                    word("b", 11_300, 11_600),
+                    word("c", 11_700, 12_000),
+                ],
+            }],
+            is_final: true,
+            speaker: "Room 2".into(),
+            ..Default::default()
+        };
+        label_live(&mut r, &turns);
+        let who: Vec<&str> = r.alternatives[0]
+            .words
+            .iter()
+            .map(|w| w.speaker.as_str())
+            .collect();
+        assert_eq!(who, ["Speaker 1", "Speaker 3", "Speaker 3"]);
+        assert_eq!(r.speaker, "Room 2 (Speaker 3)");
     }
 }
