@@ -259,6 +259,62 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
     }
 }
 
+/// A meeting-room microphone: two readers through one publisher, the page
+/// asked to tell them apart.
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad + ge2e weights, the test data, Redis, Chromium and playwright-core; scripts/test.sh"]
+async fn a_diarized_microphone_names_its_voices_on_the_page_and_in_subtitles() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_addr();
+    let p = prefix("webrtc-diarize");
+    let fleet = fleet(&p, http, &[]).await;
+    let base = format!("http://{http}");
+    // The LibriVox reader, SpeechBrain's first reader, the LibriVox reader:
+    // 1.5 s between turns, so each turn is a final of its own.
+    let clip = |rel: &str| {
+        nexus_tests::fleet::model_rate(std::fs::read(testdata().join(rel)).expect("test data"))
+    };
+    let gap = |s: f64| vec![0.0f32; (s * 16_000.0) as usize];
+    let mut samples = clip("librivox/sense_and_sensibility_01_austen_64kb-0870.wav");
+    samples.extend(gap(1.5));
+    samples.extend(clip("speechbrain/ASR/spk1_snt1.wav"));
+    samples.extend(gap(0.25));
+    samples.extend(clip("speechbrain/ASR/spk1_snt2.wav"));
+    samples.extend(gap(1.5));
+    samples.extend(clip(
+        "librivox/sense_and_sensibility_01_austen_64kb-0920.wav",
+    ));
+    let path = wav(dir.path(), "meeting.wav", &samples);
+    let report = drive(serde_json::json!({
+        "scenario": "publish",
+        "base": base,
+        "wav": path,
+        "name": "Ada",
+        "room": "boardroom",
+        "diarize": true,
+        "speak_s": samples.len() as f64 / 16_000.0 + 4.0,
+    }))
+    .await;
+    let mut who: Vec<String> = report["captions"]
+        .as_array()
+        .expect("captions")
+        .iter()
+        .filter(|c| c["final"].as_bool() == Some(true))
+        .map(|c| c["who"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    who.dedup();
+    assert_eq!(
+        who,
+        ["Ada (Speaker 1):", "Ada (Speaker 2):", "Ada (Speaker 1):"],
+        "{report}"
+    );
+    let vtt = Client::new(http)
+        .get("/v1/rooms/boardroom/captions.vtt", None)
+        .await;
+    assert!(vtt.1.contains("<v Ada (Speaker 2)>"), "{}", vtt.1);
+    drop(fleet);
+}
+
 #[tokio::test]
 #[ignore = "needs tiny.en + silero-vad weights, LibriVox speech, Redis, Chromium and playwright-core; scripts/test.sh"]
 async fn a_killed_browser_frees_its_decoder_slot_within_ten_seconds() {

@@ -42,7 +42,8 @@ function pageUrl(q) {
 async function openPublisher(browser, name, room, target) {
   const page = await browser.newPage({ viewport: { width: 900, height: 900 } });
   page.on("console", (m) => process.stderr.write(`[${name}] ${m.text()}\n`));
-  await page.goto(pageUrl({ name, room, language: "en", target: target || "", key: cfg.key || "" }));
+  await page.goto(pageUrl({ name, room, language: "en", target: target || "", key: cfg.key || "",
+                           diarize: cfg.diarize ? "true" : "" }));
   await page.click("#start");
   await page.waitForFunction(
     () => /Live|Could not/.test(document.getElementById("status").textContent),
@@ -60,6 +61,7 @@ async function shown(page) {
     const st = getComputedStyle(t);
     return {
       participant: el.dataset.participant,
+      who: el.querySelector(".who").textContent,
       final: el.classList.contains("final"),
       text: t.textContent,
       translation: el.querySelector(".tr").textContent,

@@ -28,6 +28,9 @@ pub(crate) struct Word {
     pub(crate) word: String,
     pub(crate) start_ms: u64,
     pub(crate) end_ms: u64,
+    /// Who of the participant's microphone said it, when diarized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) speaker: Option<String>,
 }
 
 /// A translation of a caption.
@@ -97,6 +100,21 @@ pub(crate) struct Caption {
     pub(crate) words: Vec<Word>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) translation: Option<Translated>,
+    /// Who of the participant's microphone spoke (`Speaker 2`), when the
+    /// participant joined with `diarize=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) speaker: Option<String>,
+}
+
+impl Caption {
+    /// The caption's speaker as shown: the participant, and which of the
+    /// voices on their microphone when diarized (`Ada (Speaker 2)`).
+    pub(crate) fn who(&self) -> String {
+        match &self.speaker {
+            Some(s) => format!("{} ({s})", self.participant),
+            None => self.participant.clone(),
+        }
+    }
 }
 
 /// A room's state.
@@ -307,7 +325,7 @@ pub(crate) fn webvtt(cues: &[Caption], translated: bool) -> String {
             c.segment,
             cue_timestamp(c.start_ms, '.'),
             cue_timestamp(c.end_ms.max(c.start_ms + 1), '.'),
-            escape_vtt(&c.participant),
+            escape_vtt(&c.who()),
             escape_vtt(&shown(c, translated))
         ));
     }
@@ -323,7 +341,7 @@ pub(crate) fn srt(cues: &[Caption], translated: bool) -> String {
             i + 1,
             cue_timestamp(c.start_ms, ','),
             cue_timestamp(c.end_ms.max(c.start_ms + 1), ','),
-            c.participant,
+            c.who(),
             cue_text(&shown(c, translated))
         ));
     }
@@ -350,6 +368,7 @@ mod tests {
                 text: format!("{text} (de)"),
                 failure: None,
             }),
+            speaker: None,
         }
     }
 
@@ -365,6 +384,11 @@ mod tests {
         assert!(vtt.contains("01:02:03.004 --> 01:02:04.000\n<v bob>hello\n"));
         let srt = srt(&cues, true);
         assert!(srt.starts_with("1\n00:00:01,000 --> 00:00:02,500\nalice: a <b> & c (de)\n\n2\n"));
+        // A diarized microphone: the voice names the participant and who spoke.
+        let mut room_mic = cap("room-2", 1, 5_000, 6_000, "yes");
+        room_mic.speaker = Some("Speaker 2".into());
+        assert!(webvtt(&[room_mic.clone()], false).contains("<v room-2 (Speaker 2)>yes\n"));
+        assert!(super::srt(&[room_mic], false).contains("room-2 (Speaker 2): yes\n"));
     }
 
     #[test]

@@ -21,7 +21,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use nexus_bus::Bus;
 use nexus_proto::speech::{
-    AudioEncoding, AudioFormat, RecognitionConfig, StreamingRecognitionConfig,
+    AudioEncoding, AudioFormat, RecognitionConfig, SpeakerDiarizationConfig,
+    StreamingRecognitionConfig,
 };
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde::Deserialize;
@@ -176,6 +177,13 @@ pub(crate) struct OfferQuery {
     target_language: String,
     #[serde(default)]
     model: String,
+    /// Tell apart the voices on this participant's microphone (a meeting
+    /// room's), labelling captions `Speaker 1`, `Speaker 2`, ...
+    #[serde(default)]
+    diarize: bool,
+    /// At most this many voices on the microphone (1 to 32; implies `diarize`).
+    #[serde(default)]
+    max_speakers: Option<u32>,
 }
 
 /// The query of the room endpoints: browsers' `EventSource` sends no
@@ -294,6 +302,13 @@ pub(crate) async fn offer<B: Bus>(
                     encoding: AudioEncoding::LinearPcmF32le as i32,
                     sample_rate_hz: OPUS_RATE,
                     channels: 1,
+                }),
+                diarization: (q.diarize || q.max_speakers.is_some()).then(|| {
+                    SpeakerDiarizationConfig {
+                        enable: true,
+                        min_speakers: 0,
+                        max_speakers: q.max_speakers.unwrap_or(0),
+                    }
                 }),
                 ..Default::default()
             }

@@ -266,6 +266,7 @@ fn captions(
                         word: w.word.clone(),
                         start_ms: clock0 + w.start_ms,
                         end_ms: clock0 + w.end_ms,
+                        speaker: (!w.speaker.is_empty()).then(|| w.speaker.clone()),
                     })
                     .collect(),
                 translation: r.translation.as_ref().map(|t| Translated {
@@ -273,6 +274,9 @@ fn captions(
                     text: t.text.clone(),
                     failure: (!t.failure.is_empty()).then(|| t.failure.clone()),
                 }),
+                // The session has no speaker label of its own (the
+                // participant is kept here), so a set speaker is diarization's.
+                speaker: (!r.speaker.is_empty()).then(|| r.speaker.clone()),
             };
             Some(if r.is_final {
                 CaptionEvent::Final(c)
