@@ -65,6 +65,11 @@ struct Scenario {
     /// reaches its viewer.
     #[serde(default)]
     translate_to: Option<String>,
+    /// Also run each level with every final diarized (its words labelled
+    /// with their speaker, gRPC only), right after the same level without:
+    /// what live diarization adds to a final's latency and to the load.
+    #[serde(default)]
+    diarize: bool,
     /// The text translation model started with `--spawn` when translating.
     #[serde(default = "default_translation_model")]
     translation_model: String,
@@ -81,12 +86,22 @@ impl Scenario {
     }
 
     /// What each session asks for, translating into `translate_to`.
-    fn ask(&self, translate_to: Option<&str>) -> session::Ask {
+    fn ask(&self, translate_to: Option<&str>, diarize: bool) -> session::Ask {
         session::Ask {
             model: self.model.clone(),
             language: self.language.clone(),
             interim_ms: self.interim_ms,
             translate_to: translate_to.map(str::to_owned),
+            diarize,
+        }
+    }
+
+    /// The runs of each level: plain, then diarized when asked.
+    fn diarizations(&self) -> Vec<bool> {
+        if self.diarize {
+            vec![false, true]
+        } else {
+            vec![false]
         }
     }
 
@@ -203,6 +218,9 @@ struct Level {
     /// The language finals were translated into, when they were.
     #[serde(default)]
     translate_to: Option<String>,
+    /// Whether finals were diarized.
+    #[serde(default)]
+    diarized: bool,
     streams: usize,
     final_after_endpoint_ms: Latency,
     /// From the capture of the utterance's last sample to its final: the
@@ -257,6 +275,8 @@ struct Capacity {
     protocol: Protocol,
     #[serde(default)]
     translate_to: Option<String>,
+    #[serde(default)]
+    diarized: bool,
     sustainable_streams: usize,
     breaks_at: Option<String>,
 }
@@ -302,7 +322,7 @@ async fn warm_up(to: session::Endpoint, s: &Scenario, clip: &Clip) -> anyhow::Re
         let p = Program::new(std::slice::from_ref(&short), 0, 0.0);
         let ask = session::Ask {
             interim_ms: 0,
-            ..s.ask(None)
+            ..s.ask(None, false)
         };
         let o = session::run(to, ask, p, Duration::ZERO).await;
         if o.error.is_none() && !o.final_ms.is_empty() {
@@ -323,6 +343,7 @@ async fn level(
     to: session::Endpoint,
     protocol: Protocol,
     translate_to: Option<&str>,
+    diarize: bool,
     admin: &[SocketAddr],
     s: &Scenario,
     clips: &[Clip],
@@ -334,7 +355,12 @@ async fn level(
     for i in 0..n {
         let program = Program::new(clips, i, s.duration_s);
         let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / n as f64);
-        tasks.spawn(session::run(to, s.ask(translate_to), program, lead));
+        tasks.spawn(session::run(
+            to,
+            s.ask(translate_to, diarize),
+            program,
+            lead,
+        ));
     }
     let (mut finals, mut interims, mut errors) =
         (Vec::new(), Vec::new(), std::collections::BTreeMap::new());
@@ -372,6 +398,7 @@ async fn level(
     let mut l = Level {
         protocol,
         translate_to: translate_to.map(str::to_owned),
+        diarized: diarize,
         streams: n,
         final_after_endpoint_ms: final_lat,
         final_after_audio_ms: Latency::of(after_audio),
@@ -428,6 +455,23 @@ fn missed(l: &Level, s: &Scenario, first_wer: f64) -> Vec<String> {
     out
 }
 
+/// Each level's runs: once per protocol, per translation and per
+/// diarization, one after the other (the Realtime protocol takes no
+/// diarization).
+fn variants<'a>(protocols: &[Protocol], s: &'a Scenario) -> Vec<(Protocol, Option<&'a str>, bool)> {
+    protocols
+        .iter()
+        .flat_map(|&p| {
+            s.translations().into_iter().flat_map(move |t| {
+                s.diarizations()
+                    .into_iter()
+                    .filter(move |d| !*d || p == Protocol::Grpc)
+                    .map(move |d| (p, t, d))
+            })
+        })
+        .collect()
+}
+
 fn print_level(l: &Level) {
     let f = &l.final_after_endpoint_ms;
     let i = &l.interim_ms;
@@ -435,10 +479,15 @@ fn print_level(l: &Level) {
     println!(
         "{:>7} | {:>12} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.2} | {:>5.1}% | {:>5} | {:>6} {:>6} | {:>5} | {}",
         l.streams,
-        match &l.translate_to {
-            Some(t) => format!("{}+{t}", l.protocol.name()),
-            None => l.protocol.name().to_owned(),
-        },
+        format!(
+            "{}{}{}",
+            l.protocol.name(),
+            l.translate_to
+                .as_deref()
+                .map(|t| format!("+{t}"))
+                .unwrap_or_default(),
+            if l.diarized { "+spk" } else { "" }
+        ),
         f.p50,
         f.p95,
         f.p99,
@@ -532,20 +581,27 @@ async fn main() -> anyhow::Result<()> {
         "RTF enc/dec",
         "ok"
     );
-    // Each level once per protocol and per translation, one after the other.
-    let variants: Vec<(Protocol, Option<&str>)> = protocols
-        .iter()
-        .flat_map(|&p| s.translations().into_iter().map(move |t| (p, t)))
-        .collect();
+    let variants = variants(&protocols, &s);
     let mut levels: Vec<Level> = Vec::new();
     let mut broken: Vec<Option<String>> = vec![None; variants.len()];
-    let same = |l: &Level, (p, t): (Protocol, Option<&str>)| {
-        l.protocol == p && l.translate_to.as_deref() == t
+    let same = |l: &Level, (p, t, d): (Protocol, Option<&str>, bool)| {
+        l.protocol == p && l.translate_to.as_deref() == t && l.diarized == d
     };
     'levels: for &n in &s.streams {
-        for (k, &(p, t)) in variants.iter().enumerate() {
-            let first_wer = levels.iter().find(|l| same(l, (p, t))).map(|f| f.wer);
-            let l = level(endpoint(p)?, p, t, &target.admin, &s, &clips, n, first_wer).await;
+        for (k, &(p, t, d)) in variants.iter().enumerate() {
+            let first_wer = levels.iter().find(|l| same(l, (p, t, d))).map(|f| f.wer);
+            let l = level(
+                endpoint(p)?,
+                p,
+                t,
+                d,
+                &target.admin,
+                &s,
+                &clips,
+                n,
+                first_wer,
+            )
+            .await;
             print_level(&l);
             let ok = l.within_budget;
             if !ok && broken[k].is_none() {
@@ -560,12 +616,13 @@ async fn main() -> anyhow::Result<()> {
     let by_protocol: Vec<Capacity> = variants
         .iter()
         .zip(&broken)
-        .map(|(&(p, t), breaks_at)| Capacity {
+        .map(|(&(p, t, d), breaks_at)| Capacity {
             protocol: p,
             translate_to: t.map(str::to_owned),
+            diarized: d,
             sustainable_streams: levels
                 .iter()
-                .filter(|l| same(l, (p, t)))
+                .filter(|l| same(l, (p, t, d)))
                 .take_while(|l| l.within_budget)
                 .map(|l| l.streams)
                 .last()
@@ -578,7 +635,8 @@ async fn main() -> anyhow::Result<()> {
             .translate_to
             .as_ref()
             .map(|t| format!(", translated into {t}"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + if c.diarized { ", diarized" } else { "" };
         println!(
             "sustainable: {} concurrent streams over {}{translated}; breaks at: {}",
             c.sustainable_streams,
@@ -660,5 +718,40 @@ mod tests {
             missed(&level(900.0, 5000.0, 0.5), &plain, 0.055),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn diarized_runs_follow_each_grpc_run() {
+        let s: Scenario = toml::from_str(
+            r#"
+            name = "t"
+            model = "tiny.en"
+            speech = "librivox"
+            streams = [1]
+            ramp_up_s = 1.0
+            duration_s = 10.0
+            final_budget_ms = 1000.0
+            translate_to = "de"
+            diarize = true
+            "#,
+        )
+        .unwrap();
+        let v = variants(&[Protocol::Grpc, Protocol::Websocket], &s);
+        assert_eq!(
+            v,
+            vec![
+                (Protocol::Grpc, None, false),
+                (Protocol::Grpc, None, true),
+                (Protocol::Grpc, Some("de"), false),
+                (Protocol::Grpc, Some("de"), true),
+                (Protocol::Websocket, None, false),
+                (Protocol::Websocket, Some("de"), false),
+            ]
+        );
+        let plain = Scenario {
+            diarize: false,
+            ..s
+        };
+        assert_eq!(variants(&[Protocol::Grpc], &plain).len(), 2);
     }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::{
-    AudioEncoding, AudioFormat, EndpointingConfig, RecognitionConfig, SpeechEvent,
-    StreamingRecognitionConfig, StreamingRecognizeRequest,
+    AudioEncoding, AudioFormat, EndpointingConfig, RecognitionConfig, SpeakerDiarizationConfig,
+    SpeechEvent, StreamingRecognitionConfig, StreamingRecognizeRequest,
 };
 use tokio::time::Instant;
 
@@ -66,6 +66,8 @@ pub struct Ask {
     pub interim_ms: u32,
     /// Translate every final into this language.
     pub translate_to: Option<String>,
+    /// Label every final's words with their speaker (gRPC only).
+    pub diarize: bool,
 }
 
 /// What one session measured.
@@ -112,6 +114,9 @@ pub async fn run(to: Endpoint, ask: Ask, program: Program, lead: Duration) -> Ou
             if let Err(s) = stream(addr, &ask, program.samples, &mut out).await {
                 out.error = Some(format!("{:?}", s.code()));
             }
+        }
+        Endpoint::WebSocket(_) if ask.diarize => {
+            out.error = Some("the Realtime protocol takes no diarization".into());
         }
         Endpoint::WebSocket(addr) => {
             if let Err(e) = websocket(addr, &ask, program.samples, &mut out).await {
@@ -285,6 +290,11 @@ async fn stream(
                     encoding: AudioEncoding::LinearPcmS16le as i32,
                     sample_rate_hz: 16_000,
                     channels: 1,
+                }),
+                diarization: ask.diarize.then_some(SpeakerDiarizationConfig {
+                    enable: true,
+                    min_speakers: 0,
+                    max_speakers: 0,
                 }),
                 ..Default::default()
             }
