@@ -50,9 +50,42 @@ impl LogMel {
 
 /// The row of one mel filter: weights for the bins `start..start + weights.len()`.
 #[derive(Debug, Clone)]
-struct Filter {
-    start: usize,
-    weights: Vec<f32>,
+pub(crate) struct Filter {
+    pub(crate) start: usize,
+    pub(crate) weights: Vec<f32>,
+}
+
+impl Filter {
+    /// The filter applied to one frame's power spectrum.
+    pub(crate) fn apply(&self, power: &[f32]) -> f32 {
+        self.weights
+            .iter()
+            .zip(&power[self.start..])
+            .map(|(w, p)| w * p)
+            .sum()
+    }
+}
+
+/// The rows of a `n_mels x N_FREQ` filter bank without their zero ends.
+pub(crate) fn sparse_filters(bank: &[f32]) -> Vec<Filter> {
+    bank.chunks_exact(N_FREQ)
+        .map(|row| {
+            let start = row.iter().position(|w| *w != 0.0).unwrap_or(0);
+            let end = row.iter().rposition(|w| *w != 0.0).map_or(start, |e| e + 1);
+            Filter {
+                start,
+                weights: row[start..end].to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// A periodic Hann window of `n` points (torch's `hann_window(n)`, scipy's
+/// `get_window("hann", n)`).
+pub(crate) fn periodic_hann(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n as f64).cos()) as f32)
+        .collect()
 }
 
 /// Computes log-mel spectrograms; build once, use from any thread.
@@ -80,24 +113,9 @@ impl MelFrontend {
                 "n_mels {n_mels} must be in 1..=256"
             )));
         }
-        let bank = mel_filter_bank(SAMPLE_RATE, N_FFT, n_mels);
-        let filters = bank
-            .chunks_exact(N_FREQ)
-            .map(|row| {
-                let start = row.iter().position(|w| *w != 0.0).unwrap_or(0);
-                let end = row.iter().rposition(|w| *w != 0.0).map_or(start, |e| e + 1);
-                Filter {
-                    start,
-                    weights: row[start..end].to_vec(),
-                }
-            })
-            .collect();
+        let filters = sparse_filters(&mel_filter_bank(SAMPLE_RATE, N_FFT, n_mels));
         // Periodic Hann, as torch.hann_window(N_FFT) builds it.
-        let window = (0..N_FFT)
-            .map(|i| {
-                (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos()) as f32
-            })
-            .collect();
+        let window = periodic_hann(N_FFT);
         let fft = RealFftPlanner::<f32>::new().plan_fft_forward(N_FFT);
         Ok(Self {
             n_mels,
@@ -153,13 +171,7 @@ impl MelFrontend {
                 *p = c.norm_sqr();
             }
             for (m, f) in self.filters.iter().enumerate() {
-                let s: f32 = f
-                    .weights
-                    .iter()
-                    .zip(&power[f.start..])
-                    .map(|(w, p)| w * p)
-                    .sum();
-                mel[m * frames + t] = s;
+                mel[m * frames + t] = f.apply(&power);
             }
         }
         let mut peak = f32::NEG_INFINITY;

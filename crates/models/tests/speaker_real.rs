@@ -150,16 +150,7 @@ fn run(
     opts: &DiarizeOptions,
 ) -> Vec<Segment> {
     let regions = speech_regions(&vad.probabilities(samples).unwrap(), samples.len());
-    diarize(enc, samples, &regions, opts)
-        .unwrap()
-        .turns
-        .iter()
-        .map(|t| Segment {
-            start: t.start,
-            end: t.end,
-            speaker: t.speaker.to_string(),
-        })
-        .collect()
+    diarize(enc, samples, &regions, opts).unwrap().segments()
 }
 
 fn vad() -> SileroVad {

@@ -62,17 +62,6 @@ pub struct DiarizeBenchArgs {
     home: Option<PathBuf>,
 }
 
-fn named(turns: &[nexus_models::speaker::Turn]) -> Vec<Segment> {
-    turns
-        .iter()
-        .map(|t| Segment {
-            start: t.start,
-            end: t.end,
-            speaker: t.speaker.to_string(),
-        })
-        .collect()
-}
-
 fn rttm(name: &str, segs: &[Segment]) -> String {
     segs.iter()
         .map(|s| {
@@ -158,7 +147,7 @@ pub fn run(args: DiarizeBenchArgs) -> anyhow::Result<()> {
         let regions = speech_regions(&probs, samples.len());
         let who = diarize(&d.encoder, samples, &regions, &opts)?;
         let offline_s = t0.elapsed().as_secs_f64();
-        let hyp = named(&who.turns);
+        let hyp = who.segments();
         let (offline, map) = der(&built.reference, &hyp, COLLAR);
 
         // Words: Whisper's, labelled by the offline turns.

@@ -64,6 +64,18 @@ pub struct Diarization {
 }
 
 impl Diarization {
+    /// The turns as scored segments (speakers named by their index).
+    pub fn segments(&self) -> Vec<nexus_eval::der::Segment> {
+        self.turns
+            .iter()
+            .map(|t| nexus_eval::der::Segment {
+                start: t.start,
+                end: t.end,
+                speaker: t.speaker.to_string(),
+            })
+            .collect()
+    }
+
     /// The speaker who talks most during `[start, end)` seconds, or the one of
     /// the nearest turn when none does; `None` without turns.
     pub fn speaker_at(&self, start: f64, end: f64) -> Option<usize> {

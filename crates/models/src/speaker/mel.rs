@@ -9,7 +9,7 @@ use std::sync::Arc;
 use realfft::{RealFftPlanner, RealToComplex};
 
 use crate::error::{ModelError, Result};
-use crate::mel::mel_filter_bank;
+use crate::mel::{Filter, mel_filter_bank, periodic_hann, sparse_filters};
 
 /// Sample rate the encoder expects.
 pub const SAMPLE_RATE: u32 = 16_000;
@@ -58,8 +58,7 @@ pub fn volume_gain(n: usize, sum_sq: f64) -> f32 {
 /// Computes the encoder's mel frames; build once, share freely.
 #[derive(Clone)]
 pub struct SpeakerMel {
-    /// `(first bin, weights)` of each mel filter.
-    filters: Vec<(usize, Vec<f32>)>,
+    filters: Vec<Filter>,
     window: Vec<f32>,
     fft: Arc<dyn RealToComplex<f32>>,
 }
@@ -79,21 +78,9 @@ impl Default for SpeakerMel {
 impl SpeakerMel {
     /// The frontend (filters and window computed here).
     pub fn new() -> Self {
-        let bank = mel_filter_bank(SAMPLE_RATE, N_FFT, N_MELS);
-        let filters = bank
-            .chunks_exact(N_FREQ)
-            .map(|row| {
-                let start = row.iter().position(|w| *w != 0.0).unwrap_or(0);
-                let end = row.iter().rposition(|w| *w != 0.0).map_or(start, |e| e + 1);
-                (start, row[start..end].to_vec())
-            })
-            .collect();
+        let filters = sparse_filters(&mel_filter_bank(SAMPLE_RATE, N_FFT, N_MELS));
         // scipy's `get_window("hann", N_FFT)`: periodic.
-        let window = (0..N_FFT)
-            .map(|i| {
-                (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos()) as f32
-            })
-            .collect();
+        let window = periodic_hann(N_FFT);
         let fft = RealFftPlanner::<f32>::new().plan_fft_forward(N_FFT);
         Self {
             filters,
@@ -140,12 +127,8 @@ impl SpeakerMel {
                 *p = c.norm_sqr();
             }
             let row = &mut out[t * N_MELS..(t + 1) * N_MELS];
-            for (o, (start, weights)) in row.iter_mut().zip(&self.filters) {
-                *o = weights
-                    .iter()
-                    .zip(&power[*start..])
-                    .map(|(w, p)| w * p)
-                    .sum();
+            for (o, f) in row.iter_mut().zip(&self.filters) {
+                *o = f.apply(&power);
             }
         }
         Ok(out)
