@@ -45,22 +45,17 @@ pub(crate) fn label(
             }
         }
         if runs.len() <= 1 || r.translation.is_some() {
-            let mut counts: Vec<(String, usize)> = Vec::new();
-            for w in &best.words {
-                match counts.iter_mut().find(|(n, _)| *n == w.speaker) {
-                    Some((_, c)) => *c += 1,
-                    None => counts.push((w.speaker.clone(), 1)),
-                }
-            }
-            r.speaker = counts
-                .into_iter()
-                .max_by_key(|(_, c)| *c)
-                .map(|(n, _)| n)
-                .or_else(|| {
-                    who.speaker_at(secs(span.start_ms), secs(span.end_ms))
-                        .map(speaker_name)
-                })
-                .unwrap_or_default();
+            r.speaker = most(
+                best.words
+                    .iter()
+                    .map(|w| w.speaker.clone())
+                    .filter(|s| !s.is_empty()),
+            )
+            .or_else(|| {
+                who.speaker_at(secs(span.start_ms), secs(span.end_ms))
+                    .map(speaker_name)
+            })
+            .unwrap_or_default();
             out.push(r);
             continue;
         }
@@ -106,24 +101,15 @@ pub(crate) fn label_live(r: &mut StreamingRecognitionResult, turns: &[Turn]) {
         speakers: turns.iter().map(|t| t.speaker + 1).max().unwrap_or(0),
     };
     let span = r.span.unwrap_or_default();
-    let mut counts: Vec<(usize, usize)> = Vec::new();
+    let mut heard = Vec::new();
     if let Some(best) = r.alternatives.first_mut() {
         for w in &mut best.words {
             let s = who.speaker_at(secs(w.start_ms), secs(w.end_ms));
-            if let Some(s) = s {
-                match counts.iter_mut().find(|(n, _)| *n == s) {
-                    Some((_, c)) => *c += 1,
-                    None => counts.push((s, 1)),
-                }
-            }
+            heard.extend(s);
             w.speaker = s.map(speaker_name).unwrap_or_default();
         }
     }
-    let main = counts
-        .into_iter()
-        .max_by_key(|(_, c)| *c)
-        .map(|(s, _)| s)
-        .or_else(|| who.speaker_at(secs(span.start_ms), secs(span.end_ms)));
+    let main = most(heard).or_else(|| who.speaker_at(secs(span.start_ms), secs(span.end_ms)));
     if let Some(s) = main {
         r.speaker = if r.speaker.is_empty() {
             speaker_name(s)
@@ -131,6 +117,18 @@ pub(crate) fn label_live(r: &mut StreamingRecognitionResult, turns: &[Turn]) {
             format!("{} ({})", r.speaker, speaker_name(s))
         };
     }
+}
+
+/// The most frequent of `items`.
+fn most<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Option<T> {
+    let mut counts: Vec<(T, usize)> = Vec::new();
+    for it in items {
+        match counts.iter_mut().find(|(n, _)| *n == it) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((it, 1)),
+        }
+    }
+    counts.into_iter().max_by_key(|(_, c)| *c).map(|(n, _)| n)
 }
 
 #[cfg(test)]
