@@ -204,7 +204,8 @@ struct AsrArgs {
     home: Option<PathBuf>,
 }
 
-fn peak_rss_mb() -> f64 {
+/// The process's peak resident memory (VmHWM), MB.
+pub(crate) fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

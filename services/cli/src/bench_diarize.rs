@@ -266,29 +266,10 @@ pub fn run(args: DiarizeBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A clip of the set, 16 kHz mono, read as `nexus transcribe` reads files.
 fn load(args: &DiarizeBenchArgs, c: &meetings::Clip) -> anyhow::Result<Vec<f32>> {
-    let path = args.data.join(c.path);
-    let bytes = std::fs::read(&path)
-        .with_context(|| format!("{}: run scripts/fetch-testdata.sh", path.display()))?;
-    let ext = path.extension().and_then(|e| e.to_str());
-    let mut ch = nexus_audio::decode_to_model_rate(
-        bytes,
-        ext,
-        &nexus_audio::AudioLimits::default(),
-        nexus_audio::Layout::Mono,
-    )?;
-    Ok(ch.remove(0))
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    crate::transcribe::load_audio(&args.data.join(c.path), None)
+        .context("the meeting set's clips: run scripts/fetch-testdata.sh")
 }
 
 /// The meeting set repeated to `--long-minutes`, diarized offline.
@@ -308,7 +289,7 @@ fn long_recording(
         samples.extend_from_slice(&one[..take]);
     }
     drop(one);
-    let before = peak_rss_mb();
+    let before = crate::bench::peak_rss_mb();
     let t0 = Instant::now();
     let probs = d.vad.probabilities(&samples)?;
     let vad_s = t0.elapsed().as_secs_f64();
@@ -322,7 +303,7 @@ fn long_recording(
         who.speakers,
         total - vad_s,
         total / (samples.len() as f64 / 16_000.0),
-        peak_rss_mb(),
+        crate::bench::peak_rss_mb(),
         before,
         samples.len() as f64 * 4.0 / 1e6
     );
