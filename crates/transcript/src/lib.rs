@@ -213,9 +213,9 @@ impl Transcript {
                 w.speaker = speaker_at(w.start, w.end).map(speaker_name);
             }
             let translated = seg.translation.is_some() || seg.translation_failure.is_some();
-            let runs = runs_of(&seg.words);
+            let runs = runs_by(&seg.words, |w| w.speaker.clone());
             if runs.len() <= 1 || translated {
-                seg.speaker = majority(&seg.words)
+                seg.speaker = most(seg.words.iter().filter_map(|w| w.speaker.clone()))
                     .or_else(|| speaker_at(seg.start, seg.end).map(speaker_name));
                 out.push(seg);
                 continue;
@@ -351,33 +351,30 @@ fn vtt_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Index ranges of consecutive words with one speaker.
-fn runs_of(words: &[Word]) -> Vec<std::ops::Range<usize>> {
+/// Index ranges of consecutive `items` with one `key`: where a diarized
+/// transcript (or a recognition result) is split between speakers.
+pub fn runs_by<T, K: PartialEq>(items: &[T], key: impl Fn(&T) -> K) -> Vec<std::ops::Range<usize>> {
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, w) in words.iter().enumerate() {
+    for (i, it) in items.iter().enumerate() {
         match runs.last_mut() {
-            Some(r) if words[r.start].speaker == w.speaker => r.end = i + 1,
+            Some(r) if key(&items[r.start]) == key(it) => r.end = i + 1,
             _ => runs.push(i..i + 1),
         }
     }
     runs
 }
 
-/// The speaker of most words.
-fn majority(words: &[Word]) -> Option<String> {
-    let mut counts: Vec<(&str, usize)> = Vec::new();
-    for w in words {
-        if let Some(s) = &w.speaker {
-            match counts.iter_mut().find(|(n, _)| *n == s) {
-                Some((_, c)) => *c += 1,
-                None => counts.push((s, 1)),
-            }
+/// The most frequent of `items` (a segment's speaker is its words' most
+/// frequent one).
+pub fn most<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Option<T> {
+    let mut counts: Vec<(T, usize)> = Vec::new();
+    for it in items {
+        match counts.iter_mut().find(|(n, _)| *n == it) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((it, 1)),
         }
     }
-    counts
-        .into_iter()
-        .max_by_key(|(_, c)| *c)
-        .map(|(n, _)| n.to_owned())
+    counts.into_iter().max_by_key(|(_, c)| *c).map(|(n, _)| n)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use nexus_models::speaker::{Diarization, Turn};
 use nexus_proto::speech::{
     SpeechRecognitionAlternative, SpeechRecognitionResult, StreamingRecognitionResult, TimeSpan,
 };
-use nexus_transcript::speaker_name;
+use nexus_transcript::{most, runs_by, speaker_name};
 
 fn secs(ms: u64) -> f64 {
     ms as f64 / 1000.0
@@ -37,13 +37,7 @@ pub(crate) fn label(
                 .map(speaker_name)
                 .unwrap_or_default();
         }
-        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, w) in best.words.iter().enumerate() {
-            match runs.last_mut() {
-                Some(run) if best.words[run.start].speaker == w.speaker => run.end = i + 1,
-                _ => runs.push(i..i + 1),
-            }
-        }
+        let runs = runs_by(&best.words, |w| w.speaker.clone());
         if runs.len() <= 1 || r.translation.is_some() {
             r.speaker = most(
                 best.words
@@ -117,18 +111,6 @@ pub(crate) fn label_live(r: &mut StreamingRecognitionResult, turns: &[Turn]) {
             format!("{} ({})", r.speaker, speaker_name(s))
         };
     }
-}
-
-/// The most frequent of `items`.
-fn most<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Option<T> {
-    let mut counts: Vec<(T, usize)> = Vec::new();
-    for it in items {
-        match counts.iter_mut().find(|(n, _)| *n == it) {
-            Some((_, c)) => *c += 1,
-            None => counts.push((it, 1)),
-        }
-    }
-    counts.into_iter().max_by_key(|(_, c)| *c).map(|(n, _)| n)
 }
 
 #[cfg(test)]
