@@ -504,6 +504,34 @@ impl<B: Bus> Ingest<B> {
         Ok(e)
     }
 
+    /// The speaker counts and the encoder of a request that asks for
+    /// diarization, checked: the counts' bounds, and that this server has
+    /// the encoder. `None` when it does not ask.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn diarization(
+        &self,
+        rc: &RecognitionConfig,
+    ) -> Result<
+        Option<(
+            nexus_models::speaker::SpeakerCount,
+            Arc<nexus_models::speaker::SpeakerEncoder>,
+        )>,
+        Status,
+    > {
+        let Some(d) = rc.diarization.as_ref().filter(|d| d.enable) else {
+            return Ok(None);
+        };
+        let nz = |v: u32| (v > 0).then_some(v as usize);
+        let count = nexus_models::speaker::speaker_count(nz(d.min_speakers), nz(d.max_speakers))
+            .map_err(|e| invalid(format!("diarization.{e}")))?;
+        let encoder = self.inner.speaker.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "diarization needs the speaker encoder on this server: run `nexus models pull ge2e` and restart it",
+            )
+        })?;
+        Ok(Some((count, encoder)))
+    }
+
     /// Checks what a request asks of the models and fills in the default model;
     /// the error says what to change.
     pub(crate) fn check_config(&self, rc: &mut RecognitionConfig) -> Result<(), Status> {
@@ -533,15 +561,7 @@ impl<B: Bus> Ingest<B> {
                 )));
             }
         }
-        if let Some(d) = rc.diarization.as_ref().filter(|d| d.enable) {
-            let nz = |v: u32| (v > 0).then_some(v as usize);
-            nexus_models::speaker::speaker_count(nz(d.min_speakers), nz(d.max_speakers))
-                .map_err(|e| invalid(format!("diarization.{e}")))?;
-            if inner.speaker.is_none() {
-                return Err(Status::failed_precondition(
-                    "diarization needs the speaker encoder on this server: run `nexus models pull ge2e` and restart it",
-                ));
-            }
+        if self.diarization(rc)?.is_some() {
             // Speaker changes are placed at word boundaries.
             rc.enable_word_time_offsets = true;
         } else if rc

@@ -325,15 +325,9 @@ impl<B: Bus> Ingest<B> {
         Option<tokio::task::JoinHandle<Result<Vec<nexus_models::speaker::Diarization>, String>>>,
         Status,
     > {
-        let Some(d) = p.rc.diarization.as_ref().filter(|d| d.enable) else {
+        let Some((count, encoder)) = self.diarization(&p.rc)? else {
             return Ok(None);
         };
-        let encoder = self.inner.speaker.clone().ok_or_else(|| {
-            Status::failed_precondition("diarization needs `nexus models pull ge2e` on this server")
-        })?;
-        let nz = |v: u32| (v > 0).then_some(v as usize);
-        let count = nexus_models::speaker::speaker_count(nz(d.min_speakers), nz(d.max_speakers))
-            .map_err(|e| invalid(format!("diarization.{e}")))?;
         let (channels, probs) = (p.channels.clone(), p.probs.clone());
         Ok(Some(tokio::task::spawn_blocking(move || {
             let opts = nexus_models::speaker::DiarizeOptions {
