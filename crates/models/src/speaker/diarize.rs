@@ -374,41 +374,53 @@ fn label_windows(windows: &[Window], embeds: &[Vec<f32>], opts: &DiarizeOptions)
 /// similar remaining one while more than `min` speakers remain.
 fn fold_small(labels: &mut [usize], embeds: &[Vec<f32>], min: usize, hop: usize) {
     let secs_per_window = hop as f64 / f64::from(SAMPLE_RATE);
-    loop {
-        let k = labels.iter().max().map_or(0, |m| m + 1);
-        let mut counts = vec![0usize; k];
-        for l in labels.iter() {
-            counts[*l] += 1;
+    let k = labels.iter().max().map_or(0, |m| m + 1);
+    let dim = embeds.first().map_or(0, Vec::len);
+    // Each speaker's window count and embedding sum (its centroid's
+    // direction), kept up to date as speakers are folded.
+    let mut counts = vec![0usize; k];
+    let mut sums = vec![vec![0f32; dim]; k];
+    for (l, e) in labels.iter().zip(embeds) {
+        counts[*l] += 1;
+        for (a, b) in sums[*l].iter_mut().zip(e) {
+            *a += b;
         }
+    }
+    let unit = |v: &[f32]| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter()
+            .map(|x| if n > 0.0 { x / n } else { 0.0 })
+            .collect::<Vec<f32>>()
+    };
+    loop {
         let live: Vec<usize> = (0..k).filter(|s| counts[*s] > 0).collect();
         if live.len() <= min.max(1) {
-            return;
+            break;
         }
         let Some(&small) = live
             .iter()
             .filter(|s| counts[**s] as f64 * secs_per_window < MIN_SPEAKER_SECONDS)
             .min_by_key(|s| counts[**s])
         else {
-            return;
+            break;
         };
-        let centroid = |s: usize| {
-            mean_normalized(
-                &labels
-                    .iter()
-                    .zip(embeds)
-                    .filter(|(l, _)| **l == s)
-                    .map(|(_, e)| e.clone())
-                    .collect::<Vec<_>>(),
-            )
+        let c = unit(&sums[small]);
+        let similarity =
+            |s: usize| -> f32 { unit(&sums[s]).iter().zip(&c).map(|(x, y)| x * y).sum() };
+        let Some(&to) = live
+            .iter()
+            .filter(|s| **s != small)
+            .max_by(|a, b| similarity(**a).total_cmp(&similarity(**b)))
+        else {
+            break;
         };
-        let c = centroid(small);
-        let Some(&to) = live.iter().filter(|s| **s != small).max_by(|a, b| {
-            let da: f32 = centroid(**a).iter().zip(&c).map(|(x, y)| x * y).sum();
-            let db: f32 = centroid(**b).iter().zip(&c).map(|(x, y)| x * y).sum();
-            da.total_cmp(&db)
-        }) else {
-            return;
-        };
+        let moved = std::mem::take(&mut sums[small]);
+        for (a, b) in sums[to].iter_mut().zip(&moved) {
+            *a += b;
+        }
+        sums[small] = vec![0.0; dim];
+        counts[to] += counts[small];
+        counts[small] = 0;
         for l in labels.iter_mut() {
             if *l == small {
                 *l = to;
