@@ -101,6 +101,15 @@ async fn recordings_are_diarized_over_grpc_and_http() {
     let (d, _) = der(&built.reference, &hyp, 0.25);
     assert!(d.confusion < 0.05 * d.total, "{d:?}");
 
+    // Silence asked to be diarized: no speech, no results, no error.
+    let silent = recognize(
+        &fleet,
+        diarized(0, 0),
+        AudioSource::Content(wav(&vec![0.0; 16_000 * 20]).into()),
+    )
+    .await
+    .unwrap();
+    assert!(silent.results.is_empty(), "{silent:?}");
     // Counts given are held; bad ones are refused naming the field.
     let one = recognize(
         &fleet,
@@ -110,7 +119,15 @@ async fn recordings_are_diarized_over_grpc_and_http() {
     .await
     .unwrap();
     assert!(one.results.iter().all(|r| r.speaker == "Speaker 1"));
-    for (min, max, field) in [(3, 2, "above max_speakers"), (0, 33, "max_speakers is 33")] {
+    for (min, max, field) in [
+        (3, 2, "above max_speakers"),
+        (0, 33, "max_speakers is 33"),
+        (
+            u32::MAX,
+            0,
+            "min_speakers is 4294967295; it must be 1 to 32",
+        ),
+    ] {
         let e = recognize(
             &fleet,
             diarized(min, max),
