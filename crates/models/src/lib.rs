@@ -14,6 +14,7 @@ pub mod mel;
 pub mod nexus;
 pub mod ops;
 pub mod precision;
+pub mod q8;
 pub mod qwen;
 pub mod speaker;
 pub mod threads;

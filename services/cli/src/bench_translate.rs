@@ -47,6 +47,10 @@ pub struct TranslateBenchArgs {
     /// Captions (from en-de) the session timing runs through.
     #[arg(long, default_value_t = 24)]
     session_captions: usize,
+    /// Prompt lengths (tokens) to time one forward pass of, from an empty
+    /// cache: how a translation's prompt cost grows with its context.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,160")]
+    prefill: Vec<usize>,
     /// Write the figures and outputs as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -275,6 +279,67 @@ fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Resul
     Ok(rows)
 }
 
+#[derive(Debug, serde::Serialize)]
+struct PrefillRow {
+    tokens: usize,
+    /// Best of three runs.
+    ms: f64,
+    tokens_per_s: f64,
+}
+
+/// One forward pass over prompts of each length in `args.prefill` (English
+/// captions of the test set, end to end), best of three.
+fn time_prefill(t: &Translator, args: &TranslateBenchArgs) -> anyhow::Result<Vec<PrefillRow>> {
+    let lens: Vec<usize> = args
+        .prefill
+        .iter()
+        .copied()
+        .filter(|&n| (1..=nexus_models::qwen::lm::MAX_POSITIONS).contains(&n))
+        .collect();
+    let Some(&longest) = lens.iter().max() else {
+        return Ok(Vec::new());
+    };
+    let set = test_set("en", "de").context("test set")?;
+    let mut ids = Vec::new();
+    for p in set.iter().cycle().take(10_000) {
+        if ids.len() >= longest {
+            break;
+        }
+        ids.extend(t.encode(p.source)?);
+    }
+    ids.truncate(longest);
+    let mut rows = Vec::new();
+    for n in lens {
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let mut cache = t.model().new_cache();
+            let t0 = Instant::now();
+            t.model().forward(&ids[..n], &mut cache)?;
+            best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        rows.push(PrefillRow {
+            tokens: n,
+            ms: best,
+            tokens_per_s: n as f64 / best * 1e3,
+        });
+    }
+    println!("\nPrompt (prefill) time, one forward pass from an empty cache, best of 3");
+    println!(
+        "{:>7} {:>10} {:>10} {:>9}",
+        "tokens", "ms", "ms/token", "tok/s"
+    );
+    for r in &rows {
+        println!(
+            "{:>7} {:>10.1} {:>10.2} {:>9.1}",
+            r.tokens,
+            r.ms,
+            r.ms / r.tokens as f64,
+            r.tokens_per_s
+        );
+    }
+    Ok(rows)
+}
+
 /// Runs the benchmark.
 pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     let prompts: Vec<Prompt> = args
@@ -306,6 +371,7 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     // One warm-up caption: first-call allocations are not the model's speed.
     t.translate_text("Good morning.", Some("en"), "de")?;
+    let prefill = time_prefill(&t, &args)?;
     let mut rows = Vec::new();
     for &(s, d) in &directions {
         let mut set = test_set(s, d).context("test set")?;
@@ -381,7 +447,7 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     }
     let sessions = time_sessions(&mut t, &args)?;
     if let Some(path) = &args.report {
-        let report = serde_json::json!({"quality": rows, "sessions": sessions});
+        let report = serde_json::json!({"quality": rows, "sessions": sessions, "prefill": prefill});
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

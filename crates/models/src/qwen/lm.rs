@@ -14,10 +14,37 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::quantized::{QMatMul, gguf_file};
+use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::q8::Q8Matrix;
+
+/// A projection: Q8_0 weights on the CPU through [`Q8Matrix`] (each
+/// weight block read once for all of a prompt's rows), anything else
+/// through candle's quantised product.
+enum Linear {
+    Q8(Q8Matrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(t: QTensor, device: &Device) -> Result<Self> {
+        if device.is_cpu()
+            && let Some(m) = Q8Matrix::from_qtensor(&t)?
+        {
+            return Ok(Self::Q8(m));
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(t).map_err(load_err)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Q8(m) => m.forward(&x.contiguous()?),
+            Self::Candle(m) => Ok(m.forward(x)?),
+        }
+    }
+}
 
 /// Positions a sequence may reach: the rotary tables are sized to this. A
 /// text translation request's longest text (its byte count bounds its
@@ -31,17 +58,17 @@ pub const PREFILL_CHUNK: usize = 256;
 
 struct Block {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
     bv: Option<Tensor>,
-    o: QMatMul,
+    o: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// The model.
@@ -49,7 +76,7 @@ pub struct QwenLm {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     heads: usize,
@@ -147,14 +174,14 @@ impl QwenLm {
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(load_err)?;
         let output = match ct.tensor_infos.contains_key("output.weight") {
-            true => QMatMul::from_qtensor(qt("output.weight")?).map_err(load_err)?,
-            false => QMatMul::from_qtensor(embed_q).map_err(load_err)?,
+            true => Linear::new(qt("output.weight")?, device)?,
+            false => Linear::new(embed_q, device)?,
         };
         let norm = f32_of(qt("output_norm.weight")?)?;
         let mut bs = Vec::with_capacity(blocks);
         for i in 0..blocks {
             let p = format!("blk.{i}");
-            let mm = |t| QMatMul::from_qtensor(t).map_err(load_err);
+            let mm = |t| Linear::new(t, device);
             let has = |n: &str| ct.tensor_infos.contains_key(&format!("{p}.{n}"));
             let (has_bq, has_bk, has_bv) =
                 (has("attn_q.bias"), has("attn_k.bias"), has("attn_v.bias"));
@@ -222,7 +249,7 @@ impl QwenLm {
         Ok(candle_nn::ops::rms_norm(x, w, self.eps)?)
     }
 
-    fn project(&self, m: &QMatMul, b: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    fn project(&self, m: &Linear, b: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
         let y = m.forward(x)?;
         Ok(match b {
             Some(b) => y.broadcast_add(b)?,
@@ -342,7 +369,7 @@ impl QwenLm {
     fn ffn(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
         let h = self.rms(x, &b.ffn_norm)?;
         let g = candle_nn::ops::silu(&b.gate.forward(&h)?)?;
-        Ok(b.down.forward(&(g * b.up.forward(&h)?)?)?)
+        b.down.forward(&(g * b.up.forward(&h)?)?)
     }
 
     /// One token for each of several sequences at once (each at its own

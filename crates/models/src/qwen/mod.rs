@@ -29,19 +29,23 @@ pub use lm::{Cache, QwenLm};
 /// Qwen2's pre-tokenisation regex (from its tokenizer configuration).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Block formats whose CPU matrix-vector product in candle is several times
-/// slower than Q8_0's (AVX2 build): one row through Qwen2.5-0.5B's
-/// `ffn_up` (Q5_0, no SIMD kernel) takes 4.5 ms against 0.41 ms as Q8_0,
-/// its `ffn_down` (Q6_K) 1.30 against 0.29 ms. Requantised at load, a
-/// reply's token takes about two thirds of the time.
-const SLOW_BLOCKS: [GgmlDType; 4] = [
+/// Block formats requantised to Q8_0 at load. In candle, Q5_0's CPU
+/// product has no SIMD kernel: one row through Qwen2.5-0.5B's `ffn_up`
+/// (Q5_0) takes 4.5 ms against 0.41 ms as Q8_0, its `ffn_down` (Q6_K)
+/// 1.30 against 0.29 ms. Q4_K's kernel is fast, but as Q8_0 the file's
+/// last twelve Q4_K matrices run through [`crate::q8`] with the rest: a
+/// prompt's rows share each weight block, and the product uses the cores
+/// where the fleet serves (candle's own quantised kernels then run on the
+/// calling thread only).
+const REQUANTISED: [GgmlDType; 5] = [
+    GgmlDType::Q4K,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
     GgmlDType::Q5_1,
     GgmlDType::Q6K,
 ];
 
-/// The GGUF rewritten in memory with its [`SLOW_BLOCKS`] tensors requantised
+/// The GGUF rewritten in memory with its [`REQUANTISED`] tensors requantised
 /// to Q8_0 (8 bits per weight; finer than the 4–6 it replaces, so the
 /// weights change by well under one step of their original grid), or `None`
 /// when it holds none.
@@ -52,7 +56,7 @@ fn requantized<R: Read + Seek>(
     if !ct
         .tensor_infos
         .values()
-        .any(|t| SLOW_BLOCKS.contains(&t.ggml_dtype))
+        .any(|t| REQUANTISED.contains(&t.ggml_dtype))
     {
         return Ok(None);
     }
@@ -63,7 +67,7 @@ fn requantized<R: Read + Seek>(
     let mut changed = 0usize;
     for name in names {
         let mut t = ct.tensor(r, name, &Device::Cpu)?;
-        if SLOW_BLOCKS.contains(&t.dtype()) {
+        if REQUANTISED.contains(&t.dtype()) {
             t = QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?;
             changed += 1;
         }
@@ -81,7 +85,7 @@ fn requantized<R: Read + Seek>(
     tracing::info!(
         tensors = changed,
         took_ms = t0.elapsed().as_millis() as u64,
-        "requantised Q4_1/Q5_0/Q5_1/Q6_K tensors to Q8_0 for the CPU's SIMD kernels"
+        "requantised Q4_K/Q4_1/Q5_0/Q5_1/Q6_K tensors to Q8_0 for the CPU's SIMD kernels"
     );
     Ok(Some(out.into_inner()))
 }
@@ -258,7 +262,7 @@ fn render(turns: &[prompt::Turn]) -> String {
 
 impl Translator {
     /// Loads a Qwen2 GGUF file, its slow block formats requantised to Q8_0
-    /// (see [`SLOW_BLOCKS`]).
+    /// (see [`REQUANTISED`]).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let mut f = std::fs::File::open(path)
             .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
