@@ -124,6 +124,8 @@ async fn openai_client_auth_limits_and_text_translation() {
             // budget marks a caption on a machine busy with other tests.
             "--translation-time-budget-ms",
             "600000",
+            "--translation-live-wait-ms",
+            "600000",
             "--max-audio-mb",
             "2",
             // Below a debug build's Qwen time per final: entries in

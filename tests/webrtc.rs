@@ -130,6 +130,8 @@ async fn the_captions_page_shows_a_speakers_words_and_a_room_sees_everyone() {
             "qwen2.5-0.5b-instruct",
             "--translation-time-budget-ms",
             "600000",
+            "--translation-live-wait-ms",
+            "600000",
         ],
     )
     .await;

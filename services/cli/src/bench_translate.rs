@@ -282,14 +282,20 @@ fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Resul
 #[derive(Debug, serde::Serialize)]
 struct PrefillRow {
     tokens: usize,
-    /// Best of three runs.
+    /// Best of three runs, Q8_0 products by `nexus_models::q8`.
     ms: f64,
-    tokens_per_s: f64,
+    /// The same through candle's quantised product (the anchor).
+    candle_ms: f64,
 }
 
-/// One forward pass over prompts of each length in `args.prefill` (English
-/// captions of the test set, end to end), best of three.
-fn time_prefill(t: &Translator, args: &TranslateBenchArgs) -> anyhow::Result<Vec<PrefillRow>> {
+/// Best of three forward passes of each length in `args.prefill` (English
+/// captions of the test set, end to end) from an empty cache, through `t`
+/// and through `anchor` (the same weights, candle's Q8_0 product).
+fn time_prefill(
+    t: &Translator,
+    anchor: &Translator,
+    args: &TranslateBenchArgs,
+) -> anyhow::Result<Vec<PrefillRow>> {
     let lens: Vec<usize> = args
         .prefill
         .iter()
@@ -308,33 +314,40 @@ fn time_prefill(t: &Translator, args: &TranslateBenchArgs) -> anyhow::Result<Vec
         ids.extend(t.encode(p.source)?);
     }
     ids.truncate(longest);
-    let mut rows = Vec::new();
-    for n in lens {
+    let best = |m: &Translator, n: usize| -> anyhow::Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..3 {
-            let mut cache = t.model().new_cache();
+            let mut cache = m.model().new_cache();
             let t0 = Instant::now();
-            t.model().forward(&ids[..n], &mut cache)?;
+            m.model().forward(&ids[..n], &mut cache)?;
             best = best.min(t0.elapsed().as_secs_f64() * 1e3);
         }
+        Ok(best)
+    };
+    let mut rows = Vec::new();
+    for n in lens {
         rows.push(PrefillRow {
             tokens: n,
-            ms: best,
-            tokens_per_s: n as f64 / best * 1e3,
+            ms: best(t, n)?,
+            candle_ms: best(anchor, n)?,
         });
     }
-    println!("\nPrompt (prefill) time, one forward pass from an empty cache, best of 3");
     println!(
-        "{:>7} {:>10} {:>10} {:>9}",
-        "tokens", "ms", "ms/token", "tok/s"
+        "\nPrompt (prefill) time, one forward pass from an empty cache, best of 3: Q8_0 products by nexus_models::q8 against candle's on the same weights"
+    );
+    println!(
+        "{:>7} {:>10} {:>10} {:>12} {:>16} {:>9}",
+        "tokens", "ms", "ms/token", "candle ms", "candle ms/token", "speed-up"
     );
     for r in &rows {
         println!(
-            "{:>7} {:>10.1} {:>10.2} {:>9.1}",
+            "{:>7} {:>10.1} {:>10.2} {:>12.1} {:>16.2} {:>8.2}x",
             r.tokens,
             r.ms,
             r.ms / r.tokens as f64,
-            r.tokens_per_s
+            r.candle_ms,
+            r.candle_ms / r.tokens as f64,
+            r.candle_ms / r.ms
         );
     }
     Ok(rows)
@@ -371,7 +384,12 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     // One warm-up caption: first-call allocations are not the model's speed.
     t.translate_text("Good morning.", Some("en"), "de")?;
-    let prefill = time_prefill(&t, &args)?;
+    let prefill = if args.prefill.is_empty() {
+        Vec::new()
+    } else {
+        let anchor = Translator::load_with(&file, &dev, nexus_models::qwen::lm::Products::Candle)?;
+        time_prefill(&t, &anchor, &args)?
+    };
     let mut rows = Vec::new();
     for &(s, d) in &directions {
         let mut set = test_set(s, d).context("test set")?;

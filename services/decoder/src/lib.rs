@@ -60,6 +60,18 @@ pub struct DecoderArgs {
         value_parser = clap::value_parser!(u64).range(1..=600_000)
     )]
     pub translation_time_budget_ms: u64,
+    /// How long a live caption may wait for the translation thread while
+    /// it translates other captions; one still waiting then comes back
+    /// untranslated, marked `behind`, so a translator that falls behind its
+    /// live sessions skips stale captions instead of delaying every later
+    /// one. At most 600,000.
+    #[arg(
+        long,
+        env = "NEXUS_TRANSLATION_LIVE_WAIT_MS",
+        default_value_t = 4_000,
+        value_parser = clap::value_parser!(u64).range(1..=600_000)
+    )]
+    pub translation_live_wait_ms: u64,
 }
 
 impl Default for DecoderArgs {
@@ -71,6 +83,7 @@ impl Default for DecoderArgs {
             advertise_ttl_ms: 6_000,
             translation_model: String::new(),
             translation_time_budget_ms: 15_000,
+            translation_live_wait_ms: 4_000,
         }
     }
 }
@@ -98,14 +111,17 @@ impl DecoderStage {
     /// other stage of the process has) and `--translation-model`.
     pub async fn build(process: &Process, args: DecoderArgs) -> anyhow::Result<Self> {
         anyhow::ensure!(args.slots > 0, "--slots must be at least 1");
-        let (spec, home, device, budget) = (
+        let (spec, home, device) = (
             args.translation_model.clone(),
             process.home(),
             process.device().clone(),
-            Duration::from_millis(args.translation_time_budget_ms),
         );
+        let limits = TranslationLimits {
+            time_budget: Duration::from_millis(args.translation_time_budget_ms),
+            live_wait: Duration::from_millis(args.translation_live_wait_ms),
+        };
         let translator =
-            tokio::task::spawn_blocking(move || load_translator(&spec, home, &device, budget))
+            tokio::task::spawn_blocking(move || load_translator(&spec, home, &device, limits))
                 .await??;
         Ok(Self {
             cfg: DecoderConfig {
@@ -134,13 +150,22 @@ impl std::fmt::Debug for DecoderConfig {
     }
 }
 
+/// The translation thread's bounds in time.
+#[derive(Debug, Clone, Copy)]
+struct TranslationLimits {
+    /// One caption's or piece's translation, all attempts.
+    time_budget: Duration,
+    /// A live caption's wait for the thread.
+    live_wait: Duration,
+}
+
 /// Loads the text translation model named `spec` (registry name or GGUF path);
 /// none for an empty name.
 fn load_translator(
     spec: &str,
     home: Option<std::path::PathBuf>,
     device: &candle_core::Device,
-    time_budget: Duration,
+    limits: TranslationLimits,
 ) -> anyhow::Result<Option<(String, TranslationWorker)>> {
     if spec.is_empty() {
         return Ok(None);
@@ -148,8 +173,9 @@ fn load_translator(
     let file = nexus_fleet::models::resolve_gguf(spec, home)?;
     let t = Translator::load(&file, device)
         .with_context(|| format!("loading {}", file.display()))?
-        .with_time_budget(time_budget);
-    let worker = TranslationWorker::start(t).context("starting the translation thread")?;
+        .with_time_budget(limits.time_budget);
+    let worker =
+        TranslationWorker::start(t, limits.live_wait).context("starting the translation thread")?;
     Ok(Some((spec.to_owned(), worker)))
 }
 

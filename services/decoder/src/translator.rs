@@ -7,15 +7,20 @@
 //! before it as context, and the thread looks for live captions between
 //! two pieces, so a long text delays a live caption by one piece at most.
 //! Every caption and piece is bounded in reply tokens and in time
-//! ([`Translator::with_time_budget`]).
+//! ([`Translator::with_time_budget`]). A live caption that has waited
+//! longer than the live wait when its turn comes is not translated: it
+//! comes back marked [`BEHIND`], so a translator slower than its live
+//! sessions drops stale captions and stays current with the new ones
+//! (the viewer sees the source caption marked untranslated) instead of
+//! delaying every caption after it without bound.
 //!
 //! Captions are not batched: decoding several as one batch
-//! (`Translator::translate_batch`) measured slower on CPU than one by one
-//! (candle's quantised matrix product takes a different, slower kernel for
-//! several rows; see BENCHMARKS.md, "Text translation").
+//! (`Translator::translate_batch`) measured no faster on CPU than one by
+//! one (see BENCHMARKS.md, "Text translation").
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use nexus_models::qwen::pieces::LongText;
 use nexus_models::qwen::prompt::Spec;
@@ -60,10 +65,15 @@ pub enum Priority {
 
 type Reply = oneshot::Sender<Result<Vec<Translated>, String>>;
 
+/// The failure of a live caption skipped because it waited longer than the
+/// live wait: the translator is behind its live sessions.
+pub const BEHIND: &str = "behind";
+
 struct Job {
     captions: Vec<Caption>,
     priority: Priority,
     reply: Reply,
+    queued: Instant,
 }
 
 /// A handle to the translation thread; cloning shares it.
@@ -79,8 +89,10 @@ impl std::fmt::Debug for TranslationWorker {
 }
 
 impl TranslationWorker {
-    /// Starts the thread that owns `model`; it ends when every handle is dropped.
-    pub fn start(mut model: Translator) -> std::io::Result<Self> {
+    /// Starts the thread that owns `model`; it ends when every handle is
+    /// dropped. Live captions that wait longer than `live_wait` for it are
+    /// answered [`BEHIND`].
+    pub fn start(mut model: Translator, live_wait: Duration) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("decoder-translator".into())
@@ -98,7 +110,11 @@ impl TranslationWorker {
                         queue(job, &mut live, &mut texts);
                     }
                     if let Some(job) = live.pop_front() {
-                        answer(&mut model, job);
+                        if job.queued.elapsed() > live_wait {
+                            skip(job);
+                        } else {
+                            answer(&mut model, job);
+                        }
                     } else if let Some(t) = texts.front_mut()
                         && t.step(&mut model)
                         && let Some(t) = texts.pop_front()
@@ -135,6 +151,7 @@ impl TranslationWorker {
                 captions,
                 priority,
                 reply,
+                queued: Instant::now(),
             })
             .map_err(|_| "the translation thread stopped".to_owned())?;
         Ok(rx)
@@ -161,6 +178,27 @@ fn answer(model: &mut Translator, job: Job) {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string());
     let _ = job.reply.send(r);
+}
+
+/// Answers a live job that waited too long: its captions untranslated,
+/// marked [`BEHIND`].
+fn skip(job: Job) {
+    tracing::debug!(
+        captions = job.captions.len(),
+        waited_ms = job.queued.elapsed().as_millis() as u64,
+        "live captions skipped: the translator is behind"
+    );
+    let r = job
+        .captions
+        .iter()
+        .map(|_| Translated {
+            text: String::new(),
+            failure: Some(BEHIND),
+            attempts: 0,
+            tokens: 0,
+        })
+        .collect();
+    let _ = job.reply.send(Ok(r));
 }
 
 /// A text job in progress: its texts one after another, each in pieces.
@@ -241,7 +279,7 @@ mod tests {
         let model = Translator::load(&gguf, &candle_core::Device::Cpu)
             .expect("nexus models pull qwen2.5-0.5b-instruct")
             .with_time_budget(std::time::Duration::from_secs(3_600));
-        let worker = TranslationWorker::start(model).unwrap();
+        let worker = TranslationWorker::start(model, Duration::from_secs(3_600)).unwrap();
         let long = "The meeting starts at nine. The room is on the second floor.\n\nWe will talk about the budget.\nLunch is at noon.";
         let mut text = worker
             .submit(vec![caption(long), caption("")], Priority::Text)
@@ -274,5 +312,39 @@ mod tests {
             out[0].text
         );
         assert_eq!((out[1].text.as_str(), out[1].failure), ("", None));
+    }
+
+    /// A live caption that waited longer than the live wait comes back
+    /// untranslated and marked behind; texts are not skipped.
+    #[tokio::test]
+    #[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
+    async fn live_captions_that_waited_too_long_come_back_marked_behind() {
+        let gguf = nexus_fleet::models::resolve_gguf("qwen2.5-0.5b-instruct", None)
+            .expect("nexus models pull qwen2.5-0.5b-instruct");
+        let model = Translator::load(&gguf, &candle_core::Device::Cpu)
+            .expect("nexus models pull qwen2.5-0.5b-instruct")
+            .with_time_budget(std::time::Duration::from_secs(3_600));
+        // No wait is short enough: every live caption has waited longer.
+        let worker = TranslationWorker::start(model, Duration::ZERO).unwrap();
+        let live = worker
+            .translate(
+                vec![caption("Good morning."), caption("Thank you.")],
+                Priority::Live,
+            )
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 2);
+        for t in &live {
+            assert_eq!(
+                (t.text.as_str(), t.failure, t.tokens),
+                ("", Some(BEHIND), 0)
+            );
+        }
+        let text = worker
+            .translate(vec![caption("Good morning.")], Priority::Text)
+            .await
+            .unwrap();
+        assert_eq!(text[0].failure, None, "{text:?}");
+        assert!(!text[0].text.is_empty());
     }
 }

@@ -20,17 +20,27 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use crate::error::{ModelError, Result};
 use crate::q8::Q8Matrix;
 
-/// A projection: Q8_0 weights on the CPU through [`Q8Matrix`] (each
-/// weight block read once for all of a prompt's rows), anything else
-/// through candle's quantised product.
+/// Which kernel multiplies Q8_0 weights on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Products {
+    /// [`Q8Matrix`]: each weight block read once for all of a prompt's rows.
+    #[default]
+    Q8Rows,
+    /// candle's own quantised product (the benchmarks' anchor).
+    Candle,
+}
+
+/// A projection: Q8_0 weights on the CPU through [`Q8Matrix`] unless told
+/// otherwise, anything else through candle's quantised product.
 enum Linear {
     Q8(Q8Matrix),
     Candle(QMatMul),
 }
 
 impl Linear {
-    fn new(t: QTensor, device: &Device) -> Result<Self> {
+    fn new(t: QTensor, device: &Device, products: Products) -> Result<Self> {
         if device.is_cpu()
+            && products == Products::Q8Rows
             && let Some(m) = Q8Matrix::from_qtensor(&t)?
         {
             return Ok(Self::Q8(m));
@@ -137,6 +147,16 @@ impl QwenLm {
         r: &mut R,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_gguf_with(ct, r, device, Products::default())
+    }
+
+    /// Loads a `qwen2` GGUF, its Q8_0 products on the CPU by `products`.
+    pub fn from_gguf_with<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        device: &Device,
+        products: Products,
+    ) -> Result<Self> {
         let md = |k: &str| {
             ct.metadata
                 .get(&format!("qwen2.{k}"))
@@ -174,14 +194,14 @@ impl QwenLm {
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(load_err)?;
         let output = match ct.tensor_infos.contains_key("output.weight") {
-            true => Linear::new(qt("output.weight")?, device)?,
-            false => Linear::new(embed_q, device)?,
+            true => Linear::new(qt("output.weight")?, device, products)?,
+            false => Linear::new(embed_q, device, products)?,
         };
         let norm = f32_of(qt("output_norm.weight")?)?;
         let mut bs = Vec::with_capacity(blocks);
         for i in 0..blocks {
             let p = format!("blk.{i}");
-            let mm = |t| Linear::new(t, device);
+            let mm = |t| Linear::new(t, device, products);
             let has = |n: &str| ct.tensor_infos.contains_key(&format!("{p}.{n}"));
             let (has_bq, has_bk, has_bv) =
                 (has("attn_q.bias"), has("attn_k.bias"), has("attn_v.bias"));

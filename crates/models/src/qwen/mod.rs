@@ -266,14 +266,22 @@ impl Translator {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let mut f = std::fs::File::open(path)
             .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_reader(&mut f, path, device, true)
+        Self::from_reader(&mut f, path, device, true, lm::Products::default())
     }
 
     /// Loads a Qwen2 GGUF file with its tensors as stored (for comparison).
     pub fn load_as_stored(path: &Path, device: &Device) -> Result<Self> {
         let mut f = std::fs::File::open(path)
             .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_reader(&mut f, path, device, false)
+        Self::from_reader(&mut f, path, device, false, lm::Products::default())
+    }
+
+    /// [`Self::load`] with the Q8_0 products computed by `products` (the
+    /// benchmarks compare the kernels on the same weights).
+    pub fn load_with(path: &Path, device: &Device, products: lm::Products) -> Result<Self> {
+        let mut f = std::fs::File::open(path)
+            .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
+        Self::from_reader(&mut f, path, device, true, products)
     }
 
     fn from_reader<R: Read + Seek>(
@@ -281,6 +289,7 @@ impl Translator {
         path: &Path,
         device: &Device,
         requantize: bool,
+        products: lm::Products,
     ) -> Result<Self> {
         let ct = gguf_file::Content::read(r)
             .map_err(|e| ModelError::Load(format!("{}: not a GGUF file: {e}", path.display())))?;
@@ -307,9 +316,9 @@ impl Translator {
             Some(buf) => {
                 let mut c = std::io::Cursor::new(buf);
                 let ct = gguf_file::Content::read(&mut c).map_err(load)?;
-                QwenLm::from_gguf(&ct, &mut c, device).map_err(in_file)?
+                QwenLm::from_gguf_with(&ct, &mut c, device, products).map_err(in_file)?
             }
-            None => QwenLm::from_gguf(&ct, r, device).map_err(in_file)?,
+            None => QwenLm::from_gguf_with(&ct, r, device, products).map_err(in_file)?,
         };
         let stop = ["<|im_end|>", "<|endoftext|>"]
             .iter()
