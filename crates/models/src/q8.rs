@@ -340,7 +340,16 @@ fn tile<const TW: usize, const TX: usize>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Block, load32};
+    use super::{BLOCK, Block};
+
+    /// The 32 bytes of one block as a vector.
+    #[allow(unsafe_code)]
+    #[inline(always)]
+    fn load32(qs: &[i8; BLOCK]) -> __m256i {
+        // SAFETY: the array holds the 32 bytes read; the load has no
+        // alignment requirement.
+        unsafe { _mm256_loadu_si256(qs.as_ptr().cast()) }
+    }
 
     /// One block's contribution to a dot product: `acc + Σ w·x × scale`.
     #[target_feature(enable = "avx2,fma")]
@@ -419,20 +428,6 @@ mod avx2 {
         }
         hsum(a)
     }
-}
-
-/// The 32 bytes of one block as a vector.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-#[allow(unsafe_code)]
-#[inline(always)]
-fn load32(qs: &[i8; BLOCK]) -> std::arch::x86_64::__m256i {
-    // SAFETY: the array holds the 32 bytes read; the load has no alignment
-    // requirement.
-    unsafe { std::arch::x86_64::_mm256_loadu_si256(qs.as_ptr().cast()) }
 }
 
 /// Dot products of weight rows `j..j + TW` with activation rows
