@@ -313,11 +313,14 @@ async fn stream(
     })
     .await
     .map_err(|_| tonic::Status::internal("request channel closed"))?;
+    // The clock starts as the config goes out, as the WebSocket client's
+    // starts as its session update goes out: the server's opening of the
+    // session counts on both (audio due meanwhile goes at once after it).
+    let start = Instant::now();
     let mut inbound = client
         .streaming_recognize(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let start = Instant::now();
     let sender = async move {
         for (i, c) in samples.chunks(1_600).enumerate() {
             tokio::time::sleep_until(start + Duration::from_millis(100 * (i as u64 + 1))).await;
