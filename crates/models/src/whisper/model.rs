@@ -6,7 +6,7 @@
 //! Beam search reorders states with [`DecoderState::select`]; a decoder pool
 //! keeps one state per live session.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, VarBuilder};
 
@@ -37,22 +37,25 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
 /// loaded for the lookup).
 ///
 /// Quantised, a layer keeps Q8_0 blocks beside the float weights and takes
-/// whichever is faster for the rows at hand: candle's Q8_0 product reads a
-/// quarter of the bytes, which wins for a lone sequence's decoder step
-/// (1.9 against 5.5 ms for tiny.en), and is level with the float kernel at
-/// two or three rows and behind it from four (`nexus bench whisper
-/// --batches 1,2,3,4`).
+/// whichever is faster for the rows at hand. The Q8_0 product
+/// ([`crate::q8`], each weight block read once for all rows) reads a
+/// quarter of the bytes: tiny.en's decoder step at 1, 2, 4 and 8 sequences
+/// took 5.2, 5.7, 8.1 and 13.6 ms on it against 20.2, 19.8, 25.7 and 27.9
+/// on the float weights, and at 16 sequences 32.6 against 39.5, where the
+/// products stop being bound by memory and the float kernel computes faster
+/// (`nexus bench whisper --batches 1,2,4,8,16`, debug build, AMD 2-core; the
+/// earlier candle Q8_0 product fell behind the float one from two rows).
 #[derive(Debug, Clone)]
 struct Dense {
     /// The weights, (in, out).
     wt: Tensor,
     b: Option<Tensor>,
     /// Q8_0 weights for products of at most [`INT8_MAX_ROWS`] rows.
-    q: Option<QMatMul>,
+    q: Option<crate::q8::Q8Matrix>,
 }
 
 /// The most rows a product runs on Q8_0 weights where both are kept.
-const INT8_MAX_ROWS: usize = 1;
+const INT8_MAX_ROWS: usize = 8;
 
 impl Dense {
     /// A layer of weights `w`, (out, in), and an optional bias.
@@ -68,7 +71,7 @@ impl Dense {
     /// the 32-value block, as every Whisper width is).
     fn quantize(&mut self) -> Result<()> {
         let q = QTensor::quantize(&self.wt.t()?.contiguous()?, GgmlDType::Q8_0)?;
-        self.q = Some(QMatMul::from_qtensor(q)?);
+        self.q = crate::q8::Q8Matrix::from_qtensor(&q).map_err(candle_core::Error::wrap)?;
         Ok(())
     }
 }
@@ -80,7 +83,9 @@ impl Module for Dense {
         let rows = x.elem_count() / inp;
         let x = x.reshape((rows, inp))?;
         let y = match &self.q {
-            Some(q) if rows <= INT8_MAX_ROWS => q.forward(&x.contiguous()?)?,
+            Some(q) if rows <= INT8_MAX_ROWS => q
+                .forward(&x.contiguous()?)
+                .map_err(candle_core::Error::wrap)?,
             _ => x.matmul(&self.wt)?,
         };
         let y = match &self.b {
