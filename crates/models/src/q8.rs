@@ -250,87 +250,53 @@ fn product_rows(w: &Blocks, j0: usize, count: usize, x: &Blocks, out: &mut [f32]
         // One row (a decoding step): the product streams the weights once,
         // four rows side by side.
         while j + 4 <= count {
-            store(tile::<4, 1>(w, j0 + j, x, 0), out, j, 0, m);
+            let rows = std::array::from_fn(|a| w.row(j0 + j + a));
+            out[j..j + 4].copy_from_slice(&kernel::dot_4x1(rows, x.row(0)));
             j += 4;
         }
     }
+    // Two weight rows against two activation rows, then what is left.
     while j < count {
-        let tw = (count - j).min(2);
+        let w0 = w.row(j0 + j);
         let mut i = 0;
-        while i < m {
-            let tx = (m - i).min(2);
-            match (tw, tx) {
-                (2, 2) => store(tile::<2, 2>(w, j0 + j, x, i), out, j, i, m),
-                (2, 1) => store(tile::<2, 1>(w, j0 + j, x, i), out, j, i, m),
-                (1, 2) => store(tile::<1, 2>(w, j0 + j, x, i), out, j, i, m),
-                _ => store(tile::<1, 1>(w, j0 + j, x, i), out, j, i, m),
+        if count - j >= 2 {
+            let w1 = w.row(j0 + j + 1);
+            while i < m {
+                if m - i >= 2 {
+                    let [p, q, r, s] = kernel::dot_2x2(w0, w1, x.row(i), x.row(i + 1));
+                    out[j * m + i..j * m + i + 2].copy_from_slice(&[p, q]);
+                    out[(j + 1) * m + i..(j + 1) * m + i + 2].copy_from_slice(&[r, s]);
+                    i += 2;
+                } else {
+                    let [p, r] = kernel::dot_2x1(w0, w1, x.row(i));
+                    (out[j * m + i], out[(j + 1) * m + i]) = (p, r);
+                    i += 1;
+                }
             }
-            i += tx;
+            j += 2;
+        } else {
+            for (i, o) in out[j * m..(j + 1) * m].iter_mut().enumerate() {
+                *o = kernel::dot_1x1(w0, x.row(i));
+            }
+            j += 1;
         }
-        j += tw;
     }
 }
 
-fn store<const TW: usize, const TX: usize>(
-    r: [[f32; TX]; TW],
-    out: &mut [f32],
-    j: usize,
-    i: usize,
-    m: usize,
-) {
-    for (a, row) in r.iter().enumerate() {
-        out[(j + a) * m + i..(j + a) * m + i + TX].copy_from_slice(row);
-    }
-}
-
-/// Dot products of weight rows `j..j + TW` with activation rows
-/// `i..i + TX` (2×2, 4×1, 2×1 or any of single rows).
+/// The products' inner loops: AVX2 where the build targets it, a portable
+/// loop elsewhere, behind the same calls.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-#[allow(unsafe_code)]
-#[inline(always)]
-fn tile<const TW: usize, const TX: usize>(
-    w: &Blocks,
-    j: usize,
-    x: &Blocks,
-    i: usize,
-) -> [[f32; TX]; TW] {
-    let mut out = [[0f32; TX]; TW];
-    // SAFETY (each call): this build targets AVX2 and FMA (the cfg
-    // above), so every CPU it runs on has them.
-    match (TW, TX) {
-        (2, 2) => {
-            let r = unsafe { avx2::tile_2x2(w.row(j), w.row(j + 1), x.row(i), x.row(i + 1)) };
-            for (o, v) in out.iter_mut().flatten().zip(r) {
-                *o = v;
-            }
-        }
-        (4, 1) => {
-            let rows = [w.row(j), w.row(j + 1), w.row(j + 2), w.row(j + 3)];
-            let r = unsafe { avx2::tile_4x1(rows, x.row(i)) };
-            for (o, v) in out.iter_mut().flatten().zip(r) {
-                *o = v;
-            }
-        }
-        (2, 1) => {
-            let r = unsafe { avx2::tile_2x1(w.row(j), w.row(j + 1), x.row(i)) };
-            for (o, v) in out.iter_mut().flatten().zip(r) {
-                *o = v;
-            }
-        }
-        _ => {
-            for (a, row) in out.iter_mut().enumerate() {
-                for (b, o) in row.iter_mut().enumerate() {
-                    *o = unsafe { avx2::tile_1x1(w.row(j + a), x.row(i + b)) };
-                }
-            }
-        }
-    }
-    out
-}
+use avx2 as kernel;
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+)))]
+use portable as kernel;
 
 #[cfg(all(
     target_arch = "x86_64",
@@ -341,6 +307,33 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK, Block};
+
+    // SAFETY (each call below): this module is built only where the build
+    // targets AVX2 and FMA (its cfg), so every CPU it runs on has them.
+
+    /// `[w0·x0, w0·x1, w1·x0, w1·x1]`.
+    #[allow(unsafe_code)]
+    pub(super) fn dot_2x2(w0: &[Block], w1: &[Block], x0: &[Block], x1: &[Block]) -> [f32; 4] {
+        unsafe { tile_2x2(w0, w1, x0, x1) }
+    }
+
+    /// `[w0·x, w1·x, w2·x, w3·x]`.
+    #[allow(unsafe_code)]
+    pub(super) fn dot_4x1(w: [&[Block]; 4], x: &[Block]) -> [f32; 4] {
+        unsafe { tile_4x1(w, x) }
+    }
+
+    /// `[w0·x, w1·x]`.
+    #[allow(unsafe_code)]
+    pub(super) fn dot_2x1(w0: &[Block], w1: &[Block], x: &[Block]) -> [f32; 2] {
+        unsafe { tile_2x1(w0, w1, x) }
+    }
+
+    /// `w·x`.
+    #[allow(unsafe_code)]
+    pub(super) fn dot_1x1(w: &[Block], x: &[Block]) -> f32 {
+        unsafe { tile_1x1(w, x) }
+    }
 
     /// The 32 bytes of one block as a vector.
     #[allow(unsafe_code)]
@@ -374,7 +367,7 @@ mod avx2 {
 
     /// `[w0·x0, w0·x1, w1·x0, w1·x1]`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn tile_2x2(w0: &[Block], w1: &[Block], x0: &[Block], x1: &[Block]) -> [f32; 4] {
+    fn tile_2x2(w0: &[Block], w1: &[Block], x0: &[Block], x1: &[Block]) -> [f32; 4] {
         let z = _mm256_setzero_ps();
         let (mut a00, mut a01, mut a10, mut a11) = (z, z, z, z);
         for ((u0, u1), (v0, v1)) in w0.iter().zip(w1).zip(x0.iter().zip(x1)) {
@@ -392,7 +385,7 @@ mod avx2 {
 
     /// `[w0·x, w1·x, w2·x, w3·x]`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn tile_4x1(w: [&[Block]; 4], x: &[Block]) -> [f32; 4] {
+    fn tile_4x1(w: [&[Block]; 4], x: &[Block]) -> [f32; 4] {
         let z = _mm256_setzero_ps();
         let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
         let [w0, w1, w2, w3] = w;
@@ -408,7 +401,7 @@ mod avx2 {
 
     /// `[w0·x, w1·x]`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn tile_2x1(w0: &[Block], w1: &[Block], x: &[Block]) -> [f32; 2] {
+    fn tile_2x1(w0: &[Block], w1: &[Block], x: &[Block]) -> [f32; 2] {
         let z = _mm256_setzero_ps();
         let (mut a0, mut a1) = (z, z);
         for ((u0, u1), v) in w0.iter().zip(w1).zip(x) {
@@ -421,7 +414,7 @@ mod avx2 {
 
     /// `w·x`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn tile_1x1(w: &[Block], x: &[Block]) -> f32 {
+    fn tile_1x1(w: &[Block], x: &[Block]) -> f32 {
         let mut a = _mm256_setzero_ps();
         for (u, v) in w.iter().zip(x) {
             a = step(a, load32(&u.qs), load32(&v.qs), _mm256_set1_ps(u.d * v.d));
@@ -430,38 +423,48 @@ mod avx2 {
     }
 }
 
-/// Dot products of weight rows `j..j + TW` with activation rows
-/// `i..i + TX` (portable).
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn tile<const TW: usize, const TX: usize>(
-    w: &Blocks,
-    j: usize,
-    x: &Blocks,
-    i: usize,
-) -> [[f32; TX]; TW] {
-    let mut out = [[0f32; TX]; TW];
-    for (a, row) in out.iter_mut().enumerate() {
-        for (b, o) in row.iter_mut().enumerate() {
-            *o = w
-                .row(j + a)
-                .iter()
-                .zip(x.row(i + b))
-                .map(|(u, v)| {
-                    let dot: i32 =
-                        u.qs.iter()
-                            .zip(&v.qs)
-                            .map(|(&p, &q)| i32::from(p) * i32::from(q))
-                            .sum();
-                    dot as f32 * u.d * v.d
-                })
-                .sum();
-        }
+mod portable {
+    use super::Block;
+
+    /// `w·x`.
+    pub(super) fn dot_1x1(w: &[Block], x: &[Block]) -> f32 {
+        w.iter()
+            .zip(x)
+            .map(|(u, v)| {
+                let dot: i32 =
+                    u.qs.iter()
+                        .zip(&v.qs)
+                        .map(|(&p, &q)| i32::from(p) * i32::from(q))
+                        .sum();
+                dot as f32 * u.d * v.d
+            })
+            .sum()
     }
-    out
+
+    /// `[w0·x0, w0·x1, w1·x0, w1·x1]`.
+    pub(super) fn dot_2x2(w0: &[Block], w1: &[Block], x0: &[Block], x1: &[Block]) -> [f32; 4] {
+        [
+            dot_1x1(w0, x0),
+            dot_1x1(w0, x1),
+            dot_1x1(w1, x0),
+            dot_1x1(w1, x1),
+        ]
+    }
+
+    /// `[w0·x, w1·x, w2·x, w3·x]`.
+    pub(super) fn dot_4x1(w: [&[Block]; 4], x: &[Block]) -> [f32; 4] {
+        w.map(|w| dot_1x1(w, x))
+    }
+
+    /// `[w0·x, w1·x]`.
+    pub(super) fn dot_2x1(w0: &[Block], w1: &[Block], x: &[Block]) -> [f32; 2] {
+        [dot_1x1(w0, x), dot_1x1(w1, x)]
+    }
 }
 
 #[cfg(test)]
@@ -510,11 +513,14 @@ mod tests {
     }
 
     /// Every tile shape and remainder (out 1..=9 rows, 1..=5 activation
-    /// rows) against candle's own Q8_0 product on the same blocks and
-    /// against the float product of the dequantised weights.
+    /// rows), on the calling thread and split over workers (300 × 512 is
+    /// past [`SERIAL_BELOW`], in tasks that do not divide it), against
+    /// candle's own Q8_0 product on the same blocks and against the float
+    /// product of the dequantised weights.
     #[test]
     fn products_match_candle_and_the_float_product() {
-        for (n, k) in [(1, 32), (5, 64), (9, 96), (70, 128)] {
+        const { assert!(300 * 512 >= SERIAL_BELOW && 300 % ROWS_PER_TASK != 0) };
+        for (n, k) in [(1, 32), (5, 64), (9, 96), (70, 128), (300, 512)] {
             let w = Tensor::from_vec(lcg(n * k, n as u64), (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
             let ours = Q8Matrix::from_qtensor(&q).unwrap().unwrap();
