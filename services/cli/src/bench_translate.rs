@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use nexus_eval::translation::{DIRECTIONS, Failure, Pair, check, test_set};
 use nexus_models::qwen::Translator;
+use nexus_models::qwen::lm::Products;
 use nexus_models::qwen::prompt::{Spec, Style};
 
 /// Options of `nexus bench translate`.
@@ -375,19 +376,16 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     // Quality as the model gives it: no time budget cuts a retry short
     // when the machine is busy.
-    let mut t = if args.as_stored {
-        Translator::load_as_stored(&file, &dev)?
-    } else {
-        Translator::load(&file, &dev)?
-    }
-    .with_time_budget(std::time::Duration::from_secs(3_600));
+    let mut t = Translator::load_with(&file, &dev, !args.as_stored, Products::Q8Rows)?
+        .with_time_budget(std::time::Duration::from_secs(3_600));
     let load_s = t0.elapsed().as_secs_f64();
     // One warm-up caption: first-call allocations are not the model's speed.
     t.translate_text("Good morning.", Some("en"), "de")?;
     let prefill = if args.prefill.is_empty() {
         Vec::new()
     } else {
-        let anchor = Translator::load_with(&file, &dev, nexus_models::qwen::lm::Products::Candle)?;
+        // The same weights (requantised or as stored, as `t`), candle's product.
+        let anchor = Translator::load_with(&file, &dev, !args.as_stored, Products::Candle)?;
         time_prefill(&t, &anchor, &args)?
     };
     let mut rows = Vec::new();

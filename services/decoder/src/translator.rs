@@ -191,12 +191,7 @@ fn skip(job: Job) {
     let r = job
         .captions
         .iter()
-        .map(|_| Translated {
-            text: String::new(),
-            failure: Some(BEHIND),
-            attempts: 0,
-            tokens: 0,
-        })
+        .map(|_| Translated::skipped(BEHIND))
         .collect();
     let _ = job.reply.send(Ok(r));
 }
@@ -267,19 +262,23 @@ mod tests {
         }
     }
 
+    /// The default translation model, with no time budget: the tests check
+    /// what is translated and in which order, not how fast.
+    fn model() -> Translator {
+        let gguf = nexus_fleet::models::resolve_gguf("qwen2.5-0.5b-instruct", None)
+            .expect("nexus models pull qwen2.5-0.5b-instruct");
+        Translator::load(&gguf, &candle_core::Device::Cpu)
+            .expect("nexus models pull qwen2.5-0.5b-instruct")
+            .with_time_budget(std::time::Duration::from_secs(3_600))
+    }
+
     /// A text of several lines and sentences is translated piece by piece,
     /// its lines kept, and a live caption sent after it is answered before
     /// the text is done.
     #[tokio::test]
     #[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
     async fn a_live_caption_goes_between_the_pieces_of_a_long_text() {
-        let gguf = nexus_fleet::models::resolve_gguf("qwen2.5-0.5b-instruct", None)
-            .expect("nexus models pull qwen2.5-0.5b-instruct");
-        // Order and lines, not speed: no time budget on a busy machine.
-        let model = Translator::load(&gguf, &candle_core::Device::Cpu)
-            .expect("nexus models pull qwen2.5-0.5b-instruct")
-            .with_time_budget(std::time::Duration::from_secs(3_600));
-        let worker = TranslationWorker::start(model, Duration::from_secs(3_600)).unwrap();
+        let worker = TranslationWorker::start(model(), Duration::from_secs(3_600)).unwrap();
         let long = "The meeting starts at nine. The room is on the second floor.\n\nWe will talk about the budget.\nLunch is at noon.";
         let mut text = worker
             .submit(vec![caption(long), caption("")], Priority::Text)
@@ -319,13 +318,8 @@ mod tests {
     #[tokio::test]
     #[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
     async fn live_captions_that_waited_too_long_come_back_marked_behind() {
-        let gguf = nexus_fleet::models::resolve_gguf("qwen2.5-0.5b-instruct", None)
-            .expect("nexus models pull qwen2.5-0.5b-instruct");
-        let model = Translator::load(&gguf, &candle_core::Device::Cpu)
-            .expect("nexus models pull qwen2.5-0.5b-instruct")
-            .with_time_budget(std::time::Duration::from_secs(3_600));
         // No wait is short enough: every live caption has waited longer.
-        let worker = TranslationWorker::start(model, Duration::ZERO).unwrap();
+        let worker = TranslationWorker::start(model(), Duration::ZERO).unwrap();
         let live = worker
             .translate(
                 vec![caption("Good morning."), caption("Thank you.")],

@@ -261,27 +261,29 @@ fn render(turns: &[prompt::Turn]) -> String {
 }
 
 impl Translator {
-    /// Loads a Qwen2 GGUF file, its slow block formats requantised to Q8_0
-    /// (see [`REQUANTISED`]).
+    /// Loads a Qwen2 GGUF file, its [`REQUANTISED`] block formats
+    /// requantised to Q8_0.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let mut f = std::fs::File::open(path)
-            .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_reader(&mut f, path, device, true, lm::Products::default())
+        Self::load_with(path, device, true, lm::Products::default())
     }
 
     /// Loads a Qwen2 GGUF file with its tensors as stored (for comparison).
     pub fn load_as_stored(path: &Path, device: &Device) -> Result<Self> {
-        let mut f = std::fs::File::open(path)
-            .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_reader(&mut f, path, device, false, lm::Products::default())
+        Self::load_with(path, device, false, lm::Products::default())
     }
 
-    /// [`Self::load`] with the Q8_0 products computed by `products` (the
-    /// benchmarks compare the kernels on the same weights).
-    pub fn load_with(path: &Path, device: &Device, products: lm::Products) -> Result<Self> {
+    /// Loads a Qwen2 GGUF file, requantised as [`Self::load`] does or as
+    /// stored, its Q8_0 products computed by `products` (the benchmarks
+    /// compare the kernels on the same weights).
+    pub fn load_with(
+        path: &Path,
+        device: &Device,
+        requantize: bool,
+        products: lm::Products,
+    ) -> Result<Self> {
         let mut f = std::fs::File::open(path)
             .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_reader(&mut f, path, device, true, products)
+        Self::from_reader(&mut f, path, device, requantize, products)
     }
 
     fn from_reader<R: Read + Seek>(
@@ -845,6 +847,17 @@ impl Translated {
             failure: None,
             attempts,
             tokens,
+        }
+    }
+
+    /// No translation and no attempt: the caption was skipped for `reason`
+    /// (for example, a live caption that waited too long for the model).
+    pub fn skipped(reason: &'static str) -> Self {
+        Self {
+            text: String::new(),
+            failure: Some(reason),
+            attempts: 0,
+            tokens: 0,
         }
     }
 
