@@ -138,6 +138,7 @@ mod tests {
                 }),
                 emitted_unix_ms: 1_700_000_000_000,
                 tenant: "acme".into(),
+                live: true,
             }),
             start_ms: 1000,
             end_ms: 2500,

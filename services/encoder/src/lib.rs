@@ -6,6 +6,12 @@
 //! encoder over the rest in batches (up to a budget of mel frames), and writes
 //! the features to the `encoded` stream. An entry is acknowledged only after its
 //! features are written, so a crash hands it to another replica.
+//!
+//! Work is served by what waits on it ([`Class`]): live finals first, all of
+//! them; then one turn of interim windows; then one turn of a recording's
+//! windows (Recognize, uploads, jobs), before the stream is read again. A
+//! live caption so waits behind at most one turn of each, however long the
+//! recordings in the queue.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -35,6 +41,16 @@ pub struct EncoderArgs {
         default_value_t = 2_000
     )]
     pub interim_frame_budget: usize,
+    /// Mel frames of a recording's windows (Recognize, uploads, jobs: no
+    /// one waits on them live) encoded before the stream is read again for
+    /// live work: the most encoding a live caption can wait behind a
+    /// recording (one window is always taken, whatever its length).
+    #[arg(
+        long,
+        env = "NEXUS_ENCODER_RECORDING_FRAME_BUDGET",
+        default_value_t = 3_000
+    )]
+    pub recording_frame_budget: usize,
     /// Share of the encoder's time interim windows may take (0.05..=1). When
     /// they have used it, interims are skipped until time has accrued again:
     /// under load each stream gets fewer interims, and finals keep the rest.
@@ -63,6 +79,7 @@ impl Default for EncoderArgs {
         Self {
             frame_budget: 12_000,
             interim_frame_budget: 2_000,
+            recording_frame_budget: 3_000,
             interim_share: 0.5,
             interim_full_window: false,
             final_full_window: false,
@@ -198,21 +215,48 @@ async fn run<B: Bus>(
         health.set_serving(true).await;
     }
     tracing::info!(node = %cfg.fleet.node, models = ?models.names(), "encoder ready");
-    let out_stream = stages::stream(keys, stages::ENCODED);
+    let out = Output {
+        models: models.clone(),
+        bus: bus.clone(),
+        stream: stages::stream(keys, stages::ENCODED),
+        limits: cfg.fleet.limits,
+        // In-flight work finishes after shutdown: reading stops, the batch completes.
+        work: CancellationToken::new(),
+        metrics: metrics.clone(),
+        acker: reader.acker(),
+        fresh_every: cfg.fleet.claim_idle / 3,
+    };
+    // A recording's windows are encoded at background priority, one turn at
+    // a time beside the loop, which meanwhile keeps serving live windows.
+    let background = std::sync::Arc::new(
+        nexus_core::priority::background_pool("encoder-bg")
+            .context("building the encoder's background thread pool")?,
+    );
+    let mut recording: Option<tokio::task::JoinHandle<()>> = None;
     // Entries read at once: as many of the shortest windows (a second of
     // speech and the margin) as one batch may hold; `batches` splits them.
     let max_batch = (cfg.args.frame_budget / 300).clamp(1, 64);
     let max_age = cfg.fleet.interim_max_age;
-    // In-flight work finishes after shutdown: reading stops, the batch completes.
-    let work = CancellationToken::new();
-    // Interim windows read but not yet encoded: after each interim batch the
-    // stream is read again, so a final that arrived meanwhile goes next and
-    // waits for at most one interim batch (`--interim-frame-budget`).
+    // Windows read but not yet encoded: after each interim (or recording)
+    // turn the stream is read again, so a live final that arrived meanwhile
+    // goes next and waits for at most one interim batch
+    // (`--interim-frame-budget`).
     let mut waiting: Group = Vec::new();
+    // A recording's windows that wait their turn stay claimed by this replica.
+    let mut _waiting_fresh: Option<nexus_fleet::reader::KeepFresh> = None;
     let mut credit = InterimCredit::new(cfg.args.interim_share);
     loop {
+        let turn_busy = recording.as_ref().is_some_and(|t| !t.is_finished());
         let wait = if waiting.is_empty() {
             Duration::from_secs(1)
+        } else if turn_busy
+            && waiting
+                .iter()
+                .all(|(_, s)| Class::of(s) == Class::Recording)
+        {
+            // Only recordings wait, behind the turn in flight: look for
+            // live work now and then, not in a busy loop.
+            Duration::from_millis(25)
         } else {
             Duration::from_millis(1)
         };
@@ -225,66 +269,72 @@ async fn run<B: Bus>(
         let (jobs, skip) = plan_with(batch, std::mem::take(&mut waiting), max_age);
         metrics.skipped(skip.len());
         reader.ack(&skip).await;
-        let mut interim_batches = 0;
+        let mut interim_turns = 0;
         for (model, group) in jobs {
             // Finals went first; interims that aged meanwhile are not worth encoding.
             let (group, stale) = drop_stale(group, max_age);
             metrics.skipped(stale.len());
             reader.ack(&stale).await;
-            if group.first().is_some_and(|(_, s)| !s.is_final) {
-                if !credit.available() {
-                    // Out of interim time: these previews are skipped; the
-                    // utterance's next window (or its final) supersedes them.
-                    metrics.skipped(group.len());
-                    let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
-                    reader.ack(&ids).await;
-                    continue;
-                }
-                if interim_batches > 0 {
-                    waiting.extend(group);
-                    continue;
-                }
-                interim_batches += 1;
-            }
             // NEXUS-O's adapter takes the padded 30 s window.
             let nexus = models.nexus(&model).is_some();
-            let (now, later) = interim_turn(group, &cfg.args);
+            match group.first().map(|(_, s)| Class::of(s)) {
+                Some(Class::Interim) => {
+                    if !credit.available() {
+                        // Out of interim time: these previews are skipped; the
+                        // utterance's next window (or its final) supersedes them.
+                        metrics.skipped(group.len());
+                        let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
+                        reader.ack(&ids).await;
+                        continue;
+                    }
+                    if interim_turns > 0 {
+                        waiting.extend(group);
+                        continue;
+                    }
+                    interim_turns += 1;
+                }
+                Some(Class::Recording) => {
+                    if recording.as_ref().is_some_and(|t| !t.is_finished()) {
+                        waiting.extend(group);
+                        continue;
+                    }
+                    let (now, later) = turn(group, &cfg.args);
+                    waiting.extend(later);
+                    let (out, args, background) =
+                        (out.clone(), cfg.args.clone(), background.clone());
+                    recording = Some(tokio::spawn(async move {
+                        for (context, group) in batches(now, &args, nexus) {
+                            out.encode(&model, context, group, Some(background.clone()))
+                                .await;
+                        }
+                    }));
+                    continue;
+                }
+                Some(Class::LiveFinal) | None => {}
+            }
+            let (now, later) = turn(group, &cfg.args);
             waiting.extend(later);
             for (context, group) in batches(now, &cfg.args, nexus) {
-                let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
-                let kinds: Vec<bool> = group.iter().map(|(_, s)| s.is_final).collect();
-                let audio_seconds: f64 = group
-                    .iter()
-                    .map(|(_, s)| s.pcm_f32le.len() as f64 / 4.0 / f64::from(SAMPLE_RATE))
-                    .sum();
-                let t0 = std::time::Instant::now();
-                let encoded = encode_group(&models, &model, group, context).await;
-                if kinds.iter().all(|f| !f) {
-                    credit.spend(t0.elapsed());
-                }
-                metrics.call(kinds.len(), t0.elapsed(), audio_seconds);
-                for is_final in &kinds {
-                    metrics.segment(*is_final, encoded.is_ok());
-                }
-                match encoded {
-                    Ok(out) => {
-                        for seg in out {
-                            let fields = encode(&seg)
-                                .into_iter()
-                                .map(|(k, v)| (k.to_owned(), v))
-                                .collect();
-                            write(&bus, &out_stream, fields, cfg.fleet.limits, &work).await;
-                        }
-                        reader.ack(&ids).await;
-                    }
-                    Err(e) => {
-                        // Input the encoder cannot read fails the same way on every replica.
-                        tracing::error!(model, error = %format!("{e:#}"), entries = ids.len(), "encoding failed; entries dropped");
-                        reader.ack(&ids).await;
-                    }
+                let interims = group.iter().all(|(_, s)| !s.is_final);
+                let took = out.encode(&model, context, group, None).await;
+                if interims {
+                    credit.spend(took);
                 }
             }
         }
+        let recordings: Vec<EntryId> = waiting
+            .iter()
+            .filter(|(_, s)| Class::of(s) == Class::Recording)
+            .map(|(id, _)| *id)
+            .collect();
+        _waiting_fresh = (!recordings.is_empty()).then(|| {
+            reader
+                .acker()
+                .keep_fresh(recordings, cfg.fleet.claim_idle / 3)
+        });
+    }
+    if let Some(t) = recording {
+        let _ = t.await;
     }
     tracing::info!("encoder drained");
     if let Some((health, task)) = server {
@@ -292,6 +342,80 @@ async fn run<B: Bus>(
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Where encoded windows go: the model, the output stream, the metrics and
+/// the acknowledgement of the entries they came from.
+struct Output<B: Bus> {
+    models: ModelSet,
+    bus: B,
+    stream: String,
+    limits: nexus_bus::StreamLimits,
+    work: CancellationToken,
+    metrics: std::sync::Arc<nexus_fleet::metrics::StageMetrics>,
+    acker: nexus_fleet::Acker<B>,
+    /// How often entries in work are marked fresh.
+    fresh_every: Duration,
+}
+
+impl<B: Bus> Clone for Output<B> {
+    fn clone(&self) -> Self {
+        Self {
+            models: self.models.clone(),
+            bus: self.bus.clone(),
+            stream: self.stream.clone(),
+            limits: self.limits,
+            work: self.work.clone(),
+            metrics: self.metrics.clone(),
+            acker: self.acker.clone(),
+            fresh_every: self.fresh_every,
+        }
+    }
+}
+
+impl<B: Bus> Output<B> {
+    /// Encodes one batch of `model`'s windows over `context` frames (on
+    /// `background` threads where given), writes the features and
+    /// acknowledges the entries. Returns how long the encoding took.
+    async fn encode(
+        &self,
+        model: &str,
+        context: usize,
+        group: Group,
+        background: Option<std::sync::Arc<rayon::ThreadPool>>,
+    ) -> Duration {
+        let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
+        let _fresh = self.acker.keep_fresh(ids.clone(), self.fresh_every);
+        let kinds: Vec<bool> = group.iter().map(|(_, s)| s.is_final).collect();
+        let audio_seconds: f64 = group
+            .iter()
+            .map(|(_, s)| s.pcm_f32le.len() as f64 / 4.0 / f64::from(SAMPLE_RATE))
+            .sum();
+        let t0 = std::time::Instant::now();
+        let encoded = encode_group(&self.models, model, group, context, background).await;
+        let took = t0.elapsed();
+        self.metrics.call(kinds.len(), took, audio_seconds);
+        for is_final in &kinds {
+            self.metrics.segment(*is_final, encoded.is_ok());
+        }
+        match encoded {
+            Ok(out) => {
+                for seg in out {
+                    let fields = encode(&seg)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect();
+                    write(&self.bus, &self.stream, fields, self.limits, &self.work).await;
+                }
+            }
+            Err(e) => {
+                // Input the encoder cannot read fails the same way on every replica.
+                tracing::error!(model, error = %format!("{e:#}"), entries = ids.len(), "encoding failed; entries dropped");
+            }
+        }
+        self.acker.ack(&ids).await;
+        took
+    }
 }
 
 /// Appends one output, waiting out a full stream (backpressure) or an outage.
@@ -337,9 +461,10 @@ fn drop_stale(group: Group, max_age: Duration) -> (Group, Vec<EntryId>) {
 
 /// Splits a batch into work by model and entries to acknowledge unread: corrupt
 /// ones, and interim windows superseded by a newer entry of the same utterance
-/// in this batch or older than `max_age`. Final windows come first, in their
-/// own batches: a final caption is what a user waits for, an interim one only
-/// previews it, so under load interims wait (and age out) rather than finals.
+/// in this batch or older than `max_age`. Groups come in [`Class`] order:
+/// live finals first, in their own batches (a final caption is what a user
+/// waits for, an interim one only previews it, so under load interims wait
+/// and age out rather than finals), then interims, then recordings.
 #[cfg(test)]
 fn plan(batch: Vec<Entry>, max_age: Duration) -> (Vec<(String, Group)>, Vec<EntryId>) {
     plan_with(batch, Vec::new(), max_age)
@@ -374,7 +499,7 @@ fn plan_with(
         *e = (*e).max(r);
     }
     let now = now_unix_ms();
-    let mut by_model: Vec<(String, bool, Group)> = Vec::new();
+    let mut by_model: Vec<(String, Class, Group)> = Vec::new();
     for (id, s) in segs {
         let env = s.envelope.clone().unwrap_or_default();
         if !s.is_final {
@@ -391,21 +516,21 @@ fn plan_with(
             .as_ref()
             .map(|c| c.model.clone())
             .unwrap_or_default();
-        let is_final = s.is_final;
+        let class = Class::of(&s);
         match by_model
             .iter_mut()
-            .find(|(m, f, _)| *m == model && *f == is_final)
+            .find(|(m, c, _)| *m == model && *c == class)
         {
             Some((_, _, g)) => g.push((id, s)),
-            None => by_model.push((model, is_final, vec![(id, s)])),
+            None => by_model.push((model, class, vec![(id, s)])),
         }
     }
-    by_model.sort_by_key(|(_, is_final, _)| !*is_final);
+    by_model.sort_by_key(|(_, class, _)| *class);
     let jobs = by_model
         .into_iter()
-        .map(|(m, is_final, mut g)| {
+        .map(|(m, class, mut g)| {
             // Interims by deadline: the one emitted first is due first.
-            if !is_final {
+            if class == Class::Interim {
                 g.sort_by_key(|(_, s)| s.envelope.as_ref().map_or(0, |e| e.emitted_unix_ms));
             }
             (m, g)
@@ -414,19 +539,49 @@ fn plan_with(
     (jobs, skip)
 }
 
-/// Splits one model's windows (all final or all interim, as [`plan_with`] groups
-/// them) into those encoded now and those that wait: finals all go now;
-/// interims (due first, first) up to the interim frame budget, at least one.
-fn interim_turn(group: Group, args: &EncoderArgs) -> (Group, Group) {
-    if group.iter().all(|(_, s)| s.is_final) {
-        return (group, Vec::new());
+/// What a window is for, in the order the encoder serves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    /// The final window of a live utterance: someone waits for its caption.
+    LiveFinal,
+    /// A live preview, superseded by the utterance's next window.
+    Interim,
+    /// A window of a whole recording: wanted soon, by no one live.
+    Recording,
+}
+
+impl Class {
+    fn of(s: &AudioSegment) -> Self {
+        if !s.is_final {
+            Class::Interim
+        } else if s.envelope.as_ref().is_some_and(|e| e.live) {
+            Class::LiveFinal
+        } else {
+            Class::Recording
+        }
     }
+}
+
+/// Splits one model's windows (all of one [`Class`], as [`plan_with`] groups
+/// them) into those encoded now and those that wait: live finals all go now;
+/// interims (due first, first) up to the interim frame budget, a
+/// recording's windows up to the recording frame budget, at least one.
+fn turn(group: Group, args: &EncoderArgs) -> (Group, Group) {
+    let (budget, full, min_ms) = match group.first().map(|(_, s)| Class::of(s)) {
+        Some(Class::Interim) => (args.interim_frame_budget, args.interim_full_window, 0),
+        Some(Class::Recording) => (
+            args.recording_frame_budget,
+            args.final_full_window,
+            args.min_window_ms,
+        ),
+        Some(Class::LiveFinal) | None => return (group, Vec::new()),
+    };
     let mut frames = 0;
     let mut now = Vec::new();
     let mut later = Vec::new();
     for (id, s) in group {
-        let context = context_frames(s.pcm_f32le.len() / 4, args.interim_full_window, 0);
-        if now.is_empty() || frames + context <= args.interim_frame_budget {
+        let context = context_frames(s.pcm_f32le.len() / 4, full, min_ms);
+        if now.is_empty() || frames + context <= budget {
             frames += context;
             now.push((id, s));
         } else {
@@ -501,9 +656,10 @@ async fn encode_group(
     model: &str,
     group: Group,
     context: usize,
+    background: Option<std::sync::Arc<rayon::ThreadPool>>,
 ) -> anyhow::Result<Vec<EncodedSegment>> {
     if let Some((name, nexus)) = models.nexus(model) {
-        return encode_nexus_group(name.to_owned(), nexus.clone(), group).await;
+        return encode_nexus_group(name.to_owned(), nexus.clone(), group, background).await;
     }
     let (name, engine) = models.get(model).with_context(|| {
         format!(
@@ -514,7 +670,7 @@ async fn encode_group(
     let name = name.to_owned();
     let engine = engine.clone();
     let spans = window_spans(&group, group.len());
-    tokio::task::spawn_blocking(move || {
+    let run = move || {
         let t0 = std::time::Instant::now();
         let mut mels = Vec::with_capacity(group.len());
         let mut valid = Vec::with_capacity(group.len());
@@ -567,6 +723,10 @@ async fn encode_group(
             ));
         }
         Ok(out)
+    };
+    tokio::task::spawn_blocking(move || match background {
+        Some(pool) => pool.install(run),
+        None => run(),
     })
     .await?
 }
@@ -654,9 +814,10 @@ async fn encode_nexus_group(
     name: String,
     model: std::sync::Arc<nexus_models::nexus::NexusModel>,
     group: Group,
+    background: Option<std::sync::Arc<rayon::ThreadPool>>,
 ) -> anyhow::Result<Vec<EncodedSegment>> {
     let spans = window_spans(&group, 1);
-    tokio::task::spawn_blocking(move || {
+    let run = move || {
         let mut out = Vec::with_capacity(group.len());
         for (i, (_, s)) in group.into_iter().enumerate() {
             let t0 = std::time::Instant::now();
@@ -677,6 +838,10 @@ async fn encode_nexus_group(
             ));
         }
         Ok(out)
+    };
+    tokio::task::spawn_blocking(move || match background {
+        Some(pool) => pool.install(run),
+        None => run(),
     })
     .await?
 }
@@ -701,6 +866,7 @@ mod tests {
                 segment_id: segment,
                 revision,
                 emitted_unix_ms: now_unix_ms() - age_ms,
+                live: true,
                 ..Default::default()
             }),
             config: Some(StageConfig {
@@ -851,5 +1017,57 @@ mod tests {
             keep.is_empty() && stale.len() == 1,
             "an interim ages out while finals encode"
         );
+    }
+
+    /// A recording's windows come after live finals and interims, and go a
+    /// turn at a time: one 30 s window per read of the stream by default.
+    #[test]
+    fn a_recording_waits_behind_live_work_a_turn_at_a_time() {
+        let recording = |ms: u64, segment: u64| {
+            let (id, mut s) = window(ms, 30.0, true);
+            s.config = Some(StageConfig {
+                model: "tiny.en".into(),
+                ..Default::default()
+            });
+            s.envelope = Some(Envelope {
+                session_id: "file".into(),
+                segment_id: segment,
+                emitted_unix_ms: now_unix_ms() - 60_000,
+                ..Default::default()
+            });
+            Entry {
+                id,
+                fields: encode(&s)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                deliveries: 1,
+            }
+        };
+        let batch = vec![
+            recording(1, 0),
+            recording(2, 1),
+            entry(3, "live", 0, 2, false, 10), // interim
+            recording(4, 2),
+            entry(5, "live", 1, 1, true, 10), // live final
+        ];
+        let (jobs, skip) = plan(batch, Duration::from_secs(2));
+        assert!(skip.is_empty());
+        let ids: Vec<Vec<u64>> = jobs
+            .iter()
+            .map(|(_, g)| g.iter().map(|(id, _)| id.ms).collect())
+            .collect();
+        assert_eq!(ids, vec![vec![5], vec![3], vec![1, 2, 4]]);
+        let args = EncoderArgs::default();
+        let (now, later) = turn(jobs[2].1.clone(), &args);
+        assert_eq!((now.len(), later.len()), (1, 2), "one window a turn");
+        let (now, later) = turn(jobs[0].1.clone(), &args);
+        assert_eq!((now.len(), later.len()), (1, 0), "live finals all go");
+        // A larger budget takes more of the recording per turn.
+        let wide = EncoderArgs {
+            recording_frame_budget: 6_000,
+            ..args
+        };
+        assert_eq!(turn(jobs[2].1.clone(), &wide).0.len(), 2);
     }
 }

@@ -565,6 +565,8 @@ impl<B: Bus> Ingest<B> {
                 emitted_unix_ms: now_unix_ms(),
                 tenant: tenant.to_owned(),
                 trace: nexus_core::trace::context_of(&span),
+                // A whole recording: stages take live work before it.
+                live: false,
             }),
             config: Some(rc.clone()),
             start_ms: ms(w.start),

@@ -705,6 +705,7 @@ impl<B: Bus> Session<B> {
                 emitted_unix_ms: now_unix_ms(),
                 tenant: self.tenant.clone(),
                 trace: nexus_core::trace::context_of(&span),
+                live: true,
             }),
             config: Some(self.rc.clone()),
             start_ms: ms(start),
