@@ -661,8 +661,15 @@ async fn translate(
             });
             context.push(text.clone());
         }
+        // A live caption goes before any text; a recording's segments are
+        // text (translated piece by piece, live captions taken between).
+        let priority = if seg.envelope.as_ref().is_some_and(|e| e.live) {
+            translator::Priority::Live
+        } else {
+            translator::Priority::Text
+        };
         let out = tr
-            .translate(captions, translator::Priority::Live)
+            .translate(captions, priority)
             .await
             .map_err(|e| format!("translation failed: {e}"))?;
         failures = out

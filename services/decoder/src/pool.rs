@@ -4,10 +4,15 @@
 //! arrives and leaves the step it ends, without waiting for the others).
 //!
 //! That thread only steps. A starter thread before it prepares each sequence
-//! (the audio's cross-attention keys and values, the prompt), finals first,
-//! and drops interims that a newer window of their utterance supersedes;
-//! finisher threads after it run what a finished sequence still needs (beam
-//! or fallback re-decodes, word timing, speech codes).
+//! (the audio's cross-attention keys and values, the prompt), live finals
+//! first, then interims, then a recording's windows, and drops interims that
+//! a newer window of their utterance supersedes; finisher threads after it
+//! run what a finished sequence still needs (beam or fallback re-decodes,
+//! word timing, speech codes). A window that asks for beam search (or a
+//! first temperature above 0) skips the step loop, whose greedy pass it
+//! would not use, and goes straight to the finishers. Live work and
+//! recordings (Recognize, uploads, jobs) have finisher threads of their own,
+//! so a recording's beam search never holds up a live caption's finish.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -115,7 +120,9 @@ enum Kind {
     Whisper {
         engine: Arc<WhisperEngine>,
         audio: Tensor,
-        seq: GreedySequence,
+        /// The batch's greedy pass; none where beam search or sampling
+        /// decodes the window instead.
+        seq: Option<GreedySequence>,
         base: DecodeOptions,
         opts: TranscribeOptions,
     },
@@ -199,7 +206,7 @@ impl Active {
     /// The next token to feed, or `None` when the sequence is done.
     fn advance(&mut self) -> Option<u32> {
         match &mut self.kind {
-            Kind::Whisper { seq, .. } => seq.advance(),
+            Kind::Whisper { seq, .. } => seq.as_mut()?.advance(),
             Kind::Nexus {
                 model,
                 session,
@@ -496,16 +503,22 @@ fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
             .and_then(|t| t.to_dtype(engine.dtype))
             .map_err(|e| e.to_string())?;
         let (base, opts) = options(&job.seg, &engine)?;
-        let seq = GreedySequence::start(
-            &engine.model,
-            &engine.tokenizer,
-            &audio,
-            &DecodeOptions {
-                beam_size: 1,
-                ..base.clone()
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        let seq = if greedy_first(&opts) {
+            Some(
+                GreedySequence::start(
+                    &engine.model,
+                    &engine.tokenizer,
+                    &audio,
+                    &DecodeOptions {
+                        beam_size: 1,
+                        ..base.clone()
+                    },
+                )
+                .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
         Ok::<_, String>((audio, base, opts, seq))
     })();
     match prepared {
@@ -524,6 +537,13 @@ fn start(job: Job, models: &ModelSet) -> Result<Active, Box<(Job, String)>> {
         }),
         Err(e) => Err(Box::new((job, e))),
     }
+}
+
+/// Whether the batch's greedy pass is a window's first attempt: when its
+/// first temperature is 0 and no beam is asked for. Otherwise the window is
+/// decoded by beam search or sampling on a finisher thread alone.
+fn greedy_first(opts: &TranscribeOptions) -> bool {
+    opts.beam_size <= 1 && opts.temperatures.first() == Some(&0.0)
 }
 
 /// Turns a finished sequence into a result: temperature fallback and beam
@@ -591,15 +611,13 @@ fn finish(a: Active) -> Output {
     let seg = &job.seg;
     let base_task = base.task;
     let result = (|| {
-        let greedy = seq.finish(&engine.tokenizer).map_err(|e| e.to_string())?;
-        // The batch's greedy pass is the first attempt only when the first
-        // temperature is 0 and no beam is asked for.
-        let mut r = if opts.beam_size > 1 || opts.temperatures.first() != Some(&0.0) {
-            engine.decode_with_fallback(&audio, &base, &opts, None)
-        } else {
-            engine.decode_with_fallback(&audio, &base, &opts, Some(greedy))
-        }
-        .map_err(|e| e.to_string())?;
+        let greedy = match seq {
+            Some(seq) => Some(seq.finish(&engine.tokenizer).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let mut r = engine
+            .decode_with_fallback(&audio, &base, &opts, greedy)
+            .map_err(|e| e.to_string())?;
         if !base.prompt.is_empty() && engine.skips_speech(&r.tokens) {
             // As offline: a prompt that already holds these words can make Whisper
             // jump over them; decode the window again without it.
@@ -771,7 +789,17 @@ fn utterance(seg: &EncodedSegment) -> ((String, u64), (bool, u64)) {
     )
 }
 
-/// Orders newly arrived jobs finals first and drops the interims that a newer
+/// How soon a window is wanted: live finals (0), then interims (1), then a
+/// recording's windows (2).
+fn urgency(seg: &EncodedSegment) -> u8 {
+    match (seg.is_final, seg.envelope.as_ref().is_some_and(|e| e.live)) {
+        (true, true) => 0,
+        (false, _) => 1,
+        (true, false) => 2,
+    }
+}
+
+/// Orders newly arrived jobs by [`urgency`] and drops the interims that a newer
 /// window of the same utterance, arrived or arriving, supersedes; also the
 /// interims already in flight that the arrivals supersede (their indices in
 /// `active`, highest first). Returns the jobs to start and the ones dropped.
@@ -792,7 +820,7 @@ fn triage<T>(
         !seg.is_final && newest.get(&k).is_some_and(|n| *n > rank)
     };
     let (mut keep, drop): (Vec<T>, Vec<T>) = incoming.into_iter().partition(|j| !newer(seg_of(j)));
-    keep.sort_by_key(|j| !seg_of(j).is_final);
+    keep.sort_by_key(|j| urgency(seg_of(j)));
     let mut stale: Vec<usize> = active
         .iter()
         .enumerate()
@@ -812,38 +840,85 @@ pub fn run_pool(
 ) {
     // Finishing a sequence (a beam or fallback re-decode, word alignment,
     // speech codes) runs beside the token steps, so a slow one holds up its
-    // own session only. Returns after every finished sequence is sent.
-    let (finished, finishing) = std::sync::mpsc::channel::<Active>();
-    let finishing = Arc::new(std::sync::Mutex::new(finishing));
-    let finishers: Vec<_> = (0..FINISHERS)
-        .map(|i| {
-            let (finishing, out) = (finishing.clone(), out.clone());
-            std::thread::Builder::new()
-                .name(format!("decoder-finish-{i}"))
-                .spawn(move || {
-                    loop {
-                        let next = finishing.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok(a) = next else { return };
-                        let _ = out.send(finish(a));
-                    }
-                })
-                .expect("spawning a decoder finisher thread")
-        })
-        .collect();
+    // own session only; live work and recordings on threads of their own.
+    // Returns after every finished sequence is sent.
+    let (live, live_rx) = std::sync::mpsc::channel::<Active>();
+    let (recording, recording_rx) = std::sync::mpsc::channel::<Active>();
+    let finishing = Finishing { live, recording };
+    // A recording's finish runs at background priority, its parallel
+    // products on a thread pool of its own at that priority too: the
+    // kernel serves live work first and recordings from what is left.
+    let background = Arc::new(
+        nexus_core::priority::background_pool("decoder-bg")
+            .expect("building the decoder's background thread pool"),
+    );
+    let mut finishers = Vec::new();
+    for (lane, rx) in [("live", live_rx), ("rec", recording_rx)] {
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..FINISHERS {
+            let (rx, out) = (rx.clone(), out.clone());
+            let background = (lane == "rec").then(|| background.clone());
+            finishers.push(
+                std::thread::Builder::new()
+                    .name(format!("decoder-finish-{lane}-{i}"))
+                    .spawn(move || {
+                        if background.is_some() {
+                            lower_priority();
+                        }
+                        loop {
+                            let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok(a) = next else { return };
+                            let done = match &background {
+                                Some(pool) => pool.install(|| finish(a)),
+                                None => finish(a),
+                            };
+                            let _ = out.send(done);
+                        }
+                    })
+                    .expect("spawning a decoder finisher thread"),
+            );
+        }
+    }
     // Starting a sequence (the audio's cross-attention keys and values, the
     // prompt) runs beside the steps too: the step loop only steps.
     let (started, starting) = std::sync::mpsc::channel::<Active>();
     let starter = {
-        let (models, out) = (models.clone(), out.clone());
+        let (models, out, finishing) = (models.clone(), out.clone(), finishing.clone());
         std::thread::Builder::new()
             .name("decoder-start".into())
-            .spawn(move || start_jobs(&models, &jobs, &started, &out))
+            .spawn(move || start_jobs(&models, &jobs, &started, &finishing, &out))
             .expect("spawning the decoder starter thread")
     };
-    step_pool(slots, starting, out, finished);
+    step_pool(slots, starting, out, finishing);
     let _ = starter.join();
     for f in finishers {
         let _ = f.join();
+    }
+}
+
+/// Lowers the calling thread to background priority, or says why not.
+fn lower_priority() {
+    if let Err(e) = nexus_core::priority::lower_this_thread() {
+        tracing::warn!(error = %e, "a background decoder thread keeps normal priority");
+    }
+}
+
+/// Where sequences go to be finished: a live session's to the live
+/// finishers, a recording's to its own.
+#[derive(Clone)]
+struct Finishing {
+    live: std::sync::mpsc::Sender<Active>,
+    recording: std::sync::mpsc::Sender<Active>,
+}
+
+impl Finishing {
+    fn send(&self, a: Active) {
+        let lane = if urgency(&a.job.seg) < 2 {
+            &self.live
+        } else {
+            &self.recording
+        };
+        let _ = lane.send(a);
     }
 }
 
@@ -853,6 +928,7 @@ fn start_jobs(
     models: &ModelSet,
     jobs: &Receiver<Job>,
     started: &std::sync::mpsc::Sender<Active>,
+    finishing: &Finishing,
     out: &tokio::sync::mpsc::UnboundedSender<Output>,
 ) {
     while let Ok(first) = jobs.recv() {
@@ -866,6 +942,8 @@ fn start_jobs(
         }
         for job in keep {
             match start(job, models) {
+                // Beam search or sampling: nothing for the step loop.
+                Ok(a) if matches!(a.kind, Kind::Whisper { seq: None, .. }) => finishing.send(a),
                 Ok(a) => {
                     let _ = started.send(a);
                 }
@@ -879,14 +957,15 @@ fn start_jobs(
     }
 }
 
-/// Threads that finish sequences beside the token steps.
+/// Threads that finish sequences beside the token steps, per lane (live
+/// sessions, recordings).
 const FINISHERS: usize = 2;
 
 fn step_pool(
     slots: usize,
     jobs: Receiver<Active>,
     out: tokio::sync::mpsc::UnboundedSender<Output>,
-    finished: std::sync::mpsc::Sender<Active>,
+    finished: Finishing,
 ) {
     let mut active: Vec<Active> = Vec::new();
     let mut open = true;
@@ -962,7 +1041,7 @@ fn step_pool(
                         .enumerate()
                         .filter(|(i, _)| idx.contains(i))
                         .filter_map(|(_, a)| match &mut a.kind {
-                            Kind::Whisper { seq, .. } => Some(seq),
+                            Kind::Whisper { seq, .. } => seq.as_mut(),
                             Kind::Nexus { .. } => None,
                         })
                         .collect();
@@ -999,9 +1078,7 @@ fn step_pool(
         for (i, err) in retire {
             let a = active.swap_remove(i);
             match err {
-                None => {
-                    let _ = finished.send(a);
-                }
+                None => finished.send(a),
                 Some(e) => {
                     let _ = out.send(failed(a.job, e));
                 }
@@ -1016,7 +1093,18 @@ mod tests {
     use nexus_proto::pipeline::{EncodedSegment, Envelope};
     use std::sync::Arc;
 
+    /// A live session's window.
     fn job(session: &str, segment: u64, revision: u32, is_final: bool) -> Job {
+        let mut j = recording(session, segment, is_final);
+        if let Some(e) = j.seg.envelope.as_mut() {
+            e.revision = revision;
+            e.live = true;
+        }
+        j
+    }
+
+    /// A recording's window.
+    fn recording(session: &str, segment: u64, is_final: bool) -> Job {
         let permits = Arc::new(tokio::sync::Semaphore::new(1));
         Job {
             id: "1-1".parse().expect("an entry id"),
@@ -1024,7 +1112,7 @@ mod tests {
                 envelope: Some(Envelope {
                     session_id: session.into(),
                     segment_id: segment,
-                    revision,
+                    revision: 1,
                     ..Default::default()
                 }),
                 is_final,
@@ -1042,9 +1130,10 @@ mod tests {
     #[test]
     fn finals_go_first_and_superseded_interims_are_dropped() {
         let arrived = vec![
-            job("a", 1, 1, false), // superseded by revision 2
-            job("b", 4, 3, false), // the newest of its utterance
-            job("a", 1, 2, false), // superseded by the final
+            recording("file", 0, true), // a recording's window: last
+            job("a", 1, 1, false),      // superseded by revision 2
+            job("b", 4, 3, false),      // the newest of its utterance
+            job("a", 1, 2, false),      // superseded by the final
             job("a", 1, 3, true),
             job("a", 2, 1, false), // the next utterance: kept
         ];
@@ -1058,7 +1147,8 @@ mod tests {
             [
                 ("a".into(), 1, 3, true),
                 ("b".into(), 4, 3, false),
-                ("a".into(), 2, 1, false)
+                ("a".into(), 2, 1, false),
+                ("file".into(), 0, 1, true)
             ]
         );
         assert_eq!(
