@@ -37,24 +37,29 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
 /// loaded for the lookup).
 ///
 /// Quantised, a layer keeps Q8_0 blocks beside the float weights and takes
-/// whichever is faster for the rows at hand. The Q8_0 product
-/// ([`crate::q8`], each weight block read once for all rows) reads a
-/// quarter of the bytes: tiny.en's decoder step at 1, 2, 4 and 8 sequences
-/// took 5.2, 5.7, 8.1 and 13.6 ms on it against 20.2, 19.8, 25.7 and 27.9
-/// on the float weights, and at 16 sequences 32.6 against 39.5, where the
-/// products stop being bound by memory and the float kernel computes faster
-/// (`nexus bench whisper --batches 1,2,4,8,16`, debug build, AMD 2-core; the
+/// the Q8_0 ones for short sequences (a token step) and the float ones for
+/// long inputs ([`INT8_MAX_ROWS`]). The Q8_0 product ([`crate::q8`], each
+/// weight block read once for all rows) reads a quarter of the bytes:
+/// tiny.en's decoder step at 1, 2, 4 and 8 sequences took 5.2, 5.7, 8.1 and
+/// 13.6 ms on it against 20.2, 19.8, 25.7 and 27.9 on the float weights
+/// (`nexus bench whisper --batches 1,2,4,8`, debug build, AMD 2-core; the
 /// earlier candle Q8_0 product fell behind the float one from two rows).
 #[derive(Debug, Clone)]
 struct Dense {
     /// The weights, (in, out).
     wt: Tensor,
     b: Option<Tensor>,
-    /// Q8_0 weights for products of at most [`INT8_MAX_ROWS`] rows.
+    /// Q8_0 weights for products of at most [`INT8_MAX_ROWS`] rows per sequence.
     q: Option<crate::q8::Q8Matrix>,
 }
 
-/// The most rows a product runs on Q8_0 weights where both are kept.
+/// The most rows per sequence a product runs on Q8_0 weights where both are
+/// kept. The rule counts each sequence's rows (the second-last dimension),
+/// not the batch's: a token step takes the Q8_0 weights whether it steps one
+/// sequence or sixty-four, so a sequence's words never depend on what it was
+/// batched with (counting the batch's rows, base int8 live finals lost 1-2
+/// WER points at 2-8 streams). Long inputs (a prompt, the audio's keys and
+/// values) take the float weights.
 const INT8_MAX_ROWS: usize = 8;
 
 impl Dense {
@@ -81,9 +86,14 @@ impl Module for Dense {
         let dims = x.dims();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
+        let per_sequence = if dims.len() >= 2 {
+            dims[dims.len() - 2]
+        } else {
+            1
+        };
         let x = x.reshape((rows, inp))?;
         let y = match &self.q {
-            Some(q) if rows <= INT8_MAX_ROWS => q
+            Some(q) if per_sequence <= INT8_MAX_ROWS => q
                 .forward(&x.contiguous()?)
                 .map_err(candle_core::Error::wrap)?,
             _ => x.matmul(&self.wt)?,
@@ -825,11 +835,12 @@ mod tests {
             .unwrap()
     }
 
-    /// A quantised layer answers a few rows from its Q8_0 weights (close to,
-    /// not equal to, the float product) and more rows from the float weights
-    /// (equal to the float product).
+    /// A quantised layer answers a sequence of a few rows from its Q8_0
+    /// weights (close to, not equal to, the float product) and a longer one
+    /// from the float weights (equal to the float product), however many
+    /// sequences the batch holds.
     #[test]
-    fn quantised_dense_takes_q8_for_few_rows_and_floats_for_many() -> Result<()> {
+    fn quantised_dense_takes_q8_for_few_rows_per_sequence_and_floats_for_many() -> Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.1, (96, 64), &dev)?;
         let b = Tensor::randn(0f32, 0.1, 96, &dev)?;
@@ -837,16 +848,43 @@ mod tests {
         let mut int8 = float.clone();
         int8.quantize()?;
         let reference = |x: &Tensor| x.matmul(&w.t()?)?.broadcast_add(&b);
-        for rows in [1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 40] {
-            let x = Tensor::randn(0f32, 1.0, (1, rows, 64), &dev)?;
-            let want = reference(&x.squeeze(0)?)?.unsqueeze(0)?;
-            assert!(max_diff(&float.forward(&x)?, &want) < 1e-5, "{rows} rows");
+        for (batch, rows) in [
+            (1, 1),
+            (1, INT8_MAX_ROWS),
+            (40, 1),
+            (3, INT8_MAX_ROWS),
+            (1, INT8_MAX_ROWS + 1),
+            (2, 40),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (batch, rows, 64), &dev)?;
+            let want = reference(&x.reshape((batch * rows, 64))?)?.reshape((batch, rows, 96))?;
+            let at = format!("{batch} sequences of {rows} rows");
+            assert!(max_diff(&float.forward(&x)?, &want) < 1e-5, "{at}");
             let q = max_diff(&int8.forward(&x)?, &want);
             if rows <= INT8_MAX_ROWS {
-                assert!(q > 0.0 && q < 0.05, "{rows} rows: Q8_0 off by {q}");
+                assert!(q > 0.0 && q < 0.05, "{at}: Q8_0 off by {q}");
             } else {
-                assert!(q < 1e-5, "{rows} rows take the float weights, off by {q}");
+                assert!(q < 1e-5, "{at} take the float weights, off by {q}");
             }
+        }
+        Ok(())
+    }
+
+    /// A sequence's int8 product does not depend on what it is batched
+    /// with: its row alone and among 15 others agree to the rounding of
+    /// the sums.
+    #[test]
+    fn a_sequence_steps_alike_alone_and_batched() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (384, 384), &dev)?;
+        let mut int8 = Dense::new(&w, None)?;
+        int8.quantize()?;
+        let batch = Tensor::randn(0f32, 1.0, (16, 1, 384), &dev)?;
+        let together = int8.forward(&batch)?;
+        for i in [0, 7, 15] {
+            let alone = int8.forward(&batch.narrow(0, i, 1)?)?;
+            let d = max_diff(&alone, &together.narrow(0, i, 1)?);
+            assert!(d < 1e-4, "sequence {i}: {d} apart");
         }
         Ok(())
     }
