@@ -73,6 +73,34 @@ struct Scenario {
     /// The text translation model started with `--spawn` when translating.
     #[serde(default = "default_translation_model")]
     translation_model: String,
+    /// Also run each level beside a batch transcription on the same fleet:
+    /// one client sending a long recording to Recognize, file after file,
+    /// for as long as the level's live sessions run. What a recorded
+    /// meeting's job costs the live captions beside it.
+    #[serde(default)]
+    beside_batch: Option<BatchLoad>,
+}
+
+/// The batch transcription a level can run beside.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLoad {
+    /// Seconds of audio per file (whole clips, at least this long).
+    audio_s: f64,
+    /// Beam width it asks for.
+    #[serde(default = "beam_five")]
+    beam_size: u32,
+    /// Whether it asks for word times.
+    #[serde(default = "yes")]
+    word_timestamps: bool,
+}
+
+fn beam_five() -> u32 {
+    5
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_translation_model() -> String {
@@ -99,6 +127,15 @@ impl Scenario {
     /// The runs of each level: plain, then diarized when asked.
     fn diarizations(&self) -> Vec<bool> {
         if self.diarize {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
+    }
+
+    /// The runs of each level: alone, then beside the batch load when asked.
+    fn batches(&self) -> Vec<bool> {
+        if self.beside_batch.is_some() {
             vec![false, true]
         } else {
             vec![false]
@@ -145,11 +182,25 @@ struct Cli {
     #[arg(long)]
     http: Option<SocketAddr>,
     /// How sessions reach the fleet: `grpc` (StreamingRecognize),
-    /// `websocket` (the Realtime transcription protocol), or both
+    /// `websocket` (the Realtime transcription protocol), or several
     /// (`grpc,websocket`: each level runs once per protocol, one after the
-    /// other, against the same processes).
+    /// other, against the same processes). `whisperlive` sends the same
+    /// sessions to the live anchor, a WhisperLive server (`--anchor-python`
+    /// starts one; `--whisperlive` names a running one).
     #[arg(long, value_delimiter = ',', default_value = "grpc")]
     protocol: Vec<Protocol>,
+    /// A Python with `whisper-live` installed, to start the WhisperLive
+    /// anchor (loadtest/anchors/whisperlive.py says how to install it).
+    #[arg(long, conflicts_with = "whisperlive")]
+    anchor_python: Option<PathBuf>,
+    /// The CTranslate2 weights the anchor serves; by default those of the
+    /// scenario's model as `nexus models pull` fetched them (the files the
+    /// fleet's own weights were converted from).
+    #[arg(long)]
+    anchor_model: Option<PathBuf>,
+    /// Or a running WhisperLive server's WebSocket address.
+    #[arg(long)]
+    whisperlive: Option<SocketAddr>,
     /// Admin ports of a `--target` (for the real-time factor).
     #[arg(long = "admin", value_delimiter = ',')]
     admin: Vec<SocketAddr>,
@@ -173,6 +224,8 @@ struct Cli {
 enum Protocol {
     Grpc,
     Websocket,
+    /// The live anchor: WhisperLive over its own WebSocket protocol.
+    Whisperlive,
 }
 
 impl Protocol {
@@ -180,9 +233,17 @@ impl Protocol {
         match self {
             Protocol::Grpc => "grpc",
             Protocol::Websocket => "websocket",
+            Protocol::Whisperlive => "whisperlive",
         }
     }
 }
+
+/// The fleet's default endpointer silence (`endpointing.stop_history_ms`):
+/// how long after speech ends a session's final can start. WhisperLive has
+/// no endpoint event; its finals are timed from the end of the audio, so
+/// its final budget is the scenario's plus this wait, the same allowance
+/// the fleet's finals get before their clock starts.
+const ENDPOINT_SILENCE_MS: f64 = 800.0;
 
 /// Percentiles of a latency sample, ms.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -221,6 +282,9 @@ struct Level {
     /// Whether finals were diarized.
     #[serde(default)]
     diarized: bool,
+    /// What the batch transcription beside the level did, when one ran.
+    #[serde(default)]
+    batch: Option<session::BatchOutcome>,
     streams: usize,
     final_after_endpoint_ms: Latency,
     /// From the capture of the utterance's last sample to its final: the
@@ -277,6 +341,8 @@ struct Capacity {
     translate_to: Option<String>,
     #[serde(default)]
     diarized: bool,
+    #[serde(default)]
+    beside_batch: bool,
     sustainable_streams: usize,
     breaks_at: Option<String>,
 }
@@ -338,19 +404,61 @@ async fn warm_up(to: session::Endpoint, s: &Scenario, clip: &Clip) -> anyhow::Re
     }
 }
 
+/// One run of a level: how its sessions reach the fleet and what they ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Variant<'a> {
+    protocol: Protocol,
+    translate_to: Option<&'a str>,
+    diarize: bool,
+    /// Beside the scenario's batch transcription.
+    batch: bool,
+}
+
+impl Variant<'_> {
+    /// Whether `l` is a level of this variant.
+    fn made(&self, l: &Level) -> bool {
+        l.protocol == self.protocol
+            && l.translate_to.as_deref() == self.translate_to
+            && l.diarized == self.diarize
+            && l.batch.is_some() == self.batch
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn level(
     to: session::Endpoint,
-    protocol: Protocol,
-    translate_to: Option<&str>,
-    diarize: bool,
+    grpc_addr: SocketAddr,
+    v: Variant<'_>,
     admin: &[SocketAddr],
     s: &Scenario,
     clips: &[Clip],
     n: usize,
     first_wer: Option<f64>,
 ) -> Level {
+    let Variant {
+        protocol,
+        translate_to,
+        diarize,
+        batch,
+    } = v;
     let before = target::model_seconds(admin).await;
+    // The batch client starts first and runs until every session is done.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let batch = match (&s.beside_batch, batch) {
+        (Some(load), true) => {
+            let program = Program::new(clips, 0, load.audio_s);
+            let job = session::BatchJob {
+                model: s.model.clone(),
+                language: s.language.clone(),
+                beam_size: load.beam_size,
+                word_timestamps: load.word_timestamps,
+            };
+            Some(tokio::spawn(session::batch(
+                grpc_addr, job, program, stopped,
+            )))
+        }
+        _ => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let program = Program::new(clips, i, s.duration_s);
@@ -387,6 +495,22 @@ async fn level(
         interims.extend(o.interim_ms);
         wer = wer + nexus_eval::wer(&o.reference, &o.hypothesis);
     }
+    let _ = stop.send(true);
+    let batch = match batch {
+        Some(t) => match t.await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                *errors.entry(format!("batch task: {e}")).or_insert(0) += 1;
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(b) = &batch {
+        for (code, k) in &b.errors {
+            *errors.entry(format!("batch {code}")).or_insert(0) += k;
+        }
+    }
     let after = target::model_seconds(admin).await;
     let rate = |a: f64, b: f64| (!admin.is_empty() && audio_s > 0.0).then(|| (b - a) / audio_s);
     let interims_per_s = if audio_s > 0.0 {
@@ -399,6 +523,7 @@ async fn level(
         protocol,
         translate_to: translate_to.map(str::to_owned),
         diarized: diarize,
+        batch,
         streams: n,
         final_after_endpoint_ms: final_lat,
         final_after_audio_ms: Latency::of(after_audio),
@@ -426,14 +551,17 @@ fn missed(l: &Level, s: &Scenario, first_wer: f64) -> Vec<String> {
     if !l.errors.is_empty() {
         out.push(format!("errors {:?}", l.errors));
     }
-    let f = &l.final_after_endpoint_ms;
+    let (f, budget) = match l.protocol {
+        Protocol::Whisperlive => (
+            &l.final_after_audio_ms,
+            s.final_budget_ms + ENDPOINT_SILENCE_MS,
+        ),
+        Protocol::Grpc | Protocol::Websocket => (&l.final_after_endpoint_ms, s.final_budget_ms),
+    };
     if f.n == 0 {
         out.push("no final caption".to_owned());
-    } else if f.p95 > s.final_budget_ms {
-        out.push(format!(
-            "final p95 {:.0} ms > {:.0} ms",
-            f.p95, s.final_budget_ms
-        ));
+    } else if f.p95 > budget {
+        out.push(format!("final p95 {:.0} ms > {budget:.0} ms", f.p95));
     }
     if let Some(budget) = s.interim_budget() {
         let i = &l.interim_ms;
@@ -455,21 +583,37 @@ fn missed(l: &Level, s: &Scenario, first_wer: f64) -> Vec<String> {
     out
 }
 
-/// Each level's runs: once per protocol, per translation and per
-/// diarization, one after the other (the Realtime protocol takes no
-/// diarization).
-fn variants<'a>(protocols: &[Protocol], s: &'a Scenario) -> Vec<(Protocol, Option<&'a str>, bool)> {
-    protocols
-        .iter()
-        .flat_map(|&p| {
-            s.translations().into_iter().flat_map(move |t| {
-                s.diarizations()
-                    .into_iter()
-                    .filter(move |d| !*d || p == Protocol::Grpc)
-                    .map(move |d| (p, t, d))
-            })
-        })
-        .collect()
+/// Each level's runs: once per protocol, per translation, per diarization
+/// and alone or beside the batch load, one after the other (the Realtime
+/// protocol takes no diarization; the WhisperLive anchor runs plain
+/// captions only).
+fn variants<'a>(protocols: &[Protocol], s: &'a Scenario) -> Vec<Variant<'a>> {
+    let mut out = Vec::new();
+    for &protocol in protocols {
+        for translate_to in s.translations() {
+            // The anchor runs the plain caption load only.
+            if translate_to.is_some() && protocol == Protocol::Whisperlive {
+                continue;
+            }
+            for diarize in s.diarizations() {
+                if diarize && protocol != Protocol::Grpc {
+                    continue;
+                }
+                for batch in s.batches() {
+                    if batch && protocol == Protocol::Whisperlive {
+                        continue;
+                    }
+                    out.push(Variant {
+                        protocol,
+                        translate_to,
+                        diarize,
+                        batch,
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 fn print_level(l: &Level) {
@@ -480,13 +624,14 @@ fn print_level(l: &Level) {
         "{:>7} | {:>12} | {:>6.0} {:>6.0} {:>6.0} | {:>6.0} {:>6.0} {:>6.0} | {:>5.2} | {:>5.1}% | {:>5} | {:>6} {:>6} | {:>5} | {}",
         l.streams,
         format!(
-            "{}{}{}",
+            "{}{}{}{}",
             l.protocol.name(),
             l.translate_to
                 .as_deref()
                 .map(|t| format!("+{t}"))
                 .unwrap_or_default(),
-            if l.diarized { "+spk" } else { "" }
+            if l.diarized { "+spk" } else { "" },
+            if l.batch.is_some() { "+batch" } else { "" },
         ),
         f.p50,
         f.p95,
@@ -506,6 +651,12 @@ fn print_level(l: &Level) {
             format!("{:?}", l.errors)
         }
     );
+    if let Some(b) = &l.batch {
+        println!(
+            "{:>7} | {:>12} | {} files of {:.0} s done beside it, {:.3} s per audio s (p50 of files)",
+            "", "batch", b.files, b.file_audio_s, b.seconds_per_audio_s
+        );
+    }
 }
 
 #[tokio::main]
@@ -538,6 +689,25 @@ async fn main() -> anyhow::Result<()> {
         ),
         (None, None) => anyhow::bail!("give --spawn serve|fleet or --target ADDR"),
     };
+    let mut protocols = cli.protocol.clone();
+    protocols.dedup();
+    let anchor = match (&cli.anchor_python, cli.whisperlive) {
+        _ if !protocols.contains(&Protocol::Whisperlive) => None,
+        (Some(python), None) => {
+            let model = match cli.anchor_model.clone() {
+                Some(m) => m,
+                // The pulled model's source folder: the CTranslate2 files.
+                None => nexus_weights::resolve::resolve_model(&s.model, None)
+                    .with_context(|| format!("the anchor's weights for {}", s.model))?
+                    .join("source"),
+            };
+            Some(target::whisperlive(python, &model, &s.streams)?)
+        }
+        (None, Some(addr)) => Some(target::external(addr, None, Vec::new())),
+        _ => anyhow::bail!(
+            "--protocol whisperlive needs --anchor-python PY (to start WhisperLive) or --whisperlive ADDR"
+        ),
+    };
     let endpoint = |p: Protocol| -> anyhow::Result<session::Endpoint> {
         Ok(match p {
             Protocol::Grpc => session::Endpoint::Grpc(target.addr),
@@ -546,10 +716,14 @@ async fn main() -> anyhow::Result<()> {
                     .http
                     .context("--protocol websocket needs the HTTP API: give --http ADDR")?,
             ),
+            Protocol::Whisperlive => session::Endpoint::WhisperLive(
+                anchor
+                    .as_ref()
+                    .context("--protocol whisperlive needs the anchor")?
+                    .addr,
+            ),
         })
     };
-    let mut protocols = cli.protocol.clone();
-    protocols.dedup();
     for &p in &protocols {
         warm_up(endpoint(p)?, &s, &clips[0]).await?;
     }
@@ -584,18 +758,20 @@ async fn main() -> anyhow::Result<()> {
     let variants = variants(&protocols, &s);
     let mut levels: Vec<Level> = Vec::new();
     let mut broken: Vec<Option<String>> = vec![None; variants.len()];
-    let same = |l: &Level, (p, t, d): (Protocol, Option<&str>, bool)| {
-        l.protocol == p && l.translate_to.as_deref() == t && l.diarized == d
-    };
     'levels: for &n in &s.streams {
-        for (k, &(p, t, d)) in variants.iter().enumerate() {
-            let first_wer = levels.iter().find(|l| same(l, (p, t, d))).map(|f| f.wer);
+        for (k, v) in variants.iter().enumerate() {
+            let first_wer = levels.iter().find(|l| v.made(l)).map(|f| f.wer);
+            // The fleet's model time says nothing of the anchor's load.
+            let admin: &[SocketAddr] = if v.protocol == Protocol::Whisperlive {
+                &[]
+            } else {
+                &target.admin
+            };
             let l = level(
-                endpoint(p)?,
-                p,
-                t,
-                d,
-                &target.admin,
+                endpoint(v.protocol)?,
+                target.addr,
+                *v,
+                admin,
                 &s,
                 &clips,
                 n,
@@ -616,13 +792,14 @@ async fn main() -> anyhow::Result<()> {
     let by_protocol: Vec<Capacity> = variants
         .iter()
         .zip(&broken)
-        .map(|(&(p, t, d), breaks_at)| Capacity {
-            protocol: p,
-            translate_to: t.map(str::to_owned),
-            diarized: d,
+        .map(|(v, breaks_at)| Capacity {
+            protocol: v.protocol,
+            translate_to: v.translate_to.map(str::to_owned),
+            diarized: v.diarize,
+            beside_batch: v.batch,
             sustainable_streams: levels
                 .iter()
-                .filter(|l| same(l, (p, t, d)))
+                .filter(|l| v.made(l))
                 .take_while(|l| l.within_budget)
                 .map(|l| l.streams)
                 .last()
@@ -636,7 +813,12 @@ async fn main() -> anyhow::Result<()> {
             .as_ref()
             .map(|t| format!(", translated into {t}"))
             .unwrap_or_default()
-            + if c.diarized { ", diarized" } else { "" };
+            + if c.diarized { ", diarized" } else { "" }
+            + if c.beside_batch {
+                ", beside the batch transcription"
+            } else {
+                ""
+            };
         println!(
             "sustainable: {} concurrent streams over {}{translated}; breaks at: {}",
             c.sustainable_streams,
@@ -662,6 +844,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    drop(anchor);
     drop(target);
     Ok(())
 }
@@ -720,6 +903,41 @@ mod tests {
         );
     }
 
+    /// WhisperLive has no endpoint: its finals are held to the budget from
+    /// the end of the audio, plus the endpointer's silence the fleet's
+    /// finals get before their clock starts.
+    #[test]
+    fn the_anchor_is_held_to_the_budget_from_the_end_of_its_audio() {
+        let s: Scenario = toml::from_str(
+            r#"
+            name = "t"
+            model = "tiny.en"
+            speech = "librivox"
+            streams = [1]
+            ramp_up_s = 1.0
+            duration_s = 10.0
+            final_budget_ms = 1000.0
+            "#,
+        )
+        .unwrap();
+        let anchor = |after_audio: f64| {
+            let mut l = level(5000.0, 0.0, 0.05);
+            l.protocol = Protocol::Whisperlive;
+            l.final_after_audio_ms = Latency {
+                n: 10,
+                p50: 100.0,
+                p95: after_audio,
+                p99: after_audio,
+            };
+            l
+        };
+        assert!(missed(&anchor(1_700.0), &s, 0.05).is_empty());
+        let m = missed(&anchor(1_900.0), &s, 0.05);
+        assert_eq!(m, ["final p95 1900 ms > 1800 ms"]);
+        // The fleet's own protocols keep the budget after the endpoint.
+        assert!(!missed(&level(1_100.0, 0.0, 0.05), &s, 0.05).is_empty());
+    }
+
     #[test]
     fn diarized_runs_follow_each_grpc_run() {
         let s: Scenario = toml::from_str(
@@ -736,16 +954,19 @@ mod tests {
             "#,
         )
         .unwrap();
-        let v = variants(&[Protocol::Grpc, Protocol::Websocket], &s);
+        let v: Vec<_> = variants(&[Protocol::Grpc, Protocol::Websocket], &s)
+            .into_iter()
+            .map(|v| (v.protocol, v.translate_to, v.diarize, v.batch))
+            .collect();
         assert_eq!(
             v,
             vec![
-                (Protocol::Grpc, None, false),
-                (Protocol::Grpc, None, true),
-                (Protocol::Grpc, Some("de"), false),
-                (Protocol::Grpc, Some("de"), true),
-                (Protocol::Websocket, None, false),
-                (Protocol::Websocket, Some("de"), false),
+                (Protocol::Grpc, None, false, false),
+                (Protocol::Grpc, None, true, false),
+                (Protocol::Grpc, Some("de"), false, false),
+                (Protocol::Grpc, Some("de"), true, false),
+                (Protocol::Websocket, None, false, false),
+                (Protocol::Websocket, Some("de"), false, false),
             ]
         );
         let plain = Scenario {
@@ -753,5 +974,43 @@ mod tests {
             ..s
         };
         assert_eq!(variants(&[Protocol::Grpc], &plain).len(), 2);
+    }
+
+    #[test]
+    fn each_level_runs_alone_then_beside_the_batch() {
+        let s: Scenario = toml::from_str(
+            r#"
+            name = "t"
+            model = "tiny.en"
+            speech = "librivox"
+            streams = [1]
+            ramp_up_s = 1.0
+            duration_s = 10.0
+            final_budget_ms = 1000.0
+            beside_batch = { audio_s = 120.0 }
+            "#,
+        )
+        .unwrap();
+        let b = s.beside_batch.as_ref().unwrap();
+        assert_eq!((b.beam_size, b.word_timestamps), (5, true));
+        let v: Vec<bool> = variants(&[Protocol::Grpc], &s)
+            .iter()
+            .map(|v| v.batch)
+            .collect();
+        assert_eq!(v, [false, true]);
+        // A misspelt field of the batch load is refused, not ignored.
+        let bad = toml::from_str::<Scenario>(
+            r#"
+            name = "t"
+            model = "tiny.en"
+            speech = "librivox"
+            streams = [1]
+            ramp_up_s = 1.0
+            duration_s = 10.0
+            final_budget_ms = 1000.0
+            beside_batch = { audio_s = 120.0, beam = 5 }
+            "#,
+        );
+        assert!(bad.is_err());
     }
 }

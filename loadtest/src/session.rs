@@ -10,8 +10,9 @@ use std::time::Duration;
 use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::{
-    AudioEncoding, AudioFormat, EndpointingConfig, RecognitionConfig, SpeakerDiarizationConfig,
-    SpeechEvent, StreamingRecognitionConfig, StreamingRecognizeRequest,
+    AudioEncoding, AudioFormat, DecodingOptions, EndpointingConfig, RecognitionConfig,
+    RecognizeRequest, SpeakerDiarizationConfig, SpeechEvent, StreamingRecognitionConfig,
+    StreamingRecognizeRequest, recognize_request,
 };
 use tokio::time::Instant;
 
@@ -99,6 +100,8 @@ pub enum Endpoint {
     Grpc(SocketAddr),
     /// `/v1/realtime?intent=transcription` on the HTTP address.
     WebSocket(SocketAddr),
+    /// A WhisperLive server's WebSocket (the live anchor).
+    WhisperLive(SocketAddr),
 }
 
 /// Runs one session against `to`, starting after `lead`.
@@ -123,8 +126,169 @@ pub async fn run(to: Endpoint, ask: Ask, program: Program, lead: Duration) -> Ou
                 out.error = Some(e);
             }
         }
+        Endpoint::WhisperLive(_) if ask.diarize || ask.translate_to.is_some() => {
+            out.error = Some("the WhisperLive anchor is run untranslated, undiarized".into());
+        }
+        Endpoint::WhisperLive(addr) => {
+            if let Err(e) = whisperlive(addr, &ask, program.samples, &mut out).await {
+                out.error = Some(e);
+            }
+        }
     }
     out
+}
+
+/// The longest silence a WhisperLive session sends after its audio while
+/// its last segment is still open, seconds.
+const WHISPERLIVE_TAIL_S: usize = 5;
+
+/// A WhisperLive session, the way its own client speaks: JSON options,
+/// `SERVER_READY`, float32 16 kHz frames, `END_OF_AUDIO`. WhisperLive has no
+/// endpoint event: it marks a segment `completed` once the text after it
+/// has begun or its words stop changing, so its final latency runs from the
+/// capture of the segment's end to the first message with it completed
+/// (`final_after_audio_ms`, the same clock as the other protocols'), and
+/// its interim latency from the capture of an open segment's end to the
+/// message that brings it. After the audio, silence follows at real-time
+/// pace until the last segment is completed (at most
+/// [`WHISPERLIVE_TAIL_S`]); the transcript is the completed segments plus
+/// any still open at the end, as WhisperLive's client prints it.
+async fn whisperlive(
+    addr: SocketAddr,
+    ask: &Ask,
+    samples: Vec<f32>,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}"), None, true)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sink, mut stream) = ws.split();
+    let options = serde_json::json!({
+        "uid": uuid::Uuid::new_v4().to_string(),
+        "language": ask.language,
+        "task": "transcribe",
+        "model": ask.model,
+        "use_vad": true,
+        "send_last_n_segments": 10,
+        "no_speech_thresh": 0.45,
+        "clip_audio": false,
+        "same_output_threshold": 10,
+    });
+    // As on the other protocols, the clock starts as the options go out.
+    let start = Instant::now();
+    sink.send(Message::Text(options.to_string().into()))
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    loop {
+        let m = stream
+            .next()
+            .await
+            .ok_or("closed before SERVER_READY")?
+            .map_err(|e| format!("read: {e}"))?;
+        let Message::Text(t) = m else { continue };
+        let v: serde_json::Value = serde_json::from_str(t.as_str()).map_err(|e| e.to_string())?;
+        if v["message"] == "SERVER_READY" {
+            break;
+        }
+        if let Some(status) = v["status"].as_str() {
+            return Err(format!("{status}: {}", v["message"]));
+        }
+    }
+    let (open_tx, open_rx) = tokio::sync::watch::channel(true);
+    let sender = async move {
+        let frame = |c: &[f32]| -> Vec<u8> { c.iter().flat_map(|s| s.to_le_bytes()).collect() };
+        let n = samples.len().div_ceil(1_600);
+        let silence = [0.0f32; 1_600];
+        for i in 0..n + WHISPERLIVE_TAIL_S * 10 {
+            if i >= n && !*open_rx.borrow() {
+                break;
+            }
+            let c = if i < n {
+                &samples[i * 1_600..((i + 1) * 1_600).min(samples.len())]
+            } else {
+                &silence[..]
+            };
+            tokio::time::sleep_until(start + Duration::from_millis(100 * (i as u64 + 1))).await;
+            if sink.send(Message::Binary(frame(c).into())).await.is_err() {
+                return sink;
+            }
+        }
+        let _ = sink
+            .send(Message::Binary(b"END_OF_AUDIO".to_vec().into()))
+            .await;
+        // The server closes the socket once it has cleaned up.
+        sink
+    };
+    let receiver = async {
+        // Completed segments by their start, and the open one.
+        let mut completed: std::collections::BTreeMap<u64, String> = Default::default();
+        let mut open: Option<(u64, String)> = None;
+        let mut seen_open_ends: std::collections::HashSet<u64> = Default::default();
+        let ms = |v: &serde_json::Value| -> Option<u64> {
+            let s: f64 = v.as_str()?.parse().ok()?;
+            Some((s * 1e3).round() as u64)
+        };
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), stream.next())
+                .await
+                .map_err(|_| "no message for 60 s".to_owned())?;
+            let text = match m {
+                Some(Ok(Message::Text(t))) => t,
+                None | Some(Ok(Message::Close(_)) | Err(_)) => break,
+                Some(Ok(_)) => continue,
+            };
+            let now = Instant::now();
+            let v: serde_json::Value =
+                serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+            if v["message"] == "DISCONNECT" {
+                break;
+            }
+            let Some(segs) = v["segments"].as_array() else {
+                continue;
+            };
+            let mut last_open = None;
+            for seg in segs {
+                let (Some(s0), Some(s1)) = (ms(&seg["start"]), ms(&seg["end"])) else {
+                    continue;
+                };
+                let t = seg["text"].as_str().unwrap_or_default().trim().to_owned();
+                if seg["completed"].as_bool().unwrap_or(false) {
+                    if let std::collections::btree_map::Entry::Vacant(e) = completed.entry(s0) {
+                        let captured = start + Duration::from_millis(s1);
+                        out.final_after_audio_ms
+                            .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
+                        e.insert(t);
+                    }
+                } else {
+                    if seen_open_ends.insert(s1) {
+                        let captured = start + Duration::from_millis(s1);
+                        out.interim_ms
+                            .push(now.saturating_duration_since(captured).as_secs_f64() * 1e3);
+                    }
+                    last_open = Some((s0, t));
+                }
+            }
+            let _ = open_tx.send(last_open.is_some());
+            open = last_open;
+        }
+        // WhisperLive has no endpoint: its finals are timed from the audio.
+        out.final_ms = out.final_after_audio_ms.clone();
+        let last_done = completed.keys().next_back().copied();
+        let mut words: Vec<String> = completed.into_values().collect();
+        if let Some((s0, t)) = open
+            && last_done.is_none_or(|d| s0 > d)
+        {
+            words.push(t);
+        }
+        out.hypothesis = words.join(" ");
+        Ok::<_, String>(())
+    };
+    let (sink, r) = tokio::join!(sender, receiver);
+    drop(sink);
+    r
 }
 
 fn pcm16(c: &[f32]) -> Vec<u8> {
@@ -387,4 +551,104 @@ async fn stream(
     };
     let ((), r) = tokio::join!(sender, receiver);
     r
+}
+
+/// A batch transcription: one recording sent whole to Recognize.
+#[derive(Debug, Clone)]
+pub struct BatchJob {
+    /// Model name.
+    pub model: String,
+    /// Spoken language.
+    pub language: String,
+    /// Beam width.
+    pub beam_size: u32,
+    /// Whether word times are asked for.
+    pub word_timestamps: bool,
+}
+
+/// What a batch client beside a level did.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BatchOutcome {
+    /// Files transcribed.
+    pub files: usize,
+    /// Seconds of audio in each file.
+    pub file_audio_s: f64,
+    /// Seconds each file took per second of its audio (the median file).
+    pub seconds_per_audio_s: f64,
+    /// Failed calls by gRPC code.
+    pub errors: std::collections::BTreeMap<String, usize>,
+}
+
+/// Sends `program` to Recognize at `addr` as one file, again and again,
+/// until `stop` turns true; the file in flight then still completes.
+pub async fn batch(
+    addr: SocketAddr,
+    job: BatchJob,
+    program: Program,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> BatchOutcome {
+    let file_audio_s = program.samples.len() as f64 / 16_000.0;
+    let mut out = BatchOutcome {
+        file_audio_s,
+        ..Default::default()
+    };
+    let content = pcm16(&program.samples);
+    let config = RecognitionConfig {
+        model: job.model.clone(),
+        language: job.language.clone(),
+        audio_format: Some(AudioFormat {
+            encoding: AudioEncoding::LinearPcmS16le as i32,
+            sample_rate_hz: 16_000,
+            channels: 1,
+        }),
+        enable_word_time_offsets: job.word_timestamps,
+        decoding: Some(DecodingOptions {
+            beam_size: job.beam_size,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut took = Vec::new();
+    let client = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e.connect().await,
+        Err(e) => {
+            out.errors.insert(format!("endpoint: {e}"), 1);
+            return out;
+        }
+    };
+    let mut client = match client {
+        Ok(ch) => SpeechRecognitionClient::new(ch)
+            .max_encoding_message_size(256 << 20)
+            .max_decoding_message_size(256 << 20),
+        Err(_) => {
+            out.errors.insert("Unavailable".into(), 1);
+            return out;
+        }
+    };
+    while !*stop.borrow_and_update() {
+        let t0 = Instant::now();
+        let r = client
+            .recognize(RecognizeRequest {
+                config: Some(config.clone()),
+                audio_source: Some(recognize_request::AudioSource::Content(
+                    content.clone().into(),
+                )),
+            })
+            .await;
+        match r {
+            Ok(_) => {
+                out.files += 1;
+                took.push(t0.elapsed().as_secs_f64() / file_audio_s);
+            }
+            Err(s) => {
+                *out.errors.entry(format!("{:?}", s.code())).or_insert(0) += 1;
+                // A refusal is not retried at once: wait for the level's end
+                // or a second, whichever comes first.
+                let _ = tokio::time::timeout(Duration::from_secs(1), stop.changed()).await;
+            }
+        }
+    }
+    took.sort_by(f64::total_cmp);
+    out.seconds_per_audio_s = took.get(took.len() / 2).copied().unwrap_or(0.0);
+    out
 }

@@ -167,6 +167,47 @@ pub fn fleet(model: &str, translation: Option<&str>, redis: &str) -> anyhow::Res
     })
 }
 
+/// WhisperLive's server, the live anchor (loadtest/anchors/whisperlive.py),
+/// started with `python` on a free port over the CTranslate2 weights in
+/// `model`, admitting as many clients as the largest level. Its CPU threads
+/// are capped at the machine's cores, as the fleet's are.
+pub fn whisperlive(
+    python: &std::path::Path,
+    model: &std::path::Path,
+    levels: &[usize],
+) -> anyhow::Result<Target> {
+    const SCRIPT: &str = include_str!("../anchors/whisperlive.py");
+    anyhow::ensure!(
+        model.join("model.bin").is_file(),
+        "{} holds no CTranslate2 model.bin: pull the scenario's model (nexus models pull) or give --anchor-model",
+        model.display()
+    );
+    let script = std::env::temp_dir().join(format!(
+        "nexus-loadtest-whisperlive-{}.py",
+        std::process::id()
+    ));
+    std::fs::write(&script, SCRIPT)?;
+    let addr = free()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let clients = levels.iter().copied().max().unwrap_or(1).max(1) + 1;
+    let child = Command::new(python)
+        .arg(&script)
+        .arg(addr.port().to_string())
+        .arg(model)
+        .arg(clients.to_string())
+        .env("OMP_NUM_THREADS", cores.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting WhisperLive with {}", python.display()))?;
+    Ok(Target {
+        addr,
+        http: None,
+        admin: Vec::new(),
+        children: vec![child],
+    })
+}
+
 /// Sums of the model-time histograms on the admin ports:
 /// (encoder seconds, decoder seconds).
 pub async fn model_seconds(admin: &[SocketAddr]) -> (f64, f64) {
