@@ -44,19 +44,7 @@ async fn gauge(admin: &str, series: &str) -> f64 {
 #[ignore = "needs tiny.en + silero-vad weights and the LibriVox test speech; scripts/test.sh"]
 async fn a_live_final_does_not_wait_for_a_long_beam_search_file() {
     let admin = free_addr().to_string();
-    let mut serve = Proc::start(
-        "serve",
-        "nexus",
-        &[
-            "serve",
-            "--model",
-            MODEL,
-            "--http-listen",
-            "none",
-            "--admin-listen",
-            admin.as_str(),
-        ],
-    );
+    let mut serve = Proc::serve(&admin, &[]);
     serve.wait_serving(Duration::from_secs(120)).await;
     let clips = clips();
 

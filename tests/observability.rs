@@ -567,21 +567,7 @@ async fn client_recognize(
 async fn the_embedded_fleet_serves_one_prometheus_page() {
     const TOKEN: &str = "embedded-admin-token-0001";
     let admin = free_addr().to_string();
-    let mut serve = Proc::start(
-        "serve",
-        "nexus",
-        &[
-            "serve",
-            "--model",
-            MODEL,
-            "--http-listen",
-            "none",
-            "--admin-listen",
-            admin.as_str(),
-            "--admin-token",
-            TOKEN,
-        ],
-    );
+    let mut serve = Proc::serve(&admin, &["--admin-token", TOKEN]);
     serve.wait_serving(Duration::from_secs(120)).await;
     let samples = goforward();
     let out = nexus_tests::fleet::stream(serve.addr, pcm16_config(MODEL), &samples, 4.0, |_| {})

@@ -209,6 +209,22 @@ pub mod fleet {
             }
         }
 
+        /// `nexus serve` of [`MODEL`] without its HTTP API, its admin port
+        /// on `admin`, plus `extra` options.
+        pub fn serve(admin: &str, extra: &[&str]) -> Self {
+            let mut args = vec![
+                "serve",
+                "--model",
+                MODEL,
+                "--http-listen",
+                "none",
+                "--admin-listen",
+                admin,
+            ];
+            args.extend_from_slice(extra);
+            Self::start("serve", "nexus", &args)
+        }
+
         /// Lines logged so far.
         pub fn log(&self) -> Vec<String> {
             self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -903,23 +903,21 @@ mod tests {
         );
     }
 
+    /// A one-level scenario of tiny.en with a 1 s final budget, plus `extra`
+    /// TOML lines.
+    fn scenario(extra: &str) -> Result<Scenario, toml::de::Error> {
+        toml::from_str(&format!(
+            "name = \"t\"\nmodel = \"tiny.en\"\nspeech = \"librivox\"\nstreams = [1]\n\
+             ramp_up_s = 1.0\nduration_s = 10.0\nfinal_budget_ms = 1000.0\n{extra}"
+        ))
+    }
+
     /// WhisperLive has no endpoint: its finals are held to the budget from
     /// the end of the audio, plus the endpointer's silence the fleet's
     /// finals get before their clock starts.
     #[test]
     fn the_anchor_is_held_to_the_budget_from_the_end_of_its_audio() {
-        let s: Scenario = toml::from_str(
-            r#"
-            name = "t"
-            model = "tiny.en"
-            speech = "librivox"
-            streams = [1]
-            ramp_up_s = 1.0
-            duration_s = 10.0
-            final_budget_ms = 1000.0
-            "#,
-        )
-        .unwrap();
+        let s = scenario("").unwrap();
         let anchor = |after_audio: f64| {
             let mut l = level(5000.0, 0.0, 0.05);
             l.protocol = Protocol::Whisperlive;
@@ -940,20 +938,7 @@ mod tests {
 
     #[test]
     fn diarized_runs_follow_each_grpc_run() {
-        let s: Scenario = toml::from_str(
-            r#"
-            name = "t"
-            model = "tiny.en"
-            speech = "librivox"
-            streams = [1]
-            ramp_up_s = 1.0
-            duration_s = 10.0
-            final_budget_ms = 1000.0
-            translate_to = "de"
-            diarize = true
-            "#,
-        )
-        .unwrap();
+        let s = scenario("translate_to = \"de\"\ndiarize = true").unwrap();
         let v: Vec<_> = variants(&[Protocol::Grpc, Protocol::Websocket], &s)
             .into_iter()
             .map(|v| (v.protocol, v.translate_to, v.diarize, v.batch))
@@ -978,19 +963,7 @@ mod tests {
 
     #[test]
     fn each_level_runs_alone_then_beside_the_batch() {
-        let s: Scenario = toml::from_str(
-            r#"
-            name = "t"
-            model = "tiny.en"
-            speech = "librivox"
-            streams = [1]
-            ramp_up_s = 1.0
-            duration_s = 10.0
-            final_budget_ms = 1000.0
-            beside_batch = { audio_s = 120.0 }
-            "#,
-        )
-        .unwrap();
+        let s = scenario("beside_batch = { audio_s = 120.0 }").unwrap();
         let b = s.beside_batch.as_ref().unwrap();
         assert_eq!((b.beam_size, b.word_timestamps), (5, true));
         let v: Vec<bool> = variants(&[Protocol::Grpc], &s)
@@ -999,18 +972,7 @@ mod tests {
             .collect();
         assert_eq!(v, [false, true]);
         // A misspelt field of the batch load is refused, not ignored.
-        let bad = toml::from_str::<Scenario>(
-            r#"
-            name = "t"
-            model = "tiny.en"
-            speech = "librivox"
-            streams = [1]
-            ramp_up_s = 1.0
-            duration_s = 10.0
-            final_budget_ms = 1000.0
-            beside_batch = { audio_s = 120.0, beam = 5 }
-            "#,
-        );
+        let bad = scenario("beside_batch = { audio_s = 120.0, beam = 5 }");
         assert!(bad.is_err());
     }
 }
