@@ -340,11 +340,24 @@ pub(crate) struct Inner<B: Bus> {
     pub(crate) metrics: Arc<metrics::IngestMetrics>,
     /// Syntheses this replica follows at once.
     pub(crate) synthesis_slots: Arc<Semaphore>,
+    /// Threads at background priority for a whole recording's preparation
+    /// (decoding, voice activity, speakers): live sessions' audio goes first.
+    pub(crate) background: Arc<rayon::ThreadPool>,
 }
 
 pub(crate) type Parked = (String, mpsc::Sender<session::Reattach>);
 
 impl<B: Bus> Inner<B> {
+    /// Runs `work` for a whole recording on the background threads, off the
+    /// async runtime.
+    pub(crate) async fn in_background<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let pool = self.background.clone();
+        tokio::task::spawn_blocking(move || pool.install(work)).await
+    }
+
     /// Gives the decoder-pool slot of `id` back; when that fails, the lease
     /// lapses by its TTL.
     pub(crate) async fn release_slot(&self, id: &SessionId) {
@@ -858,6 +871,10 @@ async fn run<B: Bus>(
         speaker,
         sessions: Arc::new(Semaphore::new(cfg.args.max_sessions)),
         max_sessions: cfg.args.max_sessions,
+        background: Arc::new(
+            nexus_core::priority::background_pool("ingest-bg")
+                .map_err(|e| anyhow::anyhow!("building ingest's background thread pool: {e}"))?,
+        ),
         shutdown: shutdown.clone(),
         limits: AudioLimits {
             max_bytes: cfg.args.max_audio_mb.max(1) << 20,

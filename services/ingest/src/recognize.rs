@@ -216,32 +216,34 @@ impl<B: Bus> Ingest<B> {
             .check_bytes(bytes.len() as u64)
             .map_err(|e| invalid(e.to_string()))?;
         let (cfg, limits) = (rc.clone(), inner.limits.clone());
-        let channels = tokio::task::spawn_blocking(move || decode_audio(bytes, &cfg, &limits))
+        let channels = inner
+            .in_background(move || decode_audio(bytes, &cfg, &limits))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| invalid(format!("the audio could not be read: {e}")))?;
         let duration_ms = channels.iter().map(Vec::len).max().unwrap_or(0) as u64 * 1000
             / u64::from(MODEL_SAMPLE_RATE);
         let vad = inner.vad.clone();
-        let (channels, plan, probs) = tokio::task::spawn_blocking(move || {
-            let mut plan = Vec::new();
-            let mut all = Vec::new();
-            for (i, c) in channels.iter().enumerate() {
-                let probs = vad.probabilities(c).map_err(|e| e.to_string())?;
-                for (start, end) in windows(&probs, c.len() as u64) {
-                    plan.push(Window {
-                        channel_tag: if channels.len() > 1 { i as u32 + 1 } else { 0 },
-                        start,
-                        end,
-                    });
+        let (channels, plan, probs) = inner
+            .in_background(move || {
+                let mut plan = Vec::new();
+                let mut all = Vec::new();
+                for (i, c) in channels.iter().enumerate() {
+                    let probs = vad.probabilities(c).map_err(|e| e.to_string())?;
+                    for (start, end) in windows(&probs, c.len() as u64) {
+                        plan.push(Window {
+                            channel_tag: if channels.len() > 1 { i as u32 + 1 } else { 0 },
+                            start,
+                            end,
+                        });
+                    }
+                    all.push(probs);
                 }
-                all.push(probs);
-            }
-            Ok::<_, String>((channels, plan, all))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("voice activity detection failed: {e}")))?;
+                Ok::<_, String>((channels, plan, all))
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("voice activity detection failed: {e}")))?;
         Ok(Prepared {
             rc,
             channels: std::sync::Arc::new(channels),
@@ -329,20 +331,23 @@ impl<B: Bus> Ingest<B> {
             return Ok(None);
         };
         let (channels, probs) = (p.channels.clone(), p.probs.clone());
+        let pool = self.inner.background.clone();
         Ok(Some(tokio::task::spawn_blocking(move || {
-            let opts = nexus_models::speaker::DiarizeOptions {
-                count,
-                ..Default::default()
-            };
-            channels
-                .iter()
-                .zip(&probs)
-                .map(|(c, pr)| {
-                    let regions = nexus_models::vad::speech_regions(pr, c.len());
-                    nexus_models::speaker::diarize(&encoder, c, &regions, &opts)
-                        .map_err(|e| e.to_string())
-                })
-                .collect()
+            pool.install(|| {
+                let opts = nexus_models::speaker::DiarizeOptions {
+                    count,
+                    ..Default::default()
+                };
+                channels
+                    .iter()
+                    .zip(&probs)
+                    .map(|(c, pr)| {
+                        let regions = nexus_models::vad::speech_regions(pr, c.len());
+                        nexus_models::speaker::diarize(&encoder, c, &regions, &opts)
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect()
+            })
         })))
     }
 
