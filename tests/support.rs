@@ -316,6 +316,8 @@ pub mod fleet {
         pub status: Option<Status>,
         /// When each final arrived, and when its utterance's endpoint was announced.
         pub final_latency_ms: Vec<u64>,
+        /// When each final arrived.
+        pub final_at: Vec<Instant>,
     }
 
     impl SessionOutcome {
@@ -581,6 +583,9 @@ pub mod fleet {
                             endpoint_at.push_back(Instant::now());
                         }
                         for res in &r.results {
+                            if res.is_final {
+                                out.final_at.push(Instant::now());
+                            }
                             if res.is_final
                                 && let Some(t) = endpoint_at.pop_front()
                             {
