@@ -73,6 +73,10 @@ struct Scenario {
     /// The text translation model started with `--spawn` when translating.
     #[serde(default = "default_translation_model")]
     translation_model: String,
+    /// Beam width the sessions ask for (gRPC only; the Realtime protocol
+    /// has no such field); unset, the fleet's default (greedy).
+    #[serde(default)]
+    beam_size: Option<u32>,
     /// Also run each level beside a batch transcription on the same fleet:
     /// one client sending a long recording to Recognize, file after file,
     /// for as long as the level's live sessions run. What a recorded
@@ -121,6 +125,7 @@ impl Scenario {
             interim_ms: self.interim_ms,
             translate_to: translate_to.map(str::to_owned),
             diarize,
+            beam_size: self.beam_size,
         }
     }
 

@@ -69,6 +69,8 @@ pub struct Ask {
     pub translate_to: Option<String>,
     /// Label every final's words with their speaker (gRPC only).
     pub diarize: bool,
+    /// Beam width of the decoding (gRPC only).
+    pub beam_size: Option<u32>,
 }
 
 /// What one session measured.
@@ -120,6 +122,9 @@ pub async fn run(to: Endpoint, ask: Ask, program: Program, lead: Duration) -> Ou
         }
         Endpoint::WebSocket(_) if ask.diarize => {
             out.error = Some("the Realtime protocol takes no diarization".into());
+        }
+        Endpoint::WebSocket(_) | Endpoint::WhisperLive(_) if ask.beam_size.is_some() => {
+            out.error = Some("a beam size is asked over gRPC only".into());
         }
         Endpoint::WebSocket(addr) => {
             if let Err(e) = websocket(addr, &ask, program.samples, &mut out).await {
@@ -459,6 +464,10 @@ async fn stream(
                     enable: true,
                     min_speakers: 0,
                     max_speakers: 0,
+                }),
+                decoding: ask.beam_size.map(|beam_size| DecodingOptions {
+                    beam_size,
+                    ..Default::default()
                 }),
                 ..Default::default()
             }

@@ -412,12 +412,19 @@ pub fn options(
     let mut opts = TranscribeOptions {
         task,
         language: language.clone(),
-        beam_size: dec.beam_size.max(1) as usize,
+        // Interims are previews, superseded within a second: greedy, in the
+        // batched step loop, whatever beam the session asks for its finals.
+        beam_size: if seg.is_final {
+            dec.beam_size.max(1) as usize
+        } else {
+            1
+        },
         word_timestamps: cfg.enable_word_time_offsets && seg.is_final,
         ..TranscribeOptions::default()
     };
-    // Interims are compared word by word: always greedy. Finals start at the
-    // asked temperature and, unless fallback is off, climb by 0.2 up to 1.
+    // Interims are compared word by word: always at temperature 0. Finals
+    // start at the asked temperature and, unless fallback is off, climb by
+    // 0.2 up to 1.
     opts.temperatures = if !seg.is_final {
         vec![0.0]
     } else if dec.disable_fallback {
