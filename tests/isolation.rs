@@ -9,9 +9,7 @@
 
 use std::time::Duration;
 
-use nexus_proto::speech::{
-    AudioEncoding, AudioFormat, DecodingOptions, RecognitionConfig, recognize_request,
-};
+use nexus_proto::speech::{DecodingOptions, RecognitionConfig, recognize_request};
 use nexus_tests::fleet::{MODEL, Proc, free_addr, model_rate, pcm16_chunks, testdata};
 use tokio::time::Instant;
 
@@ -59,19 +57,14 @@ async fn a_live_final_does_not_wait_for_a_long_beam_search_file() {
         long.extend(std::iter::repeat_n(0.0, 8_000));
     }
     let config = RecognitionConfig {
-        model: MODEL.into(),
-        language: "en".into(),
-        audio_format: Some(AudioFormat {
-            encoding: AudioEncoding::LinearPcmS16le as i32,
-            sample_rate_hz: 16_000,
-            channels: 1,
-        }),
         enable_word_time_offsets: true,
         decoding: Some(DecodingOptions {
             beam_size: 5,
             ..Default::default()
         }),
-        ..Default::default()
+        ..nexus_tests::fleet::pcm16_config(MODEL)
+            .config
+            .expect("a recognition config")
     };
     let content: Vec<u8> = pcm16_chunks(&long, long.len()).concat();
     let batch = {

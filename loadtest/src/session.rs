@@ -296,6 +296,15 @@ async fn whisperlive(
     r
 }
 
+/// The format both gRPC clients send: 16 kHz mono 16-bit PCM.
+fn pcm16_format() -> AudioFormat {
+    AudioFormat {
+        encoding: AudioEncoding::LinearPcmS16le as i32,
+        sample_rate_hz: 16_000,
+        channels: 1,
+    }
+}
+
 fn pcm16(c: &[f32]) -> Vec<u8> {
     c.iter()
         .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
@@ -455,11 +464,7 @@ async fn stream(
             RecognitionConfig {
                 model: ask.model.clone(),
                 language: ask.language.clone(),
-                audio_format: Some(AudioFormat {
-                    encoding: AudioEncoding::LinearPcmS16le as i32,
-                    sample_rate_hz: 16_000,
-                    channels: 1,
-                }),
+                audio_format: Some(pcm16_format()),
                 diarization: ask.diarize.then_some(SpeakerDiarizationConfig {
                     enable: true,
                     min_speakers: 0,
@@ -605,11 +610,7 @@ pub async fn batch(
     let config = RecognitionConfig {
         model: job.model.clone(),
         language: job.language.clone(),
-        audio_format: Some(AudioFormat {
-            encoding: AudioEncoding::LinearPcmS16le as i32,
-            sample_rate_hz: 16_000,
-            channels: 1,
-        }),
+        audio_format: Some(pcm16_format()),
         enable_word_time_offsets: job.word_timestamps,
         decoding: Some(DecodingOptions {
             beam_size: job.beam_size,

@@ -22,6 +22,31 @@ pub const DECODER_GROUP: &str = "decoder";
 /// Capacity pool of live sessions, advertised by decoders and leased by ingest.
 pub const DECODER_POOL: &str = "decoder";
 
+/// What a window is for, in the order stages serve it (encoder batches,
+/// decoder starts and finishing threads): someone waiting live comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Work {
+    /// The final window of a live utterance: someone waits for its caption.
+    LiveFinal,
+    /// A live preview, superseded by the utterance's next window.
+    Interim,
+    /// A window of a whole recording (Recognize, uploads, jobs): wanted
+    /// soon, by no one live.
+    Recording,
+}
+
+impl Work {
+    /// The work of a window that is final or not, of an entry marked live
+    /// (`Envelope.live`) or not.
+    pub fn of(is_final: bool, live: bool) -> Self {
+        match (is_final, live) {
+            (false, _) => Work::Interim,
+            (true, true) => Work::LiveFinal,
+            (true, false) => Work::Recording,
+        }
+    }
+}
+
 /// The stream of a stage (one partition for now; the key layout has room for more).
 pub fn stream(keys: &Keys, stage: &str) -> String {
     keys.stage_stream(stage, 0)

@@ -21,6 +21,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use nexus_bus::EntryId;
 use nexus_fleet::ModelSet;
+use nexus_fleet::stages::Work;
 use nexus_models::nexus::{LmSession, NexusModel, NexusTask};
 use nexus_models::whisper::{
     DecodeOptions, GreedySequence, Task, TranscribeOptions, WhisperEngine, step_batch,
@@ -618,10 +619,10 @@ fn finish(a: Active) -> Output {
     let seg = &job.seg;
     let base_task = base.task;
     let result = (|| {
-        let greedy = match seq {
-            Some(seq) => Some(seq.finish(&engine.tokenizer).map_err(|e| e.to_string())?),
-            None => None,
-        };
+        let greedy = seq
+            .map(|seq| seq.finish(&engine.tokenizer))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let mut r = engine
             .decode_with_fallback(&audio, &base, &opts, greedy)
             .map_err(|e| e.to_string())?;
@@ -796,17 +797,13 @@ fn utterance(seg: &EncodedSegment) -> ((String, u64), (bool, u64)) {
     )
 }
 
-/// How soon a window is wanted: live finals (0), then interims (1), then a
-/// recording's windows (2).
-fn urgency(seg: &EncodedSegment) -> u8 {
-    match (seg.is_final, seg.envelope.as_ref().is_some_and(|e| e.live)) {
-        (true, true) => 0,
-        (false, _) => 1,
-        (true, false) => 2,
-    }
+/// The work a window is: live finals are wanted first, then interims, then
+/// a recording's windows.
+fn work_of(seg: &EncodedSegment) -> Work {
+    Work::of(seg.is_final, seg.envelope.as_ref().is_some_and(|e| e.live))
 }
 
-/// Orders newly arrived jobs by [`urgency`] and drops the interims that a newer
+/// Orders newly arrived jobs by [`work_of`] and drops the interims that a newer
 /// window of the same utterance, arrived or arriving, supersedes; also the
 /// interims already in flight that the arrivals supersede (their indices in
 /// `active`, highest first). Returns the jobs to start and the ones dropped.
@@ -827,7 +824,7 @@ fn triage<T>(
         !seg.is_final && newest.get(&k).is_some_and(|n| *n > rank)
     };
     let (mut keep, drop): (Vec<T>, Vec<T>) = incoming.into_iter().partition(|j| !newer(seg_of(j)));
-    keep.sort_by_key(|j| urgency(seg_of(j)));
+    keep.sort_by_key(|j| work_of(seg_of(j)));
     let mut stale: Vec<usize> = active
         .iter()
         .enumerate()
@@ -852,9 +849,9 @@ pub fn run_pool(
     let (live, live_rx) = std::sync::mpsc::channel::<Active>();
     let (recording, recording_rx) = std::sync::mpsc::channel::<Active>();
     let finishing = Finishing { live, recording };
-    // A recording's finish runs at background priority, its parallel
-    // products on a thread pool of its own at that priority too: the
-    // kernel serves live work first and recordings from what is left.
+    // A recording's finish runs on a thread pool at background priority
+    // (its thread only hands the work over), parallel products included:
+    // the kernel serves live work first and recordings from what is left.
     let background = Arc::new(
         nexus_core::priority::background_pool("decoder-bg")
             .expect("building the decoder's background thread pool"),
@@ -869,9 +866,6 @@ pub fn run_pool(
                 std::thread::Builder::new()
                     .name(format!("decoder-finish-{lane}-{i}"))
                     .spawn(move || {
-                        if background.is_some() {
-                            lower_priority();
-                        }
                         loop {
                             let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                             let Ok(a) = next else { return };
@@ -903,13 +897,6 @@ pub fn run_pool(
     }
 }
 
-/// Lowers the calling thread to background priority, or says why not.
-fn lower_priority() {
-    if let Err(e) = nexus_core::priority::lower_this_thread() {
-        tracing::warn!(error = %e, "a background decoder thread keeps normal priority");
-    }
-}
-
 /// Where sequences go to be finished: a live session's to the live
 /// finishers, a recording's to its own.
 #[derive(Clone)]
@@ -920,10 +907,9 @@ struct Finishing {
 
 impl Finishing {
     fn send(&self, a: Active) {
-        let lane = if urgency(&a.job.seg) < 2 {
-            &self.live
-        } else {
-            &self.recording
+        let lane = match work_of(&a.job.seg) {
+            Work::Recording => &self.recording,
+            Work::LiveFinal | Work::Interim => &self.live,
         };
         let _ = lane.send(a);
     }

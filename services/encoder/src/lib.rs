@@ -7,7 +7,7 @@
 //! the features to the `encoded` stream. An entry is acknowledged only after its
 //! features are written, so a crash hands it to another replica.
 //!
-//! Work is served by what waits on it ([`Class`]): live finals first, all of
+//! Work is served by what waits on it ([`Work`]): live finals first, all of
 //! them; then one turn of interim windows; then one turn of a recording's
 //! windows (Recognize, uploads, jobs), before the stream is read again. A
 //! live caption so waits behind at most one turn of each, however long the
@@ -20,6 +20,7 @@ use anyhow::Context;
 use candle_core::{IndexOp, Tensor};
 use nexus_bus::{Bus, BusError, Entry, EntryId, decode, encode};
 use nexus_core::grpc::GrpcServer;
+use nexus_fleet::stages::Work;
 use nexus_fleet::{Fleet, ModelSet, Process, StageReader, now_unix_ms, retry, stages};
 use nexus_models::mel::{CHUNK_FRAMES, CHUNK_SAMPLES, HOP_LENGTH, N_FFT, SAMPLE_RATE};
 use nexus_proto::pipeline::{AudioSegment, DType, EncodedSegment, Envelope};
@@ -242,18 +243,16 @@ async fn run<B: Bus>(
     // goes next and waits for at most one interim batch
     // (`--interim-frame-budget`).
     let mut waiting: Group = Vec::new();
-    // A recording's windows that wait their turn stay claimed by this replica.
-    let mut _waiting_fresh: Option<nexus_fleet::reader::KeepFresh> = None;
+    // A recording's windows that wait their turn stay claimed by this
+    // replica: the ids kept fresh, and the guard doing it.
+    let mut waiting_fresh: (Vec<EntryId>, Option<nexus_fleet::reader::KeepFresh>) =
+        (Vec::new(), None);
     let mut credit = InterimCredit::new(cfg.args.interim_share);
     loop {
         let turn_busy = recording.as_ref().is_some_and(|t| !t.is_finished());
         let wait = if waiting.is_empty() {
             Duration::from_secs(1)
-        } else if turn_busy
-            && waiting
-                .iter()
-                .all(|(_, s)| Class::of(s) == Class::Recording)
-        {
+        } else if turn_busy && waiting.iter().all(|(_, s)| work_of(s) == Work::Recording) {
             // Only recordings wait, behind the turn in flight: look for
             // live work now and then, not in a busy loop.
             Duration::from_millis(25)
@@ -277,8 +276,8 @@ async fn run<B: Bus>(
             reader.ack(&stale).await;
             // NEXUS-O's adapter takes the padded 30 s window.
             let nexus = models.nexus(&model).is_some();
-            match group.first().map(|(_, s)| Class::of(s)) {
-                Some(Class::Interim) => {
+            match group.first().map(|(_, s)| work_of(s)) {
+                Some(Work::Interim) => {
                     if !credit.available() {
                         // Out of interim time: these previews are skipped; the
                         // utterance's next window (or its final) supersedes them.
@@ -293,7 +292,7 @@ async fn run<B: Bus>(
                     }
                     interim_turns += 1;
                 }
-                Some(Class::Recording) => {
+                Some(Work::Recording) => {
                     if recording.as_ref().is_some_and(|t| !t.is_finished()) {
                         waiting.extend(group);
                         continue;
@@ -310,7 +309,7 @@ async fn run<B: Bus>(
                     }));
                     continue;
                 }
-                Some(Class::LiveFinal) | None => {}
+                Some(Work::LiveFinal) | None => {}
             }
             let (now, later) = turn(group, &cfg.args);
             waiting.extend(later);
@@ -324,14 +323,14 @@ async fn run<B: Bus>(
         }
         let recordings: Vec<EntryId> = waiting
             .iter()
-            .filter(|(_, s)| Class::of(s) == Class::Recording)
+            .filter(|(_, s)| work_of(s) == Work::Recording)
             .map(|(id, _)| *id)
             .collect();
-        _waiting_fresh = (!recordings.is_empty()).then(|| {
-            reader
-                .acker()
-                .keep_fresh(recordings, cfg.fleet.claim_idle / 3)
-        });
+        if recordings != waiting_fresh.0 {
+            let guard = (!recordings.is_empty())
+                .then(|| out.acker.keep_fresh(recordings.clone(), out.fresh_every));
+            waiting_fresh = (recordings, guard);
+        }
     }
     if let Some(t) = recording {
         let _ = t.await;
@@ -385,7 +384,11 @@ impl<B: Bus> Output<B> {
         background: Option<std::sync::Arc<rayon::ThreadPool>>,
     ) -> Duration {
         let ids: Vec<EntryId> = group.iter().map(|(id, _)| *id).collect();
-        let _fresh = self.acker.keep_fresh(ids.clone(), self.fresh_every);
+        // A background turn can take long under live load: its entries stay
+        // claimed meanwhile. (Live batches take well under the claim time.)
+        let _fresh = background
+            .is_some()
+            .then(|| self.acker.keep_fresh(ids.clone(), self.fresh_every));
         let kinds: Vec<bool> = group.iter().map(|(_, s)| s.is_final).collect();
         let audio_seconds: f64 = group
             .iter()
@@ -461,7 +464,7 @@ fn drop_stale(group: Group, max_age: Duration) -> (Group, Vec<EntryId>) {
 
 /// Splits a batch into work by model and entries to acknowledge unread: corrupt
 /// ones, and interim windows superseded by a newer entry of the same utterance
-/// in this batch or older than `max_age`. Groups come in [`Class`] order:
+/// in this batch or older than `max_age`. Groups come in [`Work`] order:
 /// live finals first, in their own batches (a final caption is what a user
 /// waits for, an interim one only previews it, so under load interims wait
 /// and age out rather than finals), then interims, then recordings.
@@ -499,7 +502,7 @@ fn plan_with(
         *e = (*e).max(r);
     }
     let now = now_unix_ms();
-    let mut by_model: Vec<(String, Class, Group)> = Vec::new();
+    let mut by_model: Vec<(String, Work, Group)> = Vec::new();
     for (id, s) in segs {
         let env = s.envelope.clone().unwrap_or_default();
         if !s.is_final {
@@ -516,7 +519,7 @@ fn plan_with(
             .as_ref()
             .map(|c| c.model.clone())
             .unwrap_or_default();
-        let class = Class::of(&s);
+        let class = work_of(&s);
         match by_model
             .iter_mut()
             .find(|(m, c, _)| *m == model && *c == class)
@@ -530,7 +533,7 @@ fn plan_with(
         .into_iter()
         .map(|(m, class, mut g)| {
             // Interims by deadline: the one emitted first is due first.
-            if class == Class::Interim {
+            if class == Work::Interim {
                 g.sort_by_key(|(_, s)| s.envelope.as_ref().map_or(0, |e| e.emitted_unix_ms));
             }
             (m, g)
@@ -539,42 +542,24 @@ fn plan_with(
     (jobs, skip)
 }
 
-/// What a window is for, in the order the encoder serves them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Class {
-    /// The final window of a live utterance: someone waits for its caption.
-    LiveFinal,
-    /// A live preview, superseded by the utterance's next window.
-    Interim,
-    /// A window of a whole recording: wanted soon, by no one live.
-    Recording,
+/// The work a window is.
+fn work_of(s: &AudioSegment) -> Work {
+    Work::of(s.is_final, s.envelope.as_ref().is_some_and(|e| e.live))
 }
 
-impl Class {
-    fn of(s: &AudioSegment) -> Self {
-        if !s.is_final {
-            Class::Interim
-        } else if s.envelope.as_ref().is_some_and(|e| e.live) {
-            Class::LiveFinal
-        } else {
-            Class::Recording
-        }
-    }
-}
-
-/// Splits one model's windows (all of one [`Class`], as [`plan_with`] groups
+/// Splits one model's windows (all of one [`Work`], as [`plan_with`] groups
 /// them) into those encoded now and those that wait: live finals all go now;
 /// interims (due first, first) up to the interim frame budget, a
 /// recording's windows up to the recording frame budget, at least one.
 fn turn(group: Group, args: &EncoderArgs) -> (Group, Group) {
-    let (budget, full, min_ms) = match group.first().map(|(_, s)| Class::of(s)) {
-        Some(Class::Interim) => (args.interim_frame_budget, args.interim_full_window, 0),
-        Some(Class::Recording) => (
+    let (budget, full, min_ms) = match group.first().map(|(_, s)| work_of(s)) {
+        Some(Work::Interim) => (args.interim_frame_budget, args.interim_full_window, 0),
+        Some(Work::Recording) => (
             args.recording_frame_budget,
             args.final_full_window,
             args.min_window_ms,
         ),
-        Some(Class::LiveFinal) | None => return (group, Vec::new()),
+        Some(Work::LiveFinal) | None => return (group, Vec::new()),
     };
     let mut frames = 0;
     let mut now = Vec::new();

@@ -350,12 +350,12 @@ pub(crate) type Parked = (String, mpsc::Sender<session::Reattach>);
 impl<B: Bus> Inner<B> {
     /// Runs `work` for a whole recording on the background threads, off the
     /// async runtime.
-    pub(crate) async fn in_background<T: Send + 'static>(
+    pub(crate) fn in_background<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, tokio::task::JoinError> {
+    ) -> tokio::task::JoinHandle<T> {
         let pool = self.background.clone();
-        tokio::task::spawn_blocking(move || pool.install(work)).await
+        tokio::task::spawn_blocking(move || pool.install(work))
     }
 
     /// Gives the decoder-pool slot of `id` back; when that fails, the lease

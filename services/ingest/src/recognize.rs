@@ -331,23 +331,20 @@ impl<B: Bus> Ingest<B> {
             return Ok(None);
         };
         let (channels, probs) = (p.channels.clone(), p.probs.clone());
-        let pool = self.inner.background.clone();
-        Ok(Some(tokio::task::spawn_blocking(move || {
-            pool.install(|| {
-                let opts = nexus_models::speaker::DiarizeOptions {
-                    count,
-                    ..Default::default()
-                };
-                channels
-                    .iter()
-                    .zip(&probs)
-                    .map(|(c, pr)| {
-                        let regions = nexus_models::vad::speech_regions(pr, c.len());
-                        nexus_models::speaker::diarize(&encoder, c, &regions, &opts)
-                            .map_err(|e| e.to_string())
-                    })
-                    .collect()
-            })
+        Ok(Some(self.inner.in_background(move || {
+            let opts = nexus_models::speaker::DiarizeOptions {
+                count,
+                ..Default::default()
+            };
+            channels
+                .iter()
+                .zip(&probs)
+                .map(|(c, pr)| {
+                    let regions = nexus_models::vad::speech_regions(pr, c.len());
+                    nexus_models::speaker::diarize(&encoder, c, &regions, &opts)
+                        .map_err(|e| e.to_string())
+                })
+                .collect()
         })))
     }
 
