@@ -10,6 +10,7 @@
 
 pub mod device;
 pub mod error;
+pub mod i8mm;
 pub mod mel;
 pub mod nexus;
 pub mod ops;

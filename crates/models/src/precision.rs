@@ -9,10 +9,12 @@ use crate::{ModelError, Result};
 pub enum Precision {
     /// Weights as stored, in f32 on CPU (f16 on GPUs).
     F32,
-    /// The decoder's weights quantised to 8-bit integers in blocks of 32 with
-    /// one scale each (ggml's Q8_0), multiplied with 8-bit-quantised
-    /// activations: a quarter of the memory traffic of f32. CPU only. The
-    /// encoder stays f32 (see `Whisper::quantize`).
+    /// Weights quantised to 8-bit integers and multiplied with 8-bit-quantised
+    /// activations: for a decoder step's few rows, in blocks of 32 with one
+    /// scale each (ggml's Q8_0, a quarter of the memory traffic of f32); for
+    /// products of a row per audio frame (the encoder, the cross-attention
+    /// keys and values), with one scale per output and per row and integer
+    /// sums (`crate::i8mm`). CPU only (see `Whisper::quantize`).
     Int8,
 }
 

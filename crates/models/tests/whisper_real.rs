@@ -456,7 +456,7 @@ fn a_batch_of_short_windows_encodes_like_one_at_a_time() {
 
 /// The batched step's attention runs as plain loops over each sequence's
 /// memory on CPU; the prompt goes through the tensor attention. Both must
-/// give the same logits token after token, and the int8 decoder must hear
+/// give the same logits token after token, and int8 (encoder and decoder) must hear
 /// the same words as f32 on real speech.
 #[test]
 #[ignore = "needs whisper tiny.en weights and the LibriVox test clips"]
@@ -512,6 +512,28 @@ fn cpu_steps_match_tensor_attention_and_int8_hears_the_same_words() {
         nexus_models::Precision::Int8,
     )
     .unwrap();
+    // The int8 encoder (8-bit products with a scale per output and per
+    // frame) keeps every frame's features pointing where f32's do.
+    let mel = librivox_mel(&e, "0870");
+    let (f, q) = (
+        e.encode_window(&mel, 0).unwrap(),
+        int8.encode_window(&mel, 0).unwrap(),
+    );
+    let dot = (&f * &q).unwrap().sum(2).unwrap();
+    let norms = (f.sqr().unwrap().sum(2).unwrap() * q.sqr().unwrap().sum(2).unwrap())
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    let cosines: Vec<f32> = (dot / norms)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = cosines.iter().copied().fold(1f32, f32::min);
+    let mean = cosines.iter().sum::<f32>() / cosines.len() as f32;
+    eprintln!("int8 encoder against f32: frame cosine mean {mean:.5}, worst {worst:.5}");
+    assert!(worst > 0.99 && mean > 0.999, "mean {mean}, worst {worst}");
     for id in ["0870", "0880", "0890", "0930"] {
         let samples = audio_of(id);
         let opts = TranscribeOptions::default();

@@ -11,6 +11,7 @@ use anyhow::Context;
 use candle_core::{Device, IndexOp};
 use clap::Args;
 use nexus_models::Precision;
+use nexus_models::i8mm::{I8Matrix, Kernel};
 use nexus_models::whisper::{DecodeOptions, GreedySequence, WhisperEngine, step_batch};
 
 use crate::transcribe::{load_audio, resolve_model};
@@ -21,8 +22,9 @@ pub struct WhisperBenchArgs {
     /// Model name or folder.
     #[arg(long, default_value = "tiny.en")]
     model: String,
-    /// Precisions to measure, side by side (int8, as served: the encoder
-    /// stays f32, the decoder takes Q8_0 weights for products of a few rows).
+    /// Precisions to measure, side by side (int8, as served: Q8_0 weights
+    /// for products of a few rows, 8-bit weights with a scale per output for
+    /// the encoder's and other long products).
     #[arg(long, value_delimiter = ',', default_value = "f32,int8")]
     precision: Vec<Precision>,
     /// Speech to encode and decode (16 kHz after loading; at least 30 s is used when there).
@@ -50,6 +52,58 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
+/// One linear product of the encoder's shapes over a 30 s window (1500
+/// frames): candle's f32 product against the 8-bit one on every kernel
+/// this CPU has (the int8 encoder takes the last). Random values of the
+/// right shape: the timings do not depend on them.
+fn products(dir: &std::path::Path) -> anyhow::Result<()> {
+    let config: nexus_models::whisper::Config =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    let (frames, d) = (1500, config.d_model);
+    println!(
+        "{:<24} {:>10} {}",
+        "product (1500 rows)",
+        "f32 ms",
+        Kernel::available()
+            .iter()
+            .map(|k| format!("{:>16}", format!("{k:?} ms")))
+            .collect::<String>()
+    );
+    for (inp, out) in [(d, d), (d, 4 * d), (4 * d, d)] {
+        let x = candle_core::Tensor::randn(0f32, 1.0, (frames, inp), &Device::Cpu)?;
+        let wt = candle_core::Tensor::randn(0f32, 0.05, (inp, out), &Device::Cpu)?;
+        let w: Vec<f32> = wt.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let q = I8Matrix::quantize(&w, out, inp);
+        let time = |f: &dyn Fn()| {
+            f();
+            median(
+                (0..5)
+                    .map(|_| {
+                        let t0 = Instant::now();
+                        f();
+                        t0.elapsed()
+                    })
+                    .collect(),
+            )
+        };
+        let float = time(&|| {
+            let _ = x.matmul(&wt);
+        });
+        let ints: String = Kernel::available()
+            .into_iter()
+            .map(|k| {
+                let ms = time(&|| {
+                    let _ = q.matmul_on(k, &xs, frames);
+                });
+                format!("{:>16}", format!("{ms:.2} ({:.2}x)", float / ms))
+            })
+            .collect();
+        println!("{:<24} {float:>10.2} {ints}", format!("{inp} -> {out}"));
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(args: WhisperBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -71,6 +125,7 @@ pub fn run(args: WhisperBenchArgs) -> anyhow::Result<()> {
         candle_core::utils::get_num_threads(),
         args.speech.display()
     );
+    products(&dir)?;
     println!(
         "{:<6} {:<28} {:>10} {:>12}",
         "prec", "what", "ms", "per unit"

@@ -63,8 +63,9 @@ pub struct ServeArgs {
     /// Where weights are kept.
     #[arg(long, env = "NEXUS_HOME")]
     home: Option<PathBuf>,
-    /// How Whisper's decoder holds its weights: f32, or int8 (Q8_0 blocks;
-    /// the encoder stays f32). NEXUS-O models run as stored.
+    /// How Whisper's linear layers hold their weights: f32, or int8 (Q8_0
+    /// blocks for token steps, a scale per output for the encoder's frames).
+    /// NEXUS-O models run as stored.
     #[arg(long, env = "NEXUS_PRECISION", default_value_t = nexus_models::Precision::Int8)]
     precision: nexus_models::Precision,
     #[command(flatten)]

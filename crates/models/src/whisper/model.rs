@@ -51,6 +51,8 @@ struct Dense {
     b: Option<Tensor>,
     /// Q8_0 weights for products of at most [`INT8_MAX_ROWS`] rows per sequence.
     q: Option<crate::q8::Q8Matrix>,
+    /// 8-bit weights with a scale per output for longer inputs.
+    long: Option<crate::i8mm::I8Matrix>,
 }
 
 /// The most rows per sequence a product runs on Q8_0 weights where both are
@@ -69,14 +71,32 @@ impl Dense {
             wt: w.t()?.contiguous()?,
             b,
             q: None,
+            long: None,
         })
     }
 
-    /// Adds Q8_0 weights (CPU only; the input width must be a multiple of
-    /// the 32-value block, as every Whisper width is).
+    /// Adds both 8-bit forms: Q8_0 for short inputs, and
+    /// [`Self::quantize_long`]'s.
     fn quantize(&mut self) -> Result<()> {
+        self.quantize_short()?;
+        self.quantize_long()
+    }
+
+    /// Adds Q8_0 weights for short inputs (CPU only; the input width must be
+    /// a multiple of the 32-value block, as every Whisper width is).
+    fn quantize_short(&mut self) -> Result<()> {
         let q = QTensor::quantize(&self.wt.t()?.contiguous()?, GgmlDType::Q8_0)?;
         self.q = crate::q8::Q8Matrix::from_qtensor(&q).map_err(candle_core::Error::wrap)?;
+        Ok(())
+    }
+
+    /// Adds 8-bit weights with one scale per output for inputs of many rows
+    /// ([`crate::i8mm`]; CPU only).
+    fn quantize_long(&mut self) -> Result<()> {
+        let w = self.wt.t()?.contiguous()?;
+        let (out, inp) = w.dims2()?;
+        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        self.long = Some(crate::i8mm::I8Matrix::quantize(&values, out, inp));
         Ok(())
     }
 }
@@ -92,10 +112,14 @@ impl Module for Dense {
             1
         };
         let x = x.reshape((rows, inp))?;
-        let y = match &self.q {
-            Some(q) if per_sequence <= INT8_MAX_ROWS => q
+        let y = match (&self.q, &self.long) {
+            (Some(q), _) if per_sequence <= INT8_MAX_ROWS => q
                 .forward(&x.contiguous()?)
                 .map_err(candle_core::Error::wrap)?,
+            (_, Some(long)) => {
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Tensor::from_vec(long.matmul(&xs, rows), (rows, long.out_dim()), x.device())?
+            }
             _ => x.matmul(&self.wt)?,
         };
         let y = match &self.b {
@@ -205,7 +229,7 @@ impl Attention {
                 let qs = q.narrow(1, start, n)?.contiguous()?;
                 let ks = k.narrow(1, start, n)?.contiguous()?;
                 let vs = v.narrow(1, start, n)?.contiguous()?;
-                let w = candle_nn::ops::softmax_last_dim(&qs.matmul(&ks.transpose(2, 3)?)?)?;
+                let w = crate::ops::softmax_last_dim(&qs.matmul(&ks.transpose(2, 3)?)?)?;
                 outs.push(w.matmul(&vs)?);
             }
             let out = Tensor::cat(&outs, 1)?.transpose(1, 2)?.reshape((b, t, d))?;
@@ -221,7 +245,7 @@ impl Attention {
         if let Some(mask) = mask {
             qk = qk.broadcast_add(mask)?;
         }
-        let w = candle_nn::ops::softmax_last_dim(&qk)?;
+        let w = crate::ops::softmax_last_dim(&qk)?;
         let mut out = w.matmul(v)?;
         let mut w = w;
         if shared {
@@ -266,16 +290,29 @@ impl Block {
         })
     }
 
+    /// Both 8-bit forms for every layer, but only the long-input form for
+    /// the cross-attention keys and values: they are projected once per
+    /// audio window, a row per frame.
     fn quantize(&mut self) -> Result<()> {
         self.attn.quantize()?;
         if let Some((c, _)) = &mut self.cross {
-            // Cross-attention keys and values are projected once per audio
-            // window, a row per frame: they would never take the Q8_0 path.
             c.q.quantize()?;
             c.out.quantize()?;
+            c.k.quantize_long()?;
+            c.v.quantize_long()?;
         }
         self.fc1.quantize()?;
         self.fc2.quantize()
+    }
+
+    /// The long-input form only (an encoder block: a row per frame).
+    fn quantize_long(&mut self) -> Result<()> {
+        let a = &mut self.attn;
+        for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.out] {
+            l.quantize_long()?;
+        }
+        self.fc1.quantize_long()?;
+        self.fc2.quantize_long()
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
@@ -332,6 +369,12 @@ impl Encoder {
                 .collect::<Result<_>>()?,
             ln_post: layer_norm(d, vb.pp("layer_norm"))?,
         })
+    }
+
+    /// Adds 8-bit weights with one scale per output to the linear layers
+    /// ([`crate::i8mm`]): every product here has a row per frame.
+    pub fn quantize(&mut self) -> Result<()> {
+        self.blocks.iter_mut().try_for_each(Block::quantize_long)
     }
 
     /// Encodes log-mel windows.
@@ -448,11 +491,13 @@ impl Decoder {
         })
     }
 
-    /// Adds Q8_0 weights to the linear layers and the vocabulary projection,
-    /// for products of a few rows (see [`Dense`]).
+    /// Adds 8-bit weights to the linear layers and the vocabulary projection
+    /// (see [`Dense`]).
     pub fn quantize(&mut self) -> Result<()> {
         self.blocks.iter_mut().try_for_each(Block::quantize)?;
-        self.vocab.quantize()?;
+        // Logits are asked for a position or a few at a time: the long-input
+        // form would be 20-26 MB more that nothing reads.
+        self.vocab.quantize_short()?;
         Ok(())
     }
 
@@ -609,7 +654,7 @@ impl Decoder {
                     Some((pk, pv)) => (Tensor::cat(&[pk, &kj], 2)?, Tensor::cat(&[pv, &vj], 2)?),
                     None => (kj, vj),
                 };
-                let w = candle_nn::ops::softmax_last_dim(&qj.matmul(&kj.transpose(2, 3)?)?)?;
+                let w = crate::ops::softmax_last_dim(&qj.matmul(&kj.transpose(2, 3)?)?)?;
                 outs.push(w.matmul(&vj)?);
                 st.cache[i] = Some((kj, vj));
             }
@@ -625,7 +670,7 @@ impl Decoder {
             for (j, st) in states.iter().enumerate() {
                 let qj = (c.heads(&q.i(j..j + 1)?)? * scale)?;
                 let (ck, cv) = &st.cross[i];
-                let w = candle_nn::ops::softmax_last_dim(&qj.matmul(&ck.transpose(2, 3)?)?)?;
+                let w = crate::ops::softmax_last_dim(&qj.matmul(&ck.transpose(2, 3)?)?)?;
                 outs.push(w.matmul(cv)?);
             }
             x = (&x + c.out.forward(&merge_heads(&outs)?)?)?;
@@ -808,12 +853,12 @@ impl Whisper {
         })
     }
 
-    /// Adds Q8_0 weights to the decoder ([`Decoder::quantize`]). The encoder
-    /// stays as loaded: its products have a row per audio frame (1500 in a
-    /// 30 s window), where candle's f32 GEMM is faster on CPU than its Q8_0
-    /// product, while a small decoder step reads every weight for a row or
-    /// two, where Q8_0's quarter of the bytes wins.
+    /// Quantises the linear layers to 8 bits ([`Decoder::quantize`],
+    /// [`Encoder::quantize`]): a decoder step's few rows take Q8_0 blocks
+    /// (a quarter of the bytes to read), a row per frame takes one scale per
+    /// output and pure integer sums ([`crate::i8mm`]).
     pub fn quantize(&mut self) -> Result<()> {
+        self.encoder.quantize()?;
         self.decoder.quantize()
     }
 
@@ -836,17 +881,21 @@ mod tests {
     }
 
     /// A quantised layer answers a sequence of a few rows from its Q8_0
-    /// weights (close to, not equal to, the float product) and a longer one
-    /// from the float weights (equal to the float product), however many
-    /// sequences the batch holds.
+    /// weights and a longer one from its per-output 8-bit weights (both
+    /// close to, not equal to, the float product); with only the Q8_0 form,
+    /// a longer one takes the float weights. However many sequences the
+    /// batch holds.
     #[test]
-    fn quantised_dense_takes_q8_for_few_rows_per_sequence_and_floats_for_many() -> Result<()> {
+    fn quantised_dense_takes_q8_for_few_rows_per_sequence_and_i8_for_many() -> Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.1, (96, 64), &dev)?;
         let b = Tensor::randn(0f32, 0.1, 96, &dev)?;
         let float = Dense::new(&w, Some(b.clone()))?;
+        let mut short = float.clone();
+        short.quantize_short()?;
         let mut int8 = float.clone();
         int8.quantize()?;
+        let long = int8.long.clone().expect("the long form");
         let reference = |x: &Tensor| x.matmul(&w.t()?)?.broadcast_add(&b);
         for (batch, rows) in [
             (1, 1),
@@ -860,11 +909,27 @@ mod tests {
             let want = reference(&x.reshape((batch * rows, 64))?)?.reshape((batch, rows, 96))?;
             let at = format!("{batch} sequences of {rows} rows");
             assert!(max_diff(&float.forward(&x)?, &want) < 1e-5, "{at}");
+            let s = max_diff(&short.forward(&x)?, &want);
             let q = max_diff(&int8.forward(&x)?, &want);
+            assert!(q > 0.0 && q < 0.05, "{at}: 8-bit off by {q}");
             if rows <= INT8_MAX_ROWS {
-                assert!(q > 0.0 && q < 0.05, "{at}: Q8_0 off by {q}");
+                assert_eq!(
+                    max_diff(&int8.forward(&x)?, &short.forward(&x)?),
+                    0.0,
+                    "{at}: Q8_0 in both"
+                );
             } else {
-                assert!(q < 1e-5, "{at} take the float weights, off by {q}");
+                assert!(s < 1e-5, "{at} take the float weights, off by {s}");
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let direct =
+                    Tensor::from_vec(long.matmul(&xs, batch * rows), (batch * rows, 96), &dev)?
+                        .broadcast_add(&b)?
+                        .reshape((batch, rows, 96))?;
+                assert_eq!(
+                    max_diff(&int8.forward(&x)?, &direct),
+                    0.0,
+                    "{at}: the i8 product"
+                );
             }
         }
         Ok(())
@@ -885,6 +950,18 @@ mod tests {
             let alone = int8.forward(&batch.narrow(0, i, 1)?)?;
             let d = max_diff(&alone, &together.narrow(0, i, 1)?);
             assert!(d < 1e-4, "sequence {i}: {d} apart");
+        }
+        // Long inputs (a window's frames): a scale per row, integer sums,
+        // so the same bits alone and batched.
+        let frames = Tensor::randn(0f32, 1.0, (4, 40, 384), &dev)?;
+        let together = int8.forward(&frames)?;
+        for i in [0, 3] {
+            let alone = int8.forward(&frames.narrow(0, i, 1)?)?;
+            assert_eq!(
+                max_diff(&alone, &together.narrow(0, i, 1)?),
+                0.0,
+                "window {i}"
+            );
         }
         Ok(())
     }
