@@ -14,7 +14,7 @@ use nexus_proto::speech::StreamingRecognizeRequest;
 use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_tests::fleet::{
-    MODEL, Proc, free_addr, pcm16_chunks, pcm16_config, prefix, redis_url, testdata,
+    MODEL, Proc, free_addr, free_addrs, pcm16_chunks, pcm16_config, prefix, redis_url, testdata,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -92,7 +92,7 @@ async fn one_session_is_one_trace_and_moves_every_stages_metrics() {
         "--otlp-endpoint",
         endpoint.as_str(),
     ];
-    let admins: Vec<String> = (0..3).map(|_| free_addr().to_string()).collect();
+    let admins: Vec<String> = free_addrs(3).iter().map(|a| a.to_string()).collect();
     let with_admin = |i: usize| [&common[..], &["--admin-listen", admins[i].as_str()]].concat();
     let mut enc = Proc::start("encoder", "nexus-encoder", &with_admin(0));
     let mut dec = Proc::start("decoder", "nexus-decoder", &with_admin(1));

@@ -157,6 +157,15 @@ pub mod fleet {
         l.local_addr().expect("addr")
     }
 
+    /// `n` distinct free loopback ports: all held until every one is read
+    /// (one after another, a released port can come back at once).
+    pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
+        let held: Vec<std::net::TcpListener> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        held.iter().map(|l| l.local_addr().expect("addr")).collect()
+    }
+
     /// Log lines a process shows when the test holding it fails.
     const PANIC_LOG_LINES: usize = 120;
 
