@@ -14,7 +14,8 @@ pub enum Precision {
     /// scale each (ggml's Q8_0, a quarter of the memory traffic of f32); for
     /// products of a row per audio frame (the encoder, the cross-attention
     /// keys and values), with one scale per output and per row and integer
-    /// sums (`crate::i8mm`). CPU only (see `Whisper::quantize`).
+    /// sums (`crate::i8mm`) where the CPU has AVX-512 VNNI, f32 elsewhere.
+    /// CPU only (see `Whisper::quantize`).
     Int8,
 }
 

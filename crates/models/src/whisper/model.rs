@@ -75,13 +75,6 @@ impl Dense {
         })
     }
 
-    /// Adds both 8-bit forms: Q8_0 for short inputs, and
-    /// [`Self::quantize_long`]'s.
-    fn quantize(&mut self) -> Result<()> {
-        self.quantize_short()?;
-        self.quantize_long()
-    }
-
     /// Adds Q8_0 weights for short inputs (CPU only; the input width must be
     /// a multiple of the 32-value block, as every Whisper width is).
     fn quantize_short(&mut self) -> Result<()> {
@@ -173,13 +166,6 @@ impl Attention {
             out: linear(d, d, true, vb.pp("out_proj"))?,
             n_head,
         })
-    }
-
-    fn quantize(&mut self) -> Result<()> {
-        for l in [&mut self.q, &mut self.k, &mut self.v, &mut self.out] {
-            l.quantize()?;
-        }
-        Ok(())
     }
 
     /// (B, T, D) → (B, H, T, D/H)
@@ -290,19 +276,33 @@ impl Block {
         })
     }
 
-    /// Both 8-bit forms for every layer, but only the long-input form for
-    /// the cross-attention keys and values: they are projected once per
-    /// audio window, a row per frame.
-    fn quantize(&mut self) -> Result<()> {
-        self.attn.quantize()?;
+    /// Q8_0 for every layer, and the long-input form too where `long`;
+    /// for the cross-attention keys and values only that one: they are
+    /// projected once per audio window, a row per frame.
+    fn quantize(&mut self, long: bool) -> Result<()> {
+        let a = &mut self.attn;
+        let mut layers = vec![
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut a.out,
+            &mut self.fc1,
+            &mut self.fc2,
+        ];
         if let Some((c, _)) = &mut self.cross {
-            c.q.quantize()?;
-            c.out.quantize()?;
-            c.k.quantize_long()?;
-            c.v.quantize_long()?;
+            layers.extend([&mut c.q, &mut c.out]);
+            if long {
+                c.k.quantize_long()?;
+                c.v.quantize_long()?;
+            }
         }
-        self.fc1.quantize()?;
-        self.fc2.quantize()
+        for l in layers {
+            l.quantize_short()?;
+            if long {
+                l.quantize_long()?;
+            }
+        }
+        Ok(())
     }
 
     /// The long-input form only (an encoder block: a row per frame).
@@ -492,9 +492,10 @@ impl Decoder {
     }
 
     /// Adds 8-bit weights to the linear layers and the vocabulary projection
-    /// (see [`Dense`]).
-    pub fn quantize(&mut self) -> Result<()> {
-        self.blocks.iter_mut().try_for_each(Block::quantize)?;
+    /// (see [`Dense`]): Q8_0 blocks, and where `long`, the form for inputs
+    /// of many rows (the audio's keys and values, a prompt).
+    pub fn quantize(&mut self, long: bool) -> Result<()> {
+        self.blocks.iter_mut().try_for_each(|b| b.quantize(long))?;
         // Logits are asked for a position or a few at a time: the long-input
         // form would be 20-26 MB more that nothing reads.
         self.vocab.quantize_short()?;
@@ -855,11 +856,16 @@ impl Whisper {
 
     /// Quantises the linear layers to 8 bits ([`Decoder::quantize`],
     /// [`Encoder::quantize`]): a decoder step's few rows take Q8_0 blocks
-    /// (a quarter of the bytes to read), a row per frame takes one scale per
-    /// output and pure integer sums ([`crate::i8mm`]).
+    /// (a quarter of the bytes to read); a row per frame takes one scale per
+    /// output and pure integer sums ([`crate::i8mm`]) where this CPU's
+    /// kernel for them beats the float product (AVX-512 VNNI), and stays in
+    /// f32 elsewhere.
     pub fn quantize(&mut self) -> Result<()> {
-        self.encoder.quantize()?;
-        self.decoder.quantize()
+        let long = crate::i8mm::Kernel::best().beats_float();
+        if long {
+            self.encoder.quantize()?;
+        }
+        self.decoder.quantize(long)
     }
 
     /// Log-probabilities over the vocabulary from logits (last dim).
@@ -893,8 +899,8 @@ mod tests {
         let float = Dense::new(&w, Some(b.clone()))?;
         let mut short = float.clone();
         short.quantize_short()?;
-        let mut int8 = float.clone();
-        int8.quantize()?;
+        let mut int8 = short.clone();
+        int8.quantize_long()?;
         let long = int8.long.clone().expect("the long form");
         let reference = |x: &Tensor| x.matmul(&w.t()?)?.broadcast_add(&b);
         for (batch, rows) in [
@@ -943,7 +949,8 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.1, (384, 384), &dev)?;
         let mut int8 = Dense::new(&w, None)?;
-        int8.quantize()?;
+        int8.quantize_short()?;
+        int8.quantize_long()?;
         let batch = Tensor::randn(0f32, 1.0, (16, 1, 384), &dev)?;
         let together = int8.forward(&batch)?;
         for i in [0, 7, 15] {
