@@ -46,8 +46,9 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
 /// earlier candle Q8_0 product fell behind the float one from two rows).
 #[derive(Debug, Clone)]
 struct Dense {
-    /// The weights, (in, out).
-    wt: Tensor,
+    /// The weights, (in, out); dropped once the long-input 8-bit form is
+    /// kept, which then takes every product Q8_0 does not.
+    wt: Option<Tensor>,
     b: Option<Tensor>,
     /// Q8_0 weights for products of at most [`INT8_MAX_ROWS`] rows per sequence.
     q: Option<crate::q8::Q8Matrix>,
@@ -61,35 +62,46 @@ struct Dense {
 /// sequence or sixty-four, so a sequence's words never depend on what it was
 /// batched with (counting the batch's rows, base int8 live finals lost 1-2
 /// WER points at 2-8 streams). Long inputs (a prompt, the audio's keys and
-/// values) take the float weights.
+/// values) take the long-input 8-bit form where it is kept, else the float
+/// weights.
 const INT8_MAX_ROWS: usize = 8;
 
 impl Dense {
     /// A layer of weights `w`, (out, in), and an optional bias.
     fn new(w: &Tensor, b: Option<Tensor>) -> Result<Self> {
         Ok(Self {
-            wt: w.t()?.contiguous()?,
+            wt: Some(w.t()?.contiguous()?),
             b,
             q: None,
             long: None,
         })
     }
 
+    /// The float weights, (in, out), while they are kept.
+    fn float_weights(&self) -> Result<&Tensor> {
+        self.wt.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("the float weights were dropped for the 8-bit ones".into())
+        })
+    }
+
     /// Adds Q8_0 weights for short inputs (CPU only; the input width must be
-    /// a multiple of the 32-value block, as every Whisper width is).
+    /// a multiple of the 32-value block, as every Whisper width is). Before
+    /// [`Self::quantize_long`], which drops the float weights.
     fn quantize_short(&mut self) -> Result<()> {
-        let q = QTensor::quantize(&self.wt.t()?.contiguous()?, GgmlDType::Q8_0)?;
+        let q = QTensor::quantize(&self.float_weights()?.t()?.contiguous()?, GgmlDType::Q8_0)?;
         self.q = crate::q8::Q8Matrix::from_qtensor(&q).map_err(candle_core::Error::wrap)?;
         Ok(())
     }
 
     /// Adds 8-bit weights with one scale per output for inputs of many rows
-    /// ([`crate::i8mm`]; CPU only).
+    /// ([`crate::i8mm`]; CPU only) and drops the float weights: from here
+    /// on every product takes Q8_0 or this form.
     fn quantize_long(&mut self) -> Result<()> {
-        let w = self.wt.t()?.contiguous()?;
+        let w = self.float_weights()?.t()?.contiguous()?;
         let (out, inp) = w.dims2()?;
         let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         self.long = Some(crate::i8mm::I8Matrix::quantize(&values, out, inp));
+        self.wt = None;
         Ok(())
     }
 }
@@ -113,7 +125,7 @@ impl Module for Dense {
                 let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 Tensor::from_vec(long.matmul(&xs, rows), (rows, long.out_dim()), x.device())?
             }
-            _ => x.matmul(&self.wt)?,
+            _ => x.matmul(self.float_weights()?)?,
         };
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
