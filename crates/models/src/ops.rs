@@ -43,13 +43,7 @@ impl CustomOp1 for GeluErf {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = storage else {
-            candle_core::bail!("gelu_erf: f32 only, got {:?}", storage.dtype())
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu_erf: the input must be contiguous")
-        };
-        let src = &all[start..end];
+        let src = contiguous_f32("gelu_erf", storage, layout)?;
         let mut out = vec![0f32; src.len()];
         if src.len() <= CHUNK {
             gelu_slice(src, &mut out);
@@ -60,6 +54,21 @@ impl CustomOp1 for GeluErf {
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+}
+
+/// The f32 values a custom op reads: its input must be f32 and contiguous.
+fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(all) = storage else {
+        candle_core::bail!("{op}: f32 only, got {:?}", storage.dtype())
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous")
+    };
+    Ok(&all[start..end])
 }
 
 fn gelu_slice(src: &[f32], dst: &mut [f32]) {
@@ -111,13 +120,7 @@ impl CustomOp1 for Softmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = storage else {
-            candle_core::bail!("softmax: f32 only, got {:?}", storage.dtype())
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softmax: the input must be contiguous")
-        };
-        let src = &all[start..end];
+        let src = contiguous_f32("softmax", storage, layout)?;
         let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; src.len()];
         let rows_per_task = (CHUNK / width).max(1);

@@ -468,12 +468,14 @@ mod portable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{DType, Module};
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+    /// `n` values in [-1, 1) from a linear congruential generator: the
+    /// same inputs on every machine.
+    pub(crate) fn lcg(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
