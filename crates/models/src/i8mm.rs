@@ -49,9 +49,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs (detected once).
     pub fn best() -> Self {
-        *Self::available().last().unwrap_or(&Kernel::Portable)
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Self::available().last().unwrap_or(&Kernel::Portable))
     }
 
     /// Every kernel this CPU runs, slowest first.
@@ -127,9 +128,10 @@ pub struct I8Matrix {
     kp: usize,
     /// `[n / 16 blocks, rounded up to an even count][kp / 4][16][4]`.
     packed: Vec<i8>,
-    /// Per output: its scale, and the sum of its 8-bit values.
+    /// Per output: its scale, and what offsetting the activations by 128
+    /// adds to its sums (128 × the sum of its 8-bit values).
     scale: Vec<f32>,
-    sum: Vec<i32>,
+    offset_sums: Vec<i32>,
 }
 
 impl std::fmt::Debug for I8Matrix {
@@ -166,11 +168,11 @@ impl I8Matrix {
         let blocks = out.div_ceil(2 * NB) * 2;
         let mut packed = vec![0i8; blocks * NB * kp];
         let mut scale = vec![0f32; out];
-        let mut sum = vec![0i32; out];
+        let mut offset_sums = vec![0i32; out];
         let mut q = vec![0u8; inp];
         for j in 0..out {
             scale[j] = quantize_row(&w[j * inp..(j + 1) * inp], &mut q, 0);
-            sum[j] = q.iter().map(|&v| i32::from(v as i8)).sum();
+            offset_sums[j] = 128 * q.iter().map(|&v| i32::from(v as i8)).sum::<i32>();
             let (block, c) = (j / NB, j % NB);
             for (t, &v) in q.iter().enumerate() {
                 packed[block * NB * kp + (t / 4) * NB * 4 + c * 4 + t % 4] = v as i8;
@@ -182,7 +184,7 @@ impl I8Matrix {
             kp,
             packed,
             scale,
-            sum,
+            offset_sums,
         }
     }
 
@@ -218,12 +220,18 @@ impl I8Matrix {
             // The padding: zero, offset as the values are (its weights are 0).
             dst[k..].fill(offset as u8);
         };
+        // What to take off each output's sums: the offset's share, or nothing.
+        let correction: std::borrow::Cow<[i32]> = if kernel.offset() {
+            std::borrow::Cow::Borrowed(&self.offset_sums)
+        } else {
+            std::borrow::Cow::Owned(vec![0; n])
+        };
         let mut y = vec![0f32; m * n];
         if m * n * k < SERIAL_BELOW {
             x.chunks_exact(k)
                 .zip(qa.chunks_exact_mut(kp).zip(sa.iter_mut()))
                 .for_each(quantize);
-            self.rows_into(kernel, &qa, &sa, &mut y);
+            self.rows_into(kernel, &qa, &sa, &correction, &mut y);
         } else {
             x.par_chunks_exact(k)
                 .zip(qa.par_chunks_exact_mut(kp).zip(sa.par_iter_mut()))
@@ -233,23 +241,18 @@ impl I8Matrix {
                     qa.par_chunks(ROWS_PER_TASK * kp)
                         .zip(sa.par_chunks(ROWS_PER_TASK)),
                 )
-                .for_each(|(y, (qa, sa))| self.rows_into(kernel, qa, sa, y));
+                .for_each(|(y, (qa, sa))| self.rows_into(kernel, qa, sa, &correction, y));
         }
         y
     }
 
-    /// The rows of `qa` (scales `sa`) against every output, into `y`.
-    fn rows_into(&self, kernel: Kernel, qa: &[u8], sa: &[f32], y: &mut [f32]) {
+    /// The rows of `qa` (scales `sa`) against every output, less
+    /// `correction` per output, into `y`.
+    fn rows_into(&self, kernel: Kernel, qa: &[u8], sa: &[f32], correction: &[i32], y: &mut [f32]) {
         let (n, kp) = (self.n, self.kp);
         let rows = sa.len();
         let (mr, nc) = (kernel.rows(), kernel.cols());
         let mut tile: Tile = [[0; 2 * NB]; 8];
-        // What the activations' offset added to each output's sums.
-        let correction: Vec<i32> = if kernel.offset() {
-            self.sum.iter().map(|s| 128 * s).collect()
-        } else {
-            vec![0; n]
-        };
         for j0 in (0..n).step_by(nc) {
             let b = &self.packed[(j0 / NB) * NB * kp..];
             let cols = nc.min(n - j0);

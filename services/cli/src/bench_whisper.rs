@@ -56,10 +56,8 @@ fn median(mut v: Vec<Duration>) -> f64 {
 /// frames): candle's f32 product against the 8-bit one on every kernel
 /// this CPU has (the int8 encoder takes the last). Random values of the
 /// right shape: the timings do not depend on them.
-fn products(dir: &std::path::Path) -> anyhow::Result<()> {
-    let config: nexus_models::whisper::Config =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
-    let (frames, d) = (1500, config.d_model);
+fn products(d: usize) -> anyhow::Result<()> {
+    let frames = 1500;
     println!(
         "{:<24} {:>10} {}",
         "product (1500 rows)",
@@ -125,13 +123,16 @@ pub fn run(args: WhisperBenchArgs) -> anyhow::Result<()> {
         candle_core::utils::get_num_threads(),
         args.speech.display()
     );
-    products(&dir)?;
-    println!(
-        "{:<6} {:<28} {:>10} {:>12}",
-        "prec", "what", "ms", "per unit"
-    );
-    for precision in precisions {
+    for (i, precision) in precisions.into_iter().enumerate() {
         let engine = WhisperEngine::load_with(&dir, &Device::Cpu, precision)?;
+        if i == 0 {
+            // The products first, at the loaded model's width.
+            products(engine.model.config.d_model)?;
+            println!(
+                "{:<6} {:<28} {:>10} {:>12}",
+                "prec", "what", "ms", "per unit"
+            );
+        }
         let p = precision.as_str();
         // Encoder: one window of each length, the median of three.
         let mut features = None;
