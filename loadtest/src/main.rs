@@ -316,6 +316,21 @@ struct Level {
     /// Why the level is not within budget (errors, then each budget missed).
     #[serde(default)]
     missed: Vec<String>,
+    /// Each session's finals beside what it played, for reading where the
+    /// WER goes.
+    #[serde(default)]
+    sessions: Vec<SessionText>,
+}
+
+/// What one session played and the finals it got back.
+#[derive(Debug, Serialize, Deserialize)]
+struct SessionText {
+    /// The session's place in the level (it starts at clip `index`).
+    index: usize,
+    reference: String,
+    hypothesis: String,
+    /// Word errors of the hypothesis against the reference.
+    errors: usize,
 }
 
 /// The whole report.
@@ -468,12 +483,8 @@ async fn level(
     for i in 0..n {
         let program = Program::new(clips, i, s.duration_s);
         let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / n as f64);
-        tasks.spawn(session::run(
-            to,
-            s.ask(translate_to, diarize),
-            program,
-            lead,
-        ));
+        let ask = s.ask(translate_to, diarize);
+        tasks.spawn(async move { (i, session::run(to, ask, program, lead).await) });
     }
     let (mut finals, mut interims, mut errors) =
         (Vec::new(), Vec::new(), std::collections::BTreeMap::new());
@@ -481,8 +492,9 @@ async fn level(
     let mut audio_s = 0.0;
     let mut untranslated = 0;
     let mut after_audio = Vec::new();
+    let mut sessions = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        let o = match r {
+        let (index, o) = match r {
             Ok(o) => o,
             Err(e) => {
                 *errors.entry(format!("task: {e}")).or_insert(0) += 1;
@@ -498,8 +510,16 @@ async fn level(
         finals.extend(o.final_ms);
         after_audio.extend(o.final_after_audio_ms);
         interims.extend(o.interim_ms);
-        wer = wer + nexus_eval::wer(&o.reference, &o.hypothesis);
+        let counts = nexus_eval::wer(&o.reference, &o.hypothesis);
+        wer = wer + counts;
+        sessions.push(SessionText {
+            index,
+            errors: counts.errors,
+            reference: o.reference,
+            hypothesis: o.hypothesis,
+        });
     }
+    sessions.sort_by_key(|t| t.index);
     let _ = stop.send(true);
     let batch = match batch {
         Some(t) => match t.await {
@@ -542,6 +562,7 @@ async fn level(
         errors,
         within_budget: false,
         missed: Vec::new(),
+        sessions,
     };
     l.missed = missed(&l, s, first_wer.unwrap_or(l.wer));
     l.within_budget = l.missed.is_empty();
