@@ -107,7 +107,13 @@ async fn a_nexus_session_runs_through_the_three_processes() {
     ];
     let mut enc = Proc::start("encoder", "nexus-encoder", &common);
     let mut dec = Proc::start("decoder", "nexus-decoder", &common);
-    let ingest_args = [&common[..], &["--http-listen", "none"]].concat();
+    // The check below rebuilds each final's window from its span: without
+    // the finals' lead of quiet, the window is exactly the span.
+    let ingest_args = [
+        &common[..],
+        &["--http-listen", "none", "--final-lead-ms", "0"],
+    ]
+    .concat();
     let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
     let codec_dir = codec();
     let voc_args = [

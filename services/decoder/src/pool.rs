@@ -296,7 +296,7 @@ fn finish_nexus(
         }]
     };
     let span = Some(TimeSpan {
-        start_ms: seg.start_ms,
+        start_ms: (seg.start_ms + seg.lead_ms).saturating_sub(seg.silence_ms),
         end_ms: seg.end_ms,
     });
     let segments = if seg.is_final && !text.is_empty() {
@@ -654,14 +654,21 @@ fn finish(a: Active) -> Output {
             .collect::<String>()
             .trim()
             .to_owned();
+        let utterance_ms = (seg.start_ms + seg.lead_ms).saturating_sub(seg.silence_ms);
         let words = out
             .segments
             .iter()
             .flat_map(|s| &s.words)
             .map(|w| WordInfo {
                 word: w.word.trim().to_owned(),
-                start_ms: seg.start_ms + (w.start * 1000.0) as u64,
-                end_ms: seg.start_ms + (w.end * 1000.0) as u64,
+                // A first word the model starts in a final's lead is
+                // clamped to the utterance's start.
+                start_ms: (seg.start_ms + (w.start * 1000.0) as u64)
+                    .saturating_sub(seg.silence_ms)
+                    .max(utterance_ms),
+                end_ms: (seg.start_ms + (w.end * 1000.0) as u64)
+                    .saturating_sub(seg.silence_ms)
+                    .max(utterance_ms),
                 confidence: w.probability,
                 speaker: String::new(),
             })
@@ -675,7 +682,12 @@ fn finish(a: Active) -> Output {
                 words,
             }]
         };
-        let at = |t: f32| seg.start_ms + (f64::from(t) * 1000.0).round() as u64;
+        // Model times count from the window's first sample.
+        let at = |t: f32| {
+            (seg.start_ms + (f64::from(t) * 1000.0).round() as u64)
+                .saturating_sub(seg.silence_ms)
+                .max(utterance_ms)
+        };
         let segments = if seg.is_final {
             out.segments
                 .iter()
@@ -726,7 +738,7 @@ fn finish(a: Active) -> Output {
             segment_id: env.segment_id,
             revision: env.revision,
             span: Some(TimeSpan {
-                start_ms: seg.start_ms,
+                start_ms: (seg.start_ms + seg.lead_ms).saturating_sub(seg.silence_ms),
                 end_ms: seg.end_ms,
             }),
             audio_processed_ms: seg.end_ms,

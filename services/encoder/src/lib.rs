@@ -783,6 +783,8 @@ fn encoded(
         channel_tag: s.channel_tag,
         previous_text: s.previous_text,
         translation_context: s.translation_context,
+        lead_ms: s.lead_ms,
+        silence_ms: s.silence_ms,
         model: model.to_owned(),
         shape: vec![frames as u32, hidden as u32],
         dtype: DType::F32 as i32,

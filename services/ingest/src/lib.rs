@@ -110,6 +110,13 @@ pub struct IngestArgs {
     /// Audio a live session may send ahead of `--live-max-speed`, in seconds.
     #[arg(long, env = "NEXUS_LIVE_BURST_S", default_value_t = 60)]
     pub live_burst_s: u64,
+    /// Audio before an utterance (after its pre-roll) that its final's
+    /// window also carries, in ms, as far back as the previous utterance's
+    /// end: Whisper misreads words that begin right at a window's start
+    /// (BENCHMARKS.md, "Where the live WER goes"). 0 starts finals at the
+    /// pre-roll.
+    #[arg(long, env = "NEXUS_FINAL_LEAD_MS", default_value_t = 700, value_parser = clap::value_parser!(u64).range(0..=5_000))]
+    pub final_lead_ms: u64,
     /// Largest audio a Recognize call may carry, in MiB.
     #[arg(long, env = "NEXUS_MAX_AUDIO_MB", default_value_t = 100)]
     pub max_audio_mb: u64,
@@ -159,6 +166,7 @@ impl Default for IngestArgs {
             client_write_timeout_ms: 10_000,
             live_max_speed: 4.0,
             live_burst_s: 60,
+            final_lead_ms: 700,
             max_audio_mb: 100,
             file_root: None,
             api_keys: None,
@@ -311,6 +319,8 @@ pub(crate) struct Settings {
     pub(crate) live_max_speed: f64,
     /// Audio a live session may send ahead of that pace.
     pub(crate) live_burst: Duration,
+    /// Audio before an utterance that its final's window carries.
+    pub(crate) final_lead: Duration,
     pub(crate) models: Vec<String>,
     pub(crate) english_only: Vec<String>,
     pub(crate) translation_model: Option<String>,
@@ -859,6 +869,7 @@ async fn run<B: Bus>(
             client_write_timeout: Duration::from_millis(cfg.args.client_write_timeout_ms.max(100)),
             live_max_speed: cfg.args.live_max_speed,
             live_burst: Duration::from_secs(cfg.args.live_burst_s),
+            final_lead: Duration::from_millis(cfg.args.final_lead_ms),
             models: cfg.models.clone(),
             english_only: cfg.english_only.clone(),
             translation_model: cfg.translation_model.clone(),

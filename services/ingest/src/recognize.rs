@@ -57,8 +57,23 @@ pub(crate) fn windows(probs: &[f32], samples: u64) -> Vec<(u64, u64)> {
             _ => out.push((s, e.min(s + WINDOW))),
         }
     }
+    // Each window starts up to a lead earlier, in the quiet before its
+    // first utterance, as a live final does: Whisper misreads words that
+    // begin right at a window's start.
+    let mut prev_end = 0;
+    for w in &mut out {
+        w.0 =
+            w.0.saturating_sub(BATCH_LEAD)
+                .max(prev_end)
+                .max(w.1.saturating_sub(WINDOW))
+                .min(w.0);
+        prev_end = w.1;
+    }
     out
 }
+
+/// Audio before a window's first utterance that the window also takes.
+const BATCH_LEAD: u64 = MODEL_SAMPLE_RATE as u64;
 
 /// Decodes a request's audio into 16 kHz channels: one, or one per channel when asked.
 fn decode_audio(
@@ -581,6 +596,8 @@ impl<B: Bus> Ingest<B> {
             // A file's windows are queued before any is decoded: no finals
             // exist yet to give a translation context.
             translation_context: Vec::new(),
+            lead_ms: 0,
+            silence_ms: 0,
         };
         let fields: nexus_bus::Fields = encode(&msg)
             .into_iter()
@@ -626,9 +643,13 @@ mod tests {
         let w = windows(&p, total);
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w.iter().all(|(s, e)| e - s <= WINDOW), "{w:?}");
-        // The first window holds both 10 s utterances; the third starts a new one.
+        // Each window takes up to a second of the quiet before it, never
+        // the previous window's audio.
+        assert!(w[1].0 >= w[0].1, "{w:?}");
+        // The first window holds both 10 s utterances; the third starts a
+        // new one, a second before its pre-roll (24 s - 0.32 s - 1 s).
         assert!((w[0].1 as f64 / sr - 22.0).abs() < 1.0, "{w:?}");
-        assert!((w[1].0 as f64 / sr - 24.0).abs() < 0.5, "{w:?}");
+        assert!((w[1].0 as f64 / sr - 22.7).abs() < 0.2, "{w:?}");
     }
 
     #[test]

@@ -61,6 +61,9 @@ struct Live {
     /// Audio from sample `base` on.
     audio: Vec<f32>,
     base: u64,
+    /// Where the last utterance's audio ended (or was cleared): a final's
+    /// lead of earlier audio never reaches back past it.
+    spoken_until: u64,
     sequence: u64,
     revisions: HashMap<u64, u32>,
     expected_finals: BTreeSet<u64>,
@@ -108,6 +111,11 @@ pub(crate) struct Reattach {
     pub(crate) after: u64,
 }
 
+const SAMPLES_PER_MS: u64 = MODEL_SAMPLE_RATE as u64 / 1000;
+
+/// Most digital silence a final's window starts with.
+const MAX_SILENCE_MS: u64 = 500;
+
 fn ms(samples: u64) -> u64 {
     samples * 1000 / u64::from(MODEL_SAMPLE_RATE)
 }
@@ -142,6 +150,7 @@ impl<B: Bus> Session<B> {
             vad_pending: Vec::new(),
             audio: Vec::new(),
             base: 0,
+            spoken_until: 0,
             sequence: 0,
             revisions: HashMap::new(),
             expected_finals: BTreeSet::new(),
@@ -505,10 +514,12 @@ impl<B: Bus> Session<B> {
                 }
             }
         }
-        // Outside an utterance only the pre-roll is needed.
+        // Outside an utterance only the pre-roll and a final's lead are needed.
         if !live.endpointer.in_speech() {
-            let keep =
-                (self.endpoint.pre_roll_ms as usize + 1_000) * MODEL_SAMPLE_RATE as usize / 1000;
+            let lead_ms = self.inner.cfg.final_lead.as_millis() as usize;
+            let keep = (self.endpoint.pre_roll_ms as usize + lead_ms + 1_000)
+                * MODEL_SAMPLE_RATE as usize
+                / 1000;
             if live.audio.len() > keep * 2 {
                 let drop = live.audio.len() - keep;
                 live.audio.drain(..drop);
@@ -529,6 +540,8 @@ impl<B: Bus> Session<B> {
             },
             Action::Clear => {
                 let dropped = live.endpointer.clear();
+                // Cleared audio is no final's lead either.
+                live.spoken_until = live.processed;
                 if let Some(seg) = dropped {
                     live.finals.insert(seg);
                     live.agreement.remove(&seg);
@@ -647,32 +660,65 @@ impl<B: Bus> Session<B> {
         if a >= b {
             return Ok(());
         }
-        let audio = live.audio[a..b].to_vec();
         if !is_final {
-            return self.send(live, segment, start, end, audio, false).await;
+            let audio = live.audio[a..b].to_vec();
+            return self
+                .send(live, segment, start, 0, 0, end, audio, false)
+                .await;
         }
         live.expected_finals.insert(segment);
+        // A final's window starts up to the lead earlier, in the quiet
+        // before the utterance (never inside the previous one): Whisper
+        // misreads words that begin right at a window's start.
+        let lead =
+            self.inner.cfg.final_lead.as_millis() as u64 * u64::from(MODEL_SAMPLE_RATE) / 1000;
+        let from = start
+            .saturating_sub(lead)
+            .max(live.spoken_until)
+            .min(start)
+            .max(live.base);
+        live.spoken_until = end;
+        // An utterance at the stream's start has no audio before it: digital
+        // silence stands in, at most half a second (longer runs of zeros
+        // made base repeat itself), in whole ms so times stay exact.
+        let silence = if from == 0 {
+            lead.saturating_sub(start)
+                .min(MAX_SILENCE_MS * SAMPLES_PER_MS)
+                / SAMPLES_PER_MS
+                * SAMPLES_PER_MS
+        } else {
+            0
+        };
+        let mut audio = vec![0.0; silence as usize];
+        audio.extend_from_slice(&live.audio[(from - live.base) as usize..b]);
         if let (Some(sp), Some(encoder)) = (live.speakers.as_mut(), self.inner.speaker.clone()) {
-            let (diarizer, audio) = (sp.diarizer.clone(), audio.clone());
+            let diarizer = sp.diarizer.clone();
+            let utterance = audio[(silence + start.saturating_sub(from)) as usize..].to_vec();
             sp.pending.insert(
                 segment,
                 tokio::task::spawn_blocking(move || {
                     let mut d = diarizer
                         .lock()
                         .map_err(|_| "the diarizer panicked".to_owned())?;
-                    d.label(&encoder, &audio, 0..audio.len(), start as usize)
+                    d.label(&encoder, &utterance, 0..utterance.len(), start as usize)
                         .map_err(|e| e.to_string())
                 }),
             );
         }
-        self.send(live, segment, start, end, audio, true).await
+        self.send(live, segment, from, silence, start - from, end, audio, true)
+            .await
     }
 
+    /// Sends the window `start..end` after `silence` samples of zeros (both
+    /// in `audio`); the utterance begins `lead` samples after `start`.
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
         live: &mut Live,
         segment: u64,
         start: u64,
+        silence: u64,
+        lead: u64,
         end: u64,
         audio: Vec<f32>,
         is_final: bool,
@@ -710,6 +756,8 @@ impl<B: Bus> Session<B> {
             config: Some(self.rc.clone()),
             start_ms: ms(start),
             end_ms: ms(end),
+            lead_ms: silence / SAMPLES_PER_MS + ms(start + lead) - ms(start),
+            silence_ms: silence / SAMPLES_PER_MS,
             sample_rate_hz: MODEL_SAMPLE_RATE,
             pcm_f32le: pcm.into(),
             is_final,
