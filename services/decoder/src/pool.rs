@@ -296,7 +296,7 @@ fn finish_nexus(
         }]
     };
     let span = Some(TimeSpan {
-        start_ms: (seg.start_ms + seg.lead_ms).saturating_sub(seg.silence_ms),
+        start_ms: utterance_start_ms(seg),
         end_ms: seg.end_ms,
     });
     let segments = if seg.is_final && !text.is_empty() {
@@ -654,7 +654,7 @@ fn finish(a: Active) -> Output {
             .collect::<String>()
             .trim()
             .to_owned();
-        let utterance_ms = (seg.start_ms + seg.lead_ms).saturating_sub(seg.silence_ms);
+        let utterance_ms = utterance_start_ms(seg);
         let words = out
             .segments
             .iter()
@@ -738,7 +738,7 @@ fn finish(a: Active) -> Output {
             segment_id: env.segment_id,
             revision: env.revision,
             span: Some(TimeSpan {
-                start_ms: (seg.start_ms + seg.lead_ms).saturating_sub(seg.silence_ms),
+                start_ms: utterance_start_ms(seg),
                 end_ms: seg.end_ms,
             }),
             audio_processed_ms: seg.end_ms,
@@ -1090,6 +1090,12 @@ fn step_pool(
             }
         }
     }
+}
+
+/// Where a window's utterance starts in the session's audio: after the
+/// window's digital silence and lead of quiet.
+fn utterance_start_ms(seg: &EncodedSegment) -> u64 {
+    (seg.start_ms + seg.lead_ms).saturating_sub(seg.silence_ms)
 }
 
 #[cfg(test)]
