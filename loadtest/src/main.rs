@@ -331,6 +331,10 @@ struct SessionText {
     hypothesis: String,
     /// Word errors of the hypothesis against the reference.
     errors: usize,
+    /// Each final's time from the capture of its utterance's last sample,
+    /// ms, in the order the finals came: where in a session the slow ones sit.
+    #[serde(default)]
+    final_after_audio_ms: Vec<f64>,
 }
 
 /// The whole report.
@@ -508,7 +512,7 @@ async fn level(
         }
         untranslated += o.untranslated;
         finals.extend(o.final_ms);
-        after_audio.extend(o.final_after_audio_ms);
+        after_audio.extend(o.final_after_audio_ms.iter().copied());
         interims.extend(o.interim_ms);
         let counts = nexus_eval::wer(&o.reference, &o.hypothesis);
         wer = wer + counts;
@@ -517,6 +521,7 @@ async fn level(
             errors: counts.errors,
             reference: o.reference,
             hypothesis: o.hypothesis,
+            final_after_audio_ms: o.final_after_audio_ms,
         });
     }
     sessions.sort_by_key(|t| t.index);

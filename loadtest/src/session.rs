@@ -349,7 +349,7 @@ async fn websocket(
         .await
         .map_err(|e| format!("send: {e}"))?;
     let start = Instant::now();
-    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(());
     let sender = async move {
         for (i, c) in samples.chunks(1_600).enumerate() {
             tokio::time::sleep_until(start + Duration::from_millis(100 * (i as u64 + 1))).await;
@@ -365,22 +365,30 @@ async fn websocket(
                 break;
             }
         }
-        let _ = done_tx.send(true);
+        drop(done_tx);
         sink
     };
     let receiver = async {
         let mut started: Vec<String> = Vec::new();
         let mut stopped: HashMap<String, Instant> = HashMap::new();
         let mut finals: HashMap<String, (Instant, String)> = HashMap::new();
+        // Whether audio is still going out. The sender drops its end of
+        // the watch when it is done, after which `changed()` is ready at
+        // every poll: it is awaited only while the sender runs, or this
+        // loop would spin a core until the last transcript came.
+        let mut sending = true;
         loop {
             // Once the audio is sent, the session is done when every
             // utterance that started has its transcript.
-            if *done_rx.borrow() && started.iter().all(|k| finals.contains_key(k)) {
+            if !sending && started.iter().all(|k| finals.contains_key(k)) {
                 break;
             }
             let next = tokio::select! {
                 m = stream.next() => m,
-                _ = done_rx.changed() => continue,
+                _ = done_rx.changed(), if sending => {
+                    sending = false;
+                    continue;
+                }
             };
             let Some(m) = next else {
                 return Err("the server closed the connection".to_owned());
@@ -661,4 +669,87 @@ pub async fn batch(
     took.sort_by(f64::total_cmp);
     out.seconds_per_audio_s = took.get(took.len() / 2).copied().unwrap_or(0.0);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// CPU time this thread has used (user and system).
+    fn thread_cpu() -> Duration {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("procfs");
+        let after_name = &stat[stat.rfind(')').expect("stat's name") + 1..];
+        let f: Vec<u64> = after_name
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // utime and stime (fields 14 and 15) in USER_HZ ticks, 100 a second.
+        Duration::from_millis((f[11] + f[12]) * 10)
+    }
+
+    /// A Realtime session whose last transcript comes long after its
+    /// audio: the client waits for it idle. (It used to poll a watch whose
+    /// sender was gone in a loop, taking a core from the server it measured
+    /// for as long as a final was late: the WebSocket's last utterances
+    /// looked seconds slower than the gRPC stream's.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_websocket_session_waits_for_a_late_transcript_without_spinning() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hold = Duration::from_secs(2);
+        // A server that takes the update and three appends (0.3 s of
+        // audio), says speech started, and answers `hold` after the last.
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let event = |v: serde_json::Value| Message::Text(v.to_string().into());
+            let mut appends = 0;
+            while appends < 3 {
+                let Some(Ok(Message::Text(t))) = ws.next().await else {
+                    panic!("the client left before its audio was sent");
+                };
+                if t.contains("input_audio_buffer.append") {
+                    appends += 1;
+                    if appends == 1 {
+                        let started = serde_json::json!({"type": "input_audio_buffer.speech_started", "item_id": "item_1"});
+                        ws.send(event(started)).await.unwrap();
+                    }
+                }
+            }
+            tokio::time::sleep(hold).await;
+            let done = serde_json::json!({"type": "conversation.item.input_audio_transcription.completed",
+                "item_id": "item_1", "transcript": "late words", "end_ms": 300});
+            ws.send(event(done)).await.unwrap();
+            // Until the client closes.
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        });
+        let ask = Ask {
+            model: "tiny.en".into(),
+            language: "en".into(),
+            interim_ms: 0,
+            translate_to: None,
+            diarize: false,
+            beam_size: None,
+        };
+        let mut out = Outcome::default();
+        let cpu = thread_cpu();
+        let begun = Instant::now();
+        websocket(addr, &ask, vec![0.0; 4_800], &mut out)
+            .await
+            .unwrap();
+        let (cpu, wall) = (thread_cpu() - cpu, begun.elapsed());
+        server.await.unwrap();
+        assert_eq!(out.hypothesis, "late words");
+        assert!(wall >= hold, "the session ended before its transcript");
+        assert!(
+            cpu < hold / 4,
+            "the client used {cpu:?} of CPU in a {wall:?} session that mostly waited"
+        );
+    }
 }
