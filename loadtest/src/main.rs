@@ -7,7 +7,7 @@
 //! scenario with `translate_to` has every final translated (its latency then
 //! includes the translation) and counts finals that came untranslated. The
 //! largest level that keeps the scenario's budgets (final p95, and where set
-//! interim p95 and WER against the first level) without errors is the
+//! interim p95 and WER against the same sessions run alone) without errors is the
 //! sustainable concurrency; the first one that does not is the break.
 //!
 //! ```sh
@@ -56,7 +56,8 @@ struct Scenario {
     /// Interim p95 a level must keep, ms (when interims are asked for).
     #[serde(default)]
     interim_budget_ms: Option<f64>,
-    /// WER points a level may lose against the first level's.
+    /// WER points a level may lose against the same sessions run alone
+    /// (each clip order once, by itself, before the first level that needs it).
     #[serde(default)]
     wer_margin_points: Option<f64>,
     /// Also run each level with every final translated into this language
