@@ -69,6 +69,20 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
             "{l}"
         );
     }
+    // A level's WER is held to its sessions run alone: the single stream is
+    // its own; for two streams, the order from clip 1 ran alone first.
+    for protocol in ["grpc", "websocket"] {
+        let alone: Vec<Option<f64>> = all
+            .iter()
+            .filter(|l| l["protocol"] == protocol)
+            .map(|l| l["alone_wer"].as_f64())
+            .collect();
+        assert!(alone[0].is_none() && alone[1].is_some(), "{protocol}: {r}");
+        assert!(
+            stdout.contains(&format!("{protocol} | alone, from clip 1: WER")),
+            "{stdout}"
+        );
+    }
     assert_eq!(r["interim_budget_ms"].as_f64(), Some(5000.0), "{r}");
     assert_eq!(r["wer_margin_points"].as_f64(), Some(30.0), "{r}");
     // Capacity is the last level of the unbroken run within budget (timing
