@@ -34,11 +34,6 @@ enum BenchCommand {
     /// and on Redis, with audio-window and encoder-feature payloads.
     #[cfg(feature = "fleet")]
     Bus(crate::bench_bus::BusArgs),
-    /// Live capacity: concurrent real-time sessions per model on the embedded
-    /// and the Redis fleet, with final-caption latency after the endpoint and
-    /// after the end of speech.
-    #[cfg(feature = "fleet")]
-    Fleet(crate::bench_fleet::FleetArgs),
     /// Speaker diarization: DER (offline and live), word speaker attribution
     /// error and time on the meeting set, beside Resemblyzer's own encoder.
     Diarize(crate::bench_diarize::DiarizeBenchArgs),
@@ -392,8 +387,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Audio(a) => audio(a),
         #[cfg(feature = "fleet")]
         BenchCommand::Bus(a) => crate::bench_bus::run(a),
-        #[cfg(feature = "fleet")]
-        BenchCommand::Fleet(a) => crate::bench_fleet::run(a),
         BenchCommand::Diarize(a) => crate::bench_diarize::run(a),
         BenchCommand::Translate(a) => crate::bench_translate::run(a),
         #[cfg(feature = "fleet")]

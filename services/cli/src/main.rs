@@ -8,8 +8,6 @@ mod bench;
 #[cfg(feature = "fleet")]
 mod bench_bus;
 mod bench_diarize;
-#[cfg(feature = "fleet")]
-mod bench_fleet;
 mod bench_translate;
 #[cfg(feature = "fleet")]
 mod bench_tts;
