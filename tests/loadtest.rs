@@ -21,6 +21,8 @@ fn a_smoke_scenario_reports_latency_wer_and_capacity() {
             "--all-levels",
             "--protocol",
             "grpc,websocket",
+            "--streams",
+            "1,2",
             "--report",
         ])
         .arg(&report)

@@ -222,6 +222,35 @@ struct Cli {
     /// Keep going after the first level that breaks the budget.
     #[arg(long)]
     all_levels: bool,
+    /// Run these levels (concurrent sessions, in order) instead of the
+    /// scenario's `streams`.
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<usize>,
+}
+
+/// Most concurrent sessions one level may open.
+const MAX_STREAMS: usize = 1024;
+/// Most levels one run may have.
+const MAX_LEVELS: usize = 64;
+
+/// The levels to run: `given` (from `--streams`) or else the scenario's,
+/// each 1..=[`MAX_STREAMS`], at most [`MAX_LEVELS`] of them.
+fn levels_of(scenario: &[usize], given: &[usize]) -> anyhow::Result<Vec<usize>> {
+    let (levels, field) = if given.is_empty() {
+        (scenario, "the scenario's streams")
+    } else {
+        (given, "--streams")
+    };
+    anyhow::ensure!(!levels.is_empty(), "{field} lists no stream counts");
+    anyhow::ensure!(
+        levels.len() <= MAX_LEVELS,
+        "{field} lists {} levels; the limit is {MAX_LEVELS}",
+        levels.len()
+    );
+    if let Some(n) = levels.iter().find(|&&n| n == 0 || n > MAX_STREAMS) {
+        anyhow::bail!("{field} asks for {n} streams in a level; a level takes 1 to {MAX_STREAMS}");
+    }
+    Ok(levels.to_vec())
 }
 
 /// A client protocol the load is sent over.
@@ -750,9 +779,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let text = std::fs::read_to_string(&cli.scenario)
         .with_context(|| format!("reading {}", cli.scenario.display()))?;
-    let s: Scenario =
+    let mut s: Scenario =
         toml::from_str(&text).with_context(|| format!("scenario {}", cli.scenario.display()))?;
-    anyhow::ensure!(!s.streams.is_empty(), "the scenario lists no stream counts");
+    s.streams = levels_of(&s.streams, &cli.streams)?;
     let dir = if s.speech.is_absolute() {
         s.speech.clone()
     } else {
@@ -1031,6 +1060,20 @@ mod tests {
             missed(&level(900.0, 5000.0, 0.5), &plain, 0.055),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn levels_come_from_the_command_line_or_the_scenario_within_bounds() {
+        assert_eq!(levels_of(&[1, 2, 4], &[]).unwrap(), [1, 2, 4]);
+        assert_eq!(levels_of(&[1, 2, 4], &[16, 20]).unwrap(), [16, 20]);
+        let e = levels_of(&[], &[]).unwrap_err().to_string();
+        assert!(e.contains("the scenario's streams lists no"), "{e}");
+        let e = levels_of(&[1], &[4, 0]).unwrap_err().to_string();
+        assert!(e.contains("--streams asks for 0 streams"), "{e}");
+        let e = levels_of(&[1_000_000], &[]).unwrap_err().to_string();
+        assert!(e.contains("1000000 streams") && e.contains("1024"), "{e}");
+        let e = levels_of(&[1], &[1; 65]).unwrap_err().to_string();
+        assert!(e.contains("65 levels; the limit is 64"), "{e}");
     }
 
     #[test]
