@@ -475,7 +475,7 @@ struct Variant<'a> {
 impl Variant<'_> {
     /// What a session of this variant asks, whatever runs beside it: the
     /// key of its sessions' runs alone.
-    fn asks(&self) -> (Protocol, Option<String>, bool) {
+    fn asks(&self) -> Asks {
         (
             self.protocol,
             self.translate_to.map(str::to_owned),
@@ -931,7 +931,9 @@ async fn main() -> anyhow::Result<()> {
                 alone_wer,
             )
             .await;
+            // A single stream is its own run alone, unless a batch ran beside it.
             if n == 1
+                && !v.batch
                 && l.errors.is_empty()
                 && let Some(t) = l.sessions.first()
             {

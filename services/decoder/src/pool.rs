@@ -654,21 +654,22 @@ fn finish(a: Active) -> Output {
             .collect::<String>()
             .trim()
             .to_owned();
+        // Model times count from the window's first sample; a time the
+        // model puts in a final's lead is clamped to the utterance's start.
         let utterance_ms = utterance_start_ms(seg);
+        let in_session = |model_ms: u64| {
+            (seg.start_ms + model_ms)
+                .saturating_sub(seg.silence_ms)
+                .max(utterance_ms)
+        };
         let words = out
             .segments
             .iter()
             .flat_map(|s| &s.words)
             .map(|w| WordInfo {
                 word: w.word.trim().to_owned(),
-                // A first word the model starts in a final's lead is
-                // clamped to the utterance's start.
-                start_ms: (seg.start_ms + (w.start * 1000.0) as u64)
-                    .saturating_sub(seg.silence_ms)
-                    .max(utterance_ms),
-                end_ms: (seg.start_ms + (w.end * 1000.0) as u64)
-                    .saturating_sub(seg.silence_ms)
-                    .max(utterance_ms),
+                start_ms: in_session((w.start * 1000.0) as u64),
+                end_ms: in_session((w.end * 1000.0) as u64),
                 confidence: w.probability,
                 speaker: String::new(),
             })
@@ -682,12 +683,7 @@ fn finish(a: Active) -> Output {
                 words,
             }]
         };
-        // Model times count from the window's first sample.
-        let at = |t: f32| {
-            (seg.start_ms + (f64::from(t) * 1000.0).round() as u64)
-                .saturating_sub(seg.silence_ms)
-                .max(utterance_ms)
-        };
+        let at = |t: f32| in_session((f64::from(t) * 1000.0).round() as u64);
         let segments = if seg.is_final {
             out.segments
                 .iter()
