@@ -196,7 +196,8 @@ fn whisper_errors_name_the_broken_file() {
     std::fs::write(
         dir.join("config.json"),
         r#"{"num_mel_bins":80,"d_model":8,"encoder_layers":1,"decoder_layers":1,"encoder_attention_heads":2,
-            "decoder_attention_heads":2,"vocab_size":10,"max_source_positions":4,"max_target_positions":4}"#,
+            "decoder_attention_heads":2,"encoder_ffn_dim":16,"decoder_ffn_dim":16,"vocab_size":10,
+            "max_source_positions":4,"max_target_positions":4}"#,
     )
     .unwrap();
     let e = WhisperEngine::load(dir, &Device::Cpu)

@@ -17,31 +17,54 @@ use serde_json::Value;
 use crate::ct2::{Ct2Model, DType, TensorRef};
 use crate::error::{Result, WeightsError};
 
-/// Dimensions of a Whisper model, with Hugging Face field names.
+/// A Whisper checkpoint's `config.json`, with Hugging Face field names: the
+/// one description of a Whisper model in the tree. The import writes it, the
+/// model loader (`nexus_models::whisper`) reads it, and a Hugging Face
+/// folder's own file reads as it too (its other fields are ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WhisperDims {
-    /// Mel bins of the input (80, or 128 for large-v3).
+pub struct WhisperConfig {
+    /// `num_mel_bins` (n_mels): 80, or 128 for large-v3.
     pub num_mel_bins: usize,
-    /// Hidden size.
+    /// `d_model` (n_audio_state = n_text_state).
     pub d_model: usize,
-    /// Encoder blocks.
+    /// `encoder_layers` (n_audio_layer).
     pub encoder_layers: usize,
-    /// Decoder blocks.
+    /// `decoder_layers` (n_text_layer).
     pub decoder_layers: usize,
-    /// Encoder attention heads.
+    /// `encoder_attention_heads` (n_audio_head).
     pub encoder_attention_heads: usize,
-    /// Decoder attention heads.
+    /// `decoder_attention_heads` (n_text_head).
     pub decoder_attention_heads: usize,
     /// Encoder MLP width.
     pub encoder_ffn_dim: usize,
     /// Decoder MLP width.
     pub decoder_ffn_dim: usize,
-    /// Token vocabulary.
+    /// `vocab_size` (n_vocab); 51864 for English-only models, 51865+ multilingual.
     pub vocab_size: usize,
-    /// Encoder positions (1500 for 30 s).
+    /// `max_source_positions` (n_audio_ctx): 1500 frames = 30 s.
     pub max_source_positions: usize,
-    /// Decoder positions (448).
+    /// `max_target_positions` (n_text_ctx): 448 tokens.
     pub max_target_positions: usize,
+    /// `suppress_tokens`: never emitted (non-speech symbols).
+    #[serde(default)]
+    pub suppress_tokens: Vec<i64>,
+    /// `begin_suppress_tokens`: not emitted as the first token.
+    #[serde(default)]
+    pub begin_suppress_tokens: Vec<i64>,
+    /// `alignment_heads`: (layer, head) pairs whose cross-attention follows time.
+    #[serde(default)]
+    pub alignment_heads: Vec<[usize; 2]>,
+    /// The language tokens' ids, as CTranslate2 lists them (empty for
+    /// English-only models and for Hugging Face folders).
+    #[serde(default)]
+    pub lang_ids: Vec<u32>,
+}
+
+impl WhisperConfig {
+    /// English-only checkpoints have one token fewer and no language tokens.
+    pub fn is_multilingual(&self) -> bool {
+        self.vocab_size >= 51865
+    }
 }
 
 /// What an import wrote.
@@ -49,8 +72,8 @@ pub struct WhisperDims {
 pub struct ImportReport {
     /// Folder holding `model.safetensors`, `config.json`, `tokenizer.json`.
     pub out_dir: PathBuf,
-    /// Model dimensions.
-    pub dims: WhisperDims,
+    /// The config written beside the weights.
+    pub config: WhisperConfig,
     /// Tensors written.
     pub tensors: usize,
     /// Bytes of tensor data written.
@@ -148,15 +171,16 @@ fn dim(m: &Ct2Model, name: &str, axis: usize) -> Result<usize> {
     })
 }
 
-/// Reads the dimensions of a CT2 Whisper model.
-pub fn dims(m: &Ct2Model) -> Result<WhisperDims> {
+/// Reads the dimensions of a CT2 Whisper model (its token lists left empty:
+/// they are in the CT2 folder's `config.json`).
+pub fn dims(m: &Ct2Model) -> Result<WhisperConfig> {
     let heads = |name: &str| -> Result<usize> {
         let v = m.scalar(name)?;
         usize::try_from(v).ok().filter(|h| *h > 0).ok_or_else(|| {
             WeightsError::format(m.path(), format!("{name} = {v} is not a head count"))
         })
     };
-    let d = WhisperDims {
+    let d = WhisperConfig {
         num_mel_bins: dim(m, "encoder/conv1/weight", 1)?,
         d_model: dim(m, "encoder/conv1/weight", 0)?,
         encoder_layers: count_layers(m, "encoder"),
@@ -168,6 +192,10 @@ pub fn dims(m: &Ct2Model) -> Result<WhisperDims> {
         vocab_size: dim(m, "decoder/embeddings/weight", 0)?,
         max_source_positions: dim(m, "encoder/position_encodings/encodings", 0)?,
         max_target_positions: dim(m, "decoder/position_encodings/encodings", 0)?,
+        suppress_tokens: Vec::new(),
+        begin_suppress_tokens: Vec::new(),
+        alignment_heads: Vec::new(),
+        lang_ids: Vec::new(),
     };
     if d.encoder_layers == 0 || d.decoder_layers == 0 {
         return Err(WeightsError::format(
@@ -315,7 +343,7 @@ fn mlp<'a>(out: &mut Out<'a>, m: &'a Ct2Model, src: &str, dst: &str) -> Result<(
 }
 
 /// The Hugging Face-named tensors of a CT2 Whisper model, borrowing its bytes.
-fn tensors<'a>(m: &'a Ct2Model, d: &WhisperDims) -> Result<Vec<(String, TensorView<'a>)>> {
+fn tensors<'a>(m: &'a Ct2Model, d: &WhisperConfig) -> Result<Vec<(String, TensorView<'a>)>> {
     let mut out = Out {
         path: m.path(),
         tensors: Vec::new(),
@@ -445,33 +473,24 @@ pub fn import_ct2(src: &Path, out: &Path) -> Result<ImportReport> {
         .map_err(|e| WeightsError::format(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, &st_path).map_err(WeightsError::io(&st_path))?;
 
-    let mut config = serde_json::to_value(&d).expect("dims serialise; this is a bug");
-    let obj = config
+    let d = WhisperConfig {
+        alignment_heads: ct2_cfg.alignment_heads,
+        lang_ids: ct2_cfg.lang_ids,
+        suppress_tokens: ct2_cfg.suppress_ids,
+        begin_suppress_tokens: ct2_cfg.suppress_ids_begin,
+        ..d
+    };
+    let mut config = serde_json::to_value(&d).expect("the config serialises; this is a bug");
+    config
         .as_object_mut()
-        .expect("dims are an object; this is a bug");
-    obj.insert("model_type".into(), "whisper".into());
-    obj.insert(
-        "alignment_heads".into(),
-        serde_json::to_value(&ct2_cfg.alignment_heads).unwrap_or_default(),
-    );
-    obj.insert(
-        "lang_ids".into(),
-        serde_json::to_value(&ct2_cfg.lang_ids).unwrap_or_default(),
-    );
-    obj.insert(
-        "suppress_tokens".into(),
-        serde_json::to_value(&ct2_cfg.suppress_ids).unwrap_or_default(),
-    );
-    obj.insert(
-        "begin_suppress_tokens".into(),
-        serde_json::to_value(&ct2_cfg.suppress_ids_begin).unwrap_or_default(),
-    );
+        .expect("the config is an object; this is a bug")
+        .insert("model_type".into(), "whisper".into());
     let text = serde_json::to_vec_pretty(&config).expect("json values serialise; this is a bug");
     write_atomic(&out.join("config.json"), &text)?;
     write_atomic(&out.join("tokenizer.json"), &tokenizer)?;
     Ok(ImportReport {
         out_dir: out.to_owned(),
-        dims: d,
+        config: d,
         tensors: n,
         bytes,
     })
@@ -513,10 +532,10 @@ pub fn safetensors_header(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
 }
 
 /// Checks that a Hugging Face Whisper folder has what loading needs, without reading the weights.
-pub fn check_hf_folder(dir: &Path) -> Result<WhisperDims> {
+pub fn check_hf_folder(dir: &Path) -> Result<WhisperConfig> {
     let cfg_path = dir.join("config.json");
     let bytes = std::fs::read(&cfg_path).map_err(WeightsError::io(&cfg_path))?;
-    let d: WhisperDims = serde_json::from_slice(&bytes)
+    let d: WhisperConfig = serde_json::from_slice(&bytes)
         .map_err(|e| WeightsError::format(&cfg_path, format!("not a Whisper config: {e}")))?;
     let tok = dir.join("tokenizer.json");
     if !tok.is_file() {
@@ -734,13 +753,16 @@ mod tests {
         std::fs::create_dir_all(&src).unwrap();
         write_src(&src, tiny_ct2(0.0));
         let report = import_ct2(&src, &out).unwrap();
-        assert_eq!(report.dims.d_model, 4);
+        assert_eq!(report.config.d_model, 4);
         assert_eq!(
-            (report.dims.encoder_layers, report.dims.decoder_layers),
+            (report.config.encoder_layers, report.config.decoder_layers),
             (1, 1)
         );
-        assert_eq!((report.dims.num_mel_bins, report.dims.vocab_size), (8, 10));
-        assert_eq!(report.dims.encoder_ffn_dim, 16);
+        assert_eq!(
+            (report.config.num_mel_bins, report.config.vocab_size),
+            (8, 10)
+        );
+        assert_eq!(report.config.encoder_ffn_dim, 16);
 
         let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -800,7 +822,7 @@ mod tests {
         assert_eq!(cfg["decoder_attention_heads"], 2);
         assert_eq!(cfg["alignment_heads"], serde_json::json!([[0, 1]]));
         assert_eq!(cfg["suppress_tokens"], serde_json::json!([1, 2]));
-        assert_eq!(check_hf_folder(&out).unwrap(), report.dims);
+        assert_eq!(check_hf_folder(&out).unwrap(), report.config);
     }
 
     #[test]

@@ -45,10 +45,10 @@ fn describe(imported: &Imported) -> String {
     match imported {
         Imported::Whisper(r) => format!(
             "whisper d{} {}+{} layers, vocab {}, {} tensors ({:.1} MB) in {}",
-            r.dims.d_model,
-            r.dims.encoder_layers,
-            r.dims.decoder_layers,
-            r.dims.vocab_size,
+            r.config.d_model,
+            r.config.encoder_layers,
+            r.config.decoder_layers,
+            r.config.vocab_size,
             r.tensors,
             r.bytes as f64 / 1e6,
             r.out_dir.display()

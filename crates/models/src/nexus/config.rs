@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{ModelError, Result};
-use crate::whisper::config::Config as WhisperConfig;
+use crate::whisper::Config as WhisperConfig;
 
 /// The whole checkpoint's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,12 +233,15 @@ impl NexusConfig {
             decoder_layers: 0,
             encoder_attention_heads: e.encoder_attention_heads,
             decoder_attention_heads: e.encoder_attention_heads,
+            encoder_ffn_dim: e.encoder_ffn_dim,
+            decoder_ffn_dim: 0,
             vocab_size: 0,
             max_source_positions: e.max_source_positions,
             max_target_positions: 0,
             suppress_tokens: Vec::new(),
             begin_suppress_tokens: Vec::new(),
             alignment_heads: Vec::new(),
+            lang_ids: Vec::new(),
         }
     }
 }

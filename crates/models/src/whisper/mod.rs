@@ -2,7 +2,6 @@
 
 pub mod align;
 mod attend;
-pub mod config;
 pub mod decode;
 pub mod model;
 pub mod tokenizer;
@@ -13,9 +12,10 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-pub use config::Config;
 pub use decode::{DecodeOptions, DecodeResult, GreedySequence, Task, step_batch};
 pub use model::Whisper;
+/// The checkpoint's `config.json`: one type, written by the import.
+pub use nexus_weights::whisper::WhisperConfig as Config;
 pub use tokenizer::WhisperTokenizer;
 pub use transcribe::{Segment, TranscribeOptions, Transcript, WindowOutcome};
 

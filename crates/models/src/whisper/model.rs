@@ -12,8 +12,8 @@ use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, VarBuilder};
 
 use rayon::prelude::*;
 
+use super::Config;
 use super::attend;
-use super::config::Config;
 
 fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
     let w = vb.get((out, inp), "weight")?;
