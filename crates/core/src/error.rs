@@ -62,6 +62,7 @@ impl Error {
     }
 
     /// The gRPC status code of this kind.
+    #[cfg(feature = "fleet")]
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
@@ -118,6 +119,7 @@ impl Error {
     }
 }
 
+#[cfg(feature = "fleet")]
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         tonic::Status::new(e.grpc_code(), e.message().to_owned())
@@ -147,7 +149,7 @@ impl<T, E: Display> ResultExt<T> for std::result::Result<T, E> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "fleet"))]
 mod tests {
     use super::*;
 

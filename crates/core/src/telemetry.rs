@@ -1,15 +1,21 @@
 //! Logging and tracing for every process: an env-filter, text or JSON lines,
-//! a handle to change the filter while the process runs, and spans exported
-//! over OTLP/gRPC when an endpoint is configured (flushed when the
-//! [`Telemetry`] guard drops).
+//! a handle to change the filter while the process runs, and (with the
+//! `fleet` feature) spans exported over OTLP/gRPC when an endpoint is
+//! configured (flushed when the [`Telemetry`] guard drops).
 
+#[cfg(feature = "fleet")]
 use std::sync::Arc;
+#[cfg(feature = "fleet")]
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+#[cfg(feature = "fleet")]
 use opentelemetry::trace::TracerProvider as _;
+#[cfg(feature = "fleet")]
 use opentelemetry_otlp::WithExportConfig;
+#[cfg(feature = "fleet")]
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+#[cfg(feature = "fleet")]
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -46,6 +52,7 @@ pub struct TelemetryArgs {
     pub log_format: LogFormat,
     /// OTLP/gRPC endpoint that receives traces (e.g. `http://otel-collector:4317`);
     /// no traces are exported when unset. `OTEL_BSP_*` variables tune batching.
+    #[cfg(feature = "fleet")]
     #[arg(long, env = "NEXUS_OTLP_ENDPOINT", global = true)]
     pub otlp_endpoint: Option<String>,
 }
@@ -53,9 +60,11 @@ pub struct TelemetryArgs {
 /// Keeps logging configured; changes the filter at run time.
 pub struct Telemetry {
     filter: reload::Handle<EnvFilter, Registry>,
+    #[cfg(feature = "fleet")]
     traces: Option<(SdkTracerProvider, tokio::runtime::Runtime)>,
 }
 
+#[cfg(feature = "fleet")]
 impl Drop for Telemetry {
     /// Exports the spans still buffered.
     fn drop(&mut self) {
@@ -83,6 +92,7 @@ pub enum TelemetryError {
     #[error("logging was initialised twice: {0}")]
     Init(String),
     /// The OTLP exporter could not be set up.
+    #[cfg(feature = "fleet")]
     #[error("OTLP trace export to {endpoint}: {reason}")]
     Otlp {
         /// The endpoint.
@@ -107,17 +117,25 @@ fn parse_filter(filter: &str) -> Result<EnvFilter, TelemetryError> {
 /// the guard until the end.
 pub fn init(args: &TelemetryArgs, service: &str) -> Result<Telemetry, TelemetryError> {
     let (filter, handle) = reload::Layer::new(parse_filter(&args.log_filter)?);
+    #[cfg(feature = "fleet")]
     let traces = args
         .otlp_endpoint
         .as_deref()
         .filter(|e| !e.is_empty())
         .map(|e| tracer_provider(e, service))
         .transpose()?;
+    #[cfg(feature = "fleet")]
     let otel = traces.as_ref().map(|(p, _)| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("nexus"))
             .with_tracked_inactivity(false)
     });
+    // Without the fleet's OTLP export, spans go nowhere but the log lines.
+    #[cfg(not(feature = "fleet"))]
+    let otel = {
+        let _ = service;
+        None::<tracing_subscriber::layer::Identity>
+    };
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let res = match args.log_format {
         LogFormat::Text => registry
@@ -136,12 +154,14 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Result<Telemetry, TelemetryE
     res.map_err(|e| TelemetryError::Init(e.to_string()))?;
     Ok(Telemetry {
         filter: handle,
+        #[cfg(feature = "fleet")]
         traces,
     })
 }
 
 /// The provider and the one-thread runtime its exports run on (the process's
 /// own runtime may not exist yet, and ends before the last flush).
+#[cfg(feature = "fleet")]
 fn tracer_provider(
     endpoint: &str,
     service: &str,
@@ -182,12 +202,14 @@ fn tracer_provider(
 /// Runs a span exporter's calls on a Tokio runtime: the SDK's
 /// batch processor exports from a thread of its own, where tonic's
 /// connections (which need the runtime's reactor) cannot be driven.
+#[cfg(feature = "fleet")]
 #[derive(Debug)]
 struct OnRuntime<E> {
     inner: Arc<E>,
     runtime: tokio::runtime::Handle,
 }
 
+#[cfg(feature = "fleet")]
 impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
     fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
         let inner = self.inner.clone();

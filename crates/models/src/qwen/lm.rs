@@ -302,8 +302,8 @@ impl QwenLm {
         };
         *slot = Some((k.clone(), v.clone()));
         let rep = self.heads / self.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let k = repeat_kv(k, rep)?.contiguous()?;
+        let v = repeat_kv(v, rep)?.contiguous()?;
         let total = pos + l;
         let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         if l > 1 {
@@ -447,4 +447,18 @@ impl QwenLm {
     pub fn argmax(logits: &Tensor) -> Result<u32> {
         Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
     }
+}
+
+/// Grouped-query attention's keys or values for every query head:
+/// `(batch, kv_heads, seq, head_dim)` to `(batch, kv_heads * rep, seq, head_dim)`,
+/// each key/value head repeated for the `rep` query heads that share it.
+/// Concatenating along the sequence and reshaping puts the copies of one head
+/// next to each other without a strided copy.
+fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv_heads, seq, hd) = x.dims4()?;
+    let copies = vec![&x; rep];
+    Ok(Tensor::cat(&copies, 2)?.reshape((b, kv_heads * rep, seq, hd))?)
 }
