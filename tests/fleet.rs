@@ -382,3 +382,110 @@ async fn a_full_decoder_pool_refuses_new_sessions_at_once() {
         .unwrap();
     assert!(again.status.is_none(), "{:?}", again.status);
 }
+
+/// Ingest learns what each model can do from the decoders that loaded it,
+/// not from its name or its own flags: an English-only model served from a
+/// folder whose name does not say so is refused other languages, and the
+/// decoders' text translation model is offered and used though ingest was
+/// never told of it.
+#[tokio::test]
+#[ignore = "needs tiny.en, qwen2.5-0.5b-instruct and silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn ingest_learns_what_models_can_do_from_the_decoders() {
+    use nexus_proto::speech::models_client::ModelsClient;
+    use nexus_proto::speech::recognize_request::AudioSource;
+    use nexus_proto::speech::{
+        Capability, ListModelsRequest, RecognitionConfig, Task, TranslationConfig,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("meeting-model");
+    std::os::unix::fs::symlink(
+        nexus_weights::resolve::resolve_model(MODEL, None).unwrap(),
+        &folder,
+    )
+    .unwrap();
+    let folder = folder.to_str().unwrap().to_owned();
+    let (redis, p) = (redis_url(), prefix("catalog"));
+    let common = [
+        "--redis",
+        redis.as_str(),
+        "--model",
+        folder.as_str(),
+        "--key-prefix",
+        p.as_str(),
+    ];
+    let mut enc = Proc::start("encoder", "nexus-encoder", &common);
+    let dec_args = [
+        &common[..],
+        &["--translation-model", "qwen2.5-0.5b-instruct"],
+    ]
+    .concat();
+    let mut dec = Proc::start("decoder", "nexus-decoder", &dec_args);
+    let ingest_args = [&common[..], &["--http-listen", "none"]].concat();
+    let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
+    all_serving(&mut [&mut enc, &mut dec, &mut ing]).await;
+
+    let ch = nexus_tests::connect(ing.addr).await.unwrap();
+    let models = ModelsClient::new(ch)
+        .list_models(ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let whisper = models.iter().find(|m| m.name == folder).unwrap();
+    assert_eq!(whisper.family, "whisper", "{whisper:?}");
+    assert_eq!(whisper.languages, ["en"], "{whisper:?}");
+    assert!(
+        whisper.translation_targets.iter().any(|t| t == "de"),
+        "{whisper:?}"
+    );
+    let text = models
+        .iter()
+        .find(|m| m.capabilities == [Capability::TextTranslation as i32])
+        .unwrap_or_else(|| panic!("no text translation model in {models:?}"));
+    assert_eq!(
+        (text.name.as_str(), text.family.as_str()),
+        ("qwen2.5-0.5b-instruct", "qwen2")
+    );
+
+    let clip = std::fs::read(
+        nexus_tests::fleet::testdata()
+            .join("librivox/sense_and_sensibility_01_austen_64kb-0870.wav"),
+    )
+    .unwrap();
+    let german = nexus_tests::fleet::recognize(
+        &ing,
+        RecognitionConfig {
+            language: "de".into(),
+            ..Default::default()
+        },
+        AudioSource::Content(clip.clone().into()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(german.code(), Code::InvalidArgument, "{german:?}");
+    assert!(german.message().contains("English-only"), "{german:?}");
+
+    let translated = nexus_tests::fleet::recognize(
+        &ing,
+        RecognitionConfig {
+            language: "en".into(),
+            task: Task::Translate as i32,
+            translation: Some(TranslationConfig {
+                target_language: "de".into(),
+                model: String::new(),
+            }),
+            ..Default::default()
+        },
+        AudioSource::Content(clip.into()),
+    )
+    .await
+    .unwrap();
+    let tr = translated
+        .results
+        .iter()
+        .find_map(|r| r.translation.as_ref())
+        .unwrap_or_else(|| panic!("no translation in {translated:?}"));
+    assert_eq!(tr.target_language, "de", "{tr:?}");
+    assert!(!tr.text.trim().is_empty(), "{tr:?}");
+}

@@ -98,6 +98,12 @@ impl Keys {
         format!("{}:dead:{{{stage}}}", self.prefix)
     }
 
+    /// The decoders' model catalog (`ModelCatalog`): what each served model
+    /// can do, as the replicas that loaded it advertise.
+    pub fn catalog(&self) -> String {
+        format!("{}:catalog", self.prefix)
+    }
+
     /// Capacity pool of a stage (e.g. `decoder` sessions): the nodes that serve
     /// it and the leases on its slots live under this one hash tag.
     pub fn pool(&self, stage: &str) -> String {

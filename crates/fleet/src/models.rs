@@ -15,27 +15,6 @@ pub use nexus_weights::resolve::{
     resolve_gguf, resolve_model, resolve_speaker_encoder, resolve_vad,
 };
 
-/// The NEXUS-O models among `names` (their folder's config says so), for
-/// processes that do not load them: these translate into any language
-/// themselves.
-pub fn nexus_by_config(names: &[String], home: Option<PathBuf>) -> Vec<String> {
-    names
-        .iter()
-        .filter(|n| resolve_model(n, home.clone()).is_ok_and(|d| NexusModel::is_checkpoint(&d)))
-        .cloned()
-        .collect()
-}
-
-/// The English-only models among `names`, told by name (`*.en`) for processes
-/// that do not load them; a process that loads them asks their tokenizer.
-pub fn english_only_by_name(names: &[String]) -> Vec<String> {
-    names
-        .iter()
-        .filter(|m| m.ends_with(".en"))
-        .cloned()
-        .collect()
-}
-
 /// The Whisper models a stage serves, by the name clients ask for. The first
 /// is the default for requests that name none.
 #[derive(Clone)]

@@ -139,7 +139,6 @@ async fn run_roles<B: Bus>(args: &ServeArgs, process: &Process, bus: B) -> anyho
     };
     let ingest = if role.runs(Role::Ingest) {
         let offer = FleetOffer {
-            translation_model: args.decoder.translation_model.clone(),
             // The embedded fleet offers the voices it loaded.
             voices: match &vocoder {
                 Some(v) => v.voices(),

@@ -8,6 +8,7 @@
 //! The replica advertises how many live sessions it takes; ingest admits new
 //! sessions only while the fleet's advertised capacity lasts.
 
+pub mod catalog;
 pub mod pool;
 pub mod translator;
 
@@ -87,6 +88,9 @@ impl Default for DecoderArgs {
         }
     }
 }
+
+/// How long the model catalog stays after the last decoder wrote it.
+const CATALOG_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Everything the decoder stage runs with.
 #[derive(Clone)]
@@ -210,7 +214,11 @@ async fn run<B: Bus>(
     .await
     .context("joining the encoded stream")?;
 
-    // Capacity is advertised while the replica runs and withdrawn when it drains.
+    // Capacity is advertised while the replica runs and withdrawn when it
+    // drains. What the models can do is written first, so a replica's
+    // capacity never shows before its catalog; the catalog outlives the
+    // replica (decoders scaled to zero leave it for ingest to check jobs
+    // against) and the next replica to start rewrites it.
     let pool_key = keys.pool(stages::DECODER_POOL);
     let ttl = Duration::from_millis(cfg.args.advertise_ttl_ms.max(300));
     let advertiser = {
@@ -221,8 +229,16 @@ async fn run<B: Bus>(
             shutdown.clone(),
         );
         let slots = cfg.args.sessions;
+        let catalog_key = keys.catalog();
+        let catalog = prost::Message::encode_to_vec(&catalog::catalog(
+            &models,
+            cfg.translator.as_ref().map(|(name, _)| name.as_str()),
+        ));
         nexus_core::task::spawn("advertise-capacity", async move {
             loop {
+                if let Err(e) = bus.put(&catalog_key, catalog.clone(), CATALOG_TTL).await {
+                    tracing::warn!(error = %e, "writing the model catalog failed");
+                }
                 if let Err(e) = bus.advertise(&pool_key, &node, slots, ttl).await {
                     tracing::warn!(error = %e, "advertising capacity failed");
                 }

@@ -461,7 +461,7 @@ async fn audio<B: Bus>(
         }),
         ..Default::default()
     };
-    ingest.check_config(&mut rc)?;
+    ingest.check_config(&mut rc).await?;
     let prepared = ingest.prepare_bytes(rc, bytes).await?;
     let target = (task == Task::Translate).then_some(target);
 

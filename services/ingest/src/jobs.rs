@@ -156,7 +156,7 @@ impl<B: Bus> Ingest<B> {
     async fn submit(&self, r: SubmitJobRequest, tenant: String) -> Result<Job, Status> {
         let inner = &self.inner;
         let mut rc = r.config.ok_or_else(|| invalid("config is required"))?;
-        self.check_config(&mut rc)?;
+        self.check_config(&mut rc).await?;
         let now = now_unix_ms();
         if r.deadline_unix_ms != 0 && r.deadline_unix_ms <= now {
             return Err(invalid(format!(
@@ -726,7 +726,7 @@ impl<B: Bus> Ingest<B> {
         // Jobs may come from elsewhere than this API (the Kubernetes
         // operator writes them to the bus directly): check them here too.
         let mut rc = spec.config.clone().unwrap_or_default();
-        if let Err(s) = self.check_config(&mut rc) {
+        if let Err(s) = self.check_config(&mut rc).await {
             return Outcome::Fail(s.message().to_owned());
         }
         let prepared = match self.prepare_bytes(rc.clone(), bytes).await {

@@ -12,6 +12,7 @@ mod agreement;
 mod audio_in;
 pub mod auth;
 mod bounds;
+mod catalog;
 mod http;
 pub mod jobs;
 pub mod metrics;
@@ -191,12 +192,6 @@ struct IngestConfig {
     args: IngestArgs,
     /// Whisper models the fleet's encoders and decoders serve; the first is the default.
     models: Vec<String>,
-    /// Whether English-only models are among them (they cannot take other languages).
-    english_only: Vec<String>,
-    /// The decoders' text translation model, when they have one.
-    translation_model: Option<String>,
-    /// Models that translate into any language themselves (NEXUS-O).
-    self_translating: Vec<String>,
     /// Voices the fleet's vocoders serve; the first is the default. Empty: no synthesis.
     voices: Vec<String>,
 }
@@ -205,8 +200,6 @@ struct IngestConfig {
 /// and check requests.
 #[derive(Debug, Clone, Default)]
 pub struct FleetOffer {
-    /// The decoders' text translation model; none when empty.
-    pub translation_model: String,
     /// Voices the fleet's vocoders serve; the first is the default. Empty: no synthesis.
     pub voices: Vec<String>,
 }
@@ -220,9 +213,9 @@ pub struct IngestStage {
 }
 
 impl IngestStage {
-    /// The ingest of `process`: the Silero VAD (on the CPU), and what the
-    /// process's models can do: asked of their tokenizers when a stage of
-    /// this process loaded them, else told by name and config.
+    /// The ingest of `process`: the Silero VAD (on the CPU) and the speaker
+    /// encoder when pulled. What the models can do is read from the
+    /// decoders' catalog on the bus as requests come.
     pub async fn build(
         process: &Process,
         args: IngestArgs,
@@ -241,7 +234,7 @@ impl IngestStage {
         };
         // The speaker encoder, when pulled: diarization of whole audio runs
         // here, beside the VAD whose speech regions it reads.
-        let speaker = match nexus_fleet::models::resolve_speaker_encoder(home.clone()) {
+        let speaker = match nexus_fleet::models::resolve_speaker_encoder(home) {
             Some(dir) => Some(Arc::new(
                 tokio::task::spawn_blocking(move || {
                     nexus_models::speaker::SpeakerEncoder::load(&dir, &candle_core::Device::Cpu)
@@ -250,23 +243,10 @@ impl IngestStage {
             )),
             None => None,
         };
-        let names = process.model_names().to_vec();
-        let english_only = match process.loaded_models() {
-            Some(m) => m
-                .names()
-                .into_iter()
-                .filter(|n| m.get(n).is_some_and(|(_, e)| !e.tokenizer.multilingual))
-                .collect(),
-            None => nexus_fleet::models::english_only_by_name(&names),
-        };
         Ok(Self {
             cfg: IngestConfig {
                 fleet: process.fleet("ingest")?,
-                english_only,
-                self_translating: nexus_fleet::models::nexus_by_config(&names, home),
-                models: names,
-                translation_model: (!offer.translation_model.is_empty())
-                    .then_some(offer.translation_model),
+                models: process.model_names().to_vec(),
                 voices: offer.voices.into_iter().filter(|v| !v.is_empty()).collect(),
                 args,
             },
@@ -322,9 +302,6 @@ pub(crate) struct Settings {
     /// Audio before an utterance that its final's window carries.
     pub(crate) final_lead: Duration,
     pub(crate) models: Vec<String>,
-    pub(crate) english_only: Vec<String>,
-    pub(crate) translation_model: Option<String>,
-    pub(crate) self_translating: Vec<String>,
     pub(crate) voices: Vec<String>,
     pub(crate) file_root: Option<std::path::PathBuf>,
 }
@@ -332,6 +309,8 @@ pub(crate) struct Settings {
 pub(crate) struct Inner<B: Bus> {
     pub(crate) cfg: Settings,
     pub(crate) bus: B,
+    /// What the decoders' models can do, as they advertise it.
+    pub(crate) catalog: catalog::Catalog,
     pub(crate) vad: Arc<SileroVad>,
     /// The GE2E encoder, when pulled (`nexus models pull ge2e`).
     pub(crate) speaker: Option<Arc<nexus_models::speaker::SpeakerEncoder>>,
@@ -557,7 +536,7 @@ impl<B: Bus> Ingest<B> {
 
     /// Checks what a request asks of the models and fills in the default model;
     /// the error says what to change.
-    pub(crate) fn check_config(&self, rc: &mut RecognitionConfig) -> Result<(), Status> {
+    pub(crate) async fn check_config(&self, rc: &mut RecognitionConfig) -> Result<(), Status> {
         let inner = &self.inner;
         bounds::check_recognition(rc)?;
         if rc.model.is_empty() {
@@ -569,7 +548,14 @@ impl<B: Bus> Ingest<B> {
                 rc.model, inner.cfg.models
             )));
         }
-        let english_only = inner.cfg.english_only.contains(&rc.model);
+        // What the model can do, as the decoders that loaded it say. Before
+        // any decoder has advertised it (none has started yet), only what
+        // needs no model is checked here, and the decoder refuses the rest.
+        let model = inner
+            .catalog
+            .model(&inner.bus, &inner.cfg.fleet.keys.catalog(), &rc.model)
+            .await;
+        let english_only = model.as_ref().is_some_and(|m| m.languages == ["en"]);
         if !rc.language.is_empty() && rc.language != "auto" {
             if nexus_models::whisper::tokenizer::language_code_known(&rc.language).is_none() {
                 return Err(invalid(format!(
@@ -597,7 +583,7 @@ impl<B: Bus> Ingest<B> {
             ));
         }
         if rc.speech_output.as_ref().is_some_and(|s| s.enabled)
-            && !inner.cfg.self_translating.contains(&rc.model)
+            && model.as_ref().is_some_and(|m| m.family != "nexus-o")
         {
             return Err(invalid(format!(
                 "speech_output needs a NEXUS-O model (its audio decoder speaks); {} writes text only",
@@ -615,14 +601,17 @@ impl<B: Bus> Ingest<B> {
                     "task TRANSLATE needs config.translation.target_language",
                 ));
             }
-            let whisper_can =
-                (target == "en" && !english_only) || inner.cfg.self_translating.contains(&rc.model);
-            if !whisper_can && inner.cfg.translation_model.is_none() {
+            let targets = model.as_ref().map(|m| m.translation_targets.as_slice());
+            if targets.is_some_and(|t| !t.contains(&target) && t.iter().all(|t| t == "en")) {
                 return Err(invalid(format!(
                     "translation into {target:?} needs a text translation model and none is configured; ask for target_language \"en\" with a multilingual model"
                 )));
             }
-            if !whisper_can && nexus_models::qwen::language_name(&target).is_none() {
+            let known = match targets {
+                Some(t) => t.contains(&target),
+                None => target == "en" || nexus_models::qwen::language_name(&target).is_some(),
+            };
+            if !known {
                 return Err(invalid(format!(
                     "target_language {target:?} is not supported; use an ISO 639-1 code"
                 )));
@@ -662,7 +651,7 @@ impl<B: Bus> Ingest<B> {
 
     /// Checks a live session's settings; the recognition config with its
     /// defaults filled in, the audio decoder and the endpointer's settings.
-    pub(crate) fn check_stream(
+    pub(crate) async fn check_stream(
         &self,
         cfg: &StreamingRecognitionConfig,
     ) -> Result<(RecognitionConfig, audio_in::AudioIn, EndpointConfig), Status> {
@@ -680,7 +669,7 @@ impl<B: Bus> Ingest<B> {
                 "diarization.min_speakers applies to whole recordings; a live stream finds its speakers as they speak (max_speakers bounds them)",
             ));
         }
-        self.check_config(&mut rc)?;
+        self.check_config(&mut rc).await?;
         bounds::check_streaming(cfg)?;
         if rc.separate_recognition_per_channel {
             return Err(invalid(
@@ -718,7 +707,7 @@ impl<B: Bus> Ingest<B> {
         grant: auth::Grant,
     ) -> Result<(session::Session<B>, audio_in::AudioIn), Status> {
         let inner = &self.inner;
-        let (rc, audio_in, endpoint) = self.check_stream(&cfg)?;
+        let (rc, audio_in, endpoint) = self.check_stream(&cfg).await?;
         let local = inner.sessions.clone().try_acquire_owned().map_err(|_| {
             inner.metrics.refused("replica_sessions_full");
             Status::resource_exhausted(format!(
@@ -871,13 +860,11 @@ async fn run<B: Bus>(
             live_burst: Duration::from_secs(cfg.args.live_burst_s),
             final_lead: Duration::from_millis(cfg.args.final_lead_ms),
             models: cfg.models.clone(),
-            english_only: cfg.english_only.clone(),
-            translation_model: cfg.translation_model.clone(),
-            self_translating: cfg.self_translating.clone(),
             voices: cfg.voices.clone(),
             file_root: cfg.args.file_root.clone(),
         },
         bus,
+        catalog: catalog::Catalog::default(),
         vad,
         speaker,
         sessions: Arc::new(Semaphore::new(cfg.args.max_sessions)),

@@ -16,9 +16,6 @@ struct Cli {
     listen: SocketAddr,
     #[command(flatten)]
     process: StageProcessArgs,
-    /// The decoders' text translation model; none when empty.
-    #[arg(long, env = "NEXUS_TRANSLATION_MODEL", default_value = "")]
-    translation_model: String,
     /// Voices the fleet's vocoders serve (SpeechSynthesis); the first is the default; none when empty.
     #[arg(
         long = "voice",
@@ -43,10 +40,7 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = nexus_core::telemetry::init(&cli.telemetry, "nexus-ingest")?;
     let (process, bus) = cli.process.start(&cli.fleet, &telemetry).await?;
-    let offer = FleetOffer {
-        translation_model: cli.translation_model,
-        voices: cli.voices,
-    };
+    let offer = FleetOffer { voices: cli.voices };
     let stage = IngestStage::build(&process, cli.stage, offer).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     stage.run(bus, listener).await

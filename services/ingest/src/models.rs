@@ -3,24 +3,17 @@
 
 use nexus_bus::Bus;
 use nexus_fleet::stages;
-use nexus_models::whisper::tokenizer::LANGUAGES;
 use nexus_proto::speech::models_server::Models;
 use nexus_proto::speech::{Capability, ListModelsRequest, ListModelsResponse, ModelInfo, Task};
 use tonic::{Request, Response, Status};
 
 use crate::Ingest;
 
-fn codes(filter: impl Fn(&str) -> bool) -> Vec<String> {
-    LANGUAGES
-        .iter()
-        .filter(|c| filter(c))
-        .map(|c| (*c).to_owned())
-        .collect()
-}
-
 impl<B: Bus> Ingest<B> {
-    /// The served models, described for clients; `ready` says whether the
-    /// decoder pool advertises capacity.
+    /// The served models, described for clients as the decoders advertise
+    /// them (`catalog`); `ready` says whether the decoder pool advertises
+    /// capacity. A model this fleet is set to serve that no decoder has
+    /// advertised yet is listed by name only, not ready.
     pub(crate) async fn model_list(&self) -> Vec<ModelInfo> {
         let cfg = &self.inner.cfg;
         let pool = cfg.fleet.keys.pool(stages::DECODER_POOL);
@@ -31,62 +24,34 @@ impl<B: Bus> Ingest<B> {
                 false
             }
         };
-        let text_targets = |from_en_only: bool| {
-            codes(|c| {
-                nexus_models::qwen::language_name(c).is_some() && !(from_en_only && c == "en")
-            })
-        };
+        let advertised = self
+            .inner
+            .catalog
+            .models(&self.inner.bus, &cfg.fleet.keys.catalog())
+            .await;
         let mut out = Vec::new();
         for (i, name) in cfg.models.iter().enumerate() {
-            let english_only = cfg.english_only.contains(name);
-            let mut targets = Vec::new();
-            if !english_only {
-                targets.push("en".to_owned());
-            }
-            if cfg.translation_model.is_some() || cfg.self_translating.contains(name) {
-                for t in text_targets(false) {
-                    if !targets.contains(&t) {
-                        targets.push(t);
-                    }
-                }
-            }
-            let mut capabilities = vec![Capability::SpeechRecognition as i32];
-            let mut tasks = vec![Task::Transcribe as i32];
-            if !targets.is_empty() {
-                capabilities.push(Capability::SpeechTranslation as i32);
-                tasks.push(Task::Translate as i32);
-            }
-            // NEXUS-O checkpoints are the models that translate through their own prompt.
-            let nexus = cfg.self_translating.contains(name);
-            out.push(ModelInfo {
-                name: name.clone(),
-                family: if nexus { "nexus-o" } else { "whisper" }.into(),
-                capabilities,
-                languages: if english_only {
-                    vec!["en".into()]
-                } else {
-                    codes(|_| true)
+            let info = match advertised.iter().find(|m| &m.name == name) {
+                Some(m) => ModelInfo { ready, ..m.clone() },
+                None => ModelInfo {
+                    name: name.clone(),
+                    capabilities: vec![Capability::SpeechRecognition as i32],
+                    tasks: vec![Task::Transcribe as i32],
+                    sample_rate_hz: nexus_audio::MODEL_SAMPLE_RATE,
+                    ..ModelInfo::default()
                 },
-                translation_targets: targets,
-                tasks,
-                ready,
-                is_default: i == 0,
-                sample_rate_hz: nexus_audio::MODEL_SAMPLE_RATE,
-            });
-        }
-        if let Some(name) = &cfg.translation_model {
+            };
             out.push(ModelInfo {
-                name: name.clone(),
-                family: "qwen2".into(),
-                capabilities: vec![Capability::TextTranslation as i32],
-                languages: text_targets(false),
-                translation_targets: text_targets(false),
-                tasks: Vec::new(),
-                ready,
-                is_default: true,
-                sample_rate_hz: 0,
+                is_default: i == 0,
+                ..info
             });
         }
+        out.extend(
+            advertised
+                .iter()
+                .filter(|m| m.capabilities == [Capability::TextTranslation as i32])
+                .map(|m| ModelInfo { ready, ..m.clone() }),
+        );
         out.push(ModelInfo {
             name: "silero-vad".into(),
             family: "silero".into(),
@@ -100,6 +65,21 @@ impl<B: Bus> Ingest<B> {
             sample_rate_hz: nexus_audio::MODEL_SAMPLE_RATE,
         });
         out
+    }
+
+    /// The text translation model the decoders advertise, if any.
+    pub(crate) async fn text_translation_model(&self) -> Option<String> {
+        let cfg = &self.inner.cfg;
+        self.inner
+            .catalog
+            .models(&self.inner.bus, &cfg.fleet.keys.catalog())
+            .await
+            .iter()
+            .find(|m| {
+                m.capabilities
+                    .contains(&(Capability::TextTranslation as i32))
+            })
+            .map(|m| m.name.clone())
     }
 }
 

@@ -205,7 +205,7 @@ impl<B: Bus> Ingest<B> {
     /// Validates a request, reads and decodes its audio and plans its windows.
     pub(crate) async fn prepare(&self, req: RecognizeRequest) -> Result<Prepared, Status> {
         let mut rc = req.config.ok_or_else(|| invalid("config is required"))?;
-        self.check_config(&mut rc)?;
+        self.check_config(&mut rc).await?;
         let bytes = match req.audio_source {
             Some(AudioSource::Content(b)) if b.is_empty() => {
                 return Err(invalid("content is empty; send the audio file's bytes"));

@@ -28,8 +28,8 @@ pub(crate) const MAX_BYTES: usize = 12_000;
 pub struct TranslationService<B: Bus>(pub(crate) Ingest<B>);
 
 impl<B: Bus> Ingest<B> {
-    fn check_translate(&self, r: &mut TranslateTextRequest) -> Result<String, Status> {
-        let Some(model) = self.inner.cfg.translation_model.clone() else {
+    async fn check_translate(&self, r: &mut TranslateTextRequest) -> Result<String, Status> {
+        let Some(model) = self.text_translation_model().await else {
             return Err(Status::failed_precondition(
                 "this fleet has no text translation model; start the decoders with --translation-model",
             ));
@@ -98,7 +98,7 @@ impl<B: Bus> Ingest<B> {
         mut r: TranslateTextRequest,
         tenant: String,
     ) -> Result<TranslateTextResponse, Status> {
-        let model = self.check_translate(&mut r)?;
+        let model = self.check_translate(&mut r).await?;
         let inner = &self.inner;
         let id = SessionId::parse(&uuid::Uuid::new_v4().to_string())
             .map_err(|e| Status::internal(e.to_string()))?;

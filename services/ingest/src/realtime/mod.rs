@@ -343,7 +343,7 @@ async fn connection<B: Bus>(socket: WebSocket, ingest: Ingest<B>, start: Start) 
                 };
                 if let Some((id, _, _)) = &waiting {
                     // Checked now, so a bad setting is answered here and not at the first audio.
-                    if let Err(status) = ingest.check_stream(&s.streaming()) {
+                    if let Err(status) = ingest.check_stream(&s.streaming()).await {
                         let mut e = ProtocolError::of_status(&status);
                         e.param = Some("session".into());
                         let _ = ctl.send(ToWriter::Error(e)).await;
