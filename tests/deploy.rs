@@ -1,7 +1,7 @@
 //! The Kubernetes deliverables: the Helm chart (lint, render, schema
 //! validation for Kubernetes 1.30+), what it renders against what the binaries
 //! expect, the plain manifests in deploy/ kept in step with it, and the
-//! Dockerfiles against the workspace's binaries.
+//! Dockerfile against the workspace's binaries.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -389,30 +389,33 @@ fn norm(v: &Value) -> Value {
     }
 }
 
-/// `-p PKG --bin BIN [--features F]` of a Dockerfile's cargo build, and its entrypoint.
-fn dockerfile(text: &str) -> (String, String, Option<String>, String) {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let after = |flag: &str| {
-        words
-            .iter()
-            .position(|w| *w == flag)
-            .map(|i| words[i + 1].trim_end_matches('\\').to_owned())
-    };
-    let entry = text
+/// The arms of the first `case "$SERVICE" in` table after `marker` in the
+/// Dockerfile: each arm's service names and what follows `)` up to `;;`.
+fn case_arms<'a>(text: &'a str, marker: &str) -> Vec<(Vec<&'a str>, &'a str)> {
+    let from = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker} in the Dockerfile"));
+    let table = &text[from..];
+    let table = &table[table
+        .find("case \"$SERVICE\" in")
+        .expect("a case on $SERVICE")..];
+    let table = &table[..table.find("esac").expect("esac")];
+    table
         .lines()
-        .rfind(|l| l.starts_with("ENTRYPOINT"))
-        .expect("an ENTRYPOINT")
-        .to_owned();
-    (
-        after("-p").expect("cargo build -p"),
-        after("--bin").expect("cargo build --bin"),
-        after("--features"),
-        entry,
-    )
+        .filter_map(|l| {
+            let l = l.trim().trim_end_matches('\\').trim();
+            let (names, rest) = l.split_once(") ")?;
+            let names: Vec<&str> = names.split('|').collect();
+            names
+                .iter()
+                .all(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_lowercase()))
+                .then(|| (names, rest.trim_end_matches(";;").trim()))
+        })
+        .collect()
 }
 
 #[test]
-fn dockerfiles_build_binaries_that_the_workspace_has() {
+fn the_dockerfile_builds_every_service_the_workspace_has() {
     let meta: Value = serde_json::from_str(&run(Command::new(env!("CARGO")).args([
         "metadata",
         "--no-deps",
@@ -421,102 +424,112 @@ fn dockerfiles_build_binaries_that_the_workspace_has() {
     ])))
     .unwrap();
     let packages = meta["packages"].as_array().unwrap();
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let build = case_arms(&text, "FROM toolchain-${FLAVOR} AS build");
+    let cuda = case_arms(&text, "if [ \"$FLAVOR\" = cuda ]");
+    let services: Vec<String> = std::fs::read_dir(root().join("services"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().to_owned())
+        .collect();
     let mut built = Vec::new();
-    for service in std::fs::read_dir(root().join("services")).unwrap() {
-        let dir = service.unwrap().path();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+    for service in &services {
+        let dir = root().join("services").join(service);
+        let stray: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with("Dockerfile")
-            })
+            .map(|e| e.unwrap().file_name().to_str().unwrap().to_owned())
+            .filter(|n| n.starts_with("Dockerfile"))
             .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{} has no Dockerfile", dir.display());
-        for f in files {
-            let text = std::fs::read_to_string(&f).unwrap();
-            let (pkg, bin, features, entry) = dockerfile(&text);
-            let p = packages
-                .iter()
-                .find(|p| p["name"] == pkg.as_str())
-                .unwrap_or_else(|| panic!("{}: no package {pkg}", f.display()));
-            let manifest = Path::new(p["manifest_path"].as_str().unwrap())
-                .parent()
+        assert!(
+            stray.is_empty(),
+            "{service}: {stray:?} beside the one Dockerfile"
+        );
+        let (_, arm) = build
+            .iter()
+            .find(|(names, _)| names.contains(&service.as_str()))
+            .unwrap_or_else(|| panic!("the Dockerfile does not build {service}"));
+        let word = |key: &str| {
+            arm.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or_else(|| panic!("{service}: no {key} in {arm:?}"))
+                .replace("$SERVICE", service)
+        };
+        let (pkg, bin) = (word("pkg="), word("bin="));
+        let p = packages
+            .iter()
+            .find(|p| p["name"] == pkg.as_str())
+            .unwrap_or_else(|| panic!("{service}: no package {pkg}"));
+        let manifest = Path::new(p["manifest_path"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            manifest.canonicalize().unwrap(),
+            dir.canonicalize().unwrap(),
+            "{service}: builds another service's package"
+        );
+        assert!(
+            p["targets"]
+                .as_array()
                 .unwrap()
-                .to_owned();
-            assert_eq!(
-                manifest.canonicalize().unwrap(),
-                dir.canonicalize().unwrap(),
-                "{}: builds another service's package",
-                f.display()
-            );
+                .iter()
+                .any(|t| t["name"] == bin.as_str() && t["kind"][0] == "bin"),
+            "{service}: {pkg} has no binary {bin}"
+        );
+        built.push(format!("nexus-fleet/{bin}"));
+        if let Some((_, arm)) = cuda
+            .iter()
+            .find(|(names, _)| names.contains(&service.as_str()))
+        {
+            let feature = arm.strip_prefix("features=").expect("features=");
             assert!(
-                p["targets"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|t| t["name"] == bin.as_str() && t["kind"][0] == "bin"),
-                "{}: {pkg} has no binary {bin}",
-                f.display()
+                p["features"][feature].is_array(),
+                "{service}: {pkg} has no feature {feature}"
             );
-            if let Some(feat) = &features {
-                assert!(
-                    p["features"][feat].is_array(),
-                    "{}: {pkg} has no feature {feat}",
-                    f.display()
-                );
-            }
-            assert!(
-                entry.contains(&format!("/usr/local/bin/{bin}\"")),
-                "{}: {entry}",
-                f.display()
-            );
-            assert!(
-                text.matches("\nFROM ").count() >= 1 && text.contains(" AS build"),
-                "{}: not multi-stage",
-                f.display()
-            );
-            let last = text.rsplit("\nFROM ").next().unwrap();
-            assert!(
-                last.contains(&format!("COPY --from=build /out/{bin} ")),
-                "{}: runtime stage does not take {bin}",
-                f.display()
-            );
-            let user = last
-                .lines()
-                .find(|l| l.starts_with("USER "))
-                .expect("a USER in the runtime stage");
-            assert!(
-                !user.contains("root") && !user.starts_with("USER 0"),
-                "{}: {user}",
-                f.display()
-            );
-            let cuda = f.extension().is_some_and(|e| e == "cuda");
-            assert_eq!(features.as_deref() == Some("cuda"), cuda, "{}", f.display());
-            built.push(format!(
-                "nexus-fleet/{bin}{}",
-                if cuda { "-cuda" } else { "" }
-            ));
+            built.push(format!("nexus-fleet/{bin}-cuda"));
         }
     }
-    // Every image the chart runs has a Dockerfile.
+    // Every arm names services that exist.
+    for (names, _) in build.iter().chain(&cuda) {
+        for n in names {
+            assert!(
+                services.iter().any(|s| s == n),
+                "the Dockerfile names {n}, which services/ lacks"
+            );
+        }
+    }
+    // Multi-stage, and the image runs its binary as a user other than root.
+    let last = text.rsplit("\nFROM ").next().unwrap();
+    assert!(
+        last.contains("COPY --from=build /out/ /usr/local/bin/"),
+        "{last}"
+    );
+    assert!(
+        text.contains("ln -s \"$bin\" /out/entrypoint")
+            && last.contains("ENTRYPOINT [\"/usr/local/bin/entrypoint\"]"),
+        "the entrypoint is not the built binary"
+    );
+    let user = last
+        .lines()
+        .find(|l| l.starts_with("USER "))
+        .expect("a USER in the runtime stage");
+    assert!(
+        !user.contains("root") && !user.starts_with("USER 0"),
+        "{user}"
+    );
+    // Every image the chart runs is one the Dockerfile builds.
     let values: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(root().join(CHART).join("values.yaml")).unwrap(),
     )
     .unwrap();
-    for key in ["ingest", "encoder", "decoder", "operator", "cli"] {
+    for key in ["ingest", "encoder", "decoder", "vocoder", "operator", "cli"] {
         let repo = values["image"][key].as_str().unwrap();
         assert!(
             built.iter().any(|b| b == repo),
-            "image {repo} has no Dockerfile (built: {built:?})"
+            "image {repo} is not built by the Dockerfile (built: {built:?})"
         );
         if key == "encoder" || key == "decoder" {
             let cuda = format!("{repo}{}", values["image"]["cudaSuffix"].as_str().unwrap());
-            assert!(built.contains(&cuda), "no CUDA Dockerfile for {cuda}");
+            assert!(built.contains(&cuda), "no CUDA build of {cuda}");
         }
     }
 }
