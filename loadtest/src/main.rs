@@ -435,8 +435,37 @@ fn load_clips(dir: &std::path::Path) -> anyhow::Result<Vec<Clip>> {
     Ok(clips)
 }
 
+/// Waits until the target transcribes a short clip, then runs `streams`
+/// sessions of one clip each at once, as the scenario asks them (interims
+/// included), and drops what they measure: the first level then meets a
+/// target that has already served that many sessions together (its
+/// batches, buffers and threads grown), as every later level does.
+async fn warm_up(
+    to: session::Endpoint,
+    s: &Scenario,
+    clips: &[Clip],
+    streams: usize,
+) -> anyhow::Result<()> {
+    ready(to, s, &clips[0]).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..streams {
+        let program = Program::new(clips, i, 0.0);
+        let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / streams as f64);
+        let ask = s.ask(None, false);
+        tasks.spawn(async move { session::run(to, ask, program, lead).await });
+    }
+    let mut failed = 0;
+    while let Some(r) = tasks.join_next().await {
+        if !r.is_ok_and(|o| o.error.is_none()) {
+            failed += 1;
+        }
+    }
+    println!("# warm-up: {streams} sessions of one clip at once, {failed} failed (not measured)");
+    Ok(())
+}
+
 /// Waits until the target transcribes a short clip.
-async fn warm_up(to: session::Endpoint, s: &Scenario, clip: &Clip) -> anyhow::Result<()> {
+async fn ready(to: session::Endpoint, s: &Scenario, clip: &Clip) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     let short = Clip {
         samples: clip.samples[..clip.samples.len().min(4 * 16_000)].to_vec(),
@@ -840,7 +869,7 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     for &p in &protocols {
-        warm_up(endpoint(p)?, &s, &clips[0]).await?;
+        warm_up(endpoint(p)?, &s, &clips, s.streams[0].min(64)).await?;
     }
     let mut budgets = format!("final p95 {} ms", s.final_budget_ms);
     if let Some(b) = s.interim_budget() {
