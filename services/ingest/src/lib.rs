@@ -549,8 +549,9 @@ impl<B: Bus> Ingest<B> {
             )));
         }
         // What the model can do, as the decoders that loaded it say. Before
-        // any decoder has advertised it (none has started yet), only what
-        // needs no model is checked here, and the decoder refuses the rest.
+        // any decoder has advertised it (none has started since the catalog
+        // was last written), only what needs no model is checked here; a job
+        // queued then that asks what the model cannot do fails at the decoder.
         let model = inner
             .catalog
             .model(&inner.bus, &inner.cfg.fleet.keys.catalog(), &rc.model)
