@@ -435,6 +435,27 @@ fn load_clips(dir: &std::path::Path) -> anyhow::Result<Vec<Clip>> {
     Ok(clips)
 }
 
+/// Starts `n` sessions asking `ask`, session `i` from clip `i` on for
+/// `seconds` of audio (one clip at least), their starts spread over the
+/// scenario's ramp-up; each task yields its index and outcome.
+fn start_sessions(
+    to: session::Endpoint,
+    s: &Scenario,
+    clips: &[Clip],
+    n: usize,
+    seconds: f64,
+    ask: session::Ask,
+) -> tokio::task::JoinSet<(usize, session::Outcome)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let program = Program::new(clips, i, seconds);
+        let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / n as f64);
+        let ask = ask.clone();
+        tasks.spawn(async move { (i, session::run(to, ask, program, lead).await) });
+    }
+    tasks
+}
+
 /// Waits until the target transcribes a short clip, then runs `streams`
 /// sessions of one clip each at once, as the scenario asks them (interims
 /// included), and drops what they measure: the first level then meets a
@@ -447,16 +468,10 @@ async fn warm_up(
     streams: usize,
 ) -> anyhow::Result<()> {
     ready(to, s, &clips[0]).await?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..streams {
-        let program = Program::new(clips, i, 0.0);
-        let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / streams as f64);
-        let ask = s.ask(None, false);
-        tasks.spawn(async move { session::run(to, ask, program, lead).await });
-    }
+    let mut tasks = start_sessions(to, s, clips, streams, 0.0, s.ask(None, false));
     let mut failed = 0;
     while let Some(r) = tasks.join_next().await {
-        if !r.is_ok_and(|o| o.error.is_none()) {
+        if !r.is_ok_and(|(_, o)| o.error.is_none()) {
             failed += 1;
         }
     }
@@ -593,13 +608,7 @@ async fn level(
         }
         _ => None,
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let program = Program::new(clips, i, s.duration_s);
-        let lead = Duration::from_secs_f64(s.ramp_up_s * i as f64 / n as f64);
-        let ask = s.ask(translate_to, diarize);
-        tasks.spawn(async move { (i, session::run(to, ask, program, lead).await) });
-    }
+    let mut tasks = start_sessions(to, s, clips, n, s.duration_s, s.ask(translate_to, diarize));
     let (mut finals, mut interims, mut errors) =
         (Vec::new(), Vec::new(), std::collections::BTreeMap::new());
     let mut wer = nexus_eval::ErrorCounts::default();

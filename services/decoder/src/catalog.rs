@@ -27,6 +27,7 @@ fn text_targets() -> Vec<String> {
 /// The catalog of `models`, the default first, with the text translation
 /// model `translation` (its name) when the replica loaded one.
 pub fn catalog(models: &ModelSet, translation: Option<&str>) -> ModelCatalog {
+    let text = text_targets();
     let mut names = models.names();
     names.sort_by_key(|n| n != models.default_name());
     let mut out = Vec::with_capacity(names.len() + 1);
@@ -43,9 +44,9 @@ pub fn catalog(models: &ModelSet, translation: Option<&str>) -> ModelCatalog {
             targets.push("en".to_owned());
         }
         if by_prompt || translation.is_some() {
-            for t in text_targets() {
-                if !targets.contains(&t) {
-                    targets.push(t);
+            for t in &text {
+                if !targets.contains(t) {
+                    targets.push(t.clone());
                 }
             }
         }
@@ -76,8 +77,8 @@ pub fn catalog(models: &ModelSet, translation: Option<&str>) -> ModelCatalog {
             name: name.to_owned(),
             family: "qwen2".into(),
             capabilities: vec![Capability::TextTranslation as i32],
-            languages: text_targets(),
-            translation_targets: text_targets(),
+            languages: text.clone(),
+            translation_targets: text,
             tasks: Vec::new(),
             ready: false,
             is_default: true,
