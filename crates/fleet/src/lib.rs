@@ -37,8 +37,9 @@ pub struct StageProcessArgs {
     /// Device the models run on: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, env = "NEXUS_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// How Whisper's decoder holds its weights: f32, or int8 (Q8_0 blocks,
-    /// CPU only). Default: int8 on CPU, f32 on GPUs. NEXUS-O models run as stored.
+    /// How Whisper's linear layers hold their weights: f32, f16 (GPUs only)
+    /// or int8 (Q8_0 blocks, CPU only). Default: int8 on CPU, f16 on GPUs.
+    /// NEXUS-O models run as stored.
     #[arg(long, env = "NEXUS_PRECISION")]
     pub precision: Option<nexus_models::Precision>,
 }

@@ -174,12 +174,14 @@ impl crate::StageProcessArgs {
         telemetry: &nexus_core::telemetry::Telemetry,
     ) -> anyhow::Result<(Process, nexus_bus::RedisBus)> {
         let device = nexus_models::parse_device(&self.device)?;
+        let precision = self
+            .precision
+            .unwrap_or_else(|| nexus_models::Precision::default_for(&device));
+        precision.check_device(&device)?;
         let models = ModelArgs {
             names: self.models.clone(),
             home: None,
-            precision: self
-                .precision
-                .unwrap_or_else(|| nexus_models::Precision::default_for(&device)),
+            precision,
             device,
         };
         on_redis(&self.redis, fleet, models, telemetry).await

@@ -63,11 +63,16 @@ pub struct ServeArgs {
     /// Where weights are kept.
     #[arg(long, env = "NEXUS_HOME")]
     home: Option<PathBuf>,
-    /// How Whisper's linear layers hold their weights: f32, or int8 (Q8_0
-    /// blocks for token steps, a scale per output for the encoder's frames).
+    /// Device the models run on: cpu, cuda or cuda:N (CUDA needs a build
+    /// with `--features cuda`, scripts/build-cuda.sh).
+    #[arg(long, env = "NEXUS_DEVICE", default_value = "cpu")]
+    device: String,
+    /// How Whisper's linear layers hold their weights: f32, f16 (GPUs only),
+    /// or int8 (CPU only: Q8_0 blocks for token steps, a scale per output
+    /// for the encoder's frames). Default: int8 on CPU, f16 on GPUs.
     /// NEXUS-O models run as stored.
-    #[arg(long, env = "NEXUS_PRECISION", default_value_t = nexus_models::Precision::Int8)]
-    precision: nexus_models::Precision,
+    #[arg(long, env = "NEXUS_PRECISION")]
+    precision: Option<nexus_models::Precision>,
     #[command(flatten)]
     fleet: FleetArgs,
     #[command(flatten)]
@@ -90,11 +95,16 @@ pub fn run(args: ServeArgs, log: LogFilter) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs, log: LogFilter) -> anyhow::Result<()> {
     let shutdown = nexus_core::shutdown::on_signals();
+    let device = nexus_models::parse_device(&args.device)?;
+    let precision = args
+        .precision
+        .unwrap_or_else(|| nexus_models::Precision::default_for(&device));
+    precision.check_device(&device)?;
     let models = ModelArgs {
         names: args.models.clone(),
         home: args.home.clone(),
-        device: candle_core::Device::Cpu,
-        precision: args.precision,
+        precision,
+        device,
     };
     let process = Process::start(&args.fleet, models, Some(log), shutdown).await?;
     match (&args.redis, args.role) {

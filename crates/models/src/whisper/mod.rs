@@ -80,25 +80,16 @@ impl WhisperEngine {
 
     /// Loads a folder with `config.json`, `model.safetensors` and `tokenizer.json`
     /// (what `nexus models import` writes, or a Hugging Face Whisper checkpoint)
-    /// with its weights as stored.
+    /// in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         Self::load_with(dir, device, Precision::F32)
     }
 
     /// [`load`](Self::load), with the linear layers in `precision`. Int8 is
-    /// for CPUs; on a GPU it is refused.
+    /// for CPUs and f16 for GPUs; each is refused on the other.
     pub fn load_with(dir: &Path, device: &Device, precision: Precision) -> Result<Self> {
-        if precision == Precision::Int8 && !device.is_cpu() {
-            return Err(ModelError::Load(
-                "precision int8 runs on CPU only; use f32 (f16 on GPUs)".into(),
-            ));
-        }
-        let cfg_path = dir.join("config.json");
-        let cfg_bytes = std::fs::read(&cfg_path)
-            .map_err(|e| ModelError::Load(format!("{}: {e}", cfg_path.display())))?;
-        let config: Config = serde_json::from_slice(&cfg_bytes).map_err(|e| {
-            ModelError::Load(format!("{}: not a Whisper config: {e}", cfg_path.display()))
-        })?;
+        precision.check_device(device)?;
+        let config = Self::read_config(dir)?;
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {
             return Err(ModelError::Load(format!(
@@ -106,29 +97,66 @@ impl WhisperEngine {
                 weights.display()
             )));
         }
-        // f32 on CPU: its matmuls are the fastest there; f16 halves memory on GPUs.
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::F16
-        };
         // SAFETY-free: the crate forbids unsafe, so the file is read rather than memory-mapped.
         let vb = VarBuilder::from_buffered_safetensors(
             std::fs::read(&weights)
                 .map_err(|e| ModelError::Load(format!("{}: {e}", weights.display())))?,
-            dtype,
+            precision.dtype(),
             device,
         )
         .map_err(|e| ModelError::Load(format!("{}: {e}", weights.display())))?;
-        let mut model = Whisper::load(&config, vb)
-            .map_err(|e| ModelError::Load(format!("{}: {e}", weights.display())))?;
+        Self::build(
+            config,
+            vb,
+            &dir.join("tokenizer.json"),
+            device,
+            precision,
+            &weights.display().to_string(),
+        )
+    }
+
+    /// A checkpoint's `config.json` in `dir`.
+    pub fn read_config(dir: &Path) -> Result<Config> {
+        let cfg_path = dir.join("config.json");
+        let cfg_bytes = std::fs::read(&cfg_path)
+            .map_err(|e| ModelError::Load(format!("{}: {e}", cfg_path.display())))?;
+        serde_json::from_slice(&cfg_bytes).map_err(|e| {
+            ModelError::Load(format!("{}: not a Whisper config: {e}", cfg_path.display()))
+        })
+    }
+
+    /// A model from weights already in memory (by their checkpoint names),
+    /// converted to `precision`'s type on `device`: what `nexus gpu-check`
+    /// builds from its bundle's dequantised weights.
+    pub fn from_tensors(
+        config: Config,
+        tensors: std::collections::HashMap<String, candle_core::Tensor>,
+        tokenizer: &Path,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
+        precision.check_device(device)?;
+        let vb = VarBuilder::from_tensors(tensors, precision.dtype(), device);
+        Self::build(config, vb, tokenizer, device, precision, "weights")
+    }
+
+    fn build(
+        config: Config,
+        vb: VarBuilder,
+        tokenizer: &Path,
+        device: &Device,
+        precision: Precision,
+        source: &str,
+    ) -> Result<Self> {
+        let dtype = precision.dtype();
+        let mut model =
+            Whisper::load(&config, vb).map_err(|e| ModelError::Load(format!("{source}: {e}")))?;
         if precision == Precision::Int8 {
             model
                 .quantize()
-                .map_err(|e| ModelError::Load(format!("{}: quantising: {e}", weights.display())))?;
+                .map_err(|e| ModelError::Load(format!("{source}: quantising: {e}")))?;
         }
-        let tokenizer =
-            WhisperTokenizer::load(&dir.join("tokenizer.json"), config.is_multilingual())?;
+        let tokenizer = WhisperTokenizer::load(tokenizer, config.is_multilingual())?;
         let mel = MelFrontend::new(config.num_mel_bins)?;
         Ok(Self {
             model,
