@@ -12,6 +12,7 @@ mod bench_translate;
 #[cfg(feature = "fleet")]
 mod bench_tts;
 mod bench_whisper;
+mod gpu_check;
 mod models;
 #[cfg(feature = "fleet")]
 mod serve;
@@ -44,6 +45,8 @@ enum Command {
     Translate(translate::TranslateArgs),
     /// Measure speed, memory and accuracy beside the reference engines.
     Bench(bench::BenchArgs),
+    /// Prove a device (a CUDA GPU) against the CPU's results and measure it.
+    GpuCheck(gpu_check::GpuCheckArgs),
     /// API keys: print the digest under which the keys file stores a key.
     #[cfg(feature = "fleet")]
     #[command(subcommand)]
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Command::Transcribe(args) => transcribe::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::GpuCheck(args) => gpu_check::run(args),
         #[cfg(feature = "fleet")]
         Command::Keys(KeysCommand::Hash { key }) => {
             println!("{}", nexus_ingest::auth::hash_key(&key));

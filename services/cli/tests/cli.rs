@@ -44,6 +44,7 @@ fn help_lists_only_working_subcommands() {
             "transcribe",
             "translate",
             "bench",
+            "gpu-check",
             "keys"
         ],
         "{help}"
@@ -241,4 +242,169 @@ fn transcribe_diarize_says_who_spoke_when() {
         &home,
     );
     assert!(text(&out).contains("above max_speakers"), "{}", text(&out));
+}
+
+fn weights_home() -> std::path::PathBuf {
+    std::env::var_os("NEXUS_HOME").map_or_else(
+        || {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache")
+                .join("nexus")
+        },
+        std::path::PathBuf::from,
+    )
+}
+
+/// `nexus gpu-check` end to end on the CPU, the one device CI has: the
+/// bundle a lent GPU would get, its checks passing against the CPU that
+/// made it, and failing, naming the check, when the reference disagrees.
+#[test]
+#[ignore = "needs the tiny.en weights and the test data"]
+fn gpu_check_bundles_a_model_and_compares_a_device_with_it() {
+    let home = weights_home();
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle");
+    let clip = testdata().join("librivox/sense_and_sensibility_01_austen_64kb-0870.wav");
+    let (b, c) = (bundle.to_str().unwrap(), clip.to_str().unwrap());
+    let out = nexus(
+        &[
+            "gpu-check",
+            "prepare",
+            "--model",
+            "tiny.en",
+            "--audio",
+            c,
+            "--sessions",
+            "3",
+            "--out",
+            b,
+        ],
+        &home,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // Carried to a lent machine with a binary: well under the 64 MiB a call takes.
+    let size: u64 = std::fs::read_dir(&bundle)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(size < 52_000_000, "bundle of {size} bytes");
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("reference.json")).unwrap()).unwrap();
+    // The reference is the model's real reading of the clip, from the Q8_0-packed weights.
+    let said = reference["transcript"].as_str().unwrap().to_lowercase();
+    assert!(
+        said.contains("dashwood") && said.contains("leisure"),
+        "{said}"
+    );
+    assert_eq!(reference["sessions"].as_array().unwrap().len(), 3);
+
+    let report = tmp.path().join("report.json");
+    let run = |extra: &[&str]| {
+        let args = [
+            &["gpu-check", "run", "--bundle", b, "--device", "cpu"][..],
+            &["--batches", "1,2", "--encoder-batches", "1", "--steps", "4"],
+            &["--encoder-passes", "1", "--precisions", "f32", "--report"],
+            &[report.to_str().unwrap()],
+            extra,
+        ]
+        .concat();
+        nexus(&args, &home)
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let checks = r["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "encoder features",
+            "decoder logits",
+            "transcript",
+            "batched sessions"
+        ]
+    );
+    assert!(checks.iter().all(|c| c["passed"] == true), "{r}");
+    let batches: Vec<u64> = r["decoder"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batches, [1, 2]);
+    assert!(r["decoder"][1]["per_second"].as_f64().unwrap() > 0.0, "{r}");
+
+    // A device that reads the clip differently fails, naming what differs.
+    let mut edited = reference.clone();
+    edited["transcript"] = "something else entirely".into();
+    std::fs::write(
+        bundle.join("reference.json"),
+        serde_json::to_vec(&edited).unwrap(),
+    )
+    .unwrap();
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("transcript") && said.contains("FAIL"),
+        "{said}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["passed"], false);
+
+    // Sizes a client passes are bounded at the edge.
+    let out = run(&["--batches", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--batches is 0; it must be 1-256"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `--device cuda` in a build without CUDA is refused in one line, before
+/// any model loads or port opens.
+#[test]
+fn serve_on_cuda_without_a_cuda_build_says_so_in_one_line() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for args in [
+        &["serve", "--device", "cuda", "--model", "tiny.en"][..],
+        &[
+            "gpu-check",
+            "run",
+            "--bundle",
+            "/nonexistent",
+            "--device",
+            "cuda",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(args)
+            .env("NEXUS_HOME", tmp.path())
+            .env_remove("NEXUS_LOG")
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let said = text(&out);
+        assert_eq!(said.trim().lines().count(), 1, "{args:?}: {said}");
+        assert!(said.contains("--features cuda"), "{args:?}: {said}");
+    }
+    // A precision the device cannot run, likewise.
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["serve", "--precision", "f16", "--model", "tiny.en"])
+        .env("NEXUS_HOME", tmp.path())
+        .env_remove("NEXUS_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert!(said.contains("f16 runs on GPUs only"), "{said}");
 }
