@@ -783,3 +783,102 @@ async fn a_live_session_outlives_the_upload_cap_with_default_limits() {
         finals.len()
     );
 }
+
+/// Opens a live session as the holder of `key` and waits for its first
+/// response; the session stays open while the returned sender lives.
+async fn open_live(
+    fleet: &Proc,
+    key: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<StreamingRecognizeRequest>,
+        tonic::Streaming<nexus_proto::speech::StreamingRecognizeResponse>,
+    ),
+    Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(StreamingRecognizeRequest {
+        streaming_request: Some(StreamingRequest::StreamingConfig(pcm16_config(MODEL))),
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let ch = nexus_tests::connect(fleet.addr).await.unwrap();
+    let mut inbound = SpeechRecognitionClient::new(ch)
+        .streaming_recognize(req)
+        .await?
+        .into_inner();
+    inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::internal("the session ended before its first response"))?;
+    Ok((tx, inbound))
+}
+
+/// Where keys name several tenants, one of them cannot take the decoder
+/// pool's reserve once it holds its share: another tenant still gets in.
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn one_tenant_cannot_take_the_slots_kept_for_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = nexus_tests::fleet::keys_file(dir.path(), &[("acme", "k-acme"), ("beta", "k-beta")]);
+    let p = prefix("hostile-share");
+    let mut fleet = stage(
+        "fleet",
+        "all",
+        &redis_url(),
+        &p,
+        &[
+            "--api-keys",
+            keys.to_str().unwrap(),
+            "--decoder-sessions",
+            "4",
+            "--pool-reserve",
+            "0.25",
+        ],
+    );
+    fleet.wait_serving(Duration::from_secs(120)).await;
+    // acme takes 3 of 4; the last is the reserve, and acme holds its share.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open_live(&fleet, "k-acme").await.unwrap());
+    }
+    let e = open_live(&fleet, "k-acme").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("tenant \"acme\" holds 3 of the decoder pool's 4 live-session slots"),
+        "{}",
+        e.message()
+    );
+    // beta, holding none, gets the reserve; then the pool is full for all.
+    held.push(open_live(&fleet, "k-beta").await.unwrap());
+    let e = open_live(&fleet, "k-beta").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("all 4 live-session slots"),
+        "{}",
+        e.message()
+    );
+    // acme ends a session: the freed slot is the reserve again, and still not acme's.
+    drop(held.remove(0));
+    let t0 = Instant::now();
+    let e = loop {
+        match open_live(&fleet, "k-acme").await {
+            Err(e) if e.message().contains("all 4") => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "the slot was never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => break e,
+            Ok(_) => panic!("acme took the reserve back"),
+        }
+    };
+    assert!(e.message().contains("holds 2 of"), "{}", e.message());
+    held.push(open_live(&fleet, "k-beta").await.unwrap());
+    drop(held);
+}

@@ -18,4 +18,6 @@ pub use jobs::JobStore;
 pub use keys::{Keys, SessionId};
 pub use memory::MemoryBus;
 pub use redis_bus::RedisBus;
-pub use stream::{Bus, Entry, EntryId, Fields, GroupInfo, Lease, MAX_DEAD_LETTERS, StreamLimits};
+pub use stream::{
+    Bus, Entry, EntryId, Fields, GroupInfo, Holder, Lease, MAX_DEAD_LETTERS, StreamLimits,
+};

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::codec::BusError;
-use crate::stream::{Bus, Entry, EntryId, Fields, Lease, StreamLimits};
+use crate::stream::{
+    Bus, Entry, EntryId, Fields, Holder, Lease, StreamLimits, member_tenant, reserve_slots,
+};
 
 #[derive(Debug)]
 struct Pending {
@@ -430,7 +432,13 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn lease(&self, pool: &str, holder: &str, ttl: Duration) -> Result<Lease, BusError> {
+    async fn lease(
+        &self,
+        pool: &str,
+        holder: Holder<'_>,
+        ttl: Duration,
+        reserve: f32,
+    ) -> Result<Lease, BusError> {
         let mut st = self.lock();
         let now = Instant::now();
         let p = st.pools.entry(pool.to_owned()).or_default();
@@ -438,15 +446,31 @@ impl Bus for MemoryBus {
         p.leases.retain(|_, until| *until > now);
         let capacity: u32 = p.nodes.values().map(|(n, _)| *n).sum();
         let used = p.leases.len() as u32;
-        if !p.leases.contains_key(holder) {
+        let member = holder.member();
+        if !p.leases.contains_key(&member) {
             if capacity == 0 {
                 return Ok(Lease::NoCapacity);
             }
             if used >= capacity {
                 return Ok(Lease::Full { capacity });
             }
+            if capacity - used <= reserve_slots(capacity, reserve) {
+                let mut tenants: HashMap<&str, u32> = HashMap::new();
+                for m in p.leases.keys() {
+                    *tenants.entry(member_tenant(m)).or_default() += 1;
+                }
+                let held = tenants.get(holder.tenant).copied().unwrap_or(0);
+                let active = tenants.len() as u32 + u32::from(held == 0);
+                if held * (active + 1) >= capacity {
+                    return Ok(Lease::OverShare {
+                        capacity,
+                        held,
+                        tenants: active,
+                    });
+                }
+            }
         }
-        p.leases.insert(holder.to_owned(), now + ttl);
+        p.leases.insert(member, now + ttl);
         Ok(Lease::Granted {
             used: p.leases.len() as u32,
             capacity,
@@ -468,9 +492,9 @@ impl Bus for MemoryBus {
         }))
     }
 
-    async fn release(&self, pool: &str, holder: &str) -> Result<(), BusError> {
+    async fn release(&self, pool: &str, holder: Holder<'_>) -> Result<(), BusError> {
         if let Some(p) = self.lock().pools.get_mut(pool) {
-            p.leases.remove(holder);
+            p.leases.remove(&holder.member());
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::{Client, Script, Value};
 
 use crate::codec::BusError;
-use crate::stream::{Bus, Entry, EntryId, Fields, Lease, StreamLimits};
+use crate::stream::{Bus, Entry, EntryId, Fields, Holder, Lease, StreamLimits};
 
 /// Appends unless the key was seen: KEYS = stream, its key record; ARGV = key,
 /// ttl ms, then field/value pairs. Atomic, so a redelivered result never lands twice.
@@ -94,8 +94,9 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. (now + tonumber(ARGV[3]))
 return 1
 ";
 
-/// KEYS = nodes hash, leases zset; ARGV = holder, ttl ms.
-/// Returns {granted (1), full (0) or no capacity (-1), capacity, used}.
+/// KEYS = nodes hash, leases zset; ARGV = holder (tenant, unit separator,
+/// id), ttl ms, tenant, reserved slots. Returns {granted (1), full (0), no
+/// capacity (-1) or over the tenant's share (2), capacity, used, held, tenants}.
 const LEASE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -114,6 +115,16 @@ local used = redis.call('ZCARD', KEYS[2])
 if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   if cap == 0 then return {-1, 0, used} end
   if used >= cap then return {0, cap, used} end
+  if cap - used <= math.ceil(cap * tonumber(ARGV[4])) then
+    local held, active, seen = 0, 0, {}
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+      local tenant = string.match(m, '^(.-)\31') or ''
+      if not seen[tenant] then seen[tenant] = true; active = active + 1 end
+      if tenant == ARGV[3] then held = held + 1 end
+    end
+    if held == 0 then active = active + 1 end
+    if held * (active + 1) >= cap then return {2, cap, used, held, active} end
+  end
   used = used + 1
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
@@ -680,15 +691,28 @@ impl Bus for RedisBus {
         Ok(())
     }
 
-    async fn lease(&self, pool: &str, holder: &str, ttl: Duration) -> Result<Lease, BusError> {
+    async fn lease(
+        &self,
+        pool: &str,
+        holder: Holder<'_>,
+        ttl: Duration,
+        reserve: f32,
+    ) -> Result<Lease, BusError> {
         let mut conn = self.conn.clone();
+        let r = if reserve.is_finite() {
+            reserve.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let reply: Value = self
             .scripts
             .lease
             .key(format!("{pool}:nodes"))
             .key(format!("{pool}:leases"))
-            .arg(holder)
+            .arg(holder.member())
             .arg(ttl.as_millis().max(1) as u64)
+            .arg(holder.tenant)
+            .arg(format!("{r}"))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -705,6 +729,11 @@ impl Bus for RedisBus {
             },
             0 => Lease::Full {
                 capacity: n(1) as u32,
+            },
+            2 => Lease::OverShare {
+                capacity: n(1) as u32,
+                held: n(3) as u32,
+                tenants: n(4) as u32,
             },
             _ => Lease::NoCapacity,
         })
@@ -729,11 +758,11 @@ impl Bus for RedisBus {
         Ok((n(0), n(1)))
     }
 
-    async fn release(&self, pool: &str, holder: &str) -> Result<(), BusError> {
+    async fn release(&self, pool: &str, holder: Holder<'_>) -> Result<(), BusError> {
         let mut conn = self.conn.clone();
         let _: i64 = redis::cmd("ZREM")
             .arg(format!("{pool}:leases"))
-            .arg(holder)
+            .arg(holder.member())
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;

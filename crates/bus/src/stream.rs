@@ -105,6 +105,38 @@ pub enum Lease {
     },
     /// No live node advertises capacity (none running, or all stopped advertising).
     NoCapacity,
+    /// Free slots remain, but only the pool's reserve, and the asking tenant
+    /// already holds its fair share: the reserve is for tenants below theirs
+    /// (see [`Bus::lease`]).
+    OverShare {
+        /// Slots the pool's live nodes advertise.
+        capacity: u32,
+        /// Slots the tenant holds.
+        held: u32,
+        /// Tenants holding slots, the asking one included.
+        tenants: u32,
+    },
+}
+
+/// Who holds, or asks for, a slot of a capacity pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder<'a> {
+    /// The tenant it acts for: a pool's reserve goes to tenants below their share.
+    pub tenant: &'a str,
+    /// The holder itself (a session's id).
+    pub id: &'a str,
+}
+
+impl Holder<'_> {
+    /// How the pool stores it: the tenant, a unit separator, the id.
+    pub(crate) fn member(&self) -> String {
+        format!("{}\u{1f}{}", self.tenant, self.id)
+    }
+}
+
+/// The tenant part of a stored holder (see [`Holder::member`]).
+pub(crate) fn member_tenant(member: &str) -> &str {
+    member.split_once('\u{1f}').map_or("", |(t, _)| t)
 }
 
 /// A stage-to-stage transport.
@@ -219,12 +251,18 @@ pub trait Bus: Clone + Send + Sync + 'static {
 
     /// Takes a slot of `pool` for `holder`, or renews the one it holds, for `ttl`.
     /// Renewal always succeeds; a new holder gets a slot only while leases are
-    /// fewer than the capacity the pool's live nodes advertise.
+    /// fewer than the capacity the pool's live nodes advertise, and the last
+    /// `reserve` of that capacity (a fraction, 0-1, rounded up to slots) only
+    /// while its tenant holds less than its fair share: the capacity over the
+    /// tenants holding slots (itself included) plus one, the tenant that may
+    /// come next. So one tenant alone fills the pool but for the reserve, and
+    /// another arriving then still gets in.
     fn lease(
         &self,
         pool: &str,
-        holder: &str,
+        holder: Holder<'_>,
         ttl: Duration,
+        reserve: f32,
     ) -> impl Future<Output = Result<Lease, BusError>> + Send;
 
     /// Slots of `pool` in use and advertised by live nodes, as `(used, capacity)`.
@@ -234,7 +272,7 @@ pub trait Bus: Clone + Send + Sync + 'static {
     fn release(
         &self,
         pool: &str,
-        holder: &str,
+        holder: Holder<'_>,
     ) -> impl Future<Output = Result<(), BusError>> + Send;
 
     /// Stores a record under `key` for `ttl`, replacing what was there.
@@ -285,4 +323,15 @@ pub trait Bus: Clone + Send + Sync + 'static {
 
     /// Removes the record under `key`.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), BusError>> + Send;
+}
+
+/// Slots of `capacity` kept for tenants below their share: `reserve` (0-1) of
+/// it, rounded up.
+pub(crate) fn reserve_slots(capacity: u32, reserve: f32) -> u32 {
+    let r = if reserve.is_finite() {
+        reserve.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    (capacity as f32 * r).ceil() as u32
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use nexus_bus::{
-    Bus, BusError, Entry, EntryId, Fields, Lease, MAX_DEAD_LETTERS, MemoryBus, RedisBus,
+    Bus, BusError, Entry, EntryId, Fields, Holder, Lease, MAX_DEAD_LETTERS, MemoryBus, RedisBus,
     StreamLimits,
 };
 
@@ -334,61 +334,147 @@ async fn idempotent_results_never_land_twice(bus: impl Bus, n: &Names) {
 async fn capacity_pool_leases_slots(bus: impl Bus, n: &Names) {
     let pool = n.pool.as_str();
     let long = Duration::from_secs(60);
-    assert_eq!(bus.lease(pool, "a", long).await.unwrap(), Lease::NoCapacity);
+    fn h(id: &str) -> Holder<'_> {
+        Holder { tenant: "t", id }
+    }
+    assert_eq!(
+        bus.lease(pool, h("a"), long, 0.0).await.unwrap(),
+        Lease::NoCapacity
+    );
     assert_eq!(bus.pool_usage(pool).await.unwrap(), (0, 0));
     bus.advertise(pool, "node1", 1, long).await.unwrap();
     bus.advertise(pool, "node2", 1, Duration::from_millis(300))
         .await
         .unwrap();
     assert_eq!(
-        bus.lease(pool, "a", long).await.unwrap(),
+        bus.lease(pool, h("a"), long, 0.0).await.unwrap(),
         Lease::Granted {
             used: 1,
             capacity: 2
         }
     );
     assert_eq!(
-        bus.lease(pool, "b", long).await.unwrap(),
+        bus.lease(pool, h("b"), long, 0.0).await.unwrap(),
         Lease::Granted {
             used: 2,
             capacity: 2
         }
     );
     assert_eq!(
-        bus.lease(pool, "c", long).await.unwrap(),
+        bus.lease(pool, h("c"), long, 0.0).await.unwrap(),
         Lease::Full { capacity: 2 }
     );
     assert_eq!(bus.pool_usage(pool).await.unwrap(), (2, 2));
     // Renewing a held lease always works.
     assert!(matches!(
-        bus.lease(pool, "a", long).await.unwrap(),
+        bus.lease(pool, h("a"), long, 0.0).await.unwrap(),
         Lease::Granted { used: 2, .. }
     ));
-    bus.release(pool, "b").await.unwrap();
+    bus.release(pool, h("b")).await.unwrap();
     assert!(matches!(
-        bus.lease(pool, "c", long).await.unwrap(),
+        bus.lease(pool, h("c"), long, 0.0).await.unwrap(),
         Lease::Granted { used: 2, .. }
     ));
     // node2 stops advertising: its slot goes away; expired leases free theirs.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    bus.release(pool, "c").await.unwrap();
+    bus.release(pool, h("c")).await.unwrap();
     assert_eq!(bus.pool_usage(pool).await.unwrap(), (1, 1));
     assert_eq!(
-        bus.lease(pool, "d", long).await.unwrap(),
+        bus.lease(pool, h("d"), long, 0.0).await.unwrap(),
         Lease::Full { capacity: 1 }
     );
     bus.advertise(pool, "node1", 3, long).await.unwrap();
-    bus.lease(pool, "e", Duration::from_millis(100))
+    bus.lease(pool, h("e"), Duration::from_millis(100), 0.0)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        bus.lease(pool, "d", long).await.unwrap(),
+        bus.lease(pool, h("d"), long, 0.0).await.unwrap(),
         Lease::Granted {
             used: 2,
             capacity: 3
         }
     );
+}
+
+/// The pool's reserve goes to tenants below their fair share: one tenant
+/// alone fills it but for the reserve, another arriving gets the reserve.
+async fn a_pool_keeps_its_reserve_for_tenants_below_their_share(bus: impl Bus, n: &Names) {
+    let pool = n.pool.as_str();
+    let long = Duration::from_secs(60);
+    fn a(id: &str) -> Holder<'_> {
+        Holder { tenant: "a", id }
+    }
+    fn b(id: &str) -> Holder<'_> {
+        Holder { tenant: "b", id }
+    }
+    fn c(id: &str) -> Holder<'_> {
+        Holder { tenant: "c", id }
+    }
+    bus.advertise(pool, "node", 8, long).await.unwrap();
+    // Tenant a takes 6 of 8; the last 2 (a quarter) are the reserve.
+    for i in 0..6 {
+        let id = format!("a{i}");
+        assert!(matches!(
+            bus.lease(pool, a(&id), long, 0.25).await.unwrap(),
+            Lease::Granted { .. }
+        ));
+    }
+    assert_eq!(
+        bus.lease(pool, a("a6"), long, 0.25).await.unwrap(),
+        Lease::OverShare {
+            capacity: 8,
+            held: 6,
+            tenants: 1
+        }
+    );
+    // Its held slots still renew.
+    assert!(matches!(
+        bus.lease(pool, a("a0"), long, 0.25).await.unwrap(),
+        Lease::Granted { used: 6, .. }
+    ));
+    // Tenant b holds nothing (share 4 of 8 with a): it gets the reserve.
+    assert!(matches!(
+        bus.lease(pool, b("b0"), long, 0.25).await.unwrap(),
+        Lease::Granted { used: 7, .. }
+    ));
+    // a stays over its share (6 of 8 with two tenants); c, new, is below its own.
+    assert!(matches!(
+        bus.lease(pool, a("a6"), long, 0.25).await.unwrap(),
+        Lease::OverShare {
+            held: 6,
+            tenants: 2,
+            ..
+        }
+    ));
+    assert!(matches!(
+        bus.lease(pool, c("c0"), long, 0.25).await.unwrap(),
+        Lease::Granted { used: 8, .. }
+    ));
+    assert_eq!(
+        bus.lease(pool, b("b1"), long, 0.25).await.unwrap(),
+        Lease::Full { capacity: 8 }
+    );
+    // a ends a session: the slot is in the reserve again, b (1 of a 8/3 share) takes it.
+    bus.release(pool, a("a5")).await.unwrap();
+    assert!(matches!(
+        bus.lease(pool, a("a5"), long, 0.25).await.unwrap(),
+        Lease::OverShare {
+            held: 5,
+            tenants: 3,
+            ..
+        }
+    ));
+    assert!(matches!(
+        bus.lease(pool, b("b1"), long, 0.25).await.unwrap(),
+        Lease::Granted { used: 8, .. }
+    ));
+    // Without a reserve, first come first served.
+    bus.release(pool, b("b1")).await.unwrap();
+    assert!(matches!(
+        bus.lease(pool, a("a5"), long, 0.0).await.unwrap(),
+        Lease::Granted { used: 8, .. }
+    ));
 }
 
 /// Records: replaced by put, kept by put_new, gone after delete or their time.
@@ -526,6 +612,10 @@ both!(dead_letter_cap, dead_letters_keep_only_the_newest);
 both!(blocking, blocked_readers_wake_and_logs_resume);
 both!(idempotent, idempotent_results_never_land_twice);
 both!(pool, capacity_pool_leases_slots);
+both!(
+    pool_share,
+    a_pool_keeps_its_reserve_for_tenants_below_their_share
+);
 both!(records, records_keep_the_first_or_the_latest);
 both!(touch, touched_entries_stay_with_their_consumer);
 both!(compare_and_set, records_compare_and_set);

@@ -194,6 +194,19 @@ impl Access {
         self.keys.is_some()
     }
 
+    /// Whether several tenants share the fleet: the keys name two or more.
+    /// Only then does the decoder pool keep a reserve for tenants below their
+    /// share (`--pool-reserve`): a lone tenant gets every slot, and on an
+    /// open server callers name their own tenant, so no share can be kept.
+    pub fn tenants_share_pool(&self) -> bool {
+        self.keys.as_ref().is_some_and(|k| {
+            let mut tenants = k.values();
+            tenants
+                .next()
+                .is_some_and(|first| tenants.any(|t| t != first))
+        })
+    }
+
     /// Admits one call. `authorization` is the `authorization` header or
     /// metadata, `api_key` the `x-api-key` one, `tenant_hint` the `x-tenant`
     /// one (honoured only on an open server).

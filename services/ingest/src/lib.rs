@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use nexus_audio::{AudioLimits, EndpointConfig};
-use nexus_bus::{Bus, Lease, SessionId};
+use nexus_bus::{Bus, Holder, Lease, SessionId};
 use nexus_core::grpc::GrpcServer;
 use nexus_fleet::{Fleet, Process, stages};
 use nexus_models::vad::SileroVad;
@@ -78,6 +78,13 @@ pub struct IngestArgs {
         default_value_t = 256
     )]
     pub max_sessions: usize,
+    /// Fraction (0-1) of the decoder pool's live-session slots kept, where
+    /// the keys file names several tenants, for tenants holding less than
+    /// their fair share (the pool's capacity over the tenants holding slots
+    /// plus one): one tenant fills the pool but for this reserve, so another
+    /// arriving still gets in (0: first come, first served).
+    #[arg(long, env = "NEXUS_POOL_RESERVE", default_value_t = 0.25, value_parser = parse_fraction)]
+    pub pool_reserve: f32,
     /// A session's decoder slot lease; renewed every third of it.
     #[arg(long, env = "NEXUS_LEASE_TTL_MS", default_value_t = 10_000)]
     pub lease_ttl_ms: u64,
@@ -158,6 +165,7 @@ impl Default for IngestArgs {
     fn default() -> Self {
         Self {
             max_sessions: 256,
+            pool_reserve: 0.25,
             lease_ttl_ms: 10_000,
             bus_retry_ms: 15_000,
             final_timeout_ms: 60_000,
@@ -285,6 +293,8 @@ impl IngestStage {
 pub(crate) struct Settings {
     pub(crate) fleet: Fleet,
     pub(crate) lease_ttl: Duration,
+    /// Share of the decoder pool kept for tenants below their fair share.
+    pub(crate) pool_reserve: f32,
     pub(crate) bus_retry: Duration,
     pub(crate) final_timeout: Duration,
     pub(crate) resume_grace: Duration,
@@ -347,11 +357,25 @@ impl<B: Bus> Inner<B> {
         tokio::task::spawn_blocking(move || pool.install(work))
     }
 
+    /// The share of the decoder pool kept for tenants below their fair
+    /// share: `--pool-reserve` where several tenants share the fleet, else 0.
+    pub(crate) fn pool_reserve(&self) -> f32 {
+        if self.access.tenants_share_pool() {
+            self.cfg.pool_reserve
+        } else {
+            0.0
+        }
+    }
+
     /// Gives the decoder-pool slot of `id` back; when that fails, the lease
     /// lapses by its TTL.
-    pub(crate) async fn release_slot(&self, id: &SessionId) {
+    pub(crate) async fn release_slot(&self, id: &SessionId, tenant: &str) {
         let pool = self.cfg.fleet.keys.pool(stages::DECODER_POOL);
-        if let Err(e) = self.bus.release(&pool, id.as_str()).await {
+        let holder = Holder {
+            tenant,
+            id: id.as_str(),
+        };
+        if let Err(e) = self.bus.release(&pool, holder).await {
             tracing::warn!(id = %id, error = %e, "releasing a decoder slot failed; its lease expires");
         }
     }
@@ -621,14 +645,25 @@ impl<B: Bus> Ingest<B> {
         Ok(())
     }
 
-    /// Takes one slot of the decoder pool for `id`: RESOURCE_EXHAUSTED at once
-    /// when every slot is in use, UNAVAILABLE when no decoder serves.
-    pub(crate) async fn admit(&self, id: &SessionId, model: &str) -> Result<(), Status> {
+    /// Takes one slot of the decoder pool for `id` of `tenant`:
+    /// RESOURCE_EXHAUSTED at once when every slot is in use, or when only the
+    /// reserve is left and the tenant holds its fair share; UNAVAILABLE when
+    /// no decoder serves.
+    pub(crate) async fn admit(
+        &self,
+        id: &SessionId,
+        tenant: &str,
+        model: &str,
+    ) -> Result<(), Status> {
         let inner = &self.inner;
         let pool = inner.cfg.fleet.keys.pool(stages::DECODER_POOL);
+        let holder = Holder {
+            tenant,
+            id: id.as_str(),
+        };
         match inner
             .bus
-            .lease(&pool, id.as_str(), inner.cfg.lease_ttl)
+            .lease(&pool, holder, inner.cfg.lease_ttl, inner.pool_reserve())
             .await
         {
             Ok(Lease::Granted { used, capacity }) => {
@@ -638,6 +673,16 @@ impl<B: Bus> Ingest<B> {
                 inner.metrics.refused("decoder_pool_full");
                 return Err(Status::resource_exhausted(format!(
                     "all {capacity} live-session slots of the decoder pool are in use; retry later"
+                )));
+            }
+            Ok(Lease::OverShare {
+                capacity,
+                held,
+                tenants,
+            }) => {
+                inner.metrics.refused("tenant_share");
+                return Err(Status::resource_exhausted(format!(
+                    "tenant {tenant:?} holds {held} of the decoder pool's {capacity} live-session slots, its fair share with {tenants} tenants active; the free slots left are kept for tenants below theirs (--pool-reserve); retry later"
                 )));
             }
             Ok(Lease::NoCapacity) => {
@@ -716,7 +761,7 @@ impl<B: Bus> Ingest<B> {
                 inner.max_sessions
             ))
         })?;
-        self.admit(&id, &rc.model).await?;
+        self.admit(&id, &grant.tenant, &rc.model).await?;
         inner.metrics.session_started();
         let span = tracing::info_span!(
             "session",
@@ -850,6 +895,7 @@ async fn run<B: Bus>(
         cfg: Settings {
             fleet: cfg.fleet.clone(),
             lease_ttl: Duration::from_millis(cfg.args.lease_ttl_ms.max(300)),
+            pool_reserve: cfg.args.pool_reserve,
             bus_retry: Duration::from_millis(cfg.args.bus_retry_ms),
             final_timeout: Duration::from_millis(cfg.args.final_timeout_ms),
             resume_grace: Duration::from_millis(cfg.args.resume_grace_ms),
@@ -1064,5 +1110,15 @@ mod tests {
             (ok.pre_roll_ms, ok.manual, ok.stop_history_ms),
             (500, true, 30_000)
         );
+    }
+}
+
+/// A fraction from 0 to 1, for `--pool-reserve`.
+fn parse_fraction(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a fraction from 0 to 1"))
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nexus_audio::{
     AudioLimits, EndpointConfig, EndpointEvent, Endpointer, MODEL_SAMPLE_RATE, PcmSpec,
 };
-use nexus_bus::{Bus, BusError, EntryId, SessionId, encode};
+use nexus_bus::{Bus, BusError, EntryId, Holder, SessionId, encode};
 use nexus_fleet::{now_unix_ms, stages};
 use nexus_proto::pipeline::{AudioSegment, DecodeResult, Envelope};
 use nexus_proto::speech::recognize_request::AudioSource;
@@ -281,7 +281,7 @@ impl<B: Bus> Ingest<B> {
         let mut results = Vec::new();
         let duration_ms = p.duration_ms;
         if !p.plan.is_empty() {
-            self.admit(&id, &p.rc.model).await?;
+            self.admit(&id, tenant, &p.rc.model).await?;
             if let Some(tx) = &progress {
                 // Admitted: the request holds a decoder slot from here on.
                 let _ = tx.send(Progress {
@@ -294,7 +294,7 @@ impl<B: Bus> Ingest<B> {
             // blocking pool, one per admitted request), from the same VAD.
             let diarization = self.start_diarization(&p)?;
             let r = self.run_windows(&id, tenant, &p, progress.as_ref()).await;
-            inner.release_slot(&id).await;
+            inner.release_slot(&id, tenant).await;
             results = r?;
             if let Some(task) = diarization {
                 let who = task
@@ -464,7 +464,8 @@ impl<B: Bus> Ingest<B> {
             let msg = tokio::select! {
                 m = rx.recv() => m,
                 _ = renew.tick() => {
-                    if let Err(e) = inner.bus.lease(&pool, id.as_str(), lease_ttl).await {
+                    let holder = Holder { tenant, id: id.as_str() };
+                    if let Err(e) = inner.bus.lease(&pool, holder, lease_ttl, inner.pool_reserve()).await {
                         tracing::warn!(request = %id, error = %e, "renewing the request's slot failed");
                     }
                     continue;

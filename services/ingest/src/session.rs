@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nexus_audio::{EndpointConfig, EndpointEvent, Endpointer, MODEL_SAMPLE_RATE};
-use nexus_bus::{Bus, BusError, EntryId, SessionId, decode, encode};
+use nexus_bus::{Bus, BusError, EntryId, Holder, SessionId, decode, encode};
 use nexus_fleet::{now_unix_ms, retry, stages};
 use nexus_models::vad::{CHUNK, VadState};
 use nexus_proto::pipeline::{AudioSegment, DecodeResult, Envelope};
@@ -192,7 +192,7 @@ impl<B: Bus> Session<B> {
         self.unpark();
         stop.cancel();
         let _ = follower.await;
-        self.inner.release_slot(&id).await;
+        self.inner.release_slot(&id, &self.tenant).await;
         self.inner.metrics.session_ended(
             r.as_ref().err().map(Status::code),
             live.processed as f64 / f64::from(MODEL_SAMPLE_RATE),
@@ -437,7 +437,8 @@ impl<B: Bus> Session<B> {
                     }
                 }
                 _ = renew.tick() => {
-                    if let Err(e) = self.inner.bus.lease(&pool, self.id.as_str(), lease_ttl).await {
+                    let holder = Holder { tenant: &self.tenant, id: self.id.as_str() };
+                    if let Err(e) = self.inner.bus.lease(&pool, holder, lease_ttl, self.inner.pool_reserve()).await {
                         tracing::warn!(session = %self.id, error = %e, "renewing the session's slot failed");
                     }
                 }

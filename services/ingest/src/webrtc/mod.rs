@@ -327,7 +327,7 @@ pub(crate) async fn offer<B: Bus>(
     let port = match inner.webrtc.take_port() {
         Ok(p) => p,
         Err(e) => {
-            inner.release_slot(&session.id).await;
+            inner.release_slot(&session.id, &session.tenant).await;
             return Err(e);
         }
     };
@@ -361,7 +361,7 @@ pub(crate) async fn offer<B: Bus>(
         Ok(n) => n,
         Err(e) => {
             inner.webrtc.give_port(port);
-            inner.release_slot(&session.id).await;
+            inner.release_slot(&session.id, &session.tenant).await;
             return Err(e);
         }
     };
