@@ -401,8 +401,21 @@ async fn a_dropped_live_session_is_resumed_with_the_results_it_missed() {
     let _ = proxy.await;
     drop(inbound);
     drop(tx);
-    // Results keep being decoded while the client is away.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The session notices the client is gone and parks for resuming; its
+    // results keep being decoded meanwhile.
+    let t0 = Instant::now();
+    while !fleet
+        .log()
+        .iter()
+        .any(|l| l.contains("session parked for resuming") && l.contains(&session))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the session never parked:\n{}",
+            fleet.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Second connection: resume, get what was missed, send the rest, half-close.
     let (tx, rx) = mpsc::channel(16);
@@ -562,10 +575,21 @@ async fn jobs_wait_for_a_slot_while_live_sessions_fill_the_pool() {
     })
     .await;
     assert_eq!(waiting.state, JobState::Queued as i32, "{waiting:?}");
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    let still = wait_for(&fleet, &job.job_id, Duration::from_secs(1), |_| true).await;
-    assert_eq!(still.state, JobState::Queued as i32, "{still:?}");
-    assert_eq!(still.attempts, 0, "{still:?}");
+    // Three more tries for a slot (each rewrites the job), none of them an attempt.
+    let mut seen = waiting.updated_unix_ms;
+    for _ in 0..3 {
+        let still = wait_for(&fleet, &job.job_id, Duration::from_secs(30), |j| {
+            j.updated_unix_ms > seen
+        })
+        .await;
+        assert_eq!(still.state, JobState::Queued as i32, "{still:?}");
+        assert_eq!(still.attempts, 0, "{still:?}");
+        assert!(
+            still.error.contains("waiting for decoder capacity"),
+            "{still:?}"
+        );
+        seen = still.updated_unix_ms;
+    }
     // ... and runs once the live session ends.
     drop(tx);
     while let Ok(Some(_)) = live.message().await {}
