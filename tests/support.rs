@@ -286,6 +286,16 @@ pub mod fleet {
                 * 1024
         }
 
+        /// The process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// Waits for the process to exit on its own.
+        pub fn wait(&mut self) -> std::process::ExitStatus {
+            self.child.wait().expect("wait")
+        }
+
         /// SIGTERM, then waits for the exit.
         pub fn terminate(&mut self) -> std::process::ExitStatus {
             let _ = Command::new("kill")
