@@ -15,7 +15,7 @@ use nexus_proto::speech::speech_recognition_client::SpeechRecognitionClient;
 use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::{
     AudioEncoding, AudioFormat, DecodingOptions, RecognitionConfig, RecognizeRequest,
-    RecognizeResponse, SpeechContext, StreamingRecognizeRequest,
+    RecognizeResponse, SpeechContext, SpeechEvent, StreamingRecognizeRequest,
 };
 use nexus_tests::fleet::{
     MODEL, Proc, SessionOutcome, english_config, pcm16_config, prefix, redis_url, speech, stage,
@@ -881,4 +881,107 @@ async fn one_tenant_cannot_take_the_slots_kept_for_the_others() {
     assert!(e.message().contains("holds 2 of"), "{}", e.message());
     held.push(open_live(&fleet, "k-beta").await.unwrap());
     drop(held);
+}
+
+/// A live session of `NEXUS_SOAK_MINUTES` of speech (default 12: past the
+/// nine minutes at which 48 kHz f32 streams were once cut by a byte cap) in
+/// the format WebRTC audio takes inside ingest, 48 kHz f32, sent as fast as
+/// the server reads it (--live-max-speed). Every utterance comes back as a
+/// final, the session ends normally after the last one, and the server's
+/// memory does not grow with the session's length. The hours-long run is
+/// this test with NEXUS_SOAK_MINUTES=180 (BENCHMARKS.md).
+#[tokio::test]
+#[ignore = "needs tiny.en + silero-vad weights and LibriVox test speech; scripts/test.sh"]
+async fn a_live_session_runs_for_hours_at_48_khz_f32() {
+    let minutes: u64 = std::env::var("NEXUS_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(12);
+    let speed = std::env::var("NEXUS_SOAK_SPEED").unwrap_or_else(|_| "4".into());
+    let admin = nexus_tests::fleet::free_addr().to_string();
+    let mut serve = Proc::serve(
+        &admin,
+        &["--live-max-speed", &speed, "--max-session-minutes", "240"],
+    );
+    serve.wait_serving(Duration::from_secs(120)).await;
+    let clip = speech();
+    let clip_ms = clip.len() as u64 * 1000 / 16_000;
+    let rounds = (minutes * 60_000).div_ceil(clip_ms);
+    // 48 kHz f32: each 16 kHz sample held for three (the server's resampler
+    // filters the images), in 100 ms messages.
+    let chunk: Vec<Vec<u8>> = clip
+        .chunks(1_600)
+        .map(|c| {
+            c.iter()
+                .flat_map(|s| std::iter::repeat_n(s.to_le_bytes(), 3))
+                .flatten()
+                .collect()
+        })
+        .collect();
+    let mut cfg = pcm16_config(MODEL);
+    if let Some(f) = cfg.config.as_mut().and_then(|c| c.audio_format.as_mut()) {
+        f.encoding = AudioEncoding::LinearPcmF32le as i32;
+        f.sample_rate_hz = 48_000;
+    }
+    cfg.interim_results = false;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(StreamingRecognizeRequest {
+        streaming_request: Some(StreamingRequest::StreamingConfig(cfg)),
+    })
+    .await
+    .unwrap();
+    let ch = nexus_tests::connect(serve.addr).await.unwrap();
+    let mut inbound = SpeechRecognitionClient::new(ch)
+        .streaming_recognize(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let sender = tokio::spawn(async move {
+        for _ in 0..rounds {
+            for c in &chunk {
+                let msg = StreamingRecognizeRequest {
+                    streaming_request: Some(StreamingRequest::AudioContent(c.clone().into())),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let t0 = Instant::now();
+    let (mut finals, mut last_end, mut rss_early, mut ended) = (0u64, 0u64, None, false);
+    let total_ms = rounds * clip_ms;
+    while let Some(r) = inbound.message().await.unwrap() {
+        for f in r.results.iter().filter(|f| f.is_final) {
+            finals += 1;
+            last_end = f.span.map_or(last_end, |s| s.end_ms);
+            // The server's memory once the session is well under way.
+            if rss_early.is_none() && last_end > total_ms / 10 {
+                rss_early = Some(serve.peak_rss());
+            }
+        }
+        ended |= r.speech_event == SpeechEvent::EndOfSession as i32;
+    }
+    sender.await.unwrap();
+    let rss_end = serve.peak_rss();
+    let rss_early = rss_early.expect("finals through the first tenth");
+    println!(
+        "soak: {minutes} min of 48 kHz f32 speech in {:.0} s, {finals} finals, last ending at {last_end} ms of {total_ms}; peak RSS {} MB at a tenth, {} MB at the end",
+        t0.elapsed().as_secs_f64(),
+        rss_early >> 20,
+        rss_end >> 20
+    );
+    assert!(ended, "the session did not report its end");
+    // Three utterances a round, each a final; the last one ends the audio.
+    assert!(finals >= rounds * 3, "{finals} finals for {rounds} rounds");
+    assert!(
+        last_end + 3_000 >= total_ms,
+        "the last final ends at {last_end} of {total_ms} ms"
+    );
+    assert!(
+        rss_end < rss_early + (150 << 20),
+        "memory grew from {} to {} MB",
+        rss_early >> 20,
+        rss_end >> 20
+    );
 }
