@@ -1043,8 +1043,27 @@ where
         .await
 }
 
+/// A fraction from 0 to 1, for `--pool-reserve`.
+fn parse_fraction(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a fraction from 0 to 1"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pool_reserve_is_a_fraction() {
+        assert_eq!(super::parse_fraction(" 0.25"), Ok(0.25));
+        let e = super::parse_fraction("1.5").unwrap_err();
+        assert!(e.contains("not a fraction from 0 to 1"), "{e}");
+        assert!(super::parse_fraction("NaN").is_err());
+        assert!(super::parse_fraction("a quarter").is_err());
+    }
+
     use super::*;
     use nexus_proto::speech::EndpointingConfig;
 
@@ -1110,15 +1129,5 @@ mod tests {
             (ok.pre_roll_ms, ok.manual, ok.stop_history_ms),
             (500, true, 30_000)
         );
-    }
-}
-
-/// A fraction from 0 to 1, for `--pool-reserve`.
-fn parse_fraction(s: &str) -> Result<f32, String> {
-    let v: f32 = s.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not a fraction from 0 to 1"))
     }
 }
