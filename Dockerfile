@@ -9,22 +9,24 @@
 #     --build-arg CUDA_COMPUTE_CAP=90 -t nexus-fleet/nexus-decoder-cuda:0.1.0 .
 #
 # SERVICE names a directory of services/. FLAVOR=cuda (encoder and decoder
-# only) builds with the `cuda` feature on NVIDIA's CUDA images, for the GPU
-# architecture CUDA_COMPUTE_CAP: 80 (A100), 89 (L4), 90 (H100/H200); the
-# image then runs its models on the GPU (NEXUS_DEVICE=cuda).
+# only) builds with the `cuda` feature and the toolchain of
+# scripts/build-cuda.sh (CUDA 13.0's compiler from pinned wheels, no GPU
+# needed), for the GPU architecture CUDA_COMPUTE_CAP: 80 (A100), 89 (L4),
+# 90 (H100/H200); the image runs on NVIDIA's CUDA 13.0 runtime with its
+# models on the GPU (NEXUS_DEVICE=cuda, f16).
 ARG SERVICE=ingest
 ARG FLAVOR=cpu
-ARG CUDA_VERSION=12.6.3
+ARG CUDA_VERSION=13.0.0
 
-# The toolchains: Rust on Debian, or the same Rust inside NVIDIA's CUDA image.
+# The toolchains: Rust on Debian, and for CUDA the same with what
+# scripts/build-cuda.sh needs to install the pinned compiler.
 FROM rust:1.95-slim-bookworm AS toolchain-cpu
 
-FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04 AS toolchain-cuda
+FROM toolchain-cpu AS toolchain-cuda
 ARG CUDA_COMPUTE_CAP=90
-ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo \
-    PATH=/usr/local/cargo/bin:$PATH
-COPY --from=toolchain-cpu /usr/local/rustup /usr/local/rustup
-COPY --from=toolchain-cpu /usr/local/cargo /usr/local/cargo
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+RUN apt-get update && apt-get install -y --no-install-recommends python3-pip unzip \
+    && rm -rf /var/lib/apt/lists/*
 
 FROM toolchain-${FLAVOR} AS build
 ARG SERVICE
@@ -50,6 +52,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
         encoder|decoder) features=cuda ;; \
         *) echo "FLAVOR=cuda builds the encoder and the decoder only" >&2; exit 1 ;; \
       esac; \
+      scripts/build-cuda.sh --toolkit-only; \
+      export PATH="$PWD/.cuda/toolkit/bin:$PATH" CUDA_ROOT="$PWD/.cuda/toolkit"; \
     fi; \
     cargo build --release --locked -p "$pkg" --bin "$bin" ${features:+--features "$features"}; \
     install -D "target/release/$bin" "/out/$bin"; \

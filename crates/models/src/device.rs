@@ -24,8 +24,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
             "device {name:?}: this build has no CUDA support; build with `--features cuda` (the -cuda images) or use cpu"
         )));
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| ModelError::Load(format!("device {name:?} cannot be opened: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| {
+        ModelError::Load(format!(
+            "device {name:?} cannot be opened: {e}; an NVIDIA GPU and its driver must be visible here (nvidia-smi lists them)"
+        ))
+    })
 }
 
 fn bad(name: &str) -> ModelError {
