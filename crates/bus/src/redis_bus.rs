@@ -13,7 +13,7 @@ use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::{Client, Script, Value};
 
 use crate::codec::BusError;
-use crate::stream::{Bus, Entry, EntryId, Fields, Holder, Lease, StreamLimits};
+use crate::stream::{Bus, Entry, EntryId, Fields, Holder, Lease, StreamLimits, reserve_fraction};
 
 /// Appends unless the key was seen: KEYS = stream, its key record; ARGV = key,
 /// ttl ms, then field/value pairs. Atomic, so a redelivered result never lands twice.
@@ -699,11 +699,7 @@ impl Bus for RedisBus {
         reserve: f32,
     ) -> Result<Lease, BusError> {
         let mut conn = self.conn.clone();
-        let r = if reserve.is_finite() {
-            reserve.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let r = reserve_fraction(reserve);
         let reply: Value = self
             .scripts
             .lease

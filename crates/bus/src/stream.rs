@@ -328,10 +328,14 @@ pub trait Bus: Clone + Send + Sync + 'static {
 /// Slots of `capacity` kept for tenants below their share: `reserve` (0-1) of
 /// it, rounded up.
 pub(crate) fn reserve_slots(capacity: u32, reserve: f32) -> u32 {
-    let r = if reserve.is_finite() {
+    (capacity as f32 * reserve_fraction(reserve)).ceil() as u32
+}
+
+/// `reserve` as a fraction from 0 to 1 (what is not a number keeps none).
+pub(crate) fn reserve_fraction(reserve: f32) -> f32 {
+    if reserve.is_finite() {
         reserve.clamp(0.0, 1.0)
     } else {
         0.0
-    };
-    (capacity as f32 * r).ceil() as u32
+    }
 }
