@@ -533,6 +533,76 @@ mod jobs {
         assert_ne!(again.job_id, first.job_id);
         let same = c.submit_job(job("retry-me")).await.unwrap().into_inner();
         assert_eq!(same.job_id, again.job_id, "the key now names the new job");
+
+        // Queued, the key and the job's records are kept for the job's full
+        // time (they start out pending, lasting a minute).
+        let mut redis = redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{p}:jobkey:*:retry-me"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let key = &keys[0];
+        let spec = format!("{p}:{{j.{}}}:spec", again.job_id);
+        for k in [key, &spec] {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(k)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            assert!(ttl > 3_600_000, "{k} is kept {ttl} ms");
+        }
+        // A submitter that died before queueing leaves a key naming a job
+        // with no records: the next submit with that key takes it over
+        // instead of answering NOT_FOUND.
+        let dead_key = key.replace(":retry-me", ":dead-submitter");
+        let ghost = "00000000-0000-4000-8000-00000000dead";
+        let _: () = redis::cmd("SET")
+            .arg(&dead_key)
+            .arg(ghost)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        while c
+            .get_job(GetJobRequest {
+                job_id: again.job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .state
+            != JobState::Succeeded as i32
+        {
+            // The queue holds one job: room once the runner finished it.
+            assert!(t0.elapsed() < Duration::from_secs(120), "the job never ran");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let fresh = c
+            .submit_job(job("dead-submitter"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(fresh.job_id, ghost);
+        let named: String = redis::cmd("GET")
+            .arg(&dead_key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(named, fresh.job_id);
+        let same = c
+            .submit_job(job("dead-submitter"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(same.job_id, fresh.job_id);
     }
 }
 

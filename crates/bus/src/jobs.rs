@@ -24,6 +24,10 @@ pub const JOBS_URGENT: &str = "jobs-urgent";
 pub const JOB_GROUP: &str = "jobs";
 /// Entry field naming the job.
 pub const FIELD_JOB: &str = "job";
+/// How long a job's records (and its idempotency key) last until the queue
+/// holds the job: what a submitter that dies half-way leaves behind lapses
+/// after this.
+pub const PENDING_TTL: Duration = Duration::from_secs(60);
 
 /// Whether a job state is final.
 pub fn terminal(state: i32) -> bool {
@@ -82,6 +86,12 @@ impl<B: Bus> JobStore<B> {
     /// submitting one id twice (a retried call, a controller reconciling
     /// again) queues it once and no half-written job is ever seen. On a full
     /// queue the records are removed again and [`BusError::Full`] returned.
+    ///
+    /// The records and the queue live under different hash tags, so no one
+    /// step can write both. The records are therefore written to last
+    /// [`PENDING_TTL`] only, and kept for the job's full time once the queue
+    /// holds the job. A submitter that dies in between leaves no job that
+    /// looks queued but never runs: its records lapse within a minute.
     pub async fn submit(
         &self,
         spec: &JobSpec,
@@ -95,7 +105,13 @@ impl<B: Bus> JobStore<B> {
             records.push((self.key(&id, "audio"), audio));
         }
         records.push((self.key(&id, "status"), job.encode_to_vec()));
-        if self.bus.put_all_new(records, self.ttl).await?.is_some() {
+        let keys: Vec<String> = records.iter().map(|(k, _)| k.clone()).collect();
+        if self
+            .bus
+            .put_all_new(records, PENDING_TTL.min(self.ttl))
+            .await?
+            .is_some()
+        {
             return Ok(Submitted::Exists);
         }
         let fields: Fields = [(FIELD_JOB.to_owned(), id.as_str().as_bytes().to_vec())]
@@ -109,7 +125,13 @@ impl<B: Bus> JobStore<B> {
             Err(e) => Err(e),
         };
         match queued {
-            Ok(_) => Ok(Submitted::Queued),
+            Ok(_) => {
+                for key in &keys {
+                    // Gone already only if a runner finished and removed it.
+                    self.bus.keep(key, self.ttl).await?;
+                }
+                Ok(Submitted::Queued)
+            }
             Err(e) => {
                 for part in ["status", "audio", "spec"] {
                     let _ = self.bus.delete(&self.key(&id, part)).await;

@@ -595,6 +595,18 @@ impl Bus for MemoryBus {
         self.lock().records.remove(key);
         Ok(())
     }
+
+    async fn keep(&self, key: &str, ttl: Duration) -> Result<bool, BusError> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        match st.records.get_mut(key) {
+            Some((_, until)) if *until > now => {
+                *until = now + ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 impl MemoryBus {

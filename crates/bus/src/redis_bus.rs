@@ -875,4 +875,15 @@ impl Bus for RedisBus {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn keep(&self, key: &str, ttl: Duration) -> Result<bool, BusError> {
+        let mut conn = self.conn.clone();
+        let kept: i64 = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(kept == 1)
+    }
 }

@@ -323,6 +323,11 @@ pub trait Bus: Clone + Send + Sync + 'static {
 
     /// Removes the record under `key`.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Keeps the record under `key` for `ttl` from now, its value unchanged;
+    /// false when there is none.
+    fn keep(&self, key: &str, ttl: Duration)
+    -> impl Future<Output = Result<bool, BusError>> + Send;
 }
 
 /// Slots of `capacity` kept for tenants below their share: `reserve` (0-1) of

@@ -477,7 +477,8 @@ async fn a_pool_keeps_its_reserve_for_tenants_below_their_share(bus: impl Bus, n
     ));
 }
 
-/// Records: replaced by put, kept by put_new, gone after delete or their time.
+/// Records: replaced by put, kept by put_new, gone after delete or their
+/// time, kept longer by keep.
 async fn records_keep_the_first_or_the_latest(bus: impl Bus, n: &Names) {
     let (k, long) = (&n.s, Duration::from_secs(60));
     assert_eq!(bus.get(k).await.unwrap(), None);
@@ -497,6 +498,16 @@ async fn records_keep_the_first_or_the_latest(bus: impl Bus, n: &Names) {
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(bus.get(k).await.unwrap(), None);
     assert_eq!(bus.put_new(k, b"e".to_vec(), long).await.unwrap(), None);
+    // keep: a short-lived record kept longer keeps its value; a gone one stays gone.
+    bus.put(k, b"f".to_vec(), Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(bus.keep(k, long).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(bus.get(k).await.unwrap(), Some(b"f".to_vec()));
+    bus.delete(k).await.unwrap();
+    assert!(!bus.keep(k, long).await.unwrap());
+    assert_eq!(bus.get(k).await.unwrap(), None);
 }
 
 /// Leases renewed and released only by their holder; records written together.

@@ -241,15 +241,37 @@ impl<B: Bus> Ingest<B> {
                 .keys
                 .job_idempotency(&tenant, &r.idempotency_key)
         });
-        if let Some(key) = &idempotency
-            && let Some(existing) = bus
-                .put_new(key, id.as_str().as_bytes().to_vec(), ttl)
+        // The key lasts as long as the job's records do: pending until the
+        // queue holds the job, then the job's full time.
+        if let Some(key) = &idempotency {
+            let pending = nexus_bus::jobs::PENDING_TTL.min(ttl);
+            let mut claim = bus
+                .put_new(key, id.as_str().as_bytes().to_vec(), pending)
                 .await
-                .map_err(bus_status)?
-        {
-            let existing = String::from_utf8_lossy(&existing).into_owned();
-            let existing = Self::job_id(&existing)?;
-            return self.load_job(&existing, &tenant).await;
+                .map_err(bus_status)?;
+            if let Some(existing) = &claim {
+                let named = Self::job_id(&String::from_utf8_lossy(existing))?;
+                match self.load_job(&named, &tenant).await {
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        // The key names a job whose records are gone (its
+                        // submitter died before queueing it): this call takes
+                        // the key over, unless another call just did.
+                        let released = bus.delete_if(key, existing).await.map_err(bus_status)?;
+                        claim = if released {
+                            bus.put_new(key, id.as_str().as_bytes().to_vec(), pending)
+                                .await
+                                .map_err(bus_status)?
+                        } else {
+                            bus.get(key).await.map_err(bus_status)?
+                        };
+                    }
+                    found => return found,
+                }
+            }
+            if let Some(existing) = claim {
+                let named = Self::job_id(&String::from_utf8_lossy(&existing))?;
+                return self.load_job(&named, &tenant).await;
+            }
         }
         let spec = JobSpec {
             job_id: id.to_string(),
@@ -290,6 +312,11 @@ impl<B: Bus> Ingest<B> {
                 tracing::warn!(error = %e, "releasing an idempotency key failed; it expires with its TTL");
             }
             return Err(status);
+        }
+        if let Some(key) = &idempotency
+            && let Err(e) = bus.keep(key, ttl).await
+        {
+            tracing::warn!(job = %id, error = %e, "keeping an idempotency key failed; it lapses within a minute");
         }
         tracing::info!(job = %id, priority = r.priority, "job queued");
         Ok(job)
