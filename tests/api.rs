@@ -63,6 +63,14 @@ async fn recognize_returns_timed_segments_of_whole_files() {
         "WER {:.3} against offline\n{reference}\n{got}",
         wer.rate()
     );
+    // Whisper's no-speech probability is reported for every segment.
+    assert!(
+        r.results.iter().all(|s| s
+            .no_speech_probability
+            .is_some_and(|p| (0.0..=1.0).contains(&p))),
+        "{:#?}",
+        r.results
+    );
     // Segments are in time order, inside the audio, and their words inside them.
     assert!(r.results.len() >= 3, "{:#?}", r.results);
     let mut last_end = 0;

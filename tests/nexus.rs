@@ -148,6 +148,24 @@ async fn a_nexus_session_runs_through_the_three_processes() {
             .any(|r| !r.is_final),
         "interim results"
     );
+    // A whole recording: the LM has no no-speech token, so its segments
+    // leave that figure out rather than report a zero.
+    let wav = nexus_audio::wav::encode_pcm16(std::slice::from_ref(&samples), 16_000);
+    let mut rc = nexus_tests::fleet::english_config();
+    rc.model = ckpt.into();
+    let r = nexus_tests::fleet::recognize(
+        &ing,
+        rc,
+        nexus_proto::speech::recognize_request::AudioSource::Content(wav.into()),
+    )
+    .await
+    .unwrap();
+    assert!(!r.results.is_empty());
+    assert!(
+        r.results.iter().all(|s| s.no_speech_probability.is_none()),
+        "{:#?}",
+        r.results
+    );
 
     // Speech translation: the prompt asks for German; the text is the translation.
     let mut cfg = pcm16_config(ckpt);

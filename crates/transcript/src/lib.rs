@@ -39,9 +39,10 @@ pub struct Segment {
     /// never written as zeros.
     #[serde(flatten)]
     pub decoding: Option<Decoding>,
-    /// Probability the segment holds no speech.
-    #[serde(default)]
-    pub no_speech_prob: f64,
+    /// Probability the segment holds no speech, when the model reports one
+    /// (Whisper); omitted otherwise, never written as zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_speech_prob: Option<f64>,
     /// Word timings, when asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub words: Vec<Word>,
@@ -393,7 +394,7 @@ mod tests {
                 avg_logprob: -0.2,
                 compression_ratio: 1.1,
             }),
-            no_speech_prob: 0.01,
+            no_speech_prob: Some(0.01),
             words: vec![],
             translation: None,
             translation_failure: None,

@@ -169,7 +169,7 @@ pub fn to_transcript(t: &nexus_models::whisper::Transcript, task: Task) -> Trans
                     avg_logprob: f64::from(s.avg_logprob),
                     compression_ratio: f64::from(s.compression_ratio),
                 }),
-                no_speech_prob: f64::from(s.no_speech_prob),
+                no_speech_prob: Some(f64::from(s.no_speech_prob)),
                 words: s
                     .words
                     .iter()

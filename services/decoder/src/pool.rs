@@ -306,7 +306,8 @@ fn finish_nexus(
             language: language.clone(),
             span,
             translation: None,
-            no_speech_probability: 0.0,
+            // The LM has no no-speech token: left out, not zeroed.
+            no_speech_probability: None,
             // The LM reports no Whisper-style window figures: left out, not zeroed.
             decoding: None,
             // Speakers are given by ingest, which diarizes the recording.
@@ -711,7 +712,7 @@ fn finish(a: Active) -> Output {
                         end_ms: at(s.end).min(seg.end_ms.max(at(s.start))),
                     }),
                     translation: None,
-                    no_speech_probability: s.no_speech_prob,
+                    no_speech_probability: Some(s.no_speech_prob),
                     decoding: Some(DecodingDetails {
                         tokens: s.tokens.clone(),
                         temperature: s.temperature,

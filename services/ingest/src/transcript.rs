@@ -23,7 +23,7 @@ pub(crate) fn segment(id: usize, r: &SpeechRecognitionResult) -> Segment {
             avg_logprob: f64::from(d.avg_logprob),
             compression_ratio: f64::from(d.compression_ratio),
         }),
-        no_speech_prob: f64::from(r.no_speech_probability),
+        no_speech_prob: r.no_speech_probability.map(f64::from),
         words: alt
             .words
             .iter()
