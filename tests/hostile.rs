@@ -558,18 +558,24 @@ mod jobs {
             assert!(ttl > 3_600_000, "{k} is kept {ttl} ms");
         }
         // A submitter that died before queueing leaves a key naming a job
-        // with no records: the next submit with that key takes it over
-        // instead of answering NOT_FOUND.
+        // with no records, pending: a submit with that key is told to retry
+        // (not NOT_FOUND), and once the key lapses the key submits afresh.
         let dead_key = key.replace(":retry-me", ":dead-submitter");
         let ghost = "00000000-0000-4000-8000-00000000dead";
         let _: () = redis::cmd("SET")
             .arg(&dead_key)
             .arg(ghost)
             .arg("PX")
-            .arg(60_000)
+            .arg(1_500)
             .query_async(&mut redis)
             .await
             .unwrap();
+        let e = c.submit_job(job("dead-submitter")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(
+            e.message().contains("in progress or was abandoned; retry"),
+            "{e:?}"
+        );
         let t0 = Instant::now();
         while c
             .get_job(GetJobRequest {
@@ -585,11 +591,19 @@ mod jobs {
             assert!(t0.elapsed() < Duration::from_secs(120), "the job never ran");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let fresh = c
-            .submit_job(job("dead-submitter"))
-            .await
-            .unwrap()
-            .into_inner();
+        let fresh = loop {
+            match c.submit_job(job("dead-submitter")).await {
+                Ok(j) => break j.into_inner(),
+                Err(e) if e.code() == Code::Unavailable => {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(30),
+                        "the key never lapsed"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        };
         assert_ne!(fresh.job_id, ghost);
         let named: String = redis::cmd("GET")
             .arg(&dead_key)

@@ -241,37 +241,30 @@ impl<B: Bus> Ingest<B> {
                 .keys
                 .job_idempotency(&tenant, &r.idempotency_key)
         });
-        // The key lasts as long as the job's records do: pending until the
-        // queue holds the job, then the job's full time.
-        if let Some(key) = &idempotency {
-            let pending = nexus_bus::jobs::PENDING_TTL.min(ttl);
-            let mut claim = bus
-                .put_new(key, id.as_str().as_bytes().to_vec(), pending)
+        // The key lasts as long as the job's records do: pending (a minute)
+        // until the queue holds the job, then the job's full time. So a key
+        // whose submitter died before queueing lapses within the minute.
+        if let Some(key) = &idempotency
+            && let Some(existing) = bus
+                .put_new(
+                    key,
+                    id.as_str().as_bytes().to_vec(),
+                    nexus_bus::jobs::PENDING_TTL.min(ttl),
+                )
                 .await
-                .map_err(bus_status)?;
-            if let Some(existing) = &claim {
-                let named = Self::job_id(&String::from_utf8_lossy(existing))?;
-                match self.load_job(&named, &tenant).await {
-                    Err(e) if e.code() == tonic::Code::NotFound => {
-                        // The key names a job whose records are gone (its
-                        // submitter died before queueing it): this call takes
-                        // the key over, unless another call just did.
-                        let released = bus.delete_if(key, existing).await.map_err(bus_status)?;
-                        claim = if released {
-                            bus.put_new(key, id.as_str().as_bytes().to_vec(), pending)
-                                .await
-                                .map_err(bus_status)?
-                        } else {
-                            bus.get(key).await.map_err(bus_status)?
-                        };
-                    }
-                    found => return found,
-                }
-            }
-            if let Some(existing) = claim {
-                let named = Self::job_id(&String::from_utf8_lossy(&existing))?;
-                return self.load_job(&named, &tenant).await;
-            }
+                .map_err(bus_status)?
+        {
+            let named = Self::job_id(&String::from_utf8_lossy(&existing))?;
+            return match self.load_job(&named, &tenant).await {
+                // Its records are not there: another call with this key is
+                // writing them, or its submitter died before it could.
+                Err(e) if e.code() == tonic::Code::NotFound => Err(Status::unavailable(format!(
+                    "idempotency_key {:?} names job {named}, whose submission is in progress or was abandoned; retry (an abandoned key lapses within {} s)",
+                    r.idempotency_key,
+                    nexus_bus::jobs::PENDING_TTL.as_secs()
+                ))),
+                found => found,
+            };
         }
         let spec = JobSpec {
             job_id: id.to_string(),
