@@ -148,6 +148,16 @@ struct Speed {
     ms_per_pass: f64,
 }
 
+impl Speed {
+    /// One line of the table: `stage` per second in `unit`s, ms per `pass`.
+    fn print(&self, stage: &str, unit: &str, pass: &str) {
+        println!(
+            "  {stage} {:<4} batch {:>3}: {:>9.1} {unit}/s ({:.2} ms per {pass})",
+            self.precision, self.batch, self.per_second, self.ms_per_pass
+        );
+    }
+}
+
 pub fn run(args: GpuCheckArgs) -> anyhow::Result<()> {
     match args.command {
         GpuCheckCommand::Prepare(a) => prepare(a),
@@ -526,18 +536,12 @@ fn check(a: RunArgs) -> anyhow::Result<()> {
         let engine = load_bundle(&a.bundle, &device, precision)?;
         for b in &encoder_batches {
             let s = encoder_speed(&engine, precision, &samples, *b, passes)?;
-            println!(
-                "  encoder {precision:<4} batch {b:>3}: {:>9.1} windows/s ({:.2} ms per pass)",
-                s.per_second, s.ms_per_pass
-            );
+            s.print("encoder", "windows", "pass");
             encoder.push(s);
         }
         for b in &batches {
             let s = decoder_speed(&engine, precision, &samples, *b, steps)?;
-            println!(
-                "  decoder {precision:<4} batch {b:>3}: {:>9.1} tokens/s ({:.2} ms per step)",
-                s.per_second, s.ms_per_pass
-            );
+            s.print("decoder", "tokens", "step");
             decoder.push(s);
         }
     }
