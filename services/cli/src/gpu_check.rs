@@ -149,6 +149,17 @@ struct Speed {
 }
 
 impl Speed {
+    /// `passes` passes of `batch` items each in `took`.
+    fn timed(precision: Precision, batch: usize, passes: usize, took: std::time::Duration) -> Self {
+        let secs = took.as_secs_f64().max(1e-9);
+        Self {
+            precision: precision.to_string(),
+            batch,
+            per_second: (batch * passes) as f64 / secs,
+            ms_per_pass: secs * 1e3 / passes as f64,
+        }
+    }
+
     /// One line of the table: `stage` per second in `unit`s, ms per `pass`.
     fn print(&self, stage: &str, unit: &str, pass: &str) {
         println!(
@@ -600,13 +611,7 @@ fn encoder_speed(
         engine.model.encoder.forward(&mel)?;
     }
     sync(&engine.device)?;
-    let secs = t0.elapsed().as_secs_f64();
-    Ok(Speed {
-        precision: precision.to_string(),
-        batch,
-        per_second: (batch * passes) as f64 / secs,
-        ms_per_pass: secs * 1e3 / passes as f64,
-    })
+    Ok(Speed::timed(precision, batch, passes, t0.elapsed()))
 }
 
 fn decoder_speed(
@@ -648,11 +653,5 @@ fn decoder_speed(
     }
     sync(&engine.device)?;
     let timed = steps.saturating_sub(1).max(1);
-    let secs = t0.elapsed().as_secs_f64();
-    Ok(Speed {
-        precision: precision.to_string(),
-        batch,
-        per_second: (batch * timed) as f64 / secs,
-        ms_per_pass: secs * 1e3 / timed as f64,
-    })
+    Ok(Speed::timed(precision, batch, timed, t0.elapsed()))
 }
