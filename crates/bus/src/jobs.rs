@@ -29,6 +29,9 @@ pub const FIELD_JOB: &str = "job";
 /// after this.
 pub const PENDING_TTL: Duration = Duration::from_secs(60);
 
+/// The records a submit writes (`audio` only for uploaded content).
+const SUBMITTED_PARTS: [&str; 3] = ["status", "audio", "spec"];
+
 /// Whether a job state is final.
 pub fn terminal(state: i32) -> bool {
     state == JobState::Succeeded as i32
@@ -105,7 +108,6 @@ impl<B: Bus> JobStore<B> {
             records.push((self.key(&id, "audio"), audio));
         }
         records.push((self.key(&id, "status"), job.encode_to_vec()));
-        let keys: Vec<String> = records.iter().map(|(k, _)| k.clone()).collect();
         if self
             .bus
             .put_all_new(records, PENDING_TTL.min(self.ttl))
@@ -126,14 +128,15 @@ impl<B: Bus> JobStore<B> {
         };
         match queued {
             Ok(_) => {
-                for key in &keys {
-                    // Gone already only if a runner finished and removed it.
-                    self.bus.keep(key, self.ttl).await?;
+                for part in SUBMITTED_PARTS {
+                    // Absent when there is no audio, or once a runner finished
+                    // and removed it.
+                    self.bus.keep(&self.key(&id, part), self.ttl).await?;
                 }
                 Ok(Submitted::Queued)
             }
             Err(e) => {
-                for part in ["status", "audio", "spec"] {
+                for part in SUBMITTED_PARTS {
                     let _ = self.bus.delete(&self.key(&id, part)).await;
                 }
                 Err(e)

@@ -174,10 +174,7 @@ impl crate::StageProcessArgs {
         telemetry: &nexus_core::telemetry::Telemetry,
     ) -> anyhow::Result<(Process, nexus_bus::RedisBus)> {
         let device = nexus_models::parse_device(&self.device)?;
-        let precision = self
-            .precision
-            .unwrap_or_else(|| nexus_models::Precision::default_for(&device));
-        precision.check_device(&device)?;
+        let precision = nexus_models::Precision::for_device(self.precision, &device)?;
         let models = ModelArgs {
             names: self.models.clone(),
             home: None,

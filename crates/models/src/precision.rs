@@ -34,6 +34,14 @@ impl Precision {
         }
     }
 
+    /// The precision asked for (`choice`), else the device's default, once
+    /// checked against `device`: what a process starting its models uses.
+    pub fn for_device(choice: Option<Self>, device: &candle_core::Device) -> Result<Self> {
+        let p = choice.unwrap_or_else(|| Self::default_for(device));
+        p.check_device(device)?;
+        Ok(p)
+    }
+
     /// Whether `device` runs this precision; the error names the ones it does.
     pub fn check_device(self, device: &candle_core::Device) -> Result<()> {
         match (self, device.is_cpu()) {
@@ -107,5 +115,11 @@ mod tests {
         Precision::F32.check_device(&cpu).unwrap();
         let e = Precision::F16.check_device(&cpu).unwrap_err().to_string();
         assert!(e.contains("f16 runs on GPUs only"), "{e}");
+        assert_eq!(Precision::for_device(None, &cpu).unwrap(), Precision::Int8);
+        assert_eq!(
+            Precision::for_device(Some(Precision::F32), &cpu).unwrap(),
+            Precision::F32
+        );
+        assert!(Precision::for_device(Some(Precision::F16), &cpu).is_err());
     }
 }

@@ -96,10 +96,7 @@ pub fn run(args: ServeArgs, log: LogFilter) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs, log: LogFilter) -> anyhow::Result<()> {
     let shutdown = nexus_core::shutdown::on_signals();
     let device = nexus_models::parse_device(&args.device)?;
-    let precision = args
-        .precision
-        .unwrap_or_else(|| nexus_models::Precision::default_for(&device));
-    precision.check_device(&device)?;
+    let precision = nexus_models::Precision::for_device(args.precision, &device)?;
     let models = ModelArgs {
         names: args.models.clone(),
         home: args.home.clone(),

@@ -293,7 +293,8 @@ impl IngestStage {
 pub(crate) struct Settings {
     pub(crate) fleet: Fleet,
     pub(crate) lease_ttl: Duration,
-    /// Share of the decoder pool kept for tenants below their fair share.
+    /// Share of the decoder pool kept for tenants below their fair share:
+    /// `--pool-reserve` where the keys name several tenants, else 0.
     pub(crate) pool_reserve: f32,
     pub(crate) bus_retry: Duration,
     pub(crate) final_timeout: Duration,
@@ -355,16 +356,6 @@ impl<B: Bus> Inner<B> {
     ) -> tokio::task::JoinHandle<T> {
         let pool = self.background.clone();
         tokio::task::spawn_blocking(move || pool.install(work))
-    }
-
-    /// The share of the decoder pool kept for tenants below their fair
-    /// share: `--pool-reserve` where several tenants share the fleet, else 0.
-    pub(crate) fn pool_reserve(&self) -> f32 {
-        if self.access.tenants_share_pool() {
-            self.cfg.pool_reserve
-        } else {
-            0.0
-        }
     }
 
     /// Gives the decoder-pool slot of `id` back; when that fails, the lease
@@ -663,7 +654,7 @@ impl<B: Bus> Ingest<B> {
         };
         match inner
             .bus
-            .lease(&pool, holder, inner.cfg.lease_ttl, inner.pool_reserve())
+            .lease(&pool, holder, inner.cfg.lease_ttl, inner.cfg.pool_reserve)
             .await
         {
             Ok(Lease::Granted { used, capacity }) => {
@@ -895,7 +886,13 @@ async fn run<B: Bus>(
         cfg: Settings {
             fleet: cfg.fleet.clone(),
             lease_ttl: Duration::from_millis(cfg.args.lease_ttl_ms.max(300)),
-            pool_reserve: cfg.args.pool_reserve,
+            // The keys are fixed for the replica's life: whether tenants
+            // share the pool is known now.
+            pool_reserve: if access.tenants_share_pool() {
+                cfg.args.pool_reserve
+            } else {
+                0.0
+            },
             bus_retry: Duration::from_millis(cfg.args.bus_retry_ms),
             final_timeout: Duration::from_millis(cfg.args.final_timeout_ms),
             resume_grace: Duration::from_millis(cfg.args.resume_grace_ms),
@@ -1055,17 +1052,17 @@ fn parse_fraction(s: &str) -> Result<f32, String> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn pool_reserve_is_a_fraction() {
-        assert_eq!(super::parse_fraction(" 0.25"), Ok(0.25));
-        let e = super::parse_fraction("1.5").unwrap_err();
-        assert!(e.contains("not a fraction from 0 to 1"), "{e}");
-        assert!(super::parse_fraction("NaN").is_err());
-        assert!(super::parse_fraction("a quarter").is_err());
-    }
-
     use super::*;
     use nexus_proto::speech::EndpointingConfig;
+
+    #[test]
+    fn pool_reserve_is_a_fraction() {
+        assert_eq!(parse_fraction(" 0.25"), Ok(0.25));
+        let e = parse_fraction("1.5").unwrap_err();
+        assert!(e.contains("not a fraction from 0 to 1"), "{e}");
+        assert!(parse_fraction("NaN").is_err());
+        assert!(parse_fraction("a quarter").is_err());
+    }
 
     fn endpointing(e: EndpointingConfig) -> Result<EndpointConfig, Status> {
         Ingest::<nexus_bus::MemoryBus>::endpointing(&StreamingRecognitionConfig {

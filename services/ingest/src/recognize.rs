@@ -465,7 +465,7 @@ impl<B: Bus> Ingest<B> {
                 m = rx.recv() => m,
                 _ = renew.tick() => {
                     let holder = Holder { tenant, id: id.as_str() };
-                    if let Err(e) = inner.bus.lease(&pool, holder, lease_ttl, inner.pool_reserve()).await {
+                    if let Err(e) = inner.bus.lease(&pool, holder, lease_ttl, inner.cfg.pool_reserve).await {
                         tracing::warn!(request = %id, error = %e, "renewing the request's slot failed");
                     }
                     continue;

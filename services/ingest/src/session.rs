@@ -438,7 +438,7 @@ impl<B: Bus> Session<B> {
                 }
                 _ = renew.tick() => {
                     let holder = Holder { tenant: &self.tenant, id: self.id.as_str() };
-                    if let Err(e) = self.inner.bus.lease(&pool, holder, lease_ttl, self.inner.pool_reserve()).await {
+                    if let Err(e) = self.inner.bus.lease(&pool, holder, lease_ttl, self.inner.cfg.pool_reserve).await {
                         tracing::warn!(session = %self.id, error = %e, "renewing the session's slot failed");
                     }
                 }
