@@ -199,13 +199,14 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
         std::fs::copy(dir.join(f), a.out.join(f))
             .with_context(|| format!("copying {}", dir.join(f).display()))?;
     }
-    let weights = dir.join("model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
-        .with_context(|| format!("reading {}", weights.display()))?;
+    let source = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&source, &Device::Cpu)
+        .with_context(|| format!("reading {}", source.display()))?;
     write_bundle_weights(&tensors, &a.out.join("weights.gguf"))?;
 
     // The reference is what the CPU computes from the bundle's own weights.
-    let engine = load_bundle(&a.out, &Device::Cpu, Precision::F32)?;
+    let weights = bundle_weights(&a.out)?;
+    let engine = bundle_engine(&a.out, &weights, &Device::Cpu, Precision::F32)?;
     let transcript = engine.transcribe(&samples, &greedy_transcription(), &mut |_| {})?;
     let taught: Vec<u32> = transcript
         .segments
@@ -277,8 +278,9 @@ fn write_bundle_weights(tensors: &HashMap<String, Tensor>, path: &Path) -> anyho
     Ok(())
 }
 
-/// The bundle's model on `device`, its weights dequantised and held in `precision`.
-fn load_bundle(dir: &Path, device: &Device, precision: Precision) -> anyhow::Result<WhisperEngine> {
+/// The bundle's weights, dequantised to f32 on the CPU: read once, then
+/// made into a model per precision with [`bundle_engine`].
+fn bundle_weights(dir: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     let path = dir.join("weights.gguf");
     let mut file =
         std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
@@ -289,9 +291,19 @@ fn load_bundle(dir: &Path, device: &Device, precision: Precision) -> anyhow::Res
         let q = content.tensor(&mut file, name, &Device::Cpu)?;
         tensors.insert(name.clone(), q.dequantize(&Device::Cpu)?);
     }
+    Ok(tensors)
+}
+
+/// The bundle's model on `device`, from its `weights`, held in `precision`.
+fn bundle_engine(
+    dir: &Path,
+    weights: &HashMap<String, Tensor>,
+    device: &Device,
+    precision: Precision,
+) -> anyhow::Result<WhisperEngine> {
     Ok(WhisperEngine::from_tensors(
         WhisperEngine::read_config(dir)?,
-        tensors,
+        weights.clone(),
         &dir.join("tokenizer.json"),
         device,
         precision,
@@ -451,7 +463,8 @@ fn check(a: RunArgs) -> anyhow::Result<()> {
     let samples: Vec<f32> = get("audio")?.to_vec1()?;
 
     let t0 = Instant::now();
-    let engine = load_bundle(&a.bundle, &device, Precision::F32)?;
+    let weights = bundle_weights(&a.bundle)?;
+    let engine = bundle_engine(&a.bundle, &weights, &device, Precision::F32)?;
     println!(
         "gpu-check: {} on {} (loaded in {:.1} s)",
         reference.model,
@@ -544,7 +557,7 @@ fn check(a: RunArgs) -> anyhow::Result<()> {
     };
     let (mut encoder, mut decoder) = (Vec::new(), Vec::new());
     for precision in precisions {
-        let engine = load_bundle(&a.bundle, &device, precision)?;
+        let engine = bundle_engine(&a.bundle, &weights, &device, precision)?;
         for b in &encoder_batches {
             let s = encoder_speed(&engine, precision, &samples, *b, passes)?;
             s.print("encoder", "windows", "pass");
