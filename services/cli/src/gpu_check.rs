@@ -334,11 +334,22 @@ fn greedy_session() -> DecodeOptions {
 
 /// Encoder features (1, frames, width) of the first window of `samples`.
 fn encode(engine: &WhisperEngine, samples: &[f32]) -> anyhow::Result<Tensor> {
-    let mel = engine
+    Ok(engine.encode_window(&padded_mel(engine, samples)?, 0)?)
+}
+
+/// The log-mel of `samples` with a window of padding, on the engine's device.
+fn padded_mel(engine: &WhisperEngine, samples: &[f32]) -> anyhow::Result<Tensor> {
+    Ok(engine
         .mel
         .compute(samples, nexus_models::mel::CHUNK_SAMPLES)?
-        .to_tensor(&engine.device)?;
-    Ok(engine.encode_window(&mel, 0)?)
+        .to_tensor(&engine.device)?)
+}
+
+/// English transcription without timestamps: the prompt every check decodes after.
+fn transcribe_prompt(engine: &WhisperEngine) -> anyhow::Result<Vec<u32>> {
+    let mut tokens = engine.sot_sequence(Task::Transcribe, "en")?;
+    tokens.push(engine.tokenizer.specials.no_timestamps);
+    Ok(tokens)
 }
 
 /// Logits (positions, vocab) in f32 at every position of the
@@ -348,8 +359,7 @@ fn taught_logits(
     features: &Tensor,
     taught: &[u32],
 ) -> anyhow::Result<Tensor> {
-    let mut tokens = engine.sot_sequence(Task::Transcribe, "en")?;
-    tokens.push(engine.tokenizer.specials.no_timestamps);
+    let mut tokens = transcribe_prompt(engine)?;
     tokens.extend_from_slice(taught);
     let mut state = engine.model.decoder.start(features)?;
     let out = engine.model.decoder.forward(
@@ -610,10 +620,7 @@ fn encoder_speed(
     batch: usize,
     passes: usize,
 ) -> anyhow::Result<Speed> {
-    let mel = engine
-        .mel
-        .compute(samples, nexus_models::mel::CHUNK_SAMPLES)?
-        .to_tensor(&engine.device)?
+    let mel = padded_mel(engine, samples)?
         .i((.., .., ..nexus_models::mel::CHUNK_FRAMES))?
         .to_dtype(engine.dtype)?;
     let mel = Tensor::cat(&vec![&mel; batch], 0)?;
@@ -635,8 +642,7 @@ fn decoder_speed(
     steps: usize,
 ) -> anyhow::Result<Speed> {
     let features = encode(engine, samples)?;
-    let mut prompt = engine.sot_sequence(Task::Transcribe, "en")?;
-    prompt.push(engine.tokenizer.specials.no_timestamps);
+    let prompt = transcribe_prompt(engine)?;
     let room = engine.model.config.max_target_positions - prompt.len() - 1;
     let steps = steps.min(room);
     let decoder = &engine.model.decoder;
