@@ -793,7 +793,8 @@ async fn a_full_redis_is_reported_and_survived() {
 /// A live session longer than the whole-file byte cap ever allowed: 48 kHz
 /// f32 crosses 100 MiB at 546 s. Mostly silence, with speech at the start and
 /// at the very end, whose final must come. `NEXUS_LONG_SESSION_S` sets the
-/// length (600 here; BENCHMARKS.md records a 3-hour run).
+/// length (600 here). Speech throughout, at the live pace, for hours:
+/// `a_live_session_runs_for_hours_at_48_khz_f32` (BENCHMARKS.md).
 #[tokio::test]
 #[ignore = "needs tiny.en + silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
 async fn a_live_session_outlives_the_upload_cap_with_default_limits() {
@@ -991,17 +992,7 @@ async fn a_live_session_runs_for_hours_at_48_khz_f32() {
     let clip = speech();
     let clip_ms = clip.len() as u64 * 1000 / 16_000;
     let rounds = (minutes * 60_000).div_ceil(clip_ms);
-    // 48 kHz f32: each 16 kHz sample held for three (the server's resampler
-    // filters the images), in 100 ms messages.
-    let chunk: Vec<Vec<u8>> = clip
-        .chunks(1_600)
-        .map(|c| {
-            c.iter()
-                .flat_map(|s| std::iter::repeat_n(s.to_le_bytes(), 3))
-                .flatten()
-                .collect()
-        })
-        .collect();
+    let chunk = f32_48k_chunks(&clip);
     let mut cfg = pcm16_config(MODEL);
     if let Some(f) = cfg.config.as_mut().and_then(|c| c.audio_format.as_mut()) {
         f.encoding = AudioEncoding::LinearPcmF32le as i32;
