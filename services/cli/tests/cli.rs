@@ -2,11 +2,15 @@
 
 use std::process::{Command, Output};
 
+/// Runs `nexus` as a user would see it: its own weights folder, default
+/// logging, and errors without the backtraces a developer's shell may ask for.
 fn nexus(args: &[&str], home: &std::path::Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nexus"))
         .args(args)
         .env("NEXUS_HOME", home)
         .env_remove("NEXUS_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .output()
         .expect("run nexus")
 }
@@ -381,28 +385,17 @@ fn serve_on_cuda_without_a_cuda_build_says_so_in_one_line() {
             "cuda",
         ],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-            .args(args)
-            .env("NEXUS_HOME", tmp.path())
-            .env_remove("NEXUS_LOG")
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .output()
-            .unwrap();
+        let out = nexus(args, tmp.path());
         assert!(!out.status.success());
         let said = text(&out);
         assert_eq!(said.trim().lines().count(), 1, "{args:?}: {said}");
         assert!(said.contains("--features cuda"), "{args:?}: {said}");
     }
     // A precision the device cannot run, likewise.
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["serve", "--precision", "f16", "--model", "tiny.en"])
-        .env("NEXUS_HOME", tmp.path())
-        .env_remove("NEXUS_LOG")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .unwrap();
+    let out = nexus(
+        &["serve", "--precision", "f16", "--model", "tiny.en"],
+        tmp.path(),
+    );
     assert!(!out.status.success());
     let said = text(&out);
     assert_eq!(said.trim().lines().count(), 1, "{said}");
