@@ -33,14 +33,19 @@ async fn serve() -> Proc {
     p
 }
 
-fn config_message() -> StreamingRecognizeRequest {
+/// English PCM with interims, word times and a speaker label.
+fn contract_config() -> StreamingRecognitionConfig {
     let mut cfg = pcm16_config(MODEL);
     cfg.speaker_label = "Ada".into();
     if let Some(rc) = cfg.config.as_mut() {
         rc.enable_word_time_offsets = true;
     }
+    cfg
+}
+
+fn config_message() -> StreamingRecognizeRequest {
     StreamingRecognizeRequest {
-        streaming_request: Some(StreamingRequest::StreamingConfig(cfg)),
+        streaming_request: Some(StreamingRequest::StreamingConfig(contract_config())),
     }
 }
 
@@ -56,10 +61,8 @@ async fn the_real_service_keeps_the_streaming_contract() {
     let server = serve().await;
     let samples = speech();
     let sent_ms = samples.len() as u64 * 1000 / 16_000;
-    let StreamingRequest::StreamingConfig(cfg) = config_message().streaming_request.unwrap() else {
-        unreachable!()
-    };
-    let out = stream(server.addr, cfg, &samples, 4.0, |_| {})
+
+    let out = stream(server.addr, contract_config(), &samples, 4.0, |_| {})
         .await
         .expect("the session runs");
     assert!(out.status.is_none(), "{:?}", out.status);
