@@ -24,14 +24,14 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && libs=$libs:$d
 done
 for p in $(python3 -c 'import nvidia, sys; print(" ".join(nvidia.__path__))' 2>/dev/null); do
-  for d in "$p"/cu13/lib "$p"/*/lib; do
+  for d in "$p"/*/lib; do   # cu13/lib among them
     [ -d "$d" ] && libs=$libs:$d
   done
 done
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}$libs
 
-xz -dc .gpu/nexus.xz >/tmp/nexus-gpu/nexus && chmod +x /tmp/nexus-gpu/nexus
-xz -dc .gpu/bundle.tar.xz | tar -C /tmp/nexus-gpu -xf -
+xz -dc .gpu/nexus.xz >/tmp/nexus-gpu/nexus && chmod +x /tmp/nexus-gpu/nexus || exit 1
+xz -dc .gpu/bundle.tar.xz | tar -C /tmp/nexus-gpu -xf - || exit 1
 ldd /tmp/nexus-gpu/nexus | tee "$OUT/ldd.txt" | grep -E "cuda|cublas|curand|nvrtc"
 if grep -q "not found" "$OUT/ldd.txt"; then
   echo "gpu-check.sh: a CUDA library is missing (ldd.txt); LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >&2
