@@ -17,6 +17,8 @@ use std::io::{Read, Seek};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{D, DType, Device, Module, Tensor};
 
+use rayon::prelude::*;
+
 use crate::error::{ModelError, Result};
 use crate::q8::Q8Matrix;
 
@@ -89,6 +91,9 @@ pub struct QwenLm {
     output: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The rotary tables on the host, `[MAX_POSITIONS, head_dim / 2]`.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -96,32 +101,123 @@ pub struct QwenLm {
     device: Device,
 }
 
-/// Keys and values of one sequence, per block: `[1, kv_heads, len, head_dim]`.
-/// Cloning is cheap (tensors are shared) and the clone grows on its own.
+/// Keys (after their rotation) and values of one block, entry by entry:
+/// entry `t` holds `kv_heads × head_dim` keys at `t * width` of `k`, its
+/// values at the same place of `v`.
+#[derive(Debug, Clone, Default)]
+struct Kv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Keys and values of one sequence, per block, kept on the host whatever
+/// the model's device: a token step appends to them in place, and a CPU
+/// step reads them where they lie ([`attend_one`]).
+///
+/// Entries computed for a prompt prefix shared by many sequences sit in
+/// `base`, shared by every clone ([`Cache::share`]); a sequence's own
+/// entries follow in `own`, so a clone copies only those. Entries can be
+/// dropped from the front of `own` ([`Cache::drop_front`]): positions are
+/// never reused, so the entries left keep the positions they were computed
+/// at, and the sequence goes on at the next one (a conversation that
+/// forgets its oldest turns).
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    base: Option<std::sync::Arc<Vec<Kv>>>,
+    base_entries: usize,
+    own: Vec<Kv>,
+    own_entries: usize,
+    width: usize,
+    pos: usize,
 }
 
 impl Cache {
-    /// Positions held.
+    /// Positions used: the next token goes at this position.
     pub fn len(&self) -> usize {
-        self.len
+        self.pos
     }
 
     /// Whether nothing has run yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.pos == 0
     }
 
-    /// Bytes the cache holds.
+    /// Entries held (positions used less those dropped).
+    pub fn entries(&self) -> usize {
+        self.base_entries + self.own_entries
+    }
+
+    /// Entries of the sequence's own, after the shared ones.
+    pub fn own_entries(&self) -> usize {
+        self.own_entries
+    }
+
+    /// Bytes the cache holds, the shared entries included.
     pub fn bytes(&self) -> usize {
-        self.kv
+        let kv = |l: &Kv| (l.k.len() + l.v.len()) * std::mem::size_of::<f32>();
+        self.base
             .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .flat_map(|b| b.iter())
+            .map(kv)
+            .sum::<usize>()
+            + self.own.iter().map(kv).sum::<usize>()
+    }
+
+    /// Bytes of the sequence's own entries.
+    pub fn own_bytes(&self) -> usize {
+        self.own
+            .iter()
+            .map(|l| (l.k.len() + l.v.len()) * std::mem::size_of::<f32>())
             .sum()
+    }
+
+    /// The same cache with every entry shared: its clones copy nothing
+    /// until they grow, and then only what they add.
+    pub fn share(self) -> Self {
+        if self.own_entries == 0 {
+            return self;
+        }
+        let own = self.own;
+        let layers = match self.base {
+            None => own,
+            Some(b) => b
+                .iter()
+                .zip(own)
+                .map(|(b, o)| Kv {
+                    k: [b.k.as_slice(), &o.k].concat(),
+                    v: [b.v.as_slice(), &o.v].concat(),
+                })
+                .collect(),
+        };
+        let blocks = layers.len();
+        Self {
+            base: Some(std::sync::Arc::new(layers)),
+            base_entries: self.base_entries + self.own_entries,
+            own: vec![Kv::default(); blocks],
+            own_entries: 0,
+            width: self.width,
+            pos: self.pos,
+        }
+    }
+
+    /// Drops the first `n` of the sequence's own entries (at most all of
+    /// them); the shared ones and the position stay.
+    pub fn drop_front(&mut self, n: usize) {
+        let n = n.min(self.own_entries);
+        for l in &mut self.own {
+            l.k.drain(..n * self.width);
+            l.v.drain(..n * self.width);
+        }
+        self.own_entries -= n;
+    }
+
+    /// Block `b`'s shared and own entries.
+    fn block(&self, b: usize) -> (&[f32], &[f32], &[f32], &[f32]) {
+        let (bk, bv) = match &self.base {
+            Some(base) => (base[b].k.as_slice(), base[b].v.as_slice()),
+            None => (&[][..], &[][..]),
+        };
+        (bk, bv, &self.own[b].k, &self.own[b].v)
     }
 }
 
@@ -241,14 +337,17 @@ impl QwenLm {
         for t in 0..MAX_POSITIONS {
             angles.extend(inv.iter().map(|f| t as f32 * f));
         }
-        let angles = Tensor::from_vec(angles, (MAX_POSITIONS, half), device)?;
+        let cos_host: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin_host: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
         Ok(Self {
             embed,
             blocks: bs,
             norm,
             output,
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            cos: Tensor::from_slice(&cos_host, (MAX_POSITIONS, half), device)?,
+            sin: Tensor::from_slice(&sin_host, (MAX_POSITIONS, half), device)?,
+            cos_host,
+            sin_host,
             heads,
             kv_heads,
             head_dim,
@@ -260,8 +359,24 @@ impl QwenLm {
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> Cache {
         Cache {
-            kv: vec![None; self.blocks.len()],
-            len: 0,
+            own: vec![Kv::default(); self.blocks.len()],
+            width: self.kv_heads * self.head_dim,
+            ..Cache::default()
+        }
+    }
+
+    /// `cache` as it is when it fits this model, else a new one.
+    fn fit(&self, cache: &mut Cache) {
+        if cache.own.len() != self.blocks.len() || cache.width != self.kv_heads * self.head_dim {
+            *cache = self.new_cache();
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
         }
     }
 
@@ -277,40 +392,55 @@ impl QwenLm {
         })
     }
 
-    /// Attention of one sequence: `q` `[1, L, heads*hd]`, `k`/`v`
-    /// `[1, L, kv_heads*hd]` at positions `pos..pos+L`, its cache grown.
+    /// Attention of one sequence over `l` new positions by tensor
+    /// operations (any device): `q` `[1, L, heads*hd]`, `k`/`v`
+    /// `[1, L, kv_heads*hd]` at positions `cache.len()..+L`; their keys and
+    /// values are appended to block `b` of `cache`.
     fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        slot: &mut Option<(Tensor, Tensor)>,
-        pos: usize,
+        cache: &mut Cache,
+        b: usize,
     ) -> Result<Tensor> {
         let l = q.dim(1)?;
         let hd = self.head_dim;
         let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((1, l, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
+        let pos = cache.pos;
         let (cos, sin) = (self.cos.narrow(0, pos, l)?, self.sin.narrow(0, pos, l)?);
         let q = candle_nn::rotary_emb::rope(&heads(q, self.heads)?, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&heads(k, self.kv_heads)?, &cos, &sin)?;
-        let v = heads(v, self.kv_heads)?;
-        let (k, v) = match slot.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        // Entry by entry, as the cache keeps them.
+        let k_rows: Vec<f32> = k.transpose(1, 2)?.flatten_all()?.to_vec1()?;
+        let v_rows: Vec<f32> = v.flatten_all()?.to_vec1()?;
+        cache.own[b].k.extend_from_slice(&k_rows);
+        cache.own[b].v.extend_from_slice(&v_rows);
+        let (bk, bv, ok, ov) = cache.block(b);
+        let total = (bk.len() + ok.len()) / cache.width;
+        let all = |s: &[f32], o: &[f32]| -> Result<Tensor> {
+            let t = Tensor::from_vec([s, o].concat(), (total, self.kv_heads, hd), &self.device)?;
+            Ok(t.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
         };
-        *slot = Some((k.clone(), v.clone()));
         let rep = self.heads / self.kv_heads;
-        let k = repeat_kv(k, rep)?.contiguous()?;
-        let v = repeat_kv(v, rep)?.contiguous()?;
-        let total = pos + l;
+        let k = repeat_kv(all(bk, ok)?, rep)?.contiguous()?;
+        let v = repeat_kv(all(bv, ov)?, rep)?.contiguous()?;
         let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         if l > 1 {
-            // Query i (at position pos + i) sees keys up to pos + i.
+            // Every entry held before sees nothing new; new query i sees
+            // the new keys up to its own.
+            let before = total - l;
             let mask: Vec<f32> = (0..l)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                    (0..total).map(move |j| {
+                        if j > before + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (l, total), &self.device)?;
@@ -324,10 +454,10 @@ impl QwenLm {
     }
 
     fn check_room(&self, cache: &Cache, n: usize) -> Result<()> {
-        if cache.len + n > MAX_POSITIONS {
+        if cache.pos + n > MAX_POSITIONS {
             return Err(ModelError::Input(format!(
                 "the prompt and reply need {} positions; the limit is {MAX_POSITIONS}",
-                cache.len + n
+                cache.pos + n
             )));
         }
         Ok(())
@@ -360,27 +490,34 @@ impl QwenLm {
     }
 
     fn forward_piece(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
-        if cache.kv.len() != self.blocks.len() {
-            *cache = self.new_cache();
-        }
-        let pos = cache.len;
+        self.fit(cache);
         let l = ids.len();
+        let on_host = l == 1 && self.device.is_cpu();
         let ids_t = Tensor::new(ids, &self.device)?;
         let mut x = self
             .embed
             .index_select(&ids_t, 0)?
             .to_dtype(DType::F32)?
             .unsqueeze(0)?;
-        for (b, slot) in self.blocks.iter().zip(cache.kv.iter_mut()) {
+        for (bi, b) in self.blocks.iter().enumerate() {
             let h = self.rms(&x, &b.attn_norm)?;
             let q = self.project(&b.q, b.bq.as_ref(), &h)?;
             let k = self.project(&b.k, b.bk.as_ref(), &h)?;
             let v = self.project(&b.v, b.bv.as_ref(), &h)?;
-            let a = self.attend(&q, &k, &v, slot, pos)?;
+            let a = if on_host {
+                let mut q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+                let mut k: Vec<f32> = k.flatten_all()?.to_vec1()?;
+                let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
+                let out = self.rope_tables().step(&mut q, &mut k, &v, cache, bi);
+                Tensor::from_vec(out, (1, 1, self.heads * self.head_dim), &self.device)?
+            } else {
+                self.attend(&q, &k, &v, cache, bi)?
+            };
             x = (x + b.o.forward(&a)?)?;
             x = (&x + self.ffn(b, &x)?)?;
         }
-        cache.len += l;
+        cache.own_entries += l;
+        cache.pos += l;
         let last = x.narrow(1, l - 1, 1)?;
         let last = self.rms(&last, &self.norm)?;
         Ok(self.output.forward(&last)?.squeeze(0)?.squeeze(0)?)
@@ -392,9 +529,20 @@ impl QwenLm {
         b.down.forward(&(g * b.up.forward(&h)?)?)
     }
 
+    /// The rotary tables and head shape a host attention step needs.
+    fn rope_tables(&self) -> HostStep<'_> {
+        HostStep {
+            cos: &self.cos_host,
+            sin: &self.sin_host,
+            shape: self.shape(),
+        }
+    }
+
     /// One token for each of several sequences at once (each at its own
-    /// length); returns their next-token logits `[n, vocab]`. The
-    /// projections and the output run as one batch; attention per sequence.
+    /// position); returns their next-token logits `[n, vocab]`. The
+    /// projections and the output run as one batch. Attention is per
+    /// sequence: on the CPU by [`attend_one`] over the cache where it
+    /// lies, the sequences in parallel; elsewhere by tensor operations.
     pub fn step_batch(&self, tokens: &[u32], caches: &mut [&mut Cache]) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 || n != caches.len() {
@@ -405,10 +553,10 @@ impl QwenLm {
         }
         for c in caches.iter_mut() {
             self.check_room(c, 1)?;
-            if c.kv.len() != self.blocks.len() {
-                **c = self.new_cache();
-            }
+            self.fit(c);
         }
+        let on_host = self.device.is_cpu();
+        let (qd, kd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let ids_t = Tensor::new(tokens, &self.device)?;
         // [n, 1, hidden]: each sequence a batch row of length one.
         let mut x = self
@@ -421,23 +569,38 @@ impl QwenLm {
             let q = self.project(&b.q, b.bq.as_ref(), &h)?;
             let k = self.project(&b.k, b.bk.as_ref(), &h)?;
             let v = self.project(&b.v, b.bv.as_ref(), &h)?;
-            let mut outs = Vec::with_capacity(n);
-            for (i, c) in caches.iter_mut().enumerate() {
-                let pos = c.len;
-                outs.push(self.attend(
-                    &q.narrow(0, i, 1)?,
-                    &k.narrow(0, i, 1)?,
-                    &v.narrow(0, i, 1)?,
-                    &mut c.kv[bi],
-                    pos,
-                )?);
-            }
-            let a = Tensor::cat(&outs, 0)?;
+            let a = if on_host {
+                let mut q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+                let mut k: Vec<f32> = k.flatten_all()?.to_vec1()?;
+                let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
+                let step = self.rope_tables();
+                let out: Vec<f32> = q
+                    .par_chunks_mut(qd)
+                    .zip(k.par_chunks_mut(kd))
+                    .zip(v.par_chunks(kd))
+                    .zip(caches.par_iter_mut())
+                    .flat_map_iter(|(((q, k), v), c)| step.step(q, k, v, c, bi))
+                    .collect();
+                Tensor::from_vec(out, (n, 1, qd), &self.device)?
+            } else {
+                let mut outs = Vec::with_capacity(n);
+                for (i, c) in caches.iter_mut().enumerate() {
+                    outs.push(self.attend(
+                        &q.narrow(0, i, 1)?,
+                        &k.narrow(0, i, 1)?,
+                        &v.narrow(0, i, 1)?,
+                        c,
+                        bi,
+                    )?);
+                }
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + b.o.forward(&a)?)?;
             x = (&x + self.ffn(b, &x)?)?;
         }
         for c in caches.iter_mut() {
-            c.len += 1;
+            c.own_entries += 1;
+            c.pos += 1;
         }
         let x = self.rms(&x, &self.norm)?;
         Ok(self.output.forward(&x)?.squeeze(1)?)
@@ -461,4 +624,287 @@ fn repeat_kv(x: Tensor, rep: usize) -> Result<Tensor> {
     let (b, kv_heads, seq, hd) = x.dims4()?;
     let copies = vec![&x; rep];
     Ok(Tensor::cat(&copies, 2)?.reshape((b, kv_heads * rep, seq, hd))?)
+}
+
+/// The head counts and width of the attention.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// What one token's attention on the host needs besides its cache.
+#[derive(Clone, Copy)]
+struct HostStep<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
+    shape: Shape,
+}
+
+impl HostStep<'_> {
+    /// Rotates `q` (`heads × head_dim`) and `k` (`kv_heads × head_dim`) to
+    /// the cache's next position, appends `k` and `v` to block `b` of
+    /// `cache` (its entry count is the caller's to advance, once for every
+    /// block), and returns the attention output (`heads × head_dim`).
+    fn step(
+        &self,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        cache: &mut Cache,
+        b: usize,
+    ) -> Vec<f32> {
+        let hd = self.shape.head_dim;
+        let half = hd / 2;
+        let at = cache.pos * half;
+        let (cos, sin) = (&self.cos[at..at + half], &self.sin[at..at + half]);
+        for h in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+            rotate(h, cos, sin);
+        }
+        cache.own[b].k.extend_from_slice(k);
+        cache.own[b].v.extend_from_slice(v);
+        let (bk, bv, ok, ov) = cache.block(b);
+        attend_one(q, [bk, ok], [bv, ov], self.shape)
+    }
+}
+
+/// The half-split ("NeoX") rotation of one head at one position, as
+/// candle's `rope`: the first half `a` and second half `b` become
+/// `a·cos − b·sin` and `b·cos + a·sin`.
+fn rotate(h: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = h.len() / 2;
+    let (a, b) = h.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/// Attention of one query position over the entries of `ks`/`vs` (each
+/// given in parts, read in order as one sequence), by plain loops the
+/// compiler vectorises: for each key/value head, the query heads sharing
+/// it score every entry, take the softmax, and sum the values by it. The
+/// cache is read where it lies, once per key/value head, where a tensor
+/// step would copy it for every query head.
+fn attend_one(q: &[f32], ks: [&[f32]; 2], vs: [&[f32]; 2], shape: Shape) -> Vec<f32> {
+    let Shape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = shape;
+    let width = kv_heads * hd;
+    let rep = heads / kv_heads;
+    let n = (ks[0].len() + ks[1].len()) / width;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; heads * hd];
+    let mut scores = vec![0f32; rep * n];
+    for g in 0..kv_heads {
+        let qs = &q[g * rep * hd..(g + 1) * rep * hd];
+        let rows = ks.iter().flat_map(|p| p.chunks_exact(width));
+        for (t, row) in rows.enumerate() {
+            let key = &row[g * hd..(g + 1) * hd];
+            for (r, qh) in qs.chunks_exact(hd).enumerate() {
+                scores[r * n + t] = dot(qh, key) * scale;
+            }
+        }
+        for s in scores.chunks_exact_mut(n.max(1)) {
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            for x in s.iter_mut() {
+                *x /= sum;
+            }
+        }
+        let o = &mut out[g * rep * hd..(g + 1) * rep * hd];
+        let rows = vs.iter().flat_map(|p| p.chunks_exact(width));
+        for (t, row) in rows.enumerate() {
+            let value = &row[g * hd..(g + 1) * hd];
+            for (r, oh) in o.chunks_exact_mut(hd).enumerate() {
+                let p = scores[r * n + t];
+                for (y, x) in oh.iter_mut().zip(value) {
+                    *y += p * x;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A dot product in eight independent lanes (which the compiler keeps in
+/// one vector register).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The host step's attention, over entries held in two parts, equals
+    /// softmax(q·Kᵀ/√d)·V by candle's tensor operations with every key and
+    /// value head repeated for the query heads that share it.
+    #[test]
+    fn host_attention_equals_the_tensor_product() {
+        let shape = Shape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 16,
+        };
+        let (n, width) = (37, 2 * 16);
+        let q = noise(6 * 16, 1);
+        let k = noise(n * width, 2);
+        let v = noise(n * width, 3);
+        let split = 11 * width;
+        let ours = attend_one(
+            &q,
+            [&k[..split], &k[split..]],
+            [&v[..split], &v[split..]],
+            shape,
+        );
+        let dev = Device::Cpu;
+        let q = Tensor::from_vec(q, (6, 1, 16), &dev).unwrap();
+        let heads = |x: Vec<f32>| {
+            let t = Tensor::from_vec(x, (n, 2, 16), &dev)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            repeat_kv(t.contiguous().unwrap(), 3)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (kt, vt) = (heads(k), heads(v));
+        let att = (q.matmul(&kt.t().unwrap()).unwrap() / 4.0).unwrap();
+        let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
+        let theirs: Vec<f32> = att
+            .matmul(&vt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let d = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "differs by {d}");
+    }
+
+    /// The host rotation equals candle's `rope` at the same position.
+    #[test]
+    fn host_rotation_equals_candles_rope() {
+        let (hd, pos, positions) = (16, 5, 8);
+        let angles: Vec<f32> = (0..positions)
+            .flat_map(|t| {
+                (0..hd / 2).map(move |i| t as f32 / 10_000f32.powf(2.0 * i as f32 / hd as f32))
+            })
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let x = noise(3 * hd, 4);
+        let mut ours = x.clone();
+        for h in ours.chunks_exact_mut(hd) {
+            rotate(
+                h,
+                &cos[pos * hd / 2..][..hd / 2],
+                &sin[pos * hd / 2..][..hd / 2],
+            );
+        }
+        let dev = Device::Cpu;
+        let t = |v: &[f32]| Tensor::from_slice(v, (positions, hd / 2), &dev).unwrap();
+        let xt = Tensor::from_vec(x, (1, 3, 1, hd), &dev).unwrap();
+        let theirs: Vec<f32> = candle_nn::rotary_emb::rope(
+            &xt,
+            &t(&cos).narrow(0, pos, 1).unwrap(),
+            &t(&sin).narrow(0, pos, 1).unwrap(),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        let d = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-6, "differs by {d}");
+    }
+
+    /// A shared cache's clones copy none of its entries; dropping entries
+    /// from a clone's front keeps the shared ones and the position.
+    #[test]
+    fn shared_entries_stay_and_own_ones_drop_from_the_front() {
+        let width = 4;
+        let own = |vals: &[f32]| Kv {
+            k: vals.to_vec(),
+            v: vals.iter().map(|x| -x).collect(),
+        };
+        let cache = Cache {
+            own: vec![own(&[1.0; 8]), own(&[2.0; 8])],
+            own_entries: 2,
+            width,
+            pos: 2,
+            ..Cache::default()
+        }
+        .share();
+        assert_eq!(
+            (cache.entries(), cache.own_entries(), cache.len()),
+            (2, 0, 2)
+        );
+        let mut a = cache.clone();
+        for (b, l) in a.own.iter_mut().enumerate() {
+            l.k.extend((0..12).map(|i| (10 * b + i) as f32));
+            l.v.extend((0..12).map(|i| -((10 * b + i) as f32)));
+        }
+        a.own_entries = 3;
+        a.pos = 7;
+        a.drop_front(2);
+        assert_eq!((a.entries(), a.own_entries(), a.len()), (3, 1, 7));
+        let (bk, bv, ok, ov) = a.block(1);
+        assert_eq!((bk, ok), (&[2.0; 8][..], &[18.0, 19.0, 20.0, 21.0][..]));
+        assert_eq!((bv.len(), ov), (8, &[-18.0, -19.0, -20.0, -21.0][..]));
+        // The shared entries are one allocation for both.
+        assert!(std::sync::Arc::ptr_eq(
+            cache.base.as_ref().unwrap(),
+            a.base.as_ref().unwrap()
+        ));
+        a.drop_front(5);
+        assert_eq!((a.entries(), a.own_entries()), (2, 0));
+    }
 }
