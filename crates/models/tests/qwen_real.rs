@@ -333,3 +333,140 @@ fn checked_translations_neither_answer_nor_copy_on_the_fixed_subset() {
         }
     }
 }
+
+/// Live sessions' captions continue their conversations: two sessions'
+/// captions translated together, caption after caption, each with its
+/// session's earlier captions as context (as a session's finals arrive).
+/// Every translation passes the checks and is German; each conversation
+/// holds its earlier turns up to the context kept, drops the oldest after
+/// that (its entries stay bounded while its positions grow), and runs only
+/// its new caption's tokens: a caption whose context does not continue the
+/// conversation kept starts a new one.
+#[test]
+#[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
+fn live_captions_continue_their_sessions_conversations() {
+    use nexus_eval::translation::check;
+    use nexus_models::qwen::prompt::{MAX_CONTEXT, Spec};
+
+    let mut t = Translator::load(&gguf(), &Device::Cpu)
+        .expect("nexus models pull qwen2.5-0.5b-instruct")
+        .with_time_budget(std::time::Duration::from_secs(3_600));
+    let streams: [&[&str]; 2] = [
+        &[
+            "Good morning, everyone.",
+            "Let's look at the sales figures first.",
+            "They went up by twelve percent in March.",
+            "Anna will explain why.",
+            "Then we talk about the new office.",
+        ],
+        &[
+            "The match starts at eight tonight.",
+            "Both teams lost their last game.",
+            "The coach said the players are ready.",
+            "Tickets are still available.",
+            "Can you hear me at the back?",
+        ],
+    ];
+    let sessions = ["a", "b"];
+    let mut entries = [0usize; 2];
+    for round in 0..5usize {
+        let contexts: Vec<Vec<String>> = streams
+            .iter()
+            .map(|s| {
+                s[round.saturating_sub(MAX_CONTEXT)..round]
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect()
+            })
+            .collect();
+        let items: Vec<(&str, Spec<'_>)> = (0..2)
+            .map(|i| {
+                (
+                    sessions[i],
+                    Spec {
+                        text: streams[i][round],
+                        source: Some("en"),
+                        target: "de",
+                        context: &contexts[i],
+                        glossary: &[],
+                    },
+                )
+            })
+            .collect();
+        let out = t.translate_live(&items).unwrap();
+        for (i, r) in out.into_iter().enumerate() {
+            let r = r.unwrap();
+            let src = streams[i][round];
+            assert_eq!(r.failure, None, "{src:?}: {r:?}");
+            assert_eq!(
+                check(src, &r.text, "en", "de"),
+                None,
+                "{src:?} → {:?}",
+                r.text
+            );
+            let c = t
+                .conversation(sessions[i])
+                .expect("the conversation is kept");
+            assert_eq!(
+                c.turns,
+                round.min(MAX_CONTEXT),
+                "{c:?} after caption {round}"
+            );
+            assert!(c.entries <= c.positions, "{c:?}");
+            if round > MAX_CONTEXT {
+                // An old turn was dropped: fewer entries than positions,
+                // and no more than the turns kept need.
+                assert!(c.entries < c.positions, "{c:?}");
+                assert!(c.entries < entries[i] + 80, "{c:?} after {}", entries[i]);
+            }
+            entries[i] = c.entries;
+        }
+    }
+    assert_eq!(t.conversations(), 2);
+    // A caption from elsewhere in the stream (its context ends in another
+    // caption) starts over: no earlier turns held.
+    let context = vec!["Something else entirely.".to_owned()];
+    let out = t
+        .translate_live(&[(
+            "a",
+            Spec {
+                text: "Thank you all for coming.",
+                source: Some("en"),
+                target: "de",
+                context: &context,
+                glossary: &[],
+            },
+        )])
+        .unwrap();
+    assert_eq!(out[0].as_ref().unwrap().failure, None, "{out:?}");
+    assert_eq!(t.conversation("a").unwrap().turns, 0);
+    // A caption into an unsupported language fails alone.
+    let out = t
+        .translate_live(&[
+            (
+                "b",
+                Spec {
+                    text: "See you next week.",
+                    source: Some("en"),
+                    target: "xx",
+                    context: &[],
+                    glossary: &[],
+                },
+            ),
+            (
+                "c",
+                Spec {
+                    text: "See you next week.",
+                    source: Some("en"),
+                    target: "de",
+                    context: &[],
+                    glossary: &[],
+                },
+            ),
+        ])
+        .unwrap();
+    assert!(out[0].is_err(), "{out:?}");
+    assert_eq!(out[1].as_ref().unwrap().failure, None, "{out:?}");
+    t.forget("a");
+    assert!(t.conversation("a").is_none());
+}

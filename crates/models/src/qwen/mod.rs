@@ -7,7 +7,7 @@
 use std::io::{Read, Seek};
 use std::path::Path;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -193,6 +193,86 @@ pub struct Translator {
     /// Keys and values of prompt prefixes seen (instruction and examples of
     /// a language pair and framing), by their text.
     prefixes: HashMap<String, Cache>,
+    /// Live sessions' conversations, by session id.
+    conversations: HashMap<String, Conversation>,
+    /// Counts calls, to find the least recently used conversation.
+    clock: u64,
+    /// The tokens that end a turn (`<|im_end|>` and its line break).
+    turn_end: Vec<u32>,
+}
+
+/// Conversations kept at most, one per live session translated here; past
+/// it the least recently used is dropped (about 8 MB each for the 0.5B
+/// model: three captions, their translations and the turn being made).
+pub const MAX_CONVERSATIONS: usize = 32;
+
+/// A live session's captions as one conversation with the model: the
+/// instruction and examples (shared by every session of the language
+/// pair), then each caption a user turn and its translation the
+/// assistant's reply. The keys and values of the turns so far are kept, so
+/// a caption pays for its own tokens only, and the session's earlier
+/// captions and their translations are its context. The oldest turns are
+/// dropped from the cache as new ones come (at most
+/// [`prompt::MAX_CONTEXT`] kept besides the newest).
+struct Conversation {
+    /// Source (when known) and target language.
+    pair: (Option<String>, String),
+    /// Everything run so far, up to the last reply's last token fed.
+    cache: Cache,
+    /// Tokens of the last reply not yet in the cache, and the turn's end.
+    pending: Vec<u32>,
+    /// Own entries of each finished turn in the cache, oldest first.
+    turns: VecDeque<usize>,
+    /// Where the newest turn starts among the cache's own entries.
+    open: usize,
+    /// The newest caption's text.
+    last: String,
+    /// When it was last used, by [`Translator::clock`].
+    used: u64,
+}
+
+impl Conversation {
+    /// Whether `spec` is the next caption of this conversation: the newest
+    /// caption of its context is the one translated here last (or its end:
+    /// a session's context holds whole utterances, translated here piece
+    /// by piece).
+    fn continues(&self, spec: &prompt::Spec<'_>) -> bool {
+        let last = self.last.trim();
+        !last.is_empty()
+            && spec
+                .context
+                .last()
+                .is_some_and(|c| c.trim_end().ends_with(last))
+            && self.pair.0.as_deref() == spec.source
+            && self.pair.1 == spec.target
+    }
+}
+
+/// What a live session's kept conversation holds
+/// ([`Translator::conversation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationState {
+    /// Finished turns held besides the newest (at most
+    /// [`prompt::MAX_CONTEXT`]).
+    pub turns: usize,
+    /// Key/value entries held, the shared prefix included.
+    pub entries: usize,
+    /// Positions used: entries held plus those dropped.
+    pub positions: usize,
+    /// Bytes of the conversation's own entries (the prefix is shared).
+    pub bytes: usize,
+}
+
+/// A reply being decoded greedily.
+struct Seq {
+    cache: Cache,
+    out: Vec<u32>,
+    /// How many of `out` the cache holds.
+    fed: usize,
+    next: u32,
+    left: usize,
+    until: Until,
+    done: bool,
 }
 
 /// Tokens one reply may take at most, whatever the source's length: a
@@ -333,14 +413,23 @@ impl Translator {
             .filter(|(t, _)| t.contains('Ċ') || t.contains('\n'))
             .map(|(_, id)| id)
             .collect();
-        Ok(Self {
+        Self {
             model,
             tokenizer,
             stop,
             newline,
             time_budget: DEFAULT_TIME_BUDGET,
             prefixes: HashMap::new(),
-        })
+            conversations: HashMap::new(),
+            clock: 0,
+            turn_end: Vec::new(),
+        }
+        .with_turn_end()
+    }
+
+    fn with_turn_end(mut self) -> Result<Self> {
+        self.turn_end = self.encode("<|im_end|>\n")?;
+        Ok(self)
     }
 
     /// Sets the wall-clock time one caption's translation may take (see
@@ -408,6 +497,7 @@ impl Translator {
         if self.prefixes.len() >= MAX_PREFIXES {
             self.prefixes.clear();
         }
+        let cache = cache.share();
         self.prefixes.insert(text.to_owned(), cache.clone());
         Ok(cache)
     }
@@ -620,6 +710,66 @@ impl Translator {
         Ok((texts, generated))
     }
 
+    /// A reply to decode after a prompt run into `cache`, whose last
+    /// position's logits are `logits`, with `room` positions left.
+    fn seq(
+        &self,
+        cache: Cache,
+        logits: &candle_core::Tensor,
+        until: Until,
+        room: usize,
+    ) -> Result<Seq> {
+        let next = QwenLm::argmax(logits)?;
+        let left = until.tokens.min(room);
+        Ok(Seq {
+            cache,
+            out: Vec::new(),
+            fed: 0,
+            next,
+            left,
+            until,
+            done: left == 0 || self.stop.contains(&next),
+        })
+    }
+
+    /// Decodes every reply of `seqs` greedily to its end, the unfinished
+    /// ones taking their next token together in one batched step.
+    fn decode(&self, seqs: &mut [Seq]) -> Result<()> {
+        loop {
+            let mut active: Vec<&mut Seq> = seqs.iter_mut().filter(|s| !s.done).collect();
+            if active.is_empty() {
+                return Ok(());
+            }
+            for s in active.iter_mut() {
+                s.out.push(s.next);
+                s.left -= 1;
+                if self.ends(&s.out, s.next, &s.until)? || s.until.expired() {
+                    s.done = true;
+                }
+            }
+            active.retain(|s| !s.done);
+            if active.is_empty() {
+                return Ok(());
+            }
+            let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
+            let mut caches: Vec<&mut Cache> = active.iter_mut().map(|s| &mut s.cache).collect();
+            let logits = self.model.step_batch(&tokens, &mut caches)?;
+            for (i, s) in active.into_iter().enumerate() {
+                s.fed = s.out.len();
+                s.next = QwenLm::argmax(&logits.get(i)?)?;
+                s.done = s.left == 0 || self.stop.contains(&s.next);
+            }
+        }
+    }
+
+    fn text_of(&self, out: &[u32]) -> Result<String> {
+        let text = self
+            .tokenizer
+            .decode(out, true)
+            .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))?;
+        Ok(text.trim().to_owned())
+    }
+
     /// Greedy replies to several ChatML conversations, decoded together:
     /// each prompt runs on its own (after its cached prefix), then every
     /// unfinished reply takes its next token in one batched step.
@@ -627,63 +777,203 @@ impl Translator {
         &mut self,
         prompts: &[(&[prompt::Turn], usize, Until)],
     ) -> Result<Vec<(String, usize)>> {
-        struct Seq {
-            cache: Cache,
-            out: Vec<u32>,
-            next: u32,
-            left: usize,
-            until: Until,
-            done: bool,
-        }
         let mut seqs = Vec::with_capacity(prompts.len());
         for &(turns, fixed, until) in prompts {
             let (cache, logits, room) = self.prefill(turns, fixed)?;
-            let next = QwenLm::argmax(&logits)?;
-            let left = until.tokens.min(room);
-            seqs.push(Seq {
-                cache,
-                out: Vec::new(),
-                next,
-                left,
-                until,
-                done: left == 0 || self.stop.contains(&next),
-            });
+            seqs.push(self.seq(cache, &logits, until, room)?);
         }
-        loop {
-            let mut active: Vec<&mut Seq> = seqs.iter_mut().filter(|s| !s.done).collect();
-            if active.is_empty() {
-                break;
-            }
-            for s in active.iter_mut() {
-                s.out.push(s.next);
-                s.left -= 1;
-            }
-            for s in active.iter_mut() {
-                if self.ends(&s.out, s.next, &s.until)? || s.until.expired() {
-                    s.done = true;
-                }
-            }
-            active.retain(|s| !s.done);
-            if active.is_empty() {
-                break;
-            }
-            let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
-            let mut caches: Vec<&mut Cache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            let logits = self.model.step_batch(&tokens, &mut caches)?;
-            for (i, s) in active.into_iter().enumerate() {
-                s.next = QwenLm::argmax(&logits.get(i)?)?;
-                s.done = s.left == 0 || self.stop.contains(&s.next);
-            }
-        }
-        seqs.into_iter()
-            .map(|s| {
-                let text = self
-                    .tokenizer
-                    .decode(&s.out, true)
-                    .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))?;
-                Ok((text.trim().to_owned(), s.out.len()))
-            })
+        self.decode(&mut seqs)?;
+        seqs.iter()
+            .map(|s| Ok((self.text_of(&s.out)?, s.out.len())))
             .collect()
+    }
+
+    /// Opens the next turn of `session`'s conversation for `spec`: the
+    /// conversation kept when `spec` continues it, else a new one from the
+    /// pair's shared prefix with `spec`'s context in the prompt. Returns it
+    /// with the tokens still to run before the reply.
+    fn open_turn(
+        &mut self,
+        session: &str,
+        spec: &prompt::Spec<'_>,
+    ) -> Result<(Conversation, Vec<u32>)> {
+        let kept = self
+            .conversations
+            .remove(session)
+            .filter(|c| c.continues(spec));
+        let tail =
+            |t: &prompt::Turns| format!("{}<|im_start|>assistant\n", render(&t.turns[t.fixed..]));
+        if let Some(mut c) = kept {
+            // The earlier captions are the conversation's own turns now.
+            let t = prompt::turns(
+                prompt::Style::Chat,
+                &prompt::Spec {
+                    context: &[],
+                    ..*spec
+                },
+            );
+            let mut ids = std::mem::take(&mut c.pending);
+            // The newest turn ends after its pending tokens: finished now.
+            let end = c.cache.own_entries() + ids.len();
+            c.turns.push_back(end - c.open);
+            c.open = end;
+            while c.turns.len() > prompt::MAX_CONTEXT {
+                let n = c.turns.pop_front().unwrap_or(0);
+                c.cache.drop_front(n);
+                c.open -= n;
+            }
+            ids.extend(self.encode(&tail(&t))?);
+            if c.cache.len() + ids.len() + MAX_REPLY_TOKENS <= lm::MAX_POSITIONS {
+                return Ok((c, ids));
+            }
+            // Out of positions: a new conversation, as below.
+        }
+        let t = prompt::turns(prompt::Style::Chat, spec);
+        let cache = self.prefix_cache(&render(&t.turns[..t.fixed]))?;
+        let ids = self.encode(&tail(&t))?;
+        Ok((
+            Conversation {
+                pair: (spec.source.map(str::to_owned), spec.target.to_owned()),
+                cache,
+                pending: Vec::new(),
+                turns: VecDeque::new(),
+                open: 0,
+                last: String::new(),
+                used: 0,
+            },
+            ids,
+        ))
+    }
+
+    /// Translates captions of live sessions, each given with its session's
+    /// id, one caption per session at most: each caption continues its
+    /// session's conversation ([`Conversation`]; a new one, with the
+    /// caption's context in its prompt, when it does not continue the one
+    /// kept), the prompts run one by one and the replies decode together.
+    /// A reply that passes the checks stays in its conversation; one that
+    /// fails goes through [`Self::translate`]'s retries on its own, and its
+    /// session starts a new conversation with its next caption. An empty
+    /// session id keeps no conversation. A caption's failure (an
+    /// unsupported language, a prompt too long) is its own.
+    pub fn translate_live(
+        &mut self,
+        items: &[(&str, prompt::Spec<'_>)],
+    ) -> Result<Vec<Result<Translated>>> {
+        let deadline = Instant::now() + self.time_budget;
+        self.clock += 1;
+        let mut out: Vec<Option<Result<Translated>>> = items.iter().map(|_| None).collect();
+        let mut open = Vec::new();
+        let mut seqs = Vec::new();
+        for (i, (session, spec)) in items.iter().enumerate() {
+            if language_name(spec.target).is_none() {
+                out[i] = Some(Err(ModelError::Input(format!(
+                    "target language {:?} is not supported for translation",
+                    spec.target
+                ))));
+                continue;
+            }
+            if spec.text.trim().is_empty() {
+                out[i] = Some(Ok(Translated::passed(String::new(), 0, 0)));
+                continue;
+            }
+            let prompt = self.open_turn(session, spec).and_then(|(mut c, ids)| {
+                let until = self.reply_until(spec.text, true, Some(deadline))?;
+                let room = lm::MAX_POSITIONS.saturating_sub(c.cache.len() + ids.len());
+                let logits = self.model.forward(&ids, &mut c.cache)?;
+                // The conversation keeps the cache up to the reply, for a
+                // reply made by a retry; the first attempt decodes on a copy
+                // (of the conversation's own entries; the prefix is shared).
+                let cache = c.cache.clone();
+                Ok((c, self.seq(cache, &logits, until, room)?))
+            });
+            match prompt {
+                Ok((c, s)) => {
+                    open.push((i, c));
+                    seqs.push(s);
+                }
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        self.decode(&mut seqs)?;
+        for ((i, mut c), s) in open.into_iter().zip(seqs) {
+            let (session, spec) = &items[i];
+            let text = clean(&self.text_of(&s.out)?, spec.target);
+            let (r, reply) = if judge(spec, &text).is_none() {
+                // The conversation goes on after the reply as decoded.
+                c.cache = s.cache;
+                c.pending = s.out[s.fed..].to_vec();
+                let r = Translated::passed(text, 1, s.out.len());
+                (r, None)
+            } else {
+                tracing::debug!(output = %text, "live translation failed its checks");
+                let r = self.translate_retries(spec, &text, deadline).map(|mut r| {
+                    r.tokens += s.out.len();
+                    r
+                });
+                // A retry's translation becomes the conversation's reply.
+                match r {
+                    Ok(r) => {
+                        let reply = r.failure.is_none().then(|| r.text.clone());
+                        (r, reply)
+                    }
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        continue;
+                    }
+                }
+            };
+            if r.failure.is_none() && !session.is_empty() {
+                if let Some(reply) = reply {
+                    c.pending = self.encode(&reply)?;
+                }
+                c.pending.extend_from_slice(&self.turn_end);
+                c.last = spec.text.to_owned();
+                c.used = self.clock;
+                self.keep(session, c);
+            }
+            out[i] = Some(Ok(r));
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ModelError::Input("a caption was lost".into()))))
+            .collect())
+    }
+
+    /// Keeps `session`'s conversation, dropping the least recently used
+    /// beyond [`MAX_CONVERSATIONS`].
+    fn keep(&mut self, session: &str, c: Conversation) {
+        self.conversations.insert(session.to_owned(), c);
+        while self.conversations.len() > MAX_CONVERSATIONS {
+            let Some(oldest) = self
+                .conversations
+                .iter()
+                .min_by_key(|(_, c)| c.used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.conversations.remove(&oldest);
+        }
+    }
+
+    /// Drops `session`'s conversation (its session ended).
+    pub fn forget(&mut self, session: &str) {
+        self.conversations.remove(session);
+    }
+
+    /// What `session`'s kept conversation holds, if one is kept.
+    pub fn conversation(&self, session: &str) -> Option<ConversationState> {
+        self.conversations.get(session).map(|c| ConversationState {
+            turns: c.turns.len(),
+            entries: c.cache.entries(),
+            positions: c.cache.len(),
+            bytes: c.cache.own_bytes(),
+        })
+    }
+
+    /// Sessions whose conversations are kept.
+    pub fn conversations(&self) -> usize {
+        self.conversations.len()
     }
 
     /// Translates several captions (of different sessions) at once: their
@@ -735,8 +1025,9 @@ impl Translator {
     /// framing first; when the output fails a check (answered,
     /// untranslated, wrong language, truncated, overlong; see
     /// `nexus_eval::translation::check`) or drops a glossary term the source
-    /// holds, a beam search over the same prompt, taking the best reply
-    /// that passes; then greedily in the [`prompt::Style::Strict`] framing.
+    /// holds, a beam search over the same prompt without the context,
+    /// taking the best reply that passes; then greedily in the
+    /// [`prompt::Style::Strict`] framing, also without it.
     /// When all fail, the result carries no text and names the failure.
     pub fn translate(&mut self, spec: &prompt::Spec<'_>) -> Result<Translated> {
         if spec.text.trim().is_empty() {
@@ -772,7 +1063,14 @@ impl Translator {
         if out_of_time() {
             return Ok(Translated::failed(failure, 1, 0));
         }
-        let t = prompt::turns(prompt::Style::Chat, spec);
+        // The retries leave the context out: earlier captions in the source
+        // language (in the prompt or as the conversation) can draw a small
+        // model into copying the caption.
+        let bare = prompt::Spec {
+            context: &[],
+            ..*spec
+        };
+        let t = prompt::turns(prompt::Style::Chat, &bare);
         let until = self.reply_until(spec.text, true, Some(deadline))?;
         let (candidates, mut tokens) = self.chat_beams(&t.turns, t.fixed, RETRY_BEAMS, until)?;
         for c in candidates {
@@ -787,7 +1085,7 @@ impl Translator {
         if out_of_time() {
             return Ok(Translated::failed(failure, 2, tokens));
         }
-        let (text, n) = self.attempt_until(prompt::Style::Strict, spec, Some(deadline))?;
+        let (text, n) = self.attempt_until(prompt::Style::Strict, &bare, Some(deadline))?;
         tokens += n;
         match judge(spec, &text) {
             None => return Ok(Translated::passed(text, 3, tokens)),
