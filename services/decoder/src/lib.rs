@@ -460,6 +460,7 @@ async fn serve_translations<B: Bus>(
                 .texts
                 .iter()
                 .map(|t| translator::Caption {
+                    session: String::new(),
                     text: t.clone(),
                     source: task.source_language.clone(),
                     target: task.target_language.clone(),
@@ -669,6 +670,11 @@ async fn translate(
         let mut captions = Vec::with_capacity(texts.len());
         for text in &texts {
             captions.push(translator::Caption {
+                session: seg
+                    .envelope
+                    .as_ref()
+                    .map(|e| e.session_id.clone())
+                    .unwrap_or_default(),
                 text: text.clone(),
                 source: r.language.clone(),
                 target: t.target_language.clone(),

@@ -14,11 +14,15 @@
 //! (the viewer sees the source caption marked untranslated) instead of
 //! delaying every caption after it without bound.
 //!
-//! Captions are not batched: decoding several as one batch
-//! (`Translator::translate_batch`) measured no faster on CPU than one by
-//! one (see BENCHMARKS.md, "Text translation").
+//! Live captions of different sessions waiting together are translated as
+//! one batch ([`Translator::translate_live`]): each continues its session's
+//! conversation with the model (the session's earlier captions and their
+//! translations kept as keys and values, so a caption runs only its own
+//! tokens), and the replies decode together, one batched step per token.
+//! Up to [`MAX_LIVE_BATCH`] sessions at once; a session's captions go one
+//! job after another, in order.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +34,9 @@ use tokio::sync::oneshot;
 /// A caption to translate, owned so it can cross to the model's thread.
 #[derive(Debug, Clone)]
 pub struct Caption {
+    /// The live session it belongs to; empty for texts, which keep no
+    /// conversation.
+    pub session: String,
     /// The caption.
     pub text: String,
     /// ISO 639-1; empty when not known.
@@ -76,6 +83,9 @@ struct Job {
     queued: Instant,
 }
 
+/// Sessions whose live captions translate in one batch at most.
+pub const MAX_LIVE_BATCH: usize = 16;
+
 /// A handle to the translation thread; cloning shares it.
 #[derive(Clone)]
 pub struct TranslationWorker {
@@ -109,12 +119,9 @@ impl TranslationWorker {
                     while let Ok(job) = rx.try_recv() {
                         queue(job, &mut live, &mut texts);
                     }
-                    if let Some(job) = live.pop_front() {
-                        if job.queued.elapsed() > live_wait {
-                            skip(job);
-                        } else {
-                            answer(&mut model, job);
-                        }
+                    if !live.is_empty() {
+                        let batch = take_live(&mut live, live_wait);
+                        answer_live(&mut model, batch);
                     } else if let Some(t) = texts.front_mut()
                         && t.step(&mut model)
                         && let Some(t) = texts.pop_front()
@@ -165,19 +172,71 @@ fn queue(job: Job, live: &mut VecDeque<Job>, texts: &mut VecDeque<TextJob>) {
     }
 }
 
-/// Answers a live job with its captions translated one after another
-/// (none when nobody waits for the answer any more).
-fn answer(model: &mut Translator, job: Job) {
-    if job.reply.is_closed() {
-        return;
+/// The live jobs to translate now: the first waiting job of each session,
+/// oldest first, up to [`MAX_LIVE_BATCH`] sessions. Jobs that waited
+/// longer than `live_wait` are answered [`BEHIND`] on the way; the other
+/// sessions' later jobs stay queued, in order.
+fn take_live(live: &mut VecDeque<Job>, live_wait: Duration) -> Vec<Job> {
+    let mut batch = Vec::new();
+    let mut sessions = HashSet::new();
+    let mut rest = VecDeque::with_capacity(live.len());
+    while let Some(job) = live.pop_front() {
+        let session = job
+            .captions
+            .first()
+            .map(|c| c.session.clone())
+            .unwrap_or_default();
+        let taken = !session.is_empty() && sessions.contains(&session);
+        if taken || batch.len() >= MAX_LIVE_BATCH {
+            rest.push_back(job);
+        } else if job.queued.elapsed() > live_wait {
+            skip(job);
+        } else if !job.reply.is_closed() {
+            sessions.insert(session);
+            batch.push(job);
+        }
     }
-    let r = job
-        .captions
-        .iter()
-        .map(|c| model.translate(&c.spec()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string());
-    let _ = job.reply.send(r);
+    *live = rest;
+    batch
+}
+
+/// Answers live jobs of different sessions: their first captions as one
+/// batch, then their second ones, and so on.
+fn answer_live(model: &mut Translator, jobs: Vec<Job>) {
+    let mut results: Vec<Result<Vec<Translated>, String>> =
+        jobs.iter().map(|_| Ok(Vec::new())).collect();
+    let rounds = jobs.iter().map(|j| j.captions.len()).max().unwrap_or(0);
+    for round in 0..rounds {
+        let members: Vec<usize> = (0..jobs.len())
+            .filter(|&j| round < jobs[j].captions.len() && results[j].is_ok())
+            .collect();
+        let items: Vec<_> = members
+            .iter()
+            .map(|&j| {
+                let c = &jobs[j].captions[round];
+                (c.session.as_str(), c.spec())
+            })
+            .collect();
+        match model.translate_live(&items) {
+            Ok(outs) => {
+                for (&j, r) in members.iter().zip(outs) {
+                    match (r, &mut results[j]) {
+                        (Ok(t), Ok(done)) => done.push(t),
+                        (Err(e), slot) => *slot = Err(e.to_string()),
+                        (Ok(_), Err(_)) => {}
+                    }
+                }
+            }
+            Err(e) => {
+                for &j in &members {
+                    results[j] = Err(e.to_string());
+                }
+            }
+        }
+    }
+    for (job, r) in jobs.into_iter().zip(results) {
+        let _ = job.reply.send(r);
+    }
 }
 
 /// Answers a live job that waited too long: its captions untranslated,
@@ -254,6 +313,7 @@ mod tests {
 
     fn caption(text: &str) -> Caption {
         Caption {
+            session: String::new(),
             text: text.to_owned(),
             source: "en".into(),
             target: "de".into(),
@@ -311,6 +371,53 @@ mod tests {
             out[0].text
         );
         assert_eq!((out[1].text.as_str(), out[1].failure), ("", None));
+    }
+
+    /// Live captions of several sessions waiting together are answered
+    /// as one batch, each session's in order: every session's second
+    /// caption continues its conversation (the translator keeps one per
+    /// session), and all come back German.
+    #[tokio::test]
+    #[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
+    async fn live_captions_of_several_sessions_are_answered_each_in_order() {
+        let worker = TranslationWorker::start(model(), Duration::from_secs(3_600)).unwrap();
+        let firsts = [
+            "Good morning.",
+            "The train is late.",
+            "Where is the station?",
+        ];
+        let seconds = ["Thank you for coming.", "It was due at nine.", "Is it far?"];
+        let mut pending = Vec::new();
+        for (i, (a, b)) in firsts.iter().zip(&seconds).enumerate() {
+            let session = format!("s{i}");
+            let first = Caption {
+                session: session.clone(),
+                ..caption(a)
+            };
+            let second = Caption {
+                session,
+                context: vec![a.to_string()],
+                ..caption(b)
+            };
+            pending.push(worker.submit(vec![first], Priority::Live).unwrap());
+            pending.push(worker.submit(vec![second], Priority::Live).unwrap());
+        }
+        let sources: Vec<&str> = firsts
+            .iter()
+            .zip(&seconds)
+            .flat_map(|(a, b)| [*a, *b])
+            .collect();
+        for (rx, src) in pending.into_iter().zip(sources) {
+            let out = rx.await.unwrap().unwrap();
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].failure, None, "{src:?}: {out:?}");
+            assert_eq!(
+                nexus_eval::translation::check(src, &out[0].text, "en", "de"),
+                None,
+                "{src:?} → {:?}",
+                out[0].text
+            );
+        }
     }
 
     /// A live caption that waited longer than the live wait comes back
