@@ -41,12 +41,13 @@ pub struct TranslateBenchArgs {
     /// Load the GGUF's tensors as stored (no Q8_0 requantisation).
     #[arg(long)]
     as_stored: bool,
-    /// Concurrent sessions to time (each sends a caption at the same moment;
-    /// the checked translator takes them as one batch, and one by one).
+    /// Concurrent sessions to time (each sends a caption at the same moment,
+    /// caption after caption: as the live translation thread takes them, and
+    /// one by one).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     sessions: Vec<usize>,
-    /// Captions (from en-de) the session timing runs through.
-    #[arg(long, default_value_t = 24)]
+    /// Captions (from en-de) each session of the session timing sends.
+    #[arg(long, default_value_t = 6)]
     session_captions: usize,
     /// Prompt lengths (tokens) to time one forward pass of, from an empty
     /// cache: how a translation's prompt cost grows with its context.
@@ -194,86 +195,130 @@ fn run_one(
 struct SessionRow {
     sessions: usize,
     captions: usize,
-    /// Mean time from a caption's arrival to its translation, batched.
-    batched_mean_s: f64,
-    batched_max_s: f64,
-    /// The same captions translated one after another.
+    /// Mean time from a caption's arrival to its translation, as the
+    /// decoder's translation thread does it: every session's caption
+    /// continues its conversation, the replies decode as one batch.
+    live_mean_s: f64,
+    live_max_s: f64,
+    /// The same captions one after another, each with its session's
+    /// earlier captions in its prompt (the thread before conversations).
     serial_mean_s: f64,
     serial_max_s: f64,
+    /// Reply tokens per second, both ways.
+    live_tokens_per_s: f64,
+    serial_tokens_per_s: f64,
 }
 
-/// Translation time per caption when `n` sessions each send one at the same
-/// moment: as one batch (what the decoder's translation thread does) and
-/// one after another.
+/// Translation time per caption when `n` sessions each send a caption at
+/// the same moment, caption after caption (each session reads its own run
+/// of the en-de set, its earlier captions its context): through
+/// [`Translator::translate_live`] as the decoder's translation thread does,
+/// and one after another through [`Translator::translate`] with the context
+/// in every prompt.
 fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Result<Vec<SessionRow>> {
     let set = test_set("en", "de").context("test set")?;
     let mut rows = Vec::new();
+    let per = args.session_captions.max(1);
     for &n in &args.sessions {
         if n == 0 {
             continue;
         }
-        let pool: Vec<&Pair> = set
-            .iter()
-            .cycle()
-            .take(args.session_captions.max(n))
-            .collect();
-        let (mut batched, mut serial) = (Vec::new(), Vec::new());
-        for group in pool.chunks(n) {
-            let specs: Vec<Spec<'_>> = group
+        // Session i reads captions i*per.. of the set (cycled).
+        let stream = |i: usize| -> Vec<&str> {
+            set.iter()
+                .cycle()
+                .skip(i * per)
+                .take(per)
+                .map(|p| p.source)
+                .collect()
+        };
+        let streams: Vec<Vec<&str>> = (0..n).map(stream).collect();
+        let ids: Vec<String> = (0..n).map(|i| format!("bench-{n}-{i}")).collect();
+        let (mut live, mut serial) = (Vec::new(), Vec::new());
+        let (mut live_tokens, mut serial_tokens) = (0, 0);
+        let (mut live_s, mut serial_s) = (0.0, 0.0);
+        for round in 0..per {
+            let contexts: Vec<Vec<String>> = streams
                 .iter()
-                .map(|p| Spec {
-                    text: p.source,
+                .map(|s| {
+                    let from = round.saturating_sub(nexus_models::qwen::prompt::MAX_CONTEXT);
+                    s[from..round].iter().map(|c| c.to_string()).collect()
+                })
+                .collect();
+            let specs: Vec<Spec<'_>> = streams
+                .iter()
+                .zip(&contexts)
+                .map(|(s, c)| Spec {
+                    text: s[round],
                     source: Some("en"),
                     target: "de",
-                    context: &[],
+                    context: c,
                     glossary: &[],
                 })
                 .collect();
+            let items: Vec<(&str, Spec<'_>)> = ids
+                .iter()
+                .map(|i| i.as_str())
+                .zip(specs.iter().copied())
+                .collect();
             let t0 = Instant::now();
-            t.translate_batch(&specs)?;
+            for r in t.translate_live(&items)? {
+                live_tokens += r?.tokens;
+            }
             let took = t0.elapsed().as_secs_f64();
-            batched.extend(std::iter::repeat_n(took, specs.len()));
+            live_s += took;
+            live.extend(std::iter::repeat_n(took, n));
             let t0 = Instant::now();
             for s in &specs {
-                t.translate(s)?;
+                serial_tokens += t.translate(s)?.tokens;
                 serial.push(t0.elapsed().as_secs_f64());
             }
+            serial_s += t0.elapsed().as_secs_f64();
+        }
+        for i in &ids {
+            t.forget(i);
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         rows.push(SessionRow {
             sessions: n,
-            captions: batched.len(),
-            batched_mean_s: mean(&batched),
-            batched_max_s: max(&batched),
+            captions: live.len(),
+            live_mean_s: mean(&live),
+            live_max_s: max(&live),
             serial_mean_s: mean(&serial),
             serial_max_s: max(&serial),
+            live_tokens_per_s: live_tokens as f64 / live_s,
+            serial_tokens_per_s: serial_tokens as f64 / serial_s,
         });
     }
     if !rows.is_empty() {
         println!(
-            "\nTranslation time per caption, en-de, N sessions sending a caption at once (seconds from arrival to translation)"
+            "\nTranslation time per caption, en-de, N sessions each sending a caption at once, caption after caption (seconds from arrival to translation; reply tokens/s)"
         );
         println!(
-            "{:>8} {:>8} {:>13} {:>12} {:>12} {:>11} {:>9}",
+            "{:>8} {:>8} {:>10} {:>9} {:>9} {:>12} {:>11} {:>10} {:>9}",
             "sessions",
             "captions",
-            "batched mean",
-            "batched max",
+            "live mean",
+            "live max",
+            "live tok/s",
             "serial mean",
             "serial max",
+            "serial tok/s",
             "speed-up"
         );
         for r in &rows {
             println!(
-                "{:>8} {:>8} {:>13.2} {:>12.2} {:>12.2} {:>11.2} {:>8.2}x",
+                "{:>8} {:>8} {:>10.2} {:>9.2} {:>9.1} {:>12.2} {:>11.2} {:>10.1} {:>8.2}x",
                 r.sessions,
                 r.captions,
-                r.batched_mean_s,
-                r.batched_max_s,
+                r.live_mean_s,
+                r.live_max_s,
+                r.live_tokens_per_s,
                 r.serial_mean_s,
                 r.serial_max_s,
-                r.serial_mean_s / r.batched_mean_s
+                r.serial_tokens_per_s,
+                r.serial_mean_s / r.live_mean_s
             );
         }
     }
