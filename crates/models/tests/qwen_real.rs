@@ -340,8 +340,9 @@ fn checked_translations_neither_answer_nor_copy_on_the_fixed_subset() {
 /// Every translation passes the checks and is German; each conversation
 /// holds its earlier turns up to the context kept, drops the oldest after
 /// that (its entries stay bounded while its positions grow), and runs only
-/// its new caption's tokens: a caption whose context does not continue the
-/// conversation kept starts a new one.
+/// its new caption's tokens, also after a caption skipped as behind; a
+/// caption whose context does not continue the conversation kept starts a
+/// new one.
 #[test]
 #[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
 fn live_captions_continue_their_sessions_conversations() {
@@ -423,8 +424,36 @@ fn live_captions_continue_their_sessions_conversations() {
         }
     }
     assert_eq!(t.conversations(), 2);
-    // A caption from elsewhere in the stream (its context ends in another
-    // caption) starts over: no earlier turns held.
+    // A caption whose context holds the one translated last and, after
+    // it, one that never reached the translator (skipped as behind) goes
+    // on in the same conversation, running only its own tokens.
+    let skipped = vec![
+        streams[1][3].to_owned(),
+        streams[1][4].to_owned(),
+        "A caption that was skipped.".to_owned(),
+    ];
+    let before = t.conversation("b").unwrap();
+    let out = t
+        .translate_live(&[(
+            "b",
+            Spec {
+                text: "See you all next week.",
+                source: Some("en"),
+                target: "de",
+                context: &skipped,
+                glossary: &[],
+            },
+        )])
+        .unwrap();
+    assert_eq!(out[0].as_ref().unwrap().failure, None, "{out:?}");
+    let after = t.conversation("b").unwrap();
+    assert_eq!(after.turns, MAX_CONTEXT, "{after:?}");
+    assert!(
+        after.positions > before.positions && after.positions - before.positions < 60,
+        "{before:?} then {after:?}"
+    );
+    // A caption from elsewhere in the stream (no caption of its context is
+    // the one translated last) starts over: no earlier turns held.
     let context = vec!["Something else entirely.".to_owned()];
     let out = t
         .translate_live(&[(

@@ -232,17 +232,15 @@ struct Conversation {
 }
 
 impl Conversation {
-    /// Whether `spec` is the next caption of this conversation: the newest
-    /// caption of its context is the one translated here last (or its end:
-    /// a session's context holds whole utterances, translated here piece
-    /// by piece).
+    /// Whether `spec` continues this conversation: a caption of its context
+    /// is the one translated here last (or ends with it: a session's
+    /// context holds whole utterances, translated here piece by piece).
+    /// Captions after it that never reached the conversation (skipped as
+    /// behind) are left out of it; the conversation goes on.
     fn continues(&self, spec: &prompt::Spec<'_>) -> bool {
         let last = self.last.trim();
         !last.is_empty()
-            && spec
-                .context
-                .last()
-                .is_some_and(|c| c.trim_end().ends_with(last))
+            && spec.context.iter().any(|c| c.trim_end().ends_with(last))
             && self.pair.0.as_deref() == spec.source
             && self.pair.1 == spec.target
     }
