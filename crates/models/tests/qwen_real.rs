@@ -6,6 +6,14 @@ use std::path::PathBuf;
 use candle_core::Device;
 use nexus_models::qwen::{Translator, language_name};
 
+/// The default translator with no time budget: these tests check quality,
+/// not speed, and no budget cuts a retry short on a busy machine.
+fn unhurried() -> Translator {
+    Translator::load(&gguf(), &Device::Cpu)
+        .expect("nexus models pull qwen2.5-0.5b-instruct")
+        .with_time_budget(std::time::Duration::from_secs(3_600))
+}
+
 fn gguf() -> PathBuf {
     nexus_weights::Store::new(nexus_weights::Store::default_root())
         .source_dir("qwen2.5-0.5b-instruct")
@@ -277,10 +285,7 @@ fn checked_translations_neither_answer_nor_copy_on_the_fixed_subset() {
     use nexus_eval::translation::{DIRECTIONS, check, test_set};
     use nexus_models::qwen::prompt::{Spec, Style};
 
-    // Quality, not speed: no time budget cuts a retry short on a busy machine.
-    let mut t = Translator::load(&gguf(), &Device::Cpu)
-        .expect("nexus models pull qwen2.5-0.5b-instruct")
-        .with_time_budget(std::time::Duration::from_secs(3_600));
+    let mut t = unhurried();
     for (src, dst) in DIRECTIONS {
         let set = test_set(src, dst).unwrap();
         // en→de, where the first prompt is measured too, takes seven; the
@@ -349,9 +354,7 @@ fn live_captions_continue_their_sessions_conversations() {
     use nexus_eval::translation::check;
     use nexus_models::qwen::prompt::{MAX_CONTEXT, Spec};
 
-    let mut t = Translator::load(&gguf(), &Device::Cpu)
-        .expect("nexus models pull qwen2.5-0.5b-instruct")
-        .with_time_budget(std::time::Duration::from_secs(3_600));
+    let mut t = unhurried();
     let streams: [&[&str]; 2] = [
         &[
             "Good morning, everyone.",

@@ -20,6 +20,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use crate::ops::dot;
 use crate::q8::Q8Matrix;
 
 /// Which kernel multiplies Q8_0 weights on the CPU.
@@ -735,39 +736,17 @@ fn attend_one(q: &[f32], ks: [&[f32]; 2], vs: [&[f32]; 2], shape: Shape) -> Vec<
     out
 }
 
-/// A dot product in eight independent lanes (which the compiler keeps in
-/// one vector register).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
+    use crate::q8::tests::lcg as noise;
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
     }
 
     /// The host step's attention, over entries held in two parts, equals
@@ -817,11 +796,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let d = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_diff(&ours, &theirs);
         assert!(d < 1e-5, "differs by {d}");
     }
 
@@ -858,11 +833,7 @@ mod tests {
         .unwrap()
         .to_vec1()
         .unwrap();
-        let d = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_diff(&ours, &theirs);
         assert!(d < 1e-6, "differs by {d}");
     }
 

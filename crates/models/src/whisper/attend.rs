@@ -4,6 +4,8 @@
 //! it was a dozen small allocations and dispatches per sequence, which cost
 //! more than the step's weight products once a batch held a few sequences.
 
+use crate::ops::dot;
+
 /// `q` holds H heads of `dh` values; `k` and `v` hold H blocks of `s` rows of
 /// `dh` (a (H, S, dh) tensor's memory). Writes the H heads' outputs to `out`
 /// (H × dh).
@@ -41,24 +43,6 @@ pub fn attend_one(
             }
         }
     }
-}
-
-/// A dot product in eight independent lanes (which the compiler vectorises).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Appends one position's keys or values (H × dh, head-major) to a cache of
