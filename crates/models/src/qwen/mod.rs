@@ -202,8 +202,9 @@ pub struct Translator {
 }
 
 /// Conversations kept at most, one per live session translated here; past
-/// it the least recently used is dropped (about 8 MB each for the 0.5B
-/// model: three captions, their translations and the turn being made).
+/// it the least recently used is dropped (about 8-12 MB each for the 0.5B
+/// model: three captions, their translations and the turn being made, at
+/// 24.6 KB of keys and values per token).
 pub const MAX_CONVERSATIONS: usize = 32;
 
 /// A live session's captions as one conversation with the model: the
@@ -259,6 +260,36 @@ pub struct ConversationState {
     pub positions: usize,
     /// Bytes of the conversation's own entries (the prefix is shared).
     pub bytes: usize,
+}
+
+/// The first attempt at a live caption ([`Translator::live_first`]).
+#[derive(Debug)]
+pub enum LiveFirst {
+    /// Translated (or failed on its own: an unsupported language, a prompt
+    /// too long).
+    Done(Result<Translated>),
+    /// The first output failed the checks: retry with
+    /// [`Translator::live_retry`].
+    Retry(LiveRetry),
+}
+
+/// A live caption to retry: its session's conversation up to the reply,
+/// and the first output.
+pub struct LiveRetry {
+    session: String,
+    conversation: Conversation,
+    first: String,
+    tokens: usize,
+    deadline: Instant,
+}
+
+impl std::fmt::Debug for LiveRetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveRetry")
+            .field("session", &self.session)
+            .field("first", &self.first)
+            .finish()
+    }
 }
 
 /// A reply being decoded greedily.
@@ -849,29 +880,44 @@ impl Translator {
     /// caption's context in its prompt, when it does not continue the one
     /// kept), the prompts run one by one and the replies decode together.
     /// A reply that passes the checks stays in its conversation; one that
-    /// fails goes through [`Self::translate`]'s retries on its own, and its
-    /// session starts a new conversation with its next caption. An empty
-    /// session id keeps no conversation. A caption's failure (an
+    /// fails goes through [`Self::translate`]'s retries on its own. An
+    /// empty session id keeps no conversation. A caption's failure (an
     /// unsupported language, a prompt too long) is its own.
     pub fn translate_live(
         &mut self,
         items: &[(&str, prompt::Spec<'_>)],
     ) -> Result<Vec<Result<Translated>>> {
+        let firsts = self.live_first(items)?;
+        Ok(firsts
+            .into_iter()
+            .zip(items)
+            .map(|(f, (_, spec))| match f {
+                LiveFirst::Done(r) => r,
+                LiveFirst::Retry(r) => self.live_retry(r, spec),
+            })
+            .collect())
+    }
+
+    /// The first attempt of [`Self::translate_live`]: each caption done
+    /// (passed, or failed on its own), or to retry with
+    /// [`Self::live_retry`] because its first output failed the checks.
+    /// A caller with others waiting answers the done ones first.
+    pub fn live_first(&mut self, items: &[(&str, prompt::Spec<'_>)]) -> Result<Vec<LiveFirst>> {
         let deadline = Instant::now() + self.time_budget;
         self.clock += 1;
-        let mut out: Vec<Option<Result<Translated>>> = items.iter().map(|_| None).collect();
+        let mut out: Vec<Option<LiveFirst>> = items.iter().map(|_| None).collect();
         let mut open = Vec::new();
         let mut seqs = Vec::new();
         for (i, (session, spec)) in items.iter().enumerate() {
             if language_name(spec.target).is_none() {
-                out[i] = Some(Err(ModelError::Input(format!(
+                out[i] = Some(LiveFirst::Done(Err(ModelError::Input(format!(
                     "target language {:?} is not supported for translation",
                     spec.target
-                ))));
+                )))));
                 continue;
             }
             if spec.text.trim().is_empty() {
-                out[i] = Some(Ok(Translated::passed(String::new(), 0, 0)));
+                out[i] = Some(LiveFirst::Done(Ok(Translated::passed(String::new(), 0, 0))));
                 continue;
             }
             let prompt = self.open_turn(session, spec).and_then(|(mut c, ids)| {
@@ -889,52 +935,74 @@ impl Translator {
                     open.push((i, c));
                     seqs.push(s);
                 }
-                Err(e) => out[i] = Some(Err(e)),
+                Err(e) => out[i] = Some(LiveFirst::Done(Err(e))),
             }
         }
         self.decode(&mut seqs)?;
         for ((i, mut c), s) in open.into_iter().zip(seqs) {
             let (session, spec) = &items[i];
             let text = clean(&self.text_of(&s.out)?, spec.target);
-            let (r, reply) = if judge(spec, &text).is_none() {
-                // The conversation goes on after the reply as decoded.
-                c.cache = s.cache;
-                c.pending = s.out[s.fed..].to_vec();
-                let r = Translated::passed(text, 1, s.out.len());
-                (r, None)
-            } else {
+            if judge(spec, &text).is_some() {
                 tracing::debug!(output = %text, "live translation failed its checks");
-                let r = self.translate_retries(spec, &text, deadline).map(|mut r| {
-                    r.tokens += s.out.len();
-                    r
-                });
-                // A retry's translation becomes the conversation's reply.
-                match r {
-                    Ok(r) => {
-                        let reply = r.failure.is_none().then(|| r.text.clone());
-                        (r, reply)
-                    }
-                    Err(e) => {
-                        out[i] = Some(Err(e));
-                        continue;
-                    }
-                }
-            };
-            if r.failure.is_none() && !session.is_empty() {
-                if let Some(reply) = reply {
-                    c.pending = self.encode(&reply)?;
-                }
-                c.pending.extend_from_slice(&self.turn_end);
-                c.last = spec.text.to_owned();
-                c.used = self.clock;
-                self.keep(session, c);
+                out[i] = Some(LiveFirst::Retry(LiveRetry {
+                    session: session.to_string(),
+                    conversation: c,
+                    first: text,
+                    tokens: s.out.len(),
+                    deadline,
+                }));
+                continue;
             }
-            out[i] = Some(Ok(r));
+            // The conversation goes on after the reply as decoded.
+            c.cache = s.cache;
+            c.pending = s.out[s.fed..].to_vec();
+            self.go_on(session, spec, c);
+            out[i] = Some(LiveFirst::Done(Ok(Translated::passed(
+                text,
+                1,
+                s.out.len(),
+            ))));
         }
         Ok(out
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(ModelError::Input("a caption was lost".into()))))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    LiveFirst::Done(Err(ModelError::Input("a caption was lost".into())))
+                })
+            })
             .collect())
+    }
+
+    /// The retries of a live caption (`spec`, as given to
+    /// [`Self::live_first`]) whose first output failed its checks; a
+    /// retry's translation becomes its conversation's reply.
+    pub fn live_retry(&mut self, retry: LiveRetry, spec: &prompt::Spec<'_>) -> Result<Translated> {
+        let LiveRetry {
+            session,
+            mut conversation,
+            first,
+            tokens,
+            deadline,
+        } = retry;
+        let mut r = self.translate_retries(spec, &first, deadline)?;
+        r.tokens += tokens;
+        if r.failure.is_none() {
+            conversation.pending = self.encode(&r.text)?;
+            self.go_on(&session, spec, conversation);
+        }
+        Ok(r)
+    }
+
+    /// Keeps conversation `c` of `session` after its reply to `spec`, the
+    /// reply's last tokens in `c.pending` (none for an empty session id).
+    fn go_on(&mut self, session: &str, spec: &prompt::Spec<'_>, mut c: Conversation) {
+        if session.is_empty() {
+            return;
+        }
+        c.pending.extend_from_slice(&self.turn_end);
+        c.last = spec.text.to_owned();
+        c.used = self.clock;
+        self.keep(session, c);
     }
 
     /// Keeps `session`'s conversation, dropping the least recently used
