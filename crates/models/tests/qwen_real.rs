@@ -103,6 +103,16 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
             .to_scalar::<f32>()
             .unwrap()
     };
+    let mean_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     // candle's next-token logits after `ids` at `pos`.
     let candle_logits = |m: &mut candle_transformers::models::quantized_qwen2::ModelWeights,
                          ids: &[u32],
@@ -140,14 +150,7 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
         // mean difference at that rounding's scale; a wrong position or
         // cache moves every logit by whole units.
         let d = max_diff(&ours, &theirs);
-        let mean = (&ours - &theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let mean = mean_diff(&ours, &theirs);
         assert!(
             d < 1.5 && mean < 0.25,
             "step {i}: logits differ by {d} at most, {mean} on average"
@@ -222,16 +225,6 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
     // The kernels round differently with more rows (see above): the same
     // leading tokens and a mean difference on the scale of that rounding,
     // where a wrong cache or position would move every logit by whole units.
-    let mean_diff = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     let rounding = mean_diff(&from_prefix, &full);
     for (i, alone) in [alone1, alone2].iter().enumerate() {
         let batched = both.get(i).unwrap();

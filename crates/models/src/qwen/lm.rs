@@ -742,6 +742,10 @@ mod tests {
 
     use crate::q8::tests::lcg as noise;
 
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter()
             .zip(b)
@@ -789,13 +793,7 @@ mod tests {
         let (kt, vt) = (heads(k), heads(v));
         let att = (q.matmul(&kt.t().unwrap()).unwrap() / 4.0).unwrap();
         let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
-        let theirs: Vec<f32> = att
-            .matmul(&vt)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let theirs = flat(&att.matmul(&vt).unwrap());
         let d = max_diff(&ours, &theirs);
         assert!(d < 1e-5, "differs by {d}");
     }
@@ -823,16 +821,14 @@ mod tests {
         let dev = Device::Cpu;
         let t = |v: &[f32]| Tensor::from_slice(v, (positions, hd / 2), &dev).unwrap();
         let xt = Tensor::from_vec(x, (1, 3, 1, hd), &dev).unwrap();
-        let theirs: Vec<f32> = candle_nn::rotary_emb::rope(
-            &xt,
-            &t(&cos).narrow(0, pos, 1).unwrap(),
-            &t(&sin).narrow(0, pos, 1).unwrap(),
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+        let theirs = flat(
+            &candle_nn::rotary_emb::rope(
+                &xt,
+                &t(&cos).narrow(0, pos, 1).unwrap(),
+                &t(&sin).narrow(0, pos, 1).unwrap(),
+            )
+            .unwrap(),
+        );
         let d = max_diff(&ours, &theirs);
         assert!(d < 1e-6, "differs by {d}");
     }
