@@ -20,6 +20,11 @@ use nexus_models::qwen::Translator;
 use nexus_models::qwen::lm::Products;
 use nexus_models::qwen::prompt::{Spec, Style};
 
+/// The texts of `outs`, a failed one as the empty text it delivers.
+fn texts(outs: &[nexus_models::qwen::Translated]) -> Vec<&str> {
+    outs.iter().map(|r| r.text.as_str()).collect()
+}
+
 /// Options of `nexus bench translate`.
 #[derive(Debug, Args)]
 pub struct TranslateBenchArgs {
@@ -207,6 +212,12 @@ struct SessionRow {
     /// Reply tokens per second, both ways.
     live_tokens_per_s: f64,
     serial_tokens_per_s: f64,
+    /// chrF of the translations against the set's references, both ways.
+    live_chrf: f64,
+    serial_chrf: f64,
+    /// Captions that came back failed (marked), both ways.
+    live_marked: usize,
+    serial_marked: usize,
 }
 
 /// Translation time per caption when `n` sessions each send a caption at
@@ -224,15 +235,14 @@ fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Resul
             continue;
         }
         // Session i reads captions i*per.. of the set (cycled).
-        let stream = |i: usize| -> Vec<&str> {
-            set.iter()
-                .cycle()
-                .skip(i * per)
-                .take(per)
-                .map(|p| p.source)
-                .collect()
-        };
-        let streams: Vec<Vec<&str>> = (0..n).map(stream).collect();
+        let stream =
+            |i: usize| -> Vec<&Pair> { set.iter().cycle().skip(i * per).take(per).collect() };
+        let pairs: Vec<Vec<&Pair>> = (0..n).map(stream).collect();
+        let streams: Vec<Vec<&str>> = pairs
+            .iter()
+            .map(|s| s.iter().map(|p| p.source).collect())
+            .collect();
+        let (mut live_out, mut serial_out, mut refs) = (Vec::new(), Vec::new(), Vec::new());
         let ids: Vec<String> = (0..n).map(|i| format!("bench-{n}-{i}")).collect();
         let (mut live, mut serial) = (Vec::new(), Vec::new());
         let (mut live_tokens, mut serial_tokens) = (0, 0);
@@ -263,14 +273,19 @@ fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Resul
                 .collect();
             let t0 = Instant::now();
             for r in t.translate_live(&items)? {
-                live_tokens += r?.tokens;
+                let r = r?;
+                live_tokens += r.tokens;
+                live_out.push(r);
             }
+            refs.extend(pairs.iter().map(|s| s[round].reference));
             let took = t0.elapsed().as_secs_f64();
             live_s += took;
             live.extend(std::iter::repeat_n(took, n));
             let t0 = Instant::now();
             for s in &specs {
-                serial_tokens += t.translate(s)?.tokens;
+                let r = t.translate(s)?;
+                serial_tokens += r.tokens;
+                serial_out.push(r);
                 serial.push(t0.elapsed().as_secs_f64());
             }
             serial_s += t0.elapsed().as_secs_f64();
@@ -289,35 +304,43 @@ fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Resul
             serial_max_s: max(&serial),
             live_tokens_per_s: live_tokens as f64 / live_s,
             serial_tokens_per_s: serial_tokens as f64 / serial_s,
+            live_chrf: nexus_eval::mt::chrf(&texts(&live_out), &refs),
+            serial_chrf: nexus_eval::mt::chrf(&texts(&serial_out), &refs),
+            live_marked: live_out.iter().filter(|r| r.failure.is_some()).count(),
+            serial_marked: serial_out.iter().filter(|r| r.failure.is_some()).count(),
         });
     }
     if !rows.is_empty() {
         println!(
-            "\nTranslation time per caption, en-de, N sessions each sending a caption at once, caption after caption (seconds from arrival to translation; reply tokens/s)"
+            "\nTranslation time per caption, en-de, N sessions each sending a caption at once, caption after caption (seconds from arrival to translation; reply tokens/s; chrF against the references, captions marked failed in brackets)"
         );
         println!(
-            "{:>8} {:>8} {:>10} {:>9} {:>9} {:>12} {:>11} {:>10} {:>9}",
+            "{:>8} {:>8} {:>10} {:>9} {:>9} {:>10} {:>12} {:>11} {:>10} {:>11} {:>9}",
             "sessions",
             "captions",
             "live mean",
             "live max",
             "live tok/s",
+            "live chrF",
             "serial mean",
             "serial max",
             "serial tok/s",
+            "serial chrF",
             "speed-up"
         );
         for r in &rows {
             println!(
-                "{:>8} {:>8} {:>10.2} {:>9.2} {:>9.1} {:>12.2} {:>11.2} {:>10.1} {:>8.2}x",
+                "{:>8} {:>8} {:>10.2} {:>9.2} {:>9.1} {:>10} {:>12.2} {:>11.2} {:>10.1} {:>11} {:>8.2}x",
                 r.sessions,
                 r.captions,
                 r.live_mean_s,
                 r.live_max_s,
                 r.live_tokens_per_s,
+                format!("{:.1} ({})", r.live_chrf, r.live_marked),
                 r.serial_mean_s,
                 r.serial_max_s,
                 r.serial_tokens_per_s,
+                format!("{:.1} ({})", r.serial_chrf, r.serial_marked),
                 r.serial_mean_s / r.live_mean_s
             );
         }
