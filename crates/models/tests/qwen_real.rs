@@ -494,4 +494,11 @@ fn live_captions_continue_their_sessions_conversations() {
     assert_eq!(out[1].as_ref().unwrap().failure, None, "{out:?}");
     t.forget("a");
     assert!(t.conversation("a").is_none());
+    // A pair's prefix can be computed ahead of its first caption.
+    assert!(!t.is_warm(Some("en"), "es"));
+    t.warm(Some("en"), "es").unwrap();
+    assert!(t.is_warm(Some("en"), "es"));
+    assert!(t.is_warm(Some("en"), "de"), "used by the captions above");
+    t.warm(Some("en"), "xx").unwrap();
+    assert!(!t.is_warm(Some("en"), "xx"));
 }

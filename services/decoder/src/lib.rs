@@ -633,7 +633,17 @@ async fn translate(
     else {
         return Ok(());
     };
-    if !seg.is_final || r.alternatives.is_empty() {
+    if !seg.is_final {
+        // The session will want its pair's prompt prefix at its first
+        // final: the thread computes it meanwhile, when idle.
+        if model_translated.is_none()
+            && let Some((_, tr)) = &cfg.translator
+        {
+            tr.warm(&r.language, &t.target_language);
+        }
+        return Ok(());
+    }
+    if r.alternatives.is_empty() {
         return Ok(());
     }
     let text_of = |s: &SpeechRecognitionResult| {

@@ -86,10 +86,23 @@ struct Job {
 /// Sessions whose live captions translate in one batch at most.
 pub const MAX_LIVE_BATCH: usize = 16;
 
+/// Language pairs a worker is asked to warm at most (see
+/// [`TranslationWorker::warm`]); later pairs are computed with their first
+/// caption.
+const MAX_WARM_PAIRS: usize = 64;
+
+enum Message {
+    Job(Job),
+    /// Compute the live prompt's prefix of (source, target) when idle.
+    Warm(Option<String>, String),
+}
+
 /// A handle to the translation thread; cloning shares it.
 #[derive(Clone)]
 pub struct TranslationWorker {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Message>,
+    /// Pairs asked to warm so far.
+    warmed: std::sync::Arc<std::sync::Mutex<HashSet<(String, String)>>>,
 }
 
 impl std::fmt::Debug for TranslationWorker {
@@ -103,21 +116,22 @@ impl TranslationWorker {
     /// dropped. Live captions that wait longer than `live_wait` for it are
     /// answered [`BEHIND`].
     pub fn start(mut model: Translator, live_wait: Duration) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name("decoder-translator".into())
             .spawn(move || {
                 let mut live: VecDeque<Job> = VecDeque::new();
                 let mut texts: VecDeque<TextJob> = VecDeque::new();
+                let mut warm: VecDeque<(Option<String>, String)> = VecDeque::new();
                 loop {
-                    if live.is_empty() && texts.is_empty() {
+                    if live.is_empty() && texts.is_empty() && warm.is_empty() {
                         match rx.recv() {
-                            Ok(job) => queue(job, &mut live, &mut texts),
+                            Ok(m) => queue(m, &mut live, &mut texts, &mut warm),
                             Err(_) => break,
                         }
                     }
-                    while let Ok(job) = rx.try_recv() {
-                        queue(job, &mut live, &mut texts);
+                    while let Ok(m) = rx.try_recv() {
+                        queue(m, &mut live, &mut texts, &mut warm);
                     }
                     if !live.is_empty() {
                         let batch = take_live(&mut live, live_wait);
@@ -127,10 +141,41 @@ impl TranslationWorker {
                         && let Some(t) = texts.pop_front()
                     {
                         t.finish();
+                    } else if live.is_empty()
+                        && texts.is_empty()
+                        && let Some((source, target)) = warm.pop_front()
+                        && let Err(e) = model.warm(source.as_deref(), &target)
+                    {
+                        tracing::warn!(error = %e, "translation prefix not warmed");
                     }
                 }
             })?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            warmed: Default::default(),
+        })
+    }
+
+    /// Asks the thread to compute the live prompt's prefix from `source`
+    /// (ISO 639-1; empty when not known) into `target` when it has nothing
+    /// else to do, so the first caption of a new pair does not wait for it
+    /// (the decoder asks at a translating session's first interim). True
+    /// when this call queued it: each pair is asked once, the first
+    /// [`MAX_WARM_PAIRS`] pairs only.
+    pub fn warm(&self, source: &str, target: &str) -> bool {
+        let pair = (source.to_owned(), target.to_owned());
+        {
+            let Ok(mut warmed) = self.warmed.lock() else {
+                return false;
+            };
+            if warmed.len() >= MAX_WARM_PAIRS || !warmed.insert(pair) {
+                return false;
+            }
+        }
+        let source = (!source.is_empty()).then(|| source.to_owned());
+        self.tx
+            .send(Message::Warm(source, target.to_owned()))
+            .is_ok()
     }
 
     /// Translates `captions`: live ones after the live captions queued
@@ -154,21 +199,27 @@ impl TranslationWorker {
     ) -> Result<oneshot::Receiver<Result<Vec<Translated>, String>>, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job {
+            .send(Message::Job(Job {
                 captions,
                 priority,
                 reply,
                 queued: Instant::now(),
-            })
+            }))
             .map_err(|_| "the translation thread stopped".to_owned())?;
         Ok(rx)
     }
 }
 
-fn queue(job: Job, live: &mut VecDeque<Job>, texts: &mut VecDeque<TextJob>) {
-    match job.priority {
-        Priority::Live => live.push_back(job),
-        Priority::Text => texts.push_back(TextJob::new(job)),
+fn queue(
+    m: Message,
+    live: &mut VecDeque<Job>,
+    texts: &mut VecDeque<TextJob>,
+    warm: &mut VecDeque<(Option<String>, String)>,
+) {
+    match m {
+        Message::Job(job) if job.priority == Priority::Live => live.push_back(job),
+        Message::Job(job) => texts.push_back(TextJob::new(job)),
+        Message::Warm(source, target) => warm.push_back((source, target)),
     }
 }
 
@@ -407,13 +458,21 @@ mod tests {
     }
 
     /// Live captions of several sessions waiting together are answered
-    /// as one batch, each session's in order: every session's second
+    /// as one batch, each session's in order, after the pair's prefix was
+    /// asked to warm (once): every session's second
     /// caption continues its conversation (the translator keeps one per
     /// session), and all come back German.
     #[tokio::test]
     #[ignore = "needs the qwen2.5-0.5b-instruct GGUF"]
     async fn live_captions_of_several_sessions_are_answered_each_in_order() {
         let worker = TranslationWorker::start(model(), Duration::from_secs(3_600)).unwrap();
+        // The pair's prefix is asked for once, computed while nothing waits.
+        assert!(worker.warm("en", "de"));
+        assert!(!worker.warm("en", "de"));
+        assert!(
+            !worker.clone().warm("en", "de"),
+            "clones share what was asked"
+        );
         let firsts = [
             "Good morning.",
             "The train is late.",

@@ -1005,6 +1005,41 @@ impl Translator {
         self.keep(session, c);
     }
 
+    /// The text of the live prompt's shared prefix from `source` into
+    /// `target`: its instruction and examples.
+    fn live_prefix(source: Option<&str>, target: &str) -> String {
+        let t = prompt::turns(
+            prompt::Style::Chat,
+            &prompt::Spec {
+                text: "",
+                source,
+                target,
+                context: &[],
+                glossary: &[],
+            },
+        );
+        render(&t.turns[..t.fixed])
+    }
+
+    /// Computes and keeps the shared prefix of live captions from `source`
+    /// into `target` now (about 250 tokens for the pairs with examples), so
+    /// the first caption of the pair does not wait for it. An unsupported
+    /// target is left alone: its captions fail on their own.
+    pub fn warm(&mut self, source: Option<&str>, target: &str) -> Result<()> {
+        if language_name(target).is_none() {
+            return Ok(());
+        }
+        self.prefix_cache(&Self::live_prefix(source, target))
+            .map(|_| ())
+    }
+
+    /// Whether the shared prefix of live captions from `source` into
+    /// `target` is kept.
+    pub fn is_warm(&self, source: Option<&str>, target: &str) -> bool {
+        self.prefixes
+            .contains_key(&Self::live_prefix(source, target))
+    }
+
     /// Keeps `session`'s conversation, dropping the least recently used
     /// beyond [`MAX_CONVERSATIONS`].
     fn keep(&mut self, session: &str, c: Conversation) {
