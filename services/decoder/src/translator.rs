@@ -259,8 +259,10 @@ fn answer_live(model: &mut Translator, jobs: Vec<Job>) {
     let mut results: Vec<Result<Vec<Translated>, String>> =
         jobs.iter().map(|_| Ok(Vec::new())).collect();
     let rounds = jobs.iter().map(|j| j.captions.len()).max().unwrap_or(0);
-    let captions: Vec<Vec<Caption>> = jobs.iter().map(|j| j.captions.clone()).collect();
-    let mut replies: Vec<Option<Reply>> = jobs.into_iter().map(|j| Some(j.reply)).collect();
+    let (captions, mut replies): (Vec<Vec<Caption>>, Vec<Option<Reply>>) = jobs
+        .into_iter()
+        .map(|j| (j.captions, Some(j.reply)))
+        .unzip();
     let record = |slot: &mut Result<Vec<Translated>, String>,
                   r: nexus_models::Result<Translated>| {
         match (r, slot) {

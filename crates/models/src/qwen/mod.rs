@@ -558,24 +558,10 @@ impl Translator {
         fixed: usize,
         until: Until,
     ) -> Result<(String, usize)> {
-        let (mut cache, mut logits, room) = self.prefill(turns, fixed)?;
-        let mut out = Vec::new();
-        for _ in 0..until.tokens.min(room) {
-            let next = QwenLm::argmax(&logits)?;
-            if self.stop.contains(&next) {
-                break;
-            }
-            out.push(next);
-            if self.ends(&out, next, &until)? || until.expired() {
-                break;
-            }
-            logits = self.model.forward(&[next], &mut cache)?;
-        }
-        let text = self
-            .tokenizer
-            .decode(&out, true)
-            .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))?;
-        Ok((text.trim().to_owned(), out.len()))
+        let (cache, logits, room) = self.prefill(turns, fixed)?;
+        let mut seq = [self.seq(cache, &logits, until, room)?];
+        self.decode(&mut seq)?;
+        Ok((self.text_of(&seq[0].out)?, seq[0].out.len()))
     }
 
     /// Runs a one-question ChatML conversation greedily and returns the
@@ -729,12 +715,7 @@ impl Translator {
         });
         let texts = done
             .iter()
-            .map(|(t, _)| {
-                self.tokenizer
-                    .decode(t, true)
-                    .map(|s| s.trim().to_owned())
-                    .map_err(|e| ModelError::Input(format!("cannot detokenize: {e}")))
-            })
+            .map(|(t, _)| self.text_of(t))
             .collect::<Result<Vec<_>>>()?;
         Ok((texts, generated))
     }
@@ -799,24 +780,6 @@ impl Translator {
         Ok(text.trim().to_owned())
     }
 
-    /// Greedy replies to several ChatML conversations, decoded together:
-    /// each prompt runs on its own (after its cached prefix), then every
-    /// unfinished reply takes its next token in one batched step.
-    pub fn chat_batch(
-        &mut self,
-        prompts: &[(&[prompt::Turn], usize, Until)],
-    ) -> Result<Vec<(String, usize)>> {
-        let mut seqs = Vec::with_capacity(prompts.len());
-        for &(turns, fixed, until) in prompts {
-            let (cache, logits, room) = self.prefill(turns, fixed)?;
-            seqs.push(self.seq(cache, &logits, until, room)?);
-        }
-        self.decode(&mut seqs)?;
-        seqs.iter()
-            .map(|s| Ok((self.text_of(&s.out)?, s.out.len())))
-            .collect()
-    }
-
     /// Opens the next turn of `session`'s conversation for `spec`: the
     /// conversation kept when `spec` continues it, else a new one from the
     /// pair's shared prefix with `spec`'s context in the prompt. Returns it
@@ -858,7 +821,7 @@ impl Translator {
             // Out of positions: a new conversation, as below.
         }
         let t = prompt::turns(prompt::Style::Chat, spec);
-        let cache = self.prefix_cache(&render(&t.turns[..t.fixed]))?;
+        let cache = self.prefix_cache(&Self::live_prefix(spec.source, spec.target))?;
         let ids = self.encode(&tail(&t))?;
         Ok((
             Conversation {
@@ -1075,51 +1038,6 @@ impl Translator {
     /// Sessions whose conversations are kept.
     pub fn conversations(&self) -> usize {
         self.conversations.len()
-    }
-
-    /// Translates several captions (of different sessions) at once: their
-    /// first, greedy attempts decode as one batch; a caption whose output
-    /// fails the checks then goes through [`Self::translate`]'s retries on
-    /// its own.
-    pub fn translate_batch(&mut self, specs: &[prompt::Spec<'_>]) -> Result<Vec<Translated>> {
-        let mut prompts = Vec::with_capacity(specs.len());
-        for spec in specs {
-            if language_name(spec.target).is_none() {
-                return Err(ModelError::Input(format!(
-                    "target language {:?} is not supported for translation",
-                    spec.target
-                )));
-            }
-            let t = prompt::turns(prompt::Style::Chat, spec);
-            prompts.push((t, self.reply_until(spec.text, true, None)?));
-        }
-        let refs: Vec<(&[prompt::Turn], usize, Until)> = prompts
-            .iter()
-            .zip(specs)
-            .filter(|(_, s)| !s.text.trim().is_empty())
-            .map(|((t, b), _)| (t.turns.as_slice(), t.fixed, *b))
-            .collect();
-        let mut firsts = self.chat_batch(&refs)?.into_iter();
-        let mut out = Vec::with_capacity(specs.len());
-        for spec in specs {
-            if spec.text.trim().is_empty() {
-                out.push(self.translate(spec)?);
-                continue;
-            }
-            let (text, tokens) = firsts
-                .next()
-                .ok_or_else(|| ModelError::Input("batch lost a caption".into()))?;
-            let text = clean(&text, spec.target);
-            if judge(spec, &text).is_none() {
-                out.push(Translated::passed(text, 1, tokens));
-            } else {
-                let deadline = Instant::now() + self.time_budget;
-                let mut r = self.translate_retries(spec, &text, deadline)?;
-                r.tokens += tokens;
-                out.push(r);
-            }
-        }
-        Ok(out)
     }
 
     /// Translates a caption: greedily in the [`prompt::Style::Chat`]
