@@ -491,9 +491,12 @@ impl QwenLm {
     }
 
     fn forward_piece(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
-        self.fit(cache);
         let l = ids.len();
-        let on_host = l == 1 && self.device.is_cpu();
+        if l == 1 {
+            // A token step: the batched step's path, as a batch of one.
+            return Ok(self.step_batch(ids, &mut [cache])?.squeeze(0)?);
+        }
+        self.fit(cache);
         let ids_t = Tensor::new(ids, &self.device)?;
         let mut x = self
             .embed
@@ -505,15 +508,7 @@ impl QwenLm {
             let q = self.project(&b.q, b.bq.as_ref(), &h)?;
             let k = self.project(&b.k, b.bk.as_ref(), &h)?;
             let v = self.project(&b.v, b.bv.as_ref(), &h)?;
-            let a = if on_host {
-                let mut q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-                let mut k: Vec<f32> = k.flatten_all()?.to_vec1()?;
-                let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
-                let out = self.rope_tables().step(&mut q, &mut k, &v, cache, bi);
-                Tensor::from_vec(out, (1, 1, self.heads * self.head_dim), &self.device)?
-            } else {
-                self.attend(&q, &k, &v, cache, bi)?
-            };
+            let a = self.attend(&q, &k, &v, cache, bi)?;
             x = (x + b.o.forward(&a)?)?;
             x = (&x + self.ffn(b, &x)?)?;
         }
