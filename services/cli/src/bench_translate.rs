@@ -238,28 +238,24 @@ fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Resul
         let stream =
             |i: usize| -> Vec<&Pair> { set.iter().cycle().skip(i * per).take(per).collect() };
         let pairs: Vec<Vec<&Pair>> = (0..n).map(stream).collect();
-        let streams: Vec<Vec<&str>> = pairs
-            .iter()
-            .map(|s| s.iter().map(|p| p.source).collect())
-            .collect();
         let (mut live_out, mut serial_out, mut refs) = (Vec::new(), Vec::new(), Vec::new());
         let ids: Vec<String> = (0..n).map(|i| format!("bench-{n}-{i}")).collect();
         let (mut live, mut serial) = (Vec::new(), Vec::new());
         let (mut live_tokens, mut serial_tokens) = (0, 0);
         let (mut live_s, mut serial_s) = (0.0, 0.0);
         for round in 0..per {
-            let contexts: Vec<Vec<String>> = streams
+            let contexts: Vec<Vec<String>> = pairs
                 .iter()
                 .map(|s| {
                     let from = round.saturating_sub(nexus_models::qwen::prompt::MAX_CONTEXT);
-                    s[from..round].iter().map(|c| c.to_string()).collect()
+                    s[from..round].iter().map(|p| p.source.to_owned()).collect()
                 })
                 .collect();
-            let specs: Vec<Spec<'_>> = streams
+            let specs: Vec<Spec<'_>> = pairs
                 .iter()
                 .zip(&contexts)
                 .map(|(s, c)| Spec {
-                    text: s[round],
+                    text: s[round].source,
                     source: Some("en"),
                     target: "de",
                     context: c,

@@ -141,8 +141,7 @@ impl TranslationWorker {
                         && let Some(t) = texts.pop_front()
                     {
                         t.finish();
-                    } else if live.is_empty()
-                        && texts.is_empty()
+                    } else if texts.is_empty()
                         && let Some((source, target)) = warm.pop_front()
                         && let Err(e) = model.warm(source.as_deref(), &target)
                     {
