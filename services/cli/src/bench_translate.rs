@@ -55,7 +55,8 @@ pub struct TranslateBenchArgs {
     #[arg(long, default_value_t = 6)]
     session_captions: usize,
     /// Prompt lengths (tokens) to time one forward pass of, from an empty
-    /// cache: how a translation's prompt cost grows with its context.
+    /// cache: how a translation's prompt cost grows with its context. Set,
+    /// batched decoding steps of 1, 8 and 16 sequences are timed too.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,160")]
     prefill: Vec<usize>,
     /// Write the figures and outputs as JSON here.
@@ -346,21 +347,35 @@ fn time_sessions(t: &mut Translator, args: &TranslateBenchArgs) -> anyhow::Resul
 
 #[derive(Debug, serde::Serialize)]
 struct PrefillRow {
+    /// `prefill` (one forward pass of `tokens` from an empty cache) or
+    /// `step` (one decoding step of `tokens` sequences together, each after
+    /// a 64-token prompt).
+    kind: &'static str,
     tokens: usize,
-    /// Best of three runs, Q8_0 products by `nexus_models::q8`.
+    /// Best of three runs, Q8_0 products by `nexus_models::q8` in this
+    /// CPU's fastest layout.
     ms: f64,
+    /// The layout it ran (`Packed` for AVX-512 VNNI, `Rows` for AVX2).
+    layout: String,
+    /// The same through `q8`'s row layout (AVX2), where that is not already
+    /// the fastest.
+    rows_ms: Option<f64>,
     /// The same through candle's quantised product (the anchor).
     candle_ms: f64,
 }
 
 /// Best of three forward passes of each length in `args.prefill` (English
-/// captions of the test set, end to end) from an empty cache, through `t`
-/// and through `anchor` (the same weights, candle's Q8_0 product).
+/// captions of the test set, end to end) from an empty cache, and best of
+/// three batched decoding steps of 1, 8 and 16 sequences, through `t`, the
+/// row layout (where `t` runs another) and `anchor` (the same weights,
+/// candle's Q8_0 product).
 fn time_prefill(
     t: &Translator,
+    rows: Option<&Translator>,
     anchor: &Translator,
     args: &TranslateBenchArgs,
 ) -> anyhow::Result<Vec<PrefillRow>> {
+    const STEP_PROMPT: usize = 64;
     let lens: Vec<usize> = args
         .prefill
         .iter()
@@ -373,13 +388,12 @@ fn time_prefill(
     let set = test_set("en", "de").context("test set")?;
     let mut ids = Vec::new();
     for p in set.iter().cycle().take(10_000) {
-        if ids.len() >= longest {
+        if ids.len() >= longest.max(STEP_PROMPT + 16) {
             break;
         }
         ids.extend(t.encode(p.source)?);
     }
-    ids.truncate(longest);
-    let best = |m: &Translator, n: usize| -> anyhow::Result<f64> {
+    let best_prefill = |m: &Translator, n: usize| -> anyhow::Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..3 {
             let mut cache = m.model().new_cache();
@@ -389,33 +403,76 @@ fn time_prefill(
         }
         Ok(best)
     };
-    let mut rows = Vec::new();
-    for n in lens {
-        rows.push(PrefillRow {
-            tokens: n,
-            ms: best(t, n)?,
-            candle_ms: best(anchor, n)?,
-        });
+    let best_step = |m: &Translator, n: usize| -> anyhow::Result<f64> {
+        let mut prompt = m.model().new_cache();
+        m.model().forward(&ids[..STEP_PROMPT], &mut prompt)?;
+        let tokens: Vec<u32> = ids[STEP_PROMPT..STEP_PROMPT + n.min(16)]
+            .iter()
+            .copied()
+            .cycle()
+            .take(n)
+            .collect();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let mut caches: Vec<_> = (0..n).map(|_| prompt.clone()).collect();
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            let t0 = Instant::now();
+            m.model().step_batch(&tokens, &mut refs)?;
+            best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(best)
+    };
+    let layout = format!("{:?}", nexus_models::q8::Layout::best());
+    let mut out = Vec::new();
+    let runs: [(&'static str, Vec<usize>); 2] = [("prefill", lens), ("step", vec![1, 8, 16])];
+    for (kind, ns) in runs {
+        for n in ns {
+            let time = |m: &Translator| match kind {
+                "prefill" => best_prefill(m, n),
+                _ => best_step(m, n),
+            };
+            out.push(PrefillRow {
+                kind,
+                tokens: n,
+                ms: time(t)?,
+                layout: layout.clone(),
+                rows_ms: rows.map(time).transpose()?,
+                candle_ms: time(anchor)?,
+            });
+        }
     }
     println!(
-        "\nPrompt (prefill) time, one forward pass from an empty cache, best of 3: Q8_0 products by nexus_models::q8 against candle's on the same weights"
+        "\nQ8_0 products, best of 3: a prompt (prefill) of N tokens from an empty cache, and one decoding step of N sequences together (each after a {STEP_PROMPT}-token prompt); nexus_models::q8 in this CPU's layout ({layout}), in its row layout (AVX2), and candle's product, on the same weights"
     );
     println!(
-        "{:>7} {:>10} {:>10} {:>12} {:>16} {:>9}",
-        "tokens", "ms", "ms/token", "candle ms", "candle ms/token", "speed-up"
+        "{:>8} {:>5} {:>9} {:>12} {:>15} {:>9} {:>17} {:>10} {:>10}",
+        "kind",
+        "N",
+        "ms",
+        "ms per N",
+        "rows ms per N",
+        "rows/ours",
+        "candle ms per N",
+        "candle ms",
+        "candle/ours"
     );
-    for r in &rows {
+    for r in &out {
+        let per = |ms: f64| ms / r.tokens as f64;
         println!(
-            "{:>7} {:>10.1} {:>10.2} {:>12.1} {:>16.2} {:>8.2}x",
+            "{:>8} {:>5} {:>9.1} {:>12.2} {:>15} {:>9} {:>17.2} {:>10.1} {:>10.2}x",
+            r.kind,
             r.tokens,
             r.ms,
-            r.ms / r.tokens as f64,
+            per(r.ms),
+            r.rows_ms.map_or("-".into(), |v| format!("{:.2}", per(v))),
+            r.rows_ms
+                .map_or("-".into(), |v| format!("{:.2}x", v / r.ms)),
+            per(r.candle_ms),
             r.candle_ms,
-            r.candle_ms / r.tokens as f64,
             r.candle_ms / r.ms
         );
     }
-    Ok(rows)
+    Ok(out)
 }
 
 /// Runs the benchmark.
@@ -440,7 +497,7 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     // Quality as the model gives it: no time budget cuts a retry short
     // when the machine is busy.
-    let mut t = Translator::load_with(&file, &dev, !args.as_stored, Products::Q8Rows)?
+    let mut t = Translator::load_with(&file, &dev, !args.as_stored, Products::Q8)?
         .with_time_budget(std::time::Duration::from_secs(3_600));
     let load_s = t0.elapsed().as_secs_f64();
     // One warm-up caption: first-call allocations are not the model's speed.
@@ -450,7 +507,17 @@ pub fn run(args: TranslateBenchArgs) -> anyhow::Result<()> {
     } else {
         // The same weights (requantised or as stored, as `t`), candle's product.
         let anchor = Translator::load_with(&file, &dev, !args.as_stored, Products::Candle)?;
-        time_prefill(&t, &anchor, &args)?
+        let rows = if nexus_models::q8::Layout::best() == nexus_models::q8::Layout::Rows {
+            None
+        } else {
+            Some(Translator::load_with(
+                &file,
+                &dev,
+                !args.as_stored,
+                Products::Q8Rows,
+            )?)
+        };
+        time_prefill(&t, rows.as_ref(), &anchor, &args)?
     };
     let mut rows = Vec::new();
     for &(s, d) in &directions {

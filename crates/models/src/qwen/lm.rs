@@ -21,13 +21,17 @@ use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
 use crate::ops::dot;
-use crate::q8::Q8Matrix;
+use crate::q8::{Layout, Q8Matrix};
 
 /// Which kernel multiplies Q8_0 weights on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Products {
-    /// [`Q8Matrix`]: each weight block read once for all of a prompt's rows.
+    /// [`Q8Matrix`] in this CPU's fastest layout ([`Layout::best`]: packed
+    /// for AVX-512 VNNI where the CPU has it).
     #[default]
+    Q8,
+    /// [`Q8Matrix`] in its row layout (the AVX2 kernel) whatever the CPU:
+    /// each weight block read once for all of a prompt's rows.
     Q8Rows,
     /// candle's own quantised product (the benchmarks' anchor).
     Candle,
@@ -42,9 +46,14 @@ enum Linear {
 
 impl Linear {
     fn new(t: QTensor, device: &Device, products: Products) -> Result<Self> {
+        let layout = match products {
+            Products::Q8 => Some(Layout::best()),
+            Products::Q8Rows => Some(Layout::Rows),
+            Products::Candle => None,
+        };
         if device.is_cpu()
-            && products == Products::Q8Rows
-            && let Some(m) = Q8Matrix::from_qtensor(&t)?
+            && let Some(layout) = layout
+            && let Some(m) = Q8Matrix::from_qtensor_in(&t, layout)?
         {
             return Ok(Self::Q8(m));
         }
