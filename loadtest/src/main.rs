@@ -66,6 +66,12 @@ struct Scenario {
     /// reaches its viewer.
     #[serde(default)]
     translate_to: Option<String>,
+    /// What a translated level's finals may take beyond `final_budget_ms`
+    /// (the translation's share, ms); a translated level also misses when
+    /// any final comes back untranslated. Unset, translated finals are held
+    /// to the caption budget alone.
+    #[serde(default)]
+    translation_budget_ms: Option<f64>,
     /// Also run each level with every final diarized (its words labelled
     /// with their speaker, gRPC only), right after the same level without:
     /// what live diarization adds to a final's latency and to the load.
@@ -116,6 +122,15 @@ impl Scenario {
     /// The interim p95 budget, where interims are asked for.
     fn interim_budget(&self) -> Option<f64> {
         self.interim_budget_ms.filter(|_| self.interim_ms > 0)
+    }
+
+    /// What `l`'s finals may take beyond the caption budget: the
+    /// translation's share where the level translated.
+    fn final_allowance(&self, l: &Level) -> f64 {
+        match l.translate_to {
+            Some(_) => self.translation_budget_ms.unwrap_or(0.0),
+            None => 0.0,
+        }
     }
 
     /// What each session asks for, translating into `translate_to`.
@@ -709,6 +724,10 @@ fn missed(l: &Level, s: &Scenario, alone_wer: f64) -> Vec<String> {
         ),
         Protocol::Grpc | Protocol::Websocket => (&l.final_after_endpoint_ms, s.final_budget_ms),
     };
+    let budget = budget + s.final_allowance(l);
+    if l.translate_to.is_some() && s.translation_budget_ms.is_some() && l.untranslated > 0 {
+        out.push(format!("{} finals untranslated", l.untranslated));
+    }
     if f.n == 0 {
         out.push("no final caption".to_owned());
     } else if f.p95 > budget {
@@ -886,6 +905,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(m) = s.wer_margin_points {
         budgets += &format!(", WER within {m} points of the same sessions run alone");
+    }
+    if let (Some(to), Some(t)) = (&s.translate_to, s.translation_budget_ms) {
+        budgets += &format!(
+            ", translated into {to}: final p95 {} ms and every final translated",
+            s.final_budget_ms + t
+        );
     }
     let translating = s
         .translate_to
@@ -1168,6 +1193,39 @@ mod tests {
         assert_eq!(m, ["final p95 1900 ms > 1800 ms"]);
         // The fleet's own protocols keep the budget after the endpoint.
         assert!(!missed(&level(1_100.0, 0.0, 0.05), &s, 0.05).is_empty());
+    }
+
+    /// A translated level keeps the caption budget plus the translation's
+    /// allowance, and misses when any final came back untranslated; the
+    /// untranslated level of the same scenario keeps the caption budget.
+    #[test]
+    fn a_translated_level_has_the_translations_allowance_and_no_untranslated_final() {
+        let s = scenario("translate_to = \"de\"\ntranslation_budget_ms = 1500.0").unwrap();
+        let translated = |p95: f64, untranslated: usize| {
+            let mut l = level(p95, 0.0, 0.05);
+            l.translate_to = Some("de".into());
+            l.untranslated = untranslated;
+            l
+        };
+        assert!(missed(&translated(2_400.0, 0), &s, 0.05).is_empty());
+        assert_eq!(
+            missed(&translated(2_600.0, 0), &s, 0.05),
+            ["final p95 2600 ms > 2500 ms"]
+        );
+        assert_eq!(
+            missed(&translated(2_400.0, 3), &s, 0.05),
+            ["3 finals untranslated"]
+        );
+        assert_eq!(
+            missed(&level(1_100.0, 0.0, 0.05), &s, 0.05),
+            ["final p95 1100 ms > 1000 ms"]
+        );
+        // Without the allowance, translated finals keep the caption budget.
+        let plain = scenario("translate_to = \"de\"").unwrap();
+        assert_eq!(
+            missed(&translated(1_100.0, 3), &plain, 0.05),
+            ["final p95 1100 ms > 1000 ms"]
+        );
     }
 
     #[test]
