@@ -92,6 +92,7 @@ fn decoder_matches_candles_qwen2_and_its_cache_and_batch_agree() {
 
 /// [`decoder_matches_candles_qwen2_and_its_cache_and_batch_agree`] through
 /// `products`; `same_order`: its prompt products sum in candle's order.
+#[allow(clippy::unwrap_used)] // a test's body: a failed step should panic with its error
 fn matches_candle(products: nexus_models::qwen::lm::Products, same_order: bool) {
     use candle_core::quantized::gguf_file;
     use candle_core::{D, Tensor};
