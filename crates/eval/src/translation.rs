@@ -59,7 +59,8 @@ pub enum Failure {
     WrongLanguage,
     /// The output is much shorter than a translation of the source can be.
     Truncated,
-    /// The output is much longer: explanations, notes or chatter added.
+    /// The output is much longer: explanations, notes or chatter added, or
+    /// a clause repeated in a loop the source does not have.
     Overlong,
 }
 
@@ -115,6 +116,22 @@ fn comparable(text: &str) -> String {
         .filter(|c| c.is_alphanumeric())
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// Letters and digits a repeated run must hold at least to count as a
+/// loop: "no, no, no" and "ha ha ha" are speech, a clause three times over
+/// is a model going round.
+const LOOP_MIN_CHARS: usize = 6;
+
+/// Whether `text`'s letters and digits (case and everything else ignored)
+/// hold a run of at least [`LOOP_MIN_CHARS`] three times in a row: a reply
+/// that went round in a loop.
+fn loops(text: &str) -> bool {
+    let c: Vec<char> = comparable(text).chars().collect();
+    (LOOP_MIN_CHARS..=c.len() / 3).any(|n| {
+        (0..=c.len() - 3 * n)
+            .any(|i| c[i..i + n] == c[i + n..i + 2 * n] && c[i..i + n] == c[i + 2 * n..i + 3 * n])
+    })
 }
 
 fn is_question(text: &str) -> bool {
@@ -235,6 +252,9 @@ pub fn check(source: &str, output: &str, source_lang: &str, target_lang: &str) -
     if opens_reply(target_lang, output) && !opens_reply(source_lang, source) {
         return Some(Failure::Answered);
     }
+    if loops(output) && !loops(source) {
+        return Some(Failure::Overlong);
+    }
     let ratio = out_units / src_units;
     if src_units >= 12.0 && ratio < 0.4 {
         return Some(Failure::Truncated);
@@ -265,6 +285,44 @@ mod tests {
             assert!(faulted.is_empty(), "{s}-{t}: {faulted:#?}");
         }
         assert!(test_set("de", "en").is_none());
+    }
+
+    /// A reply that went round in a loop (seen live from Qwen2.5-0.5B) is
+    /// overlong even where its length passes; repetition that is speech,
+    /// or that the source has too, is not.
+    #[test]
+    fn a_looping_reply_is_overlong() {
+        let src = "But if that is to mean that it is not to mean it.";
+        let looped = "Aber, wenn zu bedeuten, dass es nicht zu bedeuten ist, dass es nicht zu bedeuten ist, dass es nicht zu bedeuten ist.";
+        assert_eq!(check(src, looped, "en", "de"), Some(Failure::Overlong));
+        assert_eq!(
+            check(
+                "谢谢大家的参与",
+                "Thank you all, thank you all, thank you all for coming.",
+                "zh",
+                "en"
+            ),
+            Some(Failure::Overlong)
+        );
+        for (src, out) in [
+            (
+                "No, no, no, that is wrong.",
+                "Nein, nein, nein, das ist falsch.",
+            ),
+            ("Ha ha ha, very funny.", "Ha ha ha, sehr lustig."),
+            (
+                "Thank you, thank you, thank you all.",
+                "Danke schön, danke schön, danke schön an alle.",
+            ),
+        ] {
+            assert_eq!(check(src, out, "en", "de"), None, "{out}");
+        }
+        assert!(!loops(""));
+        assert!(loops("abcdefabcdefabcdef"));
+        assert!(
+            !loops("abcdeabcdeabcde"),
+            "five letters are below the run's minimum"
+        );
     }
 
     #[test]

@@ -493,9 +493,13 @@ impl Translator {
         })
     }
 
-    /// Whether a reply `out` whose last token is `last` ends under `until`.
+    /// Whether a reply `out` whose last token is `last` ends under `until`:
+    /// at the end of its line where it takes one, or where it has gone
+    /// round in a loop ([`loops_back`]): a greedy reply that repeats itself
+    /// would repeat to its token budget, holding every reply batched with it.
     fn ends(&self, out: &[u32], last: u32, until: &Until) -> Result<bool> {
-        Ok(until.one_line && self.newline.contains(&last) && self.line_done(out)?)
+        Ok(loops_back(out)
+            || (until.one_line && self.newline.contains(&last) && self.line_done(out)?))
     }
 
     /// The model.
@@ -1117,6 +1121,29 @@ impl Translator {
     }
 }
 
+/// Tokens a loop's repeated runs span together at least before a reply is
+/// taken to loop: a token 24 times, a pair 12 times, a run of 8 or more
+/// tokens 3 times.
+const LOOP_SPAN: usize = 24;
+/// The longest run, in tokens, whose repetition ends a reply.
+const LOOP_MAX_RUN: usize = 32;
+
+/// Whether `out` ends in a run of tokens repeated back to back until the
+/// repeats span [`LOOP_SPAN`] tokens, at least three of them (runs of up
+/// to [`LOOP_MAX_RUN`] tokens). The text-level check
+/// (`nexus_eval::translation::check`) then finds such a reply overlong.
+fn loops_back(out: &[u32]) -> bool {
+    (1..=LOOP_MAX_RUN).any(|run| {
+        let repeats = LOOP_SPAN.div_ceil(run).max(3);
+        let span = run * repeats;
+        span <= out.len() && {
+            let tail = &out[out.len() - span..];
+            let unit = &tail[span - run..];
+            tail.chunks_exact(run).all(|c| c == unit)
+        }
+    })
+}
+
 /// Beams of a retry.
 const RETRY_BEAMS: usize = 4;
 /// Beams [`Translator::chat_beams`] runs at most.
@@ -1290,6 +1317,34 @@ mod tests {
         assert_eq!(clean("\n\"Hallo zusammen\"", "de"), "Hallo zusammen");
         assert_eq!(clean("「早上好」", "zh"), "早上好");
         assert_eq!(clean("Simplified Chinese: 早上好", "zh"), "早上好");
+    }
+
+    /// A reply ends where it has gone round: a run of 8 tokens three times,
+    /// one token 24 times; fewer repeats, or a repeat with anything between,
+    /// go on.
+    #[test]
+    fn a_reply_that_loops_back_ends() {
+        let clause: Vec<u32> = (100..108).collect();
+        let mut out = vec![1, 2, 3];
+        for _ in 0..2 {
+            out.extend(&clause);
+        }
+        assert!(!loops_back(&out), "two repeats");
+        out.extend(&clause);
+        assert!(loops_back(&out), "three repeats of eight tokens");
+        out.push(7);
+        assert!(!loops_back(&out), "the repeat is no longer the end");
+        assert!(!loops_back(&[5; 23]));
+        assert!(loops_back(&[5; 24]));
+        let pair: Vec<u32> = [8, 9].repeat(11);
+        assert!(!loops_back(&pair), "a pair eleven times");
+        assert!(loops_back(&[8, 9].repeat(12)));
+        assert!(!loops_back(&[]));
+        let long: Vec<u32> = (0..33).collect();
+        assert!(
+            !loops_back(&long.repeat(3)),
+            "runs past 32 tokens are not looked for"
+        );
     }
 
     #[test]
