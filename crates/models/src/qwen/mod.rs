@@ -192,7 +192,9 @@ pub struct Translator {
     time_budget: Duration,
     /// Keys and values of prompt prefixes seen (instruction and examples of
     /// a language pair and framing), by their text.
-    prefixes: HashMap<String, Cache>,
+    prefixes: HashMap<String, Prefix>,
+    /// Prefix lookups so far: each kept prefix's last use on this clock.
+    prefix_clock: u64,
     /// Live sessions' conversations, by session id.
     conversations: HashMap<String, Conversation>,
     /// Counts calls, to find the least recently used conversation.
@@ -349,8 +351,30 @@ impl Until {
 }
 
 /// Prompt prefixes whose keys and values are kept (about 10 MB each for
-/// the 0.5B model's few-shot prefix).
+/// the 0.5B model's few-shot prefix); past it the least recently used is
+/// dropped.
 const MAX_PREFIXES: usize = 16;
+
+/// A kept prompt prefix and when it was last used.
+struct Prefix {
+    cache: Cache,
+    used: u64,
+}
+
+/// Drops the entries of `map` with the smallest `used` until at most
+/// `keep` are left.
+fn drop_least_used<V>(map: &mut HashMap<String, V>, keep: usize, used: impl Fn(&V) -> u64) {
+    while map.len() > keep {
+        let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, v)| used(v))
+            .map(|(k, _)| k.clone())
+        else {
+            break;
+        };
+        map.remove(&oldest);
+    }
+}
 
 impl std::fmt::Debug for Translator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -449,6 +473,7 @@ impl Translator {
             newline,
             time_budget: DEFAULT_TIME_BUDGET,
             prefixes: HashMap::new(),
+            prefix_clock: 0,
             conversations: HashMap::new(),
             clock: 0,
             turn_end: Vec::new(),
@@ -519,19 +544,26 @@ impl Translator {
 
     /// The cache after the prompt prefix `text`, from the kept ones or run now.
     fn prefix_cache(&mut self, text: &str) -> Result<Cache> {
-        if let Some(c) = self.prefixes.get(text) {
-            return Ok(c.clone());
+        self.prefix_clock += 1;
+        let now = self.prefix_clock;
+        if let Some(p) = self.prefixes.get_mut(text) {
+            p.used = now;
+            return Ok(p.cache.clone());
         }
         let mut cache = self.model.new_cache();
         let ids = self.encode(text)?;
         if !ids.is_empty() {
             self.model.forward(&ids, &mut cache)?;
         }
-        if self.prefixes.len() >= MAX_PREFIXES {
-            self.prefixes.clear();
-        }
         let cache = cache.share();
-        self.prefixes.insert(text.to_owned(), cache.clone());
+        drop_least_used(&mut self.prefixes, MAX_PREFIXES - 1, |p| p.used);
+        self.prefixes.insert(
+            text.to_owned(),
+            Prefix {
+                cache: cache.clone(),
+                used: now,
+            },
+        );
         Ok(cache)
     }
 
@@ -1011,17 +1043,7 @@ impl Translator {
     /// beyond [`MAX_CONVERSATIONS`].
     fn keep(&mut self, session: &str, c: Conversation) {
         self.conversations.insert(session.to_owned(), c);
-        while self.conversations.len() > MAX_CONVERSATIONS {
-            let Some(oldest) = self
-                .conversations
-                .iter()
-                .min_by_key(|(_, c)| c.used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            self.conversations.remove(&oldest);
-        }
+        drop_least_used(&mut self.conversations, MAX_CONVERSATIONS, |c| c.used);
     }
 
     /// Drops `session`'s conversation (its session ended).
@@ -1345,6 +1367,24 @@ mod tests {
             !loops_back(&long.repeat(3)),
             "runs past 32 tokens are not looked for"
         );
+    }
+
+    /// The maps of kept prefixes and conversations drop their least
+    /// recently used entries, one at a time, down to the bound.
+    #[test]
+    fn the_least_used_entries_go_first() {
+        let mut m: HashMap<String, u64> = [("a", 5), ("b", 2), ("c", 9), ("d", 1)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        drop_least_used(&mut m, 4, |v| *v);
+        assert_eq!(m.len(), 4, "within the bound: nothing dropped");
+        drop_least_used(&mut m, 2, |v| *v);
+        let mut left: Vec<_> = m.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["a", "c"]);
+        drop_least_used(&mut m, 0, |v| *v);
+        assert!(m.is_empty());
     }
 
     #[test]
