@@ -548,35 +548,31 @@ mod amx {
         unsafe {
             asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
             asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            // One step of 64 input bytes (the last one shorter) at byte
+            // `at`: its activation tile and its weight tiles, then both
+            // blocks' multiply-adds into the sums.
+            macro_rules! step {
+                ($a:literal, $b0:literal, $b1:literal, $at:expr) => {
+                    asm!(
+                        concat!("tileloadd ", $a, ", [{a} + {sa}*1]"),
+                        concat!("tileloadd ", $b0, ", [{b0} + {sb}*1]"),
+                        concat!("tileloadd ", $b1, ", [{b1} + {sb}*1]"),
+                        concat!("tdpbusd tmm0, ", $a, ", ", $b0),
+                        concat!("tdpbusd tmm1, ", $a, ", ", $b1),
+                        a = in(reg) ap.add($at),
+                        sa = in(reg) kp,
+                        b0 = in(reg) bp.add(NB * $at),
+                        b1 = in(reg) bp.add(second + NB * $at),
+                        sb = in(reg) 64usize,
+                        options(nostack, readonly),
+                    )
+                };
+            }
             for j in 0..full {
-                asm!(
-                    "tileloadd tmm2, [{a} + {sa}*1]",
-                    "tileloadd tmm4, [{b0} + {sb}*1]",
-                    "tileloadd tmm5, [{b1} + {sb}*1]",
-                    "tdpbusd tmm0, tmm2, tmm4",
-                    "tdpbusd tmm1, tmm2, tmm5",
-                    a = in(reg) ap.add(64 * j),
-                    sa = in(reg) kp,
-                    b0 = in(reg) bp.add(64 * NB * j),
-                    b1 = in(reg) bp.add(second + 64 * NB * j),
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly),
-                );
+                step!("tmm2", "tmm4", "tmm5", 64 * j);
             }
             if rem > 0 {
-                asm!(
-                    "tileloadd tmm3, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbusd tmm0, tmm3, tmm6",
-                    "tdpbusd tmm1, tmm3, tmm7",
-                    a = in(reg) ap.add(64 * full),
-                    sa = in(reg) kp,
-                    b0 = in(reg) bp.add(64 * NB * full),
-                    b1 = in(reg) bp.add(second + 64 * NB * full),
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly),
-                );
+                step!("tmm3", "tmm6", "tmm7", 64 * full);
             }
             let o = out.as_mut_ptr().cast::<i32>();
             asm!(
