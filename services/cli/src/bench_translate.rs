@@ -424,13 +424,14 @@ fn time_prefill(
     };
     let layout = format!("{:?}", nexus_models::q8::Layout::best());
     let mut out = Vec::new();
-    let runs: [(&'static str, Vec<usize>); 2] = [("prefill", lens), ("step", vec![1, 8, 16])];
-    for (kind, ns) in runs {
+    type Timer<'a> = &'a dyn Fn(&Translator, usize) -> anyhow::Result<f64>;
+    let runs: [(&'static str, Vec<usize>, Timer); 2] = [
+        ("prefill", lens, &best_prefill),
+        ("step", vec![1, 8, 16], &best_step),
+    ];
+    for (kind, ns, best) in runs {
         for n in ns {
-            let time = |m: &Translator| match kind {
-                "prefill" => best_prefill(m, n),
-                _ => best_step(m, n),
-            };
+            let time = |m: &Translator| best(m, n);
             out.push(PrefillRow {
                 kind,
                 tokens: n,
