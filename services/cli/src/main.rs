@@ -12,6 +12,7 @@ mod bench_translate;
 #[cfg(feature = "fleet")]
 mod bench_tts;
 mod bench_whisper;
+mod data;
 mod gpu_check;
 mod models;
 #[cfg(feature = "fleet")]
@@ -45,6 +46,8 @@ enum Command {
     Translate(translate::TranslateArgs),
     /// Measure speed, memory and accuracy beside the reference engines.
     Bench(bench::BenchArgs),
+    /// Make training data: synthesised speech from text.
+    Data(data::DataArgs),
     /// Prove a device (a CUDA GPU) against the CPU's results and measure it.
     GpuCheck(gpu_check::GpuCheckArgs),
     /// API keys: print the digest under which the keys file stores a key.
@@ -90,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Command::Transcribe(args) => transcribe::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Data(args) => data::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
         #[cfg(feature = "fleet")]
         Command::Keys(KeysCommand::Hash { key }) => {

@@ -1,0 +1,9 @@
+//! How NEXUS-mini is made, after the NEXUS-O paper's recipe at small scale:
+//! speech synthesised from public-domain text by every voice at hand,
+//! augmented and filtered by a round-trip ASR check ([`synth`]).
+
+pub mod error;
+pub mod rng;
+pub mod synth;
+
+pub use error::{Result, TrainError};
