@@ -105,6 +105,51 @@ fn lm_logits_for_a_prompt_with_audio_match() {
 }
 
 #[test]
+fn the_differentiable_forward_matches_the_reference_and_carries_gradients() {
+    // Training runs the same functions through operations candle
+    // differentiates; the frozen weights get no gradient, the input does.
+    let g = golden();
+    let m = model();
+    let audio = g["adapter.out"].i(0).unwrap();
+    let task = NexusTask::Transcribe { language: None };
+    let ids = m.prompt_ids(&task, 300).unwrap();
+    let var = candle_core::Var::from_tensor(&audio).unwrap();
+    let x = m.splice(&ids, var.as_tensor()).unwrap();
+    let h = m.lm().forward_differentiable(&x).unwrap();
+    let logits = m.lm().logits_differentiable(&h).unwrap();
+    let d = max_abs_diff(&logits.i(0).unwrap(), &g["lm.logits"]);
+    assert!(d < TOL, "logits: max abs diff {d}");
+    let adapter = nexus_models::nexus::Adapter::load(
+        64,
+        5,
+        96,
+        64,
+        candle_nn::VarBuilder::from_buffered_safetensors(
+            std::fs::read(dir().join("nexus-tiny/model.safetensors")).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .pp("adapter"),
+    )
+    .unwrap();
+    let adapted = adapter
+        .forward_with(
+            &g["whisper.hidden"],
+            nexus_models::nexus::Kernels::Differentiable,
+        )
+        .unwrap();
+    let d = max_abs_diff(&adapted, &g["adapter.out"]);
+    assert!(d < TOL, "adapter: max abs diff {d}");
+    let grads = logits.i((0, ids.len() - 1, 0)).unwrap().backward().unwrap();
+    let ga = grads
+        .get(var.as_tensor())
+        .expect("a gradient for the audio");
+    let norm: f32 = ga.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    assert!(norm.is_finite() && norm > 0.0, "{norm}");
+}
+
+#[test]
 fn greedy_tokens_and_their_hidden_states_match() {
     let g = golden();
     let m = model();

@@ -190,6 +190,35 @@ impl Default for Prompts {
 }
 
 impl NexusConfig {
+    /// The prompt of `task` around `n_audio` placeholders, as text.
+    pub fn prompt_text(&self, task: &super::NexusTask, n_audio: usize) -> String {
+        let p = &self.prompts;
+        let t = &self.tokens;
+        let instruction = match task {
+            super::NexusTask::Transcribe { language: None } => p.transcribe.clone(),
+            super::NexusTask::Transcribe { language: Some(l) } => p
+                .transcribe_language
+                .replace("{language}", crate::qwen::language_name(l).unwrap_or(l)),
+            super::NexusTask::Translate { target } => p.translate.replace(
+                "{target}",
+                crate::qwen::language_name(target).unwrap_or(target),
+            ),
+            super::NexusTask::Chat => p.chat.clone(),
+        };
+        let audio = format!(
+            "{}{}{}",
+            t.audio_start,
+            t.audio.repeat(n_audio),
+            t.audio_end
+        );
+        format!(
+            "{s}system\n{sys}{e}\n{s}user\n{audio}{instruction}{e}\n{s}assistant\n",
+            s = t.im_start,
+            e = t.im_end,
+            sys = p.system,
+        )
+    }
+
     /// Reads and checks `config.json`.
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path)

@@ -6,7 +6,9 @@ use candle_core::{IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder, embedding, linear_no_bias, rms_norm};
 
 use super::config::LmConfig;
-use super::transformer::{BlockConfig, KvCache, Position, Rotary, Stack, argmax, text_position};
+use super::transformer::{
+    BlockConfig, Kernels, KvCache, Position, Rotary, Stack, argmax, text_position,
+};
 use crate::error::{ModelError, Result};
 
 /// Qwen2.5 weights (Hugging Face `Qwen2ForCausalLM` names under `lm.`).
@@ -16,6 +18,7 @@ pub struct NexusLm {
     stack: Stack,
     norm: RmsNorm,
     head: Linear,
+    eps: f64,
     max_positions: usize,
 }
 
@@ -105,6 +108,7 @@ impl NexusLm {
             stack,
             norm,
             head,
+            eps: cfg.rms_norm_eps,
             max_positions: cfg.max_position_embeddings,
         })
     }
@@ -128,6 +132,35 @@ impl NexusLm {
             .forward(&self.stack.forward(x, positions, cache)?)?;
         let logits = self.head.forward(&h)?;
         Ok((h, logits))
+    }
+
+    /// Final-norm hidden states (1, T, hidden) of a whole sequence x
+    /// (1, T, hidden) at positions 0..T, through operations candle
+    /// differentiates: the forward pass of training through the frozen model.
+    pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if t == 0 || t > self.max_positions {
+            return Err(ModelError::Input(format!(
+                "a sequence of {t} positions (the model holds 1 to {})",
+                self.max_positions
+            )));
+        }
+        let positions: Vec<Position> = (0..t as u32).map(text_position).collect();
+        let mut cache = self.new_cache();
+        let h = self
+            .stack
+            .forward_with(x, &positions, &mut cache, Kernels::Differentiable)?;
+        Ok(candle_nn::ops::rms_norm_slow(
+            &h,
+            self.norm.weight(),
+            self.eps as f32,
+        )?)
+    }
+
+    /// Logits of final-norm hidden states (…, hidden), the gradient flowing
+    /// back to them (the head itself is frozen).
+    pub fn logits_differentiable(&self, hidden: &Tensor) -> Result<Tensor> {
+        Kernels::Differentiable.linear(&self.head, hidden)
     }
 
     /// A new cache.

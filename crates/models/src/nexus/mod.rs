@@ -9,6 +9,7 @@
 
 pub mod audio_decoder;
 pub mod config;
+pub mod from_gguf;
 pub mod lm;
 pub mod transformer;
 
@@ -21,6 +22,7 @@ use tokenizers::Tokenizer;
 pub use audio_decoder::{AudioDecoder, SpeechCodes, delay, undelay};
 pub use config::{NexusConfig, Prompts};
 pub use lm::{LmSession, NexusLm};
+pub use transformer::Kernels;
 
 use crate::error::{ModelError, Result};
 use crate::mel::MelFrontend;
@@ -71,6 +73,11 @@ impl Adapter {
 
     /// (B, T, D) encoder frames → (B, T / stack, d_lm) LM embeddings.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Kernels::Fused)
+    }
+
+    /// [`Adapter::forward`] with the chosen kernels (the differentiable one to train it).
+    pub fn forward_with(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let n = t / self.stack;
         if n == 0 {
@@ -82,7 +89,11 @@ impl Adapter {
         let x = x
             .narrow(1, 0, n * self.stack)?
             .reshape((b, n, d * self.stack))?;
-        let h = crate::ops::gelu_erf(&self.linear1.forward(&x)?)?;
+        let h = self.linear1.forward(&x)?;
+        let h = match kernels {
+            Kernels::Fused => crate::ops::gelu_erf(&h)?,
+            Kernels::Differentiable => h.gelu_erf()?,
+        };
         Ok(self.linear2.forward(&h)?)
     }
 }
@@ -270,31 +281,7 @@ impl NexusModel {
 
     /// The prompt of `task` around `n_audio` placeholders, as text.
     pub fn prompt_text(&self, task: &NexusTask, n_audio: usize) -> String {
-        let p = &self.cfg.prompts;
-        let t = &self.cfg.tokens;
-        let instruction = match task {
-            NexusTask::Transcribe { language: None } => p.transcribe.clone(),
-            NexusTask::Transcribe { language: Some(l) } => p
-                .transcribe_language
-                .replace("{language}", crate::qwen::language_name(l).unwrap_or(l)),
-            NexusTask::Translate { target } => p.translate.replace(
-                "{target}",
-                crate::qwen::language_name(target).unwrap_or(target),
-            ),
-            NexusTask::Chat => p.chat.clone(),
-        };
-        let audio = format!(
-            "{}{}{}",
-            t.audio_start,
-            t.audio.repeat(n_audio),
-            t.audio_end
-        );
-        format!(
-            "{s}system\n{sys}{e}\n{s}user\n{audio}{instruction}{e}\n{s}assistant\n",
-            s = t.im_start,
-            e = t.im_end,
-            sys = p.system,
-        )
+        self.cfg.prompt_text(task, n_audio)
     }
 
     /// Token ids of the prompt.
@@ -317,31 +304,12 @@ impl NexusModel {
     /// Prompt embeddings with the audio (N, hidden) spliced in at the
     /// placeholders: (1, T, hidden).
     pub fn splice(&self, ids: &[u32], audio: &Tensor) -> Result<Tensor> {
-        let emb = self.lm.embed(ids)?;
-        let audio = audio.to_dtype(emb.dtype())?;
-        let mut pieces = Vec::new();
-        let mut a = 0usize;
-        let mut run = 0usize;
-        for (i, id) in ids.iter().enumerate() {
-            if *id == self.audio_token {
-                if run < i {
-                    pieces.push(emb.narrow(0, run, i - run)?);
-                }
-                pieces.push(audio.i(a..a + 1)?);
-                a += 1;
-                run = i + 1;
-            }
-        }
-        if run < ids.len() {
-            pieces.push(emb.narrow(0, run, ids.len() - run)?);
-        }
-        if a != audio.dim(0)? {
-            return Err(ModelError::Input(format!(
-                "{} audio frames for {a} placeholders",
-                audio.dim(0)?
-            )));
-        }
-        Ok(Tensor::cat(&pieces, 0)?.unsqueeze(0)?)
+        splice(&self.lm, self.audio_token, ids, audio)
+    }
+
+    /// The audio placeholder token.
+    pub fn audio_token(&self) -> u32 {
+        self.audio_token
     }
 
     /// Runs the prompt of `task` with `audio` (N, hidden) spliced in.
@@ -393,4 +361,34 @@ impl NexusModel {
     pub fn speak(&self, hidden: &Tensor, max_frames: usize) -> Result<SpeechCodes> {
         self.audio.generate(hidden, max_frames)
     }
+}
+
+/// Embeddings of `ids` (1, T, hidden) with the audio (N, hidden) spliced in
+/// at the `audio_token` placeholders, one row each.
+pub fn splice(lm: &NexusLm, audio_token: u32, ids: &[u32], audio: &Tensor) -> Result<Tensor> {
+    let emb = lm.embed(ids)?;
+    let audio = audio.to_dtype(emb.dtype())?;
+    let mut pieces = Vec::new();
+    let mut a = 0usize;
+    let mut run = 0usize;
+    for (i, id) in ids.iter().enumerate() {
+        if *id == audio_token {
+            if run < i {
+                pieces.push(emb.narrow(0, run, i - run)?);
+            }
+            pieces.push(audio.i(a..a + 1)?);
+            a += 1;
+            run = i + 1;
+        }
+    }
+    if run < ids.len() {
+        pieces.push(emb.narrow(0, run, ids.len() - run)?);
+    }
+    if a != audio.dim(0)? {
+        return Err(ModelError::Input(format!(
+            "{} audio frames for {a} placeholders",
+            audio.dim(0)?
+        )));
+    }
+    Ok(Tensor::cat(&pieces, 0)?.unsqueeze(0)?)
 }

@@ -17,6 +17,74 @@ pub fn text_position(p: u32) -> Position {
     [p, p, p]
 }
 
+/// Which operations a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// candle's fused norm, rotation and softmax kernels: fast, and carry no
+    /// gradient (serving).
+    Fused,
+    /// The same functions composed of operations candle differentiates,
+    /// for training *through* the model: gradients reach the input, while
+    /// the stack's own weights are frozen and get none (candle would
+    /// otherwise compute every weight's gradient, a third of the work).
+    Differentiable,
+}
+
+impl Kernels {
+    /// `lin` applied to `x`: as is when fused; frozen when differentiable.
+    pub fn linear(self, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => Ok(lin.forward(x)?),
+            Kernels::Differentiable => frozen_linear(lin, x),
+        }
+    }
+}
+
+/// `lin(x)` whose gradient flows to `x` only: the product runs on a
+/// detached `x`, and a custom operation hands its result on and carries
+/// the gradient back through the weight.
+pub fn frozen_linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = lin.forward(&x.detach())?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    Ok(x.apply_op1(FrozenLinear {
+        y,
+        w: lin.weight().clone(),
+    })?)
+}
+
+struct FrozenLinear {
+    /// The product, computed beforehand.
+    y: Tensor,
+    /// (out, in).
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let shape = self.y.shape().clone();
+        let flat = self.y.flatten_all()?;
+        let storage = match self.y.dtype() {
+            DType::F64 => candle_core::CpuStorage::F64(flat.to_vec1()?),
+            _ => candle_core::CpuStorage::F32(flat.to_dtype(DType::F32)?.to_vec1()?),
+        };
+        Ok((storage, shape))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
+}
+
 /// Multimodal rotary embedding (Qwen2-VL's M-RoPE).
 ///
 /// The rotary half of each head is cut into three sections
@@ -64,9 +132,19 @@ impl Rotary {
 
     /// Rotates x (B, heads, T, head_dim) by positions (one per T).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        self.apply_with(x, cos, sin, Kernels::Fused)
+    }
+
+    /// [`Rotary::apply`] with the chosen kernels.
+    pub fn apply_with(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, k: Kernels) -> Result<Tensor> {
         let cos = cos.to_dtype(x.dtype())?;
         let sin = sin.to_dtype(x.dtype())?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        Ok(match k {
+            Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?,
+            Kernels::Differentiable => {
+                candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)?
+            }
+        })
     }
 }
 
@@ -178,7 +256,7 @@ impl Stack {
 
     /// Attention of q (1, H, T, hd) to k, v (1, KV, L, hd); the T queries are
     /// the last T of the L positions (causal among themselves).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let (_, h, t, hd) = q.dims4()?;
         let l = k.dim(2)?;
         let group = h / self.cfg.kv_heads;
@@ -208,14 +286,26 @@ impl Stack {
             let mask = Tensor::from_vec(mask, (t, l), q.device())?.to_dtype(att.dtype())?;
             att = att.broadcast_add(&mask)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = match kernels {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&att)?,
+            Kernels::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
+        };
         Ok(att.matmul(&v.contiguous()?)?)
     }
 
-    fn mlp(&self, b: &Block, x: &Tensor) -> Result<Tensor> {
-        let h = b.ln2.forward(x)?;
-        let y = (b.gate.forward(&h)?.silu()? * b.up.forward(&h)?)?;
-        Ok((x + b.down.forward(&y)?)?)
+    fn norm(&self, ln: &RmsNorm, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        Ok(match kernels {
+            Kernels::Fused => ln.forward(x)?,
+            Kernels::Differentiable => {
+                candle_nn::ops::rms_norm_slow(x, ln.weight(), self.cfg.eps as f32)?
+            }
+        })
+    }
+
+    fn mlp(&self, b: &Block, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let h = self.norm(&b.ln2, x, kernels)?;
+        let y = (kernels.linear(&b.gate, &h)?.silu()? * kernels.linear(&b.up, &h)?)?;
+        Ok((x + kernels.linear(&b.down, &y)?)?)
     }
 
     /// Runs x (1, T, hidden) at `positions` after what `cache` holds, and
@@ -226,29 +316,38 @@ impl Stack {
         positions: &[Position],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.forward_with(x, positions, cache, Kernels::Fused)
+    }
+
+    /// [`Stack::forward`] with the chosen kernels.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        positions: &[Position],
+        cache: &mut KvCache,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let (cos, sin) = self.rotary.cos_sin(positions, x.device())?;
         let mut x = x.clone();
         for (i, b) in self.blocks.iter().enumerate() {
-            let h = b.ln1.forward(&x)?;
-            let q =
+            let h = self.norm(&b.ln1, &x, kernels)?;
+            let rot = |t: &Tensor, heads: usize| {
                 self.rotary
-                    .apply(&self.heads(&b.q.forward(&h)?, self.cfg.heads)?, &cos, &sin)?;
-            let k = self.rotary.apply(
-                &self.heads(&b.k.forward(&h)?, self.cfg.kv_heads)?,
-                &cos,
-                &sin,
-            )?;
-            let v = self.heads(&b.v.forward(&h)?, self.cfg.kv_heads)?;
+                    .apply_with(&self.heads(t, heads)?, &cos, &sin, kernels)
+            };
+            let q = rot(&kernels.linear(&b.q, &h)?, self.cfg.heads)?;
+            let k = rot(&kernels.linear(&b.k, &h)?, self.cfg.kv_heads)?;
+            let v = self.heads(&kernels.linear(&b.v, &h)?, self.cfg.kv_heads)?;
             let (k, v) = match &cache.layers[i] {
                 Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                 None => (k, v),
             };
-            let y = self.attend(&q, &k, &v)?;
+            let y = self.attend(&q, &k, &v, kernels)?;
             cache.layers[i] = Some((k, v));
             let (bsz, _, t, _) = y.dims4()?;
             let y = y.transpose(1, 2)?.reshape((bsz, t, self.cfg.hidden))?;
-            x = (x + b.o.forward(&y)?)?;
-            x = self.mlp(b, &x)?;
+            x = (x + kernels.linear(&b.o, &y)?)?;
+            x = self.mlp(b, &x, kernels)?;
         }
         cache.len += positions.len();
         Ok(x)
@@ -292,13 +391,13 @@ impl Stack {
                     Some((pk, pv)) => (Tensor::cat(&[pk, &ks], 2)?, Tensor::cat(&[pv, &vs], 2)?),
                     None => (ks, vs),
                 };
-                ys.push(self.attend(&qs.contiguous()?, &ks, &vs)?);
+                ys.push(self.attend(&qs.contiguous()?, &ks, &vs, Kernels::Fused)?);
                 cache.layers[i] = Some((ks, vs));
             }
             // each (1, H, 1, hd) → (B, 1, H*hd)
             let y = Tensor::cat(&ys, 0)?.reshape((n, 1, self.cfg.hidden))?;
             x = (x + b.o.forward(&y)?)?;
-            x = self.mlp(b, &x)?;
+            x = self.mlp(b, &x, Kernels::Fused)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
