@@ -23,6 +23,9 @@ pub enum TrainError {
     /// A model failed.
     #[error(transparent)]
     Model(#[from] nexus_models::ModelError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
     /// Audio resampling failed.
     #[error(transparent)]
     Audio(#[from] nexus_audio::AudioError),

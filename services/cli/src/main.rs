@@ -17,6 +17,7 @@ mod gpu_check;
 mod models;
 #[cfg(feature = "fleet")]
 mod serve;
+mod train;
 mod transcribe;
 mod translate;
 
@@ -48,6 +49,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Make training data: synthesised speech from text.
     Data(data::DataArgs),
+    /// Train NEXUS-mini's adapter on synthesised speech.
+    Train(train::TrainArgs),
     /// Prove a device (a CUDA GPU) against the CPU's results and measure it.
     GpuCheck(gpu_check::GpuCheckArgs),
     /// API keys: print the digest under which the keys file stores a key.
@@ -94,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         Command::Translate(args) => translate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Data(args) => data::run(args),
+        Command::Train(args) => train::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
         #[cfg(feature = "fleet")]
         Command::Keys(KeysCommand::Hash { key }) => {

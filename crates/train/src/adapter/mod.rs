@@ -1,0 +1,614 @@
+//! `nexus train adapter`: the NEXUS-O paper's first training stage. The
+//! Whisper encoder and the Qwen2.5 language model stay frozen; only the
+//! adapter (five encoder frames concatenated → linear → GELU → linear into
+//! the LM's width) learns, so that the LM, given the adapted audio in the
+//! paper's prompt format, writes what was said.
+//!
+//! The loss is the cross-entropy of the reply (the transcript and the end of
+//! the turn) given the prompt with the audio spliced in, back-propagated
+//! through the frozen LM ([`Kernels::Differentiable`]) into the adapter.
+//! AdamW with warm-up and cosine decay ([`optim`]), gradient accumulation
+//! over a batch, clipping by global norm, checkpoints that hold the whole
+//! state (training resumes bit for bit), and validation WER by greedy
+//! decoding.
+
+pub mod features;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use nexus_models::nexus::config::{
+    AdapterConfig, AudioDecoderConfig, EncoderConfig, LmConfig, Tokens,
+};
+use nexus_models::nexus::{Adapter, Kernels, NexusConfig, NexusLm, NexusTask, Prompts, splice};
+use tokenizers::Tokenizer;
+
+pub use features::Example;
+pub use optim::{AdamW, Schedule};
+
+use crate::error::{Result, TrainError, io};
+use crate::rng::Rng;
+
+/// NEXUS-mini's special tokens, in Qwen2.5's vocabulary: the vision
+/// markers and pad stand for audio (their embeddings stay as trained; the
+/// adapter learns to fill the placeholders).
+pub fn mini_tokens() -> Tokens {
+    Tokens {
+        audio: "<|image_pad|>".into(),
+        audio_start: "<|vision_start|>".into(),
+        audio_end: "<|vision_end|>".into(),
+        im_start: "<|im_start|>".into(),
+        im_end: "<|im_end|>".into(),
+        eos: Some("<|endoftext|>".into()),
+    }
+}
+
+/// The frozen language model with its tokenizer and the checkpoint's configuration.
+pub struct Frozen {
+    /// The language model (f32, no variables: it carries no gradient of its own).
+    pub lm: NexusLm,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The NEXUS-O configuration the adapter is trained for.
+    pub config: NexusConfig,
+    audio_token: u32,
+    end_of_turn: u32,
+}
+
+impl std::fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen")
+            .field("lm", &self.config.lm.num_hidden_layers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Frozen {
+    /// Builds the frozen part from LM tensors (Hugging Face names), its
+    /// tokenizer, the encoder's dimensions and the adapter's.
+    pub fn new(
+        lm_config: LmConfig,
+        tensors: HashMap<String, Tensor>,
+        tokenizer: Tokenizer,
+        encoder: EncoderConfig,
+        adapter: AdapterConfig,
+    ) -> Result<Self> {
+        let device = Device::Cpu;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let lm = NexusLm::load(&lm_config, vb)?;
+        let config = NexusConfig {
+            model_type: "nexus-o".into(),
+            audio_encoder: encoder,
+            adapter,
+            lm: lm_config,
+            // NEXUS-mini trains no speech decoder; the smallest one keeps the format whole.
+            audio_decoder: AudioDecoderConfig {
+                hidden_size: 64,
+                num_hidden_layers: 1,
+                num_attention_heads: 2,
+                intermediate_size: 128,
+                codebooks: 8,
+                codebook_size: 1024,
+                rope_theta: 10_000.0,
+                rms_norm_eps: 1e-6,
+            },
+            tokens: mini_tokens(),
+            prompts: Prompts::default(),
+            vocoder: None,
+        };
+        let id = |t: &str| {
+            tokenizer
+                .token_to_id(t)
+                .ok_or_else(|| TrainError::Config(format!("the tokenizer has no {t} token")))
+        };
+        let audio_token = id(&config.tokens.audio)?;
+        let end_of_turn = id(&config.tokens.im_end)?;
+        id(&config.tokens.audio_start)?;
+        id(&config.tokens.audio_end)?;
+        Ok(Self {
+            lm,
+            tokenizer,
+            config,
+            audio_token,
+            end_of_turn,
+        })
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| TrainError::Config(format!("tokenising {text:?}: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Prompt ids of `task` with `n` audio placeholders.
+    pub fn prompt_ids(&self, task: &NexusTask, n: usize) -> Result<Vec<u32>> {
+        let ids = self.encode(&self.config.prompt_text(task, n))?;
+        let found = ids.iter().filter(|i| **i == self.audio_token).count();
+        if found != n {
+            return Err(TrainError::Config(format!(
+                "the prompt has {found} audio placeholders for {n} frames"
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// The reply's ids: the text, then the end of the turn.
+    pub fn reply_ids(&self, text: &str, max_tokens: usize) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        ids.truncate(max_tokens);
+        ids.push(self.end_of_turn);
+        Ok(ids)
+    }
+}
+
+/// A training run's settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Seed of the adapter's initial weights and of the data order.
+    pub seed: u64,
+    /// Examples per optimiser step (their gradients are averaged).
+    pub batch: usize,
+    /// The optimiser and its schedule (`schedule.steps` is the run's length).
+    pub schedule: Schedule,
+    /// Largest global gradient norm (larger ones are scaled down).
+    pub clip_norm: f64,
+    /// Save a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Measure validation WER every this many steps (and at the end).
+    pub validate_every: u64,
+    /// Validation examples decoded each time.
+    pub validation_samples: usize,
+    /// Most reply tokens trained per example.
+    pub max_reply_tokens: usize,
+}
+
+impl TrainConfig {
+    /// Checks every bound; the error names the field.
+    pub fn check(&self) -> Result<()> {
+        let s = &self.schedule;
+        let bad = |field: &str, why: String| Err(TrainError::Config(format!("{field}: {why}")));
+        if !(1..=4096).contains(&self.batch) {
+            return bad("batch", format!("{} is outside 1..=4096", self.batch));
+        }
+        if !(1..=10_000_000).contains(&s.steps) {
+            return bad("steps", format!("{} is outside 1..=10000000", s.steps));
+        }
+        if s.warmup > s.steps {
+            return bad(
+                "warmup",
+                format!("{} is more than the {} steps", s.warmup, s.steps),
+            );
+        }
+        if !(s.lr > 0.0 && s.lr <= 1.0 && (0.0..=s.lr).contains(&s.min_lr)) {
+            return bad(
+                "lr",
+                format!(
+                    "{} (min {}) must satisfy 0 < min_lr ≤ lr ≤ 1",
+                    s.lr, s.min_lr
+                ),
+            );
+        }
+        let betas = (0.0..1.0).contains(&s.beta1) && (0.0..1.0).contains(&s.beta2);
+        if !(betas && s.eps.is_finite() && s.eps > 0.0 && s.eps < 1.0) {
+            return bad(
+                "betas",
+                "β₁, β₂ must lie in [0, 1) and ε be positive".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&s.weight_decay) {
+            return bad(
+                "weight_decay",
+                format!("{} is outside 0..=1", s.weight_decay),
+            );
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0 && self.clip_norm < 1e9) {
+            return bad("clip_norm", format!("{} must be positive", self.clip_norm));
+        }
+        if self.checkpoint_every == 0 || self.validate_every == 0 {
+            return bad(
+                "checkpoint_every",
+                "checkpoint and validation intervals must be at least 1".into(),
+            );
+        }
+        if self.validation_samples > 100_000 {
+            return bad(
+                "validation_samples",
+                format!("{} is more than 100000", self.validation_samples),
+            );
+        }
+        if !(1..=1024).contains(&self.max_reply_tokens) {
+            return bad(
+                "max_reply_tokens",
+                format!("{} is outside 1..=1024", self.max_reply_tokens),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepReport {
+    /// Step number (1-based).
+    pub step: u64,
+    /// Mean loss of the batch (nats per reply token).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Examples seen so far.
+    pub examples: u64,
+    /// Hours of audio seen so far.
+    pub hours: f64,
+}
+
+/// The adapter being trained, with its optimiser.
+pub struct AdapterTrainer {
+    config: TrainConfig,
+    adapter: Adapter,
+    opt: AdamW,
+    examples: u64,
+    hours: f64,
+}
+
+impl std::fmt::Debug for AdapterTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterTrainer")
+            .field("step", &self.opt.steps_taken())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Names of the adapter's tensors in a NEXUS-O checkpoint (under `adapter.`).
+const PARAMS: [&str; 4] = [
+    "linear1.bias",
+    "linear1.weight",
+    "linear2.bias",
+    "linear2.weight",
+];
+
+impl AdapterTrainer {
+    /// A new adapter for `frozen`, its weights drawn from the seed as
+    /// PyTorch's `nn.Linear` draws them (uniform in ±1/√fan_in).
+    pub fn new(frozen: &Frozen, config: TrainConfig) -> Result<Self> {
+        config.check()?;
+        let c = &frozen.config;
+        let d_in = c.audio_encoder.d_model * c.adapter.stack;
+        let (hidden, d_lm) = (c.adapter.hidden_size, c.lm.hidden_size);
+        let mut rng = Rng::derive(config.seed, u64::MAX);
+        let mut draw = |shape: (usize, usize), fan_in: usize| {
+            let b = 1.0 / (fan_in as f32).sqrt();
+            let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.uniform(-b, b)).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)
+        };
+        let init: HashMap<&str, Tensor> = [
+            ("linear1.weight", draw((hidden, d_in), d_in)?),
+            ("linear1.bias", draw((1, hidden), d_in)?.squeeze(0)?),
+            ("linear2.weight", draw((d_lm, hidden), hidden)?),
+            ("linear2.bias", draw((1, d_lm), hidden)?.squeeze(0)?),
+        ]
+        .into_iter()
+        .collect();
+        Self::from_weights(frozen, config, &init)
+    }
+
+    fn from_weights(
+        frozen: &Frozen,
+        config: TrainConfig,
+        w: &HashMap<&str, Tensor>,
+    ) -> Result<Self> {
+        let c = &frozen.config;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let adapter = Adapter::load(
+            c.audio_encoder.d_model,
+            c.adapter.stack,
+            c.adapter.hidden_size,
+            c.lm.hidden_size,
+            vb,
+        )?;
+        let mut params = Vec::new();
+        {
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| TrainError::Config("poisoned variables".into()))?;
+            for name in PARAMS {
+                let var = data
+                    .get(name)
+                    .ok_or_else(|| TrainError::Config(format!("the adapter has no {name}")))?;
+                let value = w
+                    .get(name)
+                    .ok_or_else(|| TrainError::Mismatch(format!("no adapter weight {name}")))?;
+                if value.dims() != var.as_tensor().dims() {
+                    return Err(TrainError::Mismatch(format!(
+                        "adapter weight {name} is {:?}, the model needs {:?}",
+                        value.dims(),
+                        var.as_tensor().dims()
+                    )));
+                }
+                var.set(value)?;
+                params.push((name.to_string(), var.clone()));
+            }
+        }
+        let opt = AdamW::new(params, config.schedule.clone())?;
+        Ok(Self {
+            config,
+            adapter,
+            opt,
+            examples: 0,
+            hours: 0.0,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.opt.steps_taken()
+    }
+
+    /// The adapter.
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+
+    /// The trained variables, by checkpoint name.
+    pub fn params(&self) -> &[(String, Var)] {
+        self.opt.params()
+    }
+
+    /// Mean cross-entropy of the reply of one example (a scalar tensor
+    /// that back-propagates into the adapter).
+    pub fn loss(&self, frozen: &Frozen, ex: &Example) -> Result<Tensor> {
+        let audio = self
+            .adapter
+            .forward_with(&ex.frames.unsqueeze(0)?, Kernels::Differentiable)?
+            .squeeze(0)?;
+        let n = audio.dim(0)?;
+        let prompt = frozen.prompt_ids(&NexusTask::Transcribe { language: None }, n)?;
+        let reply = frozen.reply_ids(&ex.text, self.config.max_reply_tokens)?;
+        let ids: Vec<u32> = prompt.iter().chain(&reply).copied().collect();
+        let x = splice(&frozen.lm, frozen.audio_token, &ids, &audio)?;
+        let h = frozen.lm.forward_differentiable(&x)?;
+        // The states that predict each reply token.
+        let h = h.i((0, prompt.len() - 1..ids.len() - 1))?;
+        let logits = frozen.lm.logits_differentiable(&h)?;
+        let target = Tensor::new(reply.as_slice(), &Device::Cpu)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &target)?)
+    }
+
+    /// Gradients of the mean loss over `batch`, one per variable, and the mean loss.
+    pub fn gradients(&self, frozen: &Frozen, batch: &[&Example]) -> Result<(Vec<Tensor>, f64)> {
+        let mut sums: Vec<Option<Tensor>> = vec![None; PARAMS.len()];
+        let mut loss_sum = 0.0;
+        for ex in batch {
+            let loss = self.loss(frozen, ex)?;
+            loss_sum += f64::from(loss.to_scalar::<f32>()?);
+            let grads = loss.backward()?;
+            for (i, (name, var)) in self.opt.params().iter().enumerate() {
+                let g = grads
+                    .get(var.as_tensor())
+                    .ok_or_else(|| TrainError::Config(format!("no gradient reached {name}")))?;
+                sums[i] = Some(match sums[i].take() {
+                    Some(s) => (s + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let k = batch.len().max(1) as f64;
+        let grads = sums
+            .into_iter()
+            .map(|s| {
+                s.map_or_else(
+                    || Err(TrainError::Config("an empty batch".into())),
+                    |s| Ok((s / k)?),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((grads, loss_sum / k))
+    }
+
+    /// The examples of step `step` (1-based): the data in a fresh seeded
+    /// order each epoch, `batch` at a time.
+    pub fn batch_of<'a>(&self, train: &'a [Example], step: u64) -> Vec<&'a Example> {
+        let n = train.len() as u64;
+        let b = self.config.batch as u64;
+        let mut order_of: Option<(u64, Vec<usize>)> = None;
+        (0..b)
+            .map(|j| {
+                let k = (step - 1) * b + j;
+                let epoch = k / n;
+                if order_of.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    let mut o: Vec<usize> = (0..train.len()).collect();
+                    Rng::derive(self.config.seed, epoch).shuffle(&mut o);
+                    order_of = Some((epoch, o));
+                }
+                let order = order_of.as_ref().map(|(_, o)| o.as_slice()).unwrap_or(&[]);
+                &train[order[(k % n) as usize]]
+            })
+            .collect()
+    }
+
+    /// One optimiser step on the next batch of `train`.
+    pub fn step(&mut self, frozen: &Frozen, train: &[Example]) -> Result<StepReport> {
+        if train.is_empty() {
+            return Err(TrainError::Config("no training examples".into()));
+        }
+        let batch = self.batch_of(train, self.step_count() + 1);
+        let (mut grads, loss) = self.gradients(frozen, &batch)?;
+        let mut sq = 0f64;
+        for g in &grads {
+            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+        let norm = sq.sqrt();
+        if norm > self.config.clip_norm {
+            let s = self.config.clip_norm / norm;
+            grads = grads
+                .into_iter()
+                .map(|g| g * s)
+                .collect::<candle_core::Result<_>>()?;
+        }
+        let lr = self.opt.step(&grads)?;
+        self.examples += batch.len() as u64;
+        self.hours += batch.iter().map(|e| f64::from(e.seconds)).sum::<f64>() / 3600.0;
+        Ok(StepReport {
+            step: self.step_count(),
+            loss,
+            lr,
+            grad_norm: norm,
+            examples: self.examples,
+            hours: self.hours,
+        })
+    }
+
+    /// Greedy transcript of an example by the frozen LM with the adapter as it is now.
+    pub fn transcribe(
+        &self,
+        frozen: &Frozen,
+        frames: &Tensor,
+        task: &NexusTask,
+        max_tokens: usize,
+    ) -> Result<String> {
+        let audio = self.adapter.forward(&frames.unsqueeze(0)?)?.squeeze(0)?;
+        let ids = frozen.prompt_ids(task, audio.dim(0)?)?;
+        let x = splice(&frozen.lm, frozen.audio_token, &ids, &audio)?;
+        let mut s = frozen.lm.prefill(&x)?;
+        let eos = frozen.config.tokens.eos_id(&frozen.tokenizer);
+        let mut out = Vec::new();
+        for _ in 0..max_tokens {
+            let next = s.greedy()?;
+            if next == frozen.end_of_turn || Some(next) == eos {
+                break;
+            }
+            out.push(next);
+            frozen.lm.step_batch(&[next], &mut [&mut s])?;
+        }
+        frozen
+            .tokenizer
+            .decode(&out, true)
+            .map_err(|e| TrainError::Config(format!("decoding: {e}")))
+    }
+
+    /// Word error rate of greedy transcripts over `examples` (Whisper's
+    /// English normalisation), with each hypothesis.
+    pub fn validate(&self, frozen: &Frozen, examples: &[Example]) -> Result<(f64, Vec<String>)> {
+        let mut errors = 0usize;
+        let mut words = 0usize;
+        let mut hyps = Vec::new();
+        for ex in examples {
+            let budget = frozen
+                .reply_ids(&ex.text, self.config.max_reply_tokens)?
+                .len()
+                + 8;
+            let hyp = self.transcribe(
+                frozen,
+                &ex.frames,
+                &NexusTask::Transcribe { language: None },
+                budget,
+            )?;
+            let c = nexus_eval::wer(&ex.text, &hyp);
+            errors += c.errors;
+            words += c.reference_len;
+            hyps.push(hyp);
+        }
+        Ok((errors as f64 / words.max(1) as f64, hyps))
+    }
+
+    /// The adapter's weights under their checkpoint names.
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        self.params()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Writes the whole state into `dir`: `adapter.safetensors`,
+    /// `optimizer.safetensors`, `state.json`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        candle_core::safetensors::save(&self.weights(), tmp.join("adapter.safetensors"))?;
+        candle_core::safetensors::save(&self.opt.state(), tmp.join("optimizer.safetensors"))?;
+        let state = SavedState {
+            step: self.step_count(),
+            examples: self.examples,
+            hours: self.hours,
+            config: self.config.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state).map_err(|source| TrainError::Json {
+            path: tmp.display().to_string(),
+            source,
+        })?;
+        std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(io(dir))
+    }
+
+    /// Loads a state saved by [`AdapterTrainer::save`]; its settings must equal `config`.
+    pub fn load(frozen: &Frozen, config: TrainConfig, dir: &Path) -> Result<Self> {
+        let sp = dir.join("state.json");
+        let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
+        let state: SavedState = serde_json::from_str(&text).map_err(|source| TrainError::Json {
+            path: sp.display().to_string(),
+            source,
+        })?;
+        if state.config != config {
+            return Err(TrainError::Mismatch(format!(
+                "{} was trained with other settings: use another output folder, or the same settings to resume",
+                dir.display()
+            )));
+        }
+        let w = candle_core::safetensors::load(dir.join("adapter.safetensors"), &Device::Cpu)?;
+        let w: HashMap<&str, Tensor> = PARAMS
+            .iter()
+            .filter_map(|n| w.get(*n).map(|t| (*n, t.clone())))
+            .collect();
+        let mut t = Self::from_weights(frozen, config, &w)?;
+        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
+        t.opt.restore(&opt, state.step)?;
+        t.examples = state.examples;
+        t.hours = state.hours;
+        Ok(t)
+    }
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    step: u64,
+    examples: u64,
+    hours: f64,
+    config: TrainConfig,
+}
+
+/// The newest checkpoint folder (`step-NNNNNNNN`) under `dir`, if any.
+pub fn latest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path()
+                .join("state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+/// The folder of step `step`'s checkpoint under `dir`.
+pub fn checkpoint_dir(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step-{step:08}"))
+}
