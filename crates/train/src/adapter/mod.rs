@@ -299,11 +299,13 @@ impl AdapterTrainer {
         Self::from_weights(frozen, config, &init)
     }
 
-    fn from_weights(
+    /// An adapter with given weights (checkpoint names: `linear1.weight`, …).
+    pub fn from_weights(
         frozen: &Frozen,
         config: TrainConfig,
         w: &HashMap<&str, Tensor>,
     ) -> Result<Self> {
+        config.check()?;
         let c = &frozen.config;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -371,20 +373,40 @@ impl AdapterTrainer {
     /// Mean cross-entropy of the reply of one example (a scalar tensor
     /// that back-propagates into the adapter).
     pub fn loss(&self, frozen: &Frozen, ex: &Example) -> Result<Tensor> {
-        let audio = self
-            .adapter
-            .forward_with(&ex.frames.unsqueeze(0)?, Kernels::Differentiable)?
-            .squeeze(0)?;
-        let n = audio.dim(0)?;
-        let prompt = frozen.prompt_ids(&NexusTask::Transcribe { language: None }, n)?;
+        let audio = self.adapt(&ex.frames)?;
+        let prompt = frozen.prompt_ids(&NexusTask::Transcribe { language: None }, audio.dim(0)?)?;
         let reply = frozen.reply_ids(&ex.text, self.config.max_reply_tokens)?;
-        let ids: Vec<u32> = prompt.iter().chain(&reply).copied().collect();
-        let x = splice(&frozen.lm, frozen.audio_token, &ids, &audio)?;
+        self.reply_loss(frozen, &audio, &prompt, &reply)
+    }
+
+    /// The adapter's output (n, d_lm) for encoder frames (n · stack, d_enc),
+    /// differentiable.
+    pub fn adapt(&self, frames: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .adapter
+            .forward_with(&frames.unsqueeze(0)?, Kernels::Differentiable)?
+            .squeeze(0)?)
+    }
+
+    /// Mean cross-entropy of `reply` after `prompt` (whose audio
+    /// placeholders take the rows of `audio`), through the frozen LM.
+    pub fn reply_loss(
+        &self,
+        frozen: &Frozen,
+        audio: &Tensor,
+        prompt: &[u32],
+        reply: &[u32],
+    ) -> Result<Tensor> {
+        if prompt.is_empty() || reply.is_empty() {
+            return Err(TrainError::Config("an empty prompt or reply".into()));
+        }
+        let ids: Vec<u32> = prompt.iter().chain(reply).copied().collect();
+        let x = splice(&frozen.lm, frozen.audio_token, &ids, audio)?;
         let h = frozen.lm.forward_differentiable(&x)?;
         // The states that predict each reply token.
         let h = h.i((0, prompt.len() - 1..ids.len() - 1))?;
         let logits = frozen.lm.logits_differentiable(&h)?;
-        let target = Tensor::new(reply.as_slice(), &Device::Cpu)?;
+        let target = Tensor::new(reply, &Device::Cpu)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &target)?)
     }
 
@@ -446,20 +468,8 @@ impl AdapterTrainer {
             return Err(TrainError::Config("no training examples".into()));
         }
         let batch = self.batch_of(train, self.step_count() + 1);
-        let (mut grads, loss) = self.gradients(frozen, &batch)?;
-        let mut sq = 0f64;
-        for g in &grads {
-            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-        }
-        let norm = sq.sqrt();
-        if norm > self.config.clip_norm {
-            let s = self.config.clip_norm / norm;
-            grads = grads
-                .into_iter()
-                .map(|g| g * s)
-                .collect::<candle_core::Result<_>>()?;
-        }
-        let lr = self.opt.step(&grads)?;
+        let (grads, loss) = self.gradients(frozen, &batch)?;
+        let (lr, norm) = self.apply(grads)?;
         self.examples += batch.len() as u64;
         self.hours += batch.iter().map(|e| f64::from(e.seconds)).sum::<f64>() / 3600.0;
         Ok(StepReport {
@@ -470,6 +480,31 @@ impl AdapterTrainer {
             examples: self.examples,
             hours: self.hours,
         })
+    }
+
+    /// One optimiser update with gradients (one per [`AdapterTrainer::params`]
+    /// entry), clipped to `clip_norm`; returns the learning rate and the
+    /// norm before clipping.
+    pub fn apply(&mut self, mut grads: Vec<Tensor>) -> Result<(f64, f64)> {
+        let mut sq = 0f64;
+        for g in &grads {
+            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Err(TrainError::Config(format!(
+                "the gradient norm is {norm} at step {}: lower the learning rate",
+                self.step_count() + 1
+            )));
+        }
+        if norm > self.config.clip_norm {
+            let s = self.config.clip_norm / norm;
+            grads = grads
+                .into_iter()
+                .map(|g| g * s)
+                .collect::<candle_core::Result<_>>()?;
+        }
+        Ok((self.opt.step(&grads)?, norm))
     }
 
     /// Greedy transcript of an example by the frozen LM with the adapter as it is now.
