@@ -126,4 +126,5 @@ if [ "${1:-}" = "--nexus-reference" ]; then
     .venv-ref/bin/python -m pip install -q --disable-pip-version-check "${REF_PKGS[@]}"
   fi
   .venv-ref/bin/python scripts/nexus_reference.py crates/models/tests/golden/nexus
+  .venv-ref/bin/python scripts/adapter_step_reference.py crates/train/tests/golden
 fi
