@@ -111,6 +111,7 @@ fn one_step_matches_pytorch() {
     let config = TrainConfig {
         seed: 0,
         batch: 1,
+        micro_batch: 1,
         schedule: Schedule {
             lr: 1e-3,
             min_lr: 1e-3,

@@ -126,6 +126,7 @@ fn config(steps: u64, lr: f64) -> TrainConfig {
     TrainConfig {
         seed: 3,
         batch: 2,
+        micro_batch: 1,
         schedule: Schedule {
             lr,
             min_lr: lr / 10.0,
@@ -237,6 +238,39 @@ fn loss_falls_and_a_resumed_run_equals_an_uninterrupted_one() {
     // Greedy decoding runs and its WER is a number.
     let (wer, hyps) = whole.validate(&frozen, &data[..2]).unwrap();
     assert!(wer.is_finite() && hyps.len() == 2);
+}
+
+#[test]
+#[ignore = "needs the Qwen2.5 GGUF for its tokenizer (nexus models pull qwen2.5-0.5b-instruct)"]
+fn a_padded_batch_gives_the_gradients_of_one_example_at_a_time() {
+    let frozen = frozen();
+    let data = examples(4);
+    let batch: Vec<&Example> = data.iter().collect();
+    let mut one = config(10, 1e-3);
+    one.batch = 4;
+    let mut all = one.clone();
+    all.micro_batch = 4;
+    let (g1, l1) = AdapterTrainer::new(&frozen, one)
+        .unwrap()
+        .gradients(&frozen, &batch)
+        .unwrap();
+    let (g4, l4) = AdapterTrainer::new(&frozen, all)
+        .unwrap()
+        .gradients(&frozen, &batch)
+        .unwrap();
+    assert!((l1 - l4).abs() < 1e-4 * l1.abs(), "{l1} vs {l4}");
+    for (a, b) in g1.iter().zip(&g4) {
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let m: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-3 * m, "gradient differs by {d} of {m}");
+    }
 }
 
 #[test]

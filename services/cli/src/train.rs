@@ -59,6 +59,11 @@ pub struct AdapterArgs {
     /// Examples per step (gradients averaged).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Examples per forward pass, padded together (on two cores one at a
+    /// time is faster: padding costs more than the larger products gain);
+    /// gradients accumulate over the batch.
+    #[arg(long, default_value_t = 1)]
+    micro_batch: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
@@ -154,6 +159,7 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
     let config = TrainConfig {
         seed: a.seed,
         batch: a.batch,
+        micro_batch: a.micro_batch,
         schedule: Schedule {
             lr: a.lr,
             min_lr: a.min_lr,

@@ -154,6 +154,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Examples per optimiser step (their gradients are averaged).
     pub batch: usize,
+    /// Examples per forward pass (padded into one batch); the step's
+    /// gradients accumulate over `batch / micro_batch` passes.
+    pub micro_batch: usize,
     /// The optimiser and its schedule (`schedule.steps` is the run's length).
     pub schedule: Schedule,
     /// Largest global gradient norm (larger ones are scaled down).
@@ -175,6 +178,12 @@ impl TrainConfig {
         let bad = |field: &str, why: String| Err(TrainError::Config(format!("{field}: {why}")));
         if !(1..=4096).contains(&self.batch) {
             return bad("batch", format!("{} is outside 1..=4096", self.batch));
+        }
+        if !(1..=64).contains(&self.micro_batch) {
+            return bad(
+                "micro_batch",
+                format!("{} is outside 1..=64", self.micro_batch),
+            );
         }
         if !(1..=10_000_000).contains(&s.steps) {
             return bad("steps", format!("{} is outside 1..=10000000", s.steps));
@@ -397,27 +406,89 @@ impl AdapterTrainer {
         prompt: &[u32],
         reply: &[u32],
     ) -> Result<Tensor> {
-        if prompt.is_empty() || reply.is_empty() {
-            return Err(TrainError::Config("an empty prompt or reply".into()));
-        }
-        let ids: Vec<u32> = prompt.iter().chain(reply).copied().collect();
-        let x = splice(&frozen.lm, frozen.audio_token, &ids, audio)?;
-        let h = frozen.lm.forward_differentiable(&x)?;
-        // The states that predict each reply token.
-        let h = h.i((0, prompt.len() - 1..ids.len() - 1))?;
-        let logits = frozen.lm.logits_differentiable(&h)?;
-        let target = Tensor::new(reply, &Device::Cpu)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &target)?)
+        self.sequences_loss(frozen, &[(audio.clone(), prompt.to_vec(), reply.to_vec())])
     }
 
-    /// Gradients of the mean loss over `batch`, one per variable, and the mean loss.
+    /// Cross-entropy summed over every reply token of several sequences
+    /// (adapted audio, prompt, reply), run as one right-padded batch: the
+    /// causal mask keeps each real position from the padding after it.
+    fn sequences_sum(
+        &self,
+        frozen: &Frozen,
+        seqs: &[(Tensor, Vec<u32>, Vec<u32>)],
+    ) -> Result<Tensor> {
+        let mut xs = Vec::with_capacity(seqs.len());
+        let mut lens = Vec::with_capacity(seqs.len());
+        for (audio, prompt, reply) in seqs {
+            if prompt.is_empty() || reply.is_empty() {
+                return Err(TrainError::Config("an empty prompt or reply".into()));
+            }
+            let ids: Vec<u32> = prompt.iter().chain(reply).copied().collect();
+            xs.push(splice(&frozen.lm, frozen.audio_token, &ids, audio)?);
+            lens.push(ids.len());
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let padded = xs
+            .into_iter()
+            .zip(&lens)
+            .map(|(x, &n)| {
+                if n == longest {
+                    Ok(x)
+                } else {
+                    let pad = Tensor::zeros((1, longest - n, x.dim(2)?), x.dtype(), x.device())?;
+                    Tensor::cat(&[&x, &pad], 1)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let h = frozen
+            .lm
+            .forward_differentiable(&Tensor::cat(&padded, 0)?)?;
+        // The states that predict each reply token.
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut targets = Vec::new();
+        for (b, (_, prompt, reply)) in seqs.iter().enumerate() {
+            rows.push(h.i((b, prompt.len() - 1..prompt.len() - 1 + reply.len()))?);
+            targets.extend_from_slice(reply);
+        }
+        let logits = frozen.lm.logits_differentiable(&Tensor::cat(&rows, 0)?)?;
+        let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+        let target = Tensor::new(targets.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
+        Ok(logp.gather(&target, 1)?.sum_all()?.neg()?)
+    }
+
+    /// [`AdapterTrainer::sequences_sum`] divided by the reply tokens.
+    fn sequences_loss(
+        &self,
+        frozen: &Frozen,
+        seqs: &[(Tensor, Vec<u32>, Vec<u32>)],
+    ) -> Result<Tensor> {
+        let tokens: usize = seqs.iter().map(|s| s.2.len()).sum();
+        Ok((self.sequences_sum(frozen, seqs)? / tokens.max(1) as f64)?)
+    }
+
+    /// Gradients of the loss over `batch` (the mean over all its reply
+    /// tokens), one per variable, and that loss. The batch runs
+    /// `micro_batch` examples at a time, their gradients accumulated.
     pub fn gradients(&self, frozen: &Frozen, batch: &[&Example]) -> Result<(Vec<Tensor>, f64)> {
+        let mut seqs = Vec::with_capacity(batch.len());
+        for ex in batch {
+            let audio = self.adapt(&ex.frames)?;
+            let prompt =
+                frozen.prompt_ids(&NexusTask::Transcribe { language: None }, audio.dim(0)?)?;
+            let reply = frozen.reply_ids(&ex.text, self.config.max_reply_tokens)?;
+            seqs.push((audio, prompt, reply));
+        }
+        let tokens: usize = seqs.iter().map(|s| s.2.len()).sum();
+        if tokens == 0 {
+            return Err(TrainError::Config("an empty batch".into()));
+        }
         let mut sums: Vec<Option<Tensor>> = vec![None; PARAMS.len()];
         let mut loss_sum = 0.0;
-        for ex in batch {
-            let loss = self.loss(frozen, ex)?;
-            loss_sum += f64::from(loss.to_scalar::<f32>()?);
-            let grads = loss.backward()?;
+        for chunk in seqs.chunks(self.config.micro_batch) {
+            // Each chunk's share of the batch mean.
+            let part = (self.sequences_sum(frozen, chunk)? / tokens as f64)?;
+            loss_sum += f64::from(part.to_scalar::<f32>()?);
+            let grads = part.backward()?;
             for (i, (name, var)) in self.opt.params().iter().enumerate() {
                 let g = grads
                     .get(var.as_tensor())
@@ -428,17 +499,11 @@ impl AdapterTrainer {
                 });
             }
         }
-        let k = batch.len().max(1) as f64;
         let grads = sums
             .into_iter()
-            .map(|s| {
-                s.map_or_else(
-                    || Err(TrainError::Config("an empty batch".into())),
-                    |s| Ok((s / k)?),
-                )
-            })
+            .map(|s| s.ok_or_else(|| TrainError::Config("an empty batch".into())))
             .collect::<Result<Vec<_>>>()?;
-        Ok((grads, loss_sum / k))
+        Ok((grads, loss_sum))
     }
 
     /// The examples of step `step` (1-based): the data in a fresh seeded
