@@ -269,3 +269,57 @@ async fn a_nexus_session_runs_through_the_three_processes() {
     }
     assert!(spoken >= 2, "spoken finals: {spoken}");
 }
+
+#[tokio::test]
+#[ignore = "needs silero-vad weights, LibriVox test speech and Redis; scripts/test.sh"]
+async fn a_text_only_checkpoint_transcribes_and_refuses_speech_output() {
+    // nexus-tiny without its audio decoder, as NEXUS-mini is.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(checkpoint().join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoint().join("config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("audio_decoder");
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let redis = redis_url();
+    let p = prefix("nexus-text");
+    let ckpt = tmp.path().to_str().unwrap();
+    let common = [
+        "--redis",
+        redis.as_str(),
+        "--model",
+        ckpt,
+        "--key-prefix",
+        p.as_str(),
+    ];
+    let mut enc = Proc::start("encoder", "nexus-encoder", &common);
+    let mut dec = Proc::start("decoder", "nexus-decoder", &common);
+    let ingest_args = [
+        &common[..],
+        &["--http-listen", "none", "--final-lead-ms", "0"],
+    ]
+    .concat();
+    let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
+    for p in [&mut enc, &mut dec, &mut ing] {
+        p.wait_serving(Duration::from_secs(120)).await;
+    }
+    let samples = speech();
+    let model = NexusModel::load(tmp.path(), &Device::Cpu).unwrap();
+    let out = stream(ing.addr, pcm16_config(ckpt), &samples, 4.0, |_| {})
+        .await
+        .unwrap();
+    let task = NexusTask::Transcribe {
+        language: Some("en".into()),
+    };
+    check_finals(&out, &as_sent(&samples), &model, &task, false);
+
+    let mut cfg = pcm16_config(ckpt);
+    cfg.config.as_mut().unwrap().speech_output = Some(SpeechOutput { enabled: true });
+    let status = match stream(ing.addr, cfg, &samples[..16_000], 4.0, |_| {}).await {
+        Err(s) => s,
+        Ok(out) => out.status.expect("the session is refused"),
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("speech_output"), "{status:?}");
+}

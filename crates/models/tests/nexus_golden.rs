@@ -231,7 +231,7 @@ fn multimodal_rope_matches_qwen2_vl_and_reduces_to_1d() {
 fn audio_decoder_logits_and_delay_pattern_codes_match() {
     let g = golden();
     let m = model();
-    let ad = m.audio_decoder();
+    let ad = m.audio_decoder().expect("nexus-tiny has an audio decoder");
     let codes = g["audio.tf_codes"].to_dtype(DType::U32).unwrap();
     let logits = ad.forward(&codes, &g["audio.tf_h"]).unwrap();
     let d = max_abs_diff(&logits, &g["audio.tf_logits"]);
@@ -268,4 +268,33 @@ fn a_checkpoint_with_a_wrong_model_type_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("model_type") && e.contains("whisper"), "{e}");
+}
+
+#[test]
+fn a_checkpoint_without_an_audio_decoder_writes_text_only() {
+    let g = golden();
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(dir().join("nexus-tiny").join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir().join("nexus-tiny/config.json")).unwrap())
+            .unwrap();
+    cfg.as_object_mut().unwrap().remove("audio_decoder");
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let m = NexusModel::load(tmp.path(), &Device::Cpu).unwrap();
+    assert!(m.audio_decoder().is_none());
+    let audio = g["adapter.out"].i(0).unwrap();
+    let out = m
+        .generate(&NexusTask::Transcribe { language: None }, &audio, 16)
+        .unwrap();
+    assert_eq!(out.tokens, ints(&g["lm.greedy"]), "the text is the same");
+    let err = m.speak(&out.hidden, 10).unwrap_err().to_string();
+    assert!(err.contains("no audio decoder"), "{err}");
+    let summary = nexus_weights::nexus::check_folder(tmp.path()).unwrap();
+    assert!(
+        summary.description.contains("no audio decoder"),
+        "{}",
+        summary.description
+    );
 }

@@ -127,25 +127,30 @@ pub fn check_folder(dir: &Path) -> Result<NexusSummary> {
             if !tied {
                 e.shape("lm.lm_head.weight", &[vocab, h])?;
             }
-            let (k, v, ad) = (
-                n("audio_decoder.codebooks")?,
-                n("audio_decoder.codebook_size")?,
-                n("audio_decoder.hidden_size")?,
-            );
-            e.shape(
-                &format!("audio_decoder.embeddings.{}.weight", k - 1),
-                &[v + 2, ad],
-            )?;
-            e.shape(
-                &format!("audio_decoder.heads.{}.weight", k - 1),
-                &[v + 1, ad],
-            )?;
-            e.shape("audio_decoder.lm_proj.weight", &[ad, h])?;
-            let ad_layers = n("audio_decoder.num_hidden_layers")?;
-            e.shape(
-                &format!("audio_decoder.layers.{}.down_proj.weight", ad_layers - 1),
-                &[ad, n("audio_decoder.intermediate_size")?],
-            )?;
+            let speech = if get(&cfg, "audio_decoder").is_some() {
+                let (k, v, ad) = (
+                    n("audio_decoder.codebooks")?,
+                    n("audio_decoder.codebook_size")?,
+                    n("audio_decoder.hidden_size")?,
+                );
+                e.shape(
+                    &format!("audio_decoder.embeddings.{}.weight", k - 1),
+                    &[v + 2, ad],
+                )?;
+                e.shape(
+                    &format!("audio_decoder.heads.{}.weight", k - 1),
+                    &[v + 1, ad],
+                )?;
+                e.shape("audio_decoder.lm_proj.weight", &[ad, h])?;
+                let ad_layers = n("audio_decoder.num_hidden_layers")?;
+                e.shape(
+                    &format!("audio_decoder.layers.{}.down_proj.weight", ad_layers - 1),
+                    &[ad, n("audio_decoder.intermediate_size")?],
+                )?;
+                format!(", audio decoder {ad_layers} layers × {k} codebooks of {v}")
+            } else {
+                ", no audio decoder (text only)".to_string()
+            };
             let tok_file = dir.join("tokenizer.json");
             let tok = std::fs::read_to_string(&tok_file).map_err(WeightsError::io(&tok_file))?;
             let tokens = get(&cfg, "tokens")
@@ -161,7 +166,7 @@ pub fn check_folder(dir: &Path) -> Result<NexusSummary> {
                 }
             }
             format!(
-                "NEXUS-O: Whisper encoder d{d} × {enc_layers}, adapter ×{stack}, LM d{h} × {layers} (vocab {vocab}), audio decoder {ad_layers} layers × {k} codebooks of {v}"
+                "NEXUS-O: Whisper encoder d{d} × {enc_layers}, adapter ×{stack}, LM d{h} × {layers} (vocab {vocab}){speech}"
             )
         }
         "firefly-gan" => {

@@ -32,6 +32,9 @@ pub fn catalog(models: &ModelSet, translation: Option<&str>) -> ModelCatalog {
     names.sort_by_key(|n| n != models.default_name());
     let mut out = Vec::with_capacity(names.len() + 1);
     for name in names {
+        let speaks = models
+            .nexus(&name)
+            .is_some_and(|(_, m)| m.audio_decoder().is_some());
         let (family, english_only, by_prompt) = if models.nexus(&name).is_some() {
             ("nexus-o", false, true)
         } else if let Some((_, e)) = models.get(&name) {
@@ -55,6 +58,9 @@ pub fn catalog(models: &ModelSet, translation: Option<&str>) -> ModelCatalog {
         if !targets.is_empty() {
             capabilities.push(Capability::SpeechTranslation as i32);
             tasks.push(Task::Translate as i32);
+        }
+        if speaks {
+            capabilities.push(Capability::SpeechSynthesis as i32);
         }
         out.push(ModelInfo {
             is_default: name == models.default_name(),

@@ -252,7 +252,10 @@ fn speech_codes(
     let h = Tensor::stack(hidden, 0).map_err(|e| e.to_string())?;
     let max = (hidden.len() * FRAMES_PER_TOKEN).max(MIN_FRAMES);
     let codes = model.speak(&h, max).map_err(|e| e.to_string())?;
-    let k = model.audio_decoder().codebooks();
+    let k = model
+        .audio_decoder()
+        .ok_or("the checkpoint has no audio decoder")?
+        .codebooks();
     let f = codes.frames.len();
     // Codebook-major, as the message says.
     let flat = (0..k)

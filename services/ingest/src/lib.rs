@@ -46,7 +46,7 @@ use nexus_proto::speech::streaming_recognize_request::StreamingRequest;
 use nexus_proto::speech::transcription_jobs_server::TranscriptionJobsServer;
 use nexus_proto::speech::translation_server::TranslationServer;
 use nexus_proto::speech::{
-    RecognitionConfig, RecognizeRequest, RecognizeResponse, StreamingRecognitionConfig,
+    Capability, RecognitionConfig, RecognizeRequest, RecognizeResponse, StreamingRecognitionConfig,
     StreamingRecognizeRequest, StreamingRecognizeResponse, Task,
 };
 use tokio::net::TcpListener;
@@ -599,10 +599,13 @@ impl<B: Bus> Ingest<B> {
             ));
         }
         if rc.speech_output.as_ref().is_some_and(|s| s.enabled)
-            && model.as_ref().is_some_and(|m| m.family != "nexus-o")
+            && model.as_ref().is_some_and(|m| {
+                !m.capabilities
+                    .contains(&(Capability::SpeechSynthesis as i32))
+            })
         {
             return Err(invalid(format!(
-                "speech_output needs a NEXUS-O model (its audio decoder speaks); {} writes text only",
+                "speech_output needs a NEXUS-O model with an audio decoder (it speaks); {} writes text only",
                 rc.model
             )));
         }

@@ -19,8 +19,9 @@ pub struct NexusConfig {
     pub adapter: AdapterConfig,
     /// The Qwen2.5 language model (Hugging Face `Qwen2Config` names).
     pub lm: LmConfig,
-    /// The speech-code decoder.
-    pub audio_decoder: AudioDecoderConfig,
+    /// The speech-code decoder; a checkpoint without one writes text only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_decoder: Option<AudioDecoderConfig>,
     /// Special tokens, by their text in `tokenizer.json`.
     pub tokens: Tokens,
     /// Instruction texts of the prompt formats.

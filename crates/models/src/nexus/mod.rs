@@ -115,7 +115,7 @@ pub struct NexusModel {
     encoder: WhisperEncoder,
     adapter: Adapter,
     lm: NexusLm,
-    audio: AudioDecoder,
+    audio: Option<AudioDecoder>,
     tokenizer: Tokenizer,
     mel: MelFrontend,
     audio_token: u32,
@@ -168,12 +168,12 @@ impl NexusModel {
         )
         .map_err(|e| load_err(&weights, e))?;
         let lm = NexusLm::load(&cfg.lm, vb.pp("lm")).map_err(|e| load_err(&weights, e))?;
-        let audio = AudioDecoder::load(
-            &cfg.audio_decoder,
-            cfg.lm.hidden_size,
-            vb.pp("audio_decoder"),
-        )
-        .map_err(|e| load_err(&weights, e))?;
+        let audio = cfg
+            .audio_decoder
+            .as_ref()
+            .map(|a| AudioDecoder::load(a, cfg.lm.hidden_size, vb.pp("audio_decoder")))
+            .transpose()
+            .map_err(|e| load_err(&weights, e))?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| load_err(&tok_path, e))?;
         let id = |t: &str| {
@@ -223,9 +223,9 @@ impl NexusModel {
         &self.lm
     }
 
-    /// The audio decoder.
-    pub fn audio_decoder(&self) -> &AudioDecoder {
-        &self.audio
+    /// The audio decoder, when the checkpoint has one (it speaks).
+    pub fn audio_decoder(&self) -> Option<&AudioDecoder> {
+        self.audio.as_ref()
     }
 
     /// The end-of-turn token (`<|im_end|>`).
@@ -359,7 +359,14 @@ impl NexusModel {
 
     /// Speech codes for LM hidden states (n, hidden): frames × codebooks.
     pub fn speak(&self, hidden: &Tensor, max_frames: usize) -> Result<SpeechCodes> {
-        self.audio.generate(hidden, max_frames)
+        self.audio
+            .as_ref()
+            .ok_or_else(|| {
+                ModelError::Input(
+                    "this checkpoint has no audio decoder: it writes text only".into(),
+                )
+            })?
+            .generate(hidden, max_frames)
     }
 }
 

@@ -20,9 +20,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use nexus_models::nexus::config::{
-    AdapterConfig, AudioDecoderConfig, EncoderConfig, LmConfig, Tokens,
-};
+use nexus_models::nexus::config::{AdapterConfig, EncoderConfig, LmConfig, Tokens};
 use nexus_models::nexus::{Adapter, Kernels, NexusConfig, NexusLm, NexusTask, Prompts, splice};
 use tokenizers::Tokenizer;
 
@@ -84,17 +82,8 @@ impl Frozen {
             audio_encoder: encoder,
             adapter,
             lm: lm_config,
-            // NEXUS-mini trains no speech decoder; the smallest one keeps the format whole.
-            audio_decoder: AudioDecoderConfig {
-                hidden_size: 64,
-                num_hidden_layers: 1,
-                num_attention_heads: 2,
-                intermediate_size: 128,
-                codebooks: 8,
-                codebook_size: 1024,
-                rope_theta: 10_000.0,
-                rms_norm_eps: 1e-6,
-            },
+            // NEXUS-mini trains no speech decoder: it writes text only.
+            audio_decoder: None,
             tokens: mini_tokens(),
             prompts: Prompts::default(),
             vocoder: None,
