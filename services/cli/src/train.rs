@@ -30,6 +30,47 @@ pub struct TrainArgs {
 enum TrainCommand {
     /// Align an adapter between a frozen Whisper encoder and a frozen Qwen2.5.
     Adapter(Box<AdapterArgs>),
+    /// Write a training run's adapter as a servable NEXUS-O checkpoint folder.
+    Export(ExportArgs),
+}
+
+/// `nexus train export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The run's output folder (`nexus train adapter --out`).
+    #[arg(long)]
+    run: PathBuf,
+    /// Its checkpoint to export; the newest when absent.
+    #[arg(long)]
+    step: Option<u64>,
+    /// The checkpoint folder to write (serve it with `--model DIR`).
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let (step, dir) = match a.step {
+        Some(s) => (s, checkpoint_dir(&a.run, s)),
+        None => latest_checkpoint(&a.run)
+            .with_context(|| format!("{}: no checkpoint yet", a.run.display()))?,
+    };
+    anyhow::ensure!(
+        dir.join("adapter.safetensors").exists(),
+        "{}: no such checkpoint",
+        dir.display()
+    );
+    let sources = nexus_train::adapter::export::RunSources::read(&a.run)?;
+    let cfg: nexus_models::nexus::NexusConfig =
+        serde_json::from_slice(&std::fs::read(a.run.join("nexus-config.json"))?)?;
+    nexus_train::adapter::export::export(&sources, &cfg, &dir, &a.out)?;
+    let summary = nexus_weights::nexus::check_folder(&a.out)?;
+    println!(
+        "{}: step {step} of {}; {}",
+        a.out.display(),
+        a.run.display(),
+        summary.description
+    );
+    Ok(())
 }
 
 /// `nexus train adapter`.
@@ -112,6 +153,7 @@ pub struct AdapterArgs {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     match args.command {
         TrainCommand::Adapter(a) => adapter(*a),
+        TrainCommand::Export(a) => export(a),
     }
 }
 
@@ -293,6 +335,11 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
         a.out.join("nexus-config.json"),
         serde_json::to_string_pretty(&frozen.config)?,
     )?;
+    nexus_train::adapter::export::RunSources {
+        encoder_dir: std::path::absolute(&enc_dir)?,
+        lm_gguf: std::path::absolute(&gguf)?,
+    }
+    .write(&a.out)?;
 
     let mut trainer = match latest_checkpoint(&a.out) {
         Some((step, dir)) => {

@@ -12,6 +12,7 @@
 //! state (training resumes bit for bit), and validation WER by greedy
 //! decoding.
 
+pub mod export;
 pub mod features;
 pub mod optim;
 
