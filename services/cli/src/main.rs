@@ -18,6 +18,7 @@ mod models;
 #[cfg(feature = "fleet")]
 mod serve;
 mod train;
+mod train_eval;
 mod transcribe;
 mod translate;
 

@@ -32,6 +32,9 @@ enum TrainCommand {
     Adapter(Box<AdapterArgs>),
     /// Write a training run's adapter as a servable NEXUS-O checkpoint folder.
     Export(ExportArgs),
+    /// Measure a NEXUS-O checkpoint: WER beside Whisper, translation against
+    /// the cascade, spoken questions.
+    Eval(Box<crate::train_eval::EvalArgs>),
 }
 
 /// `nexus train export`.
@@ -154,11 +157,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     match args.command {
         TrainCommand::Adapter(a) => adapter(*a),
         TrainCommand::Export(a) => export(a),
+        TrainCommand::Eval(a) => crate::train_eval::run(*a),
     }
 }
 
 /// Real recordings and their references (`NAME.wav` + `NAME.txt`), sorted by name.
-fn recordings(dir: &Path) -> anyhow::Result<Vec<(String, Vec<f32>, String)>> {
+pub fn recordings(dir: &Path) -> anyhow::Result<Vec<(String, Vec<f32>, String)>> {
     let mut out = Vec::new();
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| dir.display().to_string())?
