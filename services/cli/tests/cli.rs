@@ -48,6 +48,8 @@ fn help_lists_only_working_subcommands() {
             "transcribe",
             "translate",
             "bench",
+            "data",
+            "train",
             "gpu-check",
             "keys"
         ],
@@ -400,4 +402,96 @@ fn serve_on_cuda_without_a_cuda_build_says_so_in_one_line() {
     let said = text(&out);
     assert_eq!(said.trim().lines().count(), 1, "{said}");
     assert!(said.contains("f16 runs on GPUs only"), "{said}");
+}
+
+/// `nexus data synth` as a user runs it: espeak-ng voices, tiny.en as the
+/// round trip's ear, a second call that finds the work done, and settings
+/// out of bounds named at once; `nexus train adapter` likewise.
+#[test]
+#[ignore = "needs the tiny.en weights and espeak-ng"]
+fn data_synth_makes_shards_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sentences = tmp.path().join("text.txt");
+    std::fs::write(
+        &sentences,
+        "The birch canoe slid on the smooth planks.\nGlue the sheet to the dark blue background.\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("synth");
+    let args = [
+        "data",
+        "synth",
+        "--text",
+        sentences.to_str().unwrap(),
+        "--text-format",
+        "lines",
+        "--out",
+        out.to_str().unwrap(),
+        "--samples",
+        "3",
+        "--shard-size",
+        "2",
+        "--no-piper",
+        "--espeak",
+        "en-us,en-gb",
+        "--asr-model",
+        "tiny.en",
+        "--max-wer",
+        "0.5",
+        "--question-share",
+        "0",
+    ];
+    let first = nexus(&args, &weights_home());
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("2 of 2 shards"),
+        "{}",
+        text(&first)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["voices"].as_array().unwrap().len(), 2);
+    assert_eq!(manifest["shards"].as_array().unwrap().len(), 2);
+    let records = std::fs::read_to_string(out.join("shard-00000.jsonl")).unwrap();
+    assert_eq!(records.lines().count(), 2);
+    let again = nexus(&args, &weights_home());
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("2 of 2 shards"));
+    // Other settings in the same folder are refused.
+    let mut other = args.to_vec();
+    other[9] = "4";
+    let refused = nexus(&other, &weights_home());
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("other settings"),
+        "{}",
+        text(&refused)
+    );
+    // Bounds are checked before anything loads.
+    let mut zero = args.to_vec();
+    zero[9] = "0";
+    let bad = nexus(&zero, &weights_home());
+    assert!(
+        text(&bad).contains("samples: 0 is outside 1..=10000000"),
+        "{}",
+        text(&bad)
+    );
+    let bad = nexus(
+        &[
+            "train",
+            "adapter",
+            "--data",
+            out.to_str().unwrap(),
+            "--out",
+            tmp.path().join("t").to_str().unwrap(),
+            "--batch",
+            "0",
+        ],
+        &weights_home(),
+    );
+    assert!(
+        text(&bad).contains("batch: 0 is outside 1..=4096"),
+        "{}",
+        text(&bad)
+    );
 }
