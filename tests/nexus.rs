@@ -28,6 +28,22 @@ fn codec() -> PathBuf {
         .join("../crates/models/tests/golden/nexus/firefly-tiny")
 }
 
+/// The encoder, decoder and ingest processes serving `ckpt` under key prefix `p`.
+fn fleet(redis: &str, p: &str, ckpt: &str) -> [Proc; 3] {
+    let common = ["--redis", redis, "--model", ckpt, "--key-prefix", p];
+    let enc = Proc::start("encoder", "nexus-encoder", &common);
+    let dec = Proc::start("decoder", "nexus-decoder", &common);
+    // The checks rebuild each final's window from its span: without the
+    // finals' lead of quiet, the window is exactly the span.
+    let ingest_args = [
+        &common[..],
+        &["--http-listen", "none", "--final-lead-ms", "0"],
+    ]
+    .concat();
+    let ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
+    [enc, dec, ing]
+}
+
 /// What the ingest hears of `samples` sent as 16-bit PCM.
 fn as_sent(samples: &[f32]) -> Vec<f32> {
     samples
@@ -97,24 +113,7 @@ async fn a_nexus_session_runs_through_the_three_processes() {
     let p = prefix("nexus");
     let ckpt = checkpoint();
     let ckpt = ckpt.to_str().unwrap();
-    let common = [
-        "--redis",
-        redis.as_str(),
-        "--model",
-        ckpt,
-        "--key-prefix",
-        p.as_str(),
-    ];
-    let mut enc = Proc::start("encoder", "nexus-encoder", &common);
-    let mut dec = Proc::start("decoder", "nexus-decoder", &common);
-    // The check below rebuilds each final's window from its span: without
-    // the finals' lead of quiet, the window is exactly the span.
-    let ingest_args = [
-        &common[..],
-        &["--http-listen", "none", "--final-lead-ms", "0"],
-    ]
-    .concat();
-    let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
+    let [mut enc, mut dec, mut ing] = fleet(&redis, &p, ckpt);
     let codec_dir = codec();
     let voc_args = [
         "--redis",
@@ -285,22 +284,7 @@ async fn a_text_only_checkpoint_transcribes_and_refuses_speech_output() {
     let redis = redis_url();
     let p = prefix("nexus-text");
     let ckpt = tmp.path().to_str().unwrap();
-    let common = [
-        "--redis",
-        redis.as_str(),
-        "--model",
-        ckpt,
-        "--key-prefix",
-        p.as_str(),
-    ];
-    let mut enc = Proc::start("encoder", "nexus-encoder", &common);
-    let mut dec = Proc::start("decoder", "nexus-decoder", &common);
-    let ingest_args = [
-        &common[..],
-        &["--http-listen", "none", "--final-lead-ms", "0"],
-    ]
-    .concat();
-    let mut ing = Proc::start("ingest", "nexus-ingest", &ingest_args);
+    let [mut enc, mut dec, mut ing] = fleet(&redis, &p, ckpt);
     for p in [&mut enc, &mut dec, &mut ing] {
         p.wait_serving(Duration::from_secs(120)).await;
     }

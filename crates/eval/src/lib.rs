@@ -99,7 +99,8 @@ fn is_punct(c: char) -> bool {
     c.is_ascii_punctuation() || "，。！？、；：“”‘’（）《》…—·「」".contains(c)
 }
 
-const UNITS: &[&str] = &[
+/// English number words 0–19.
+pub const UNITS: &[&str] = &[
     "zero",
     "one",
     "two",
@@ -121,7 +122,8 @@ const UNITS: &[&str] = &[
     "eighteen",
     "nineteen",
 ];
-const TENS: &[&str] = &[
+/// English tens (index × 10), empty below twenty.
+pub const TENS: &[&str] = &[
     "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
 ];
 

@@ -59,13 +59,9 @@ fn encoder_and_adapter_match_the_reference() {
     assert!(d < TOL, "adapter: max abs diff {d}");
 }
 
-#[test]
-fn the_adapter_drops_an_incomplete_last_group() {
-    let g = golden();
-    let m = model();
-    let frames = m.encode_frames(&g["whisper.mel"]).unwrap();
-    let short = m.config().adapter.stack * 69 + 2;
-    let emb = nexus_models::nexus::Adapter::load(
+/// nexus-tiny's adapter alone.
+fn tiny_adapter() -> nexus_models::nexus::Adapter {
+    nexus_models::nexus::Adapter::load(
         64,
         5,
         96,
@@ -79,8 +75,17 @@ fn the_adapter_drops_an_incomplete_last_group() {
         .pp("adapter"),
     )
     .unwrap()
-    .forward(&frames.narrow(1, 0, short).unwrap())
-    .unwrap();
+}
+
+#[test]
+fn the_adapter_drops_an_incomplete_last_group() {
+    let g = golden();
+    let m = model();
+    let frames = m.encode_frames(&g["whisper.mel"]).unwrap();
+    let short = m.config().adapter.stack * 69 + 2;
+    let emb = tiny_adapter()
+        .forward(&frames.narrow(1, 0, short).unwrap())
+        .unwrap();
     assert_eq!(emb.dims(), &[1, 69, 64]);
     let d = max_abs_diff(&emb, &g["adapter.short_out"]);
     assert!(d < TOL, "max abs diff {d}");
@@ -119,20 +124,7 @@ fn the_differentiable_forward_matches_the_reference_and_carries_gradients() {
     let logits = m.lm().logits_differentiable(&h).unwrap();
     let d = max_abs_diff(&logits.i(0).unwrap(), &g["lm.logits"]);
     assert!(d < TOL, "logits: max abs diff {d}");
-    let adapter = nexus_models::nexus::Adapter::load(
-        64,
-        5,
-        96,
-        64,
-        candle_nn::VarBuilder::from_buffered_safetensors(
-            std::fs::read(dir().join("nexus-tiny/model.safetensors")).unwrap(),
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-        .pp("adapter"),
-    )
-    .unwrap();
+    let adapter = tiny_adapter();
     let adapted = adapter
         .forward_with(
             &g["whisper.hidden"],

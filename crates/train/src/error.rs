@@ -49,3 +49,23 @@ pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Train
         source,
     }
 }
+
+/// Reads a JSON file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    serde_json::from_str(&text).map_err(|source| TrainError::Json {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Writes a JSON file (pretty), through a temporary file and a rename.
+pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let json = serde_json::to_string_pretty(value).map_err(|source| TrainError::Json {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}

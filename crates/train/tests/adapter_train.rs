@@ -4,6 +4,8 @@
 //! resumed run equal to an uninterrupted one bit for bit.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
@@ -260,14 +262,7 @@ fn a_padded_batch_gives_the_gradients_of_one_example_at_a_time() {
         .unwrap();
     assert!((l1 - l4).abs() < 1e-4 * l1.abs(), "{l1} vs {l4}");
     for (a, b) in g1.iter().zip(&g4) {
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = common::max_abs_diff(a, b);
         let m: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(d < 1e-3 * m, "gradient differs by {d} of {m}");
     }

@@ -3,6 +3,8 @@
 //! the training-time model, through `NexusModel` (the fleet's loader).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -11,9 +13,7 @@ use nexus_models::nexus::config::{AdapterConfig, EncoderConfig};
 use nexus_models::nexus::{NexusModel, NexusTask};
 use nexus_models::whisper::WhisperEngine;
 use nexus_train::adapter::export::{RunSources, export};
-use nexus_train::adapter::{
-    AdapterTrainer, Frozen, Schedule, TrainConfig, checkpoint_dir, features,
-};
+use nexus_train::adapter::{AdapterTrainer, Frozen, TrainConfig, checkpoint_dir, features};
 
 fn clip() -> Vec<f32> {
     let dir = std::env::var_os("NEXUS_TESTDATA").map_or_else(
@@ -40,14 +40,7 @@ fn an_exported_checkpoint_serves_what_the_trainer_computes() {
     let gguf = nexus_weights::resolve::resolve_gguf("qwen2.5-0.5b-instruct", None).unwrap();
     let engine = WhisperEngine::load_with(&enc_dir, &Device::Cpu, Precision::F32).unwrap();
     let wc = &engine.model.config;
-    let encoder = EncoderConfig {
-        num_mel_bins: wc.num_mel_bins,
-        d_model: wc.d_model,
-        encoder_layers: wc.encoder_layers,
-        encoder_attention_heads: wc.encoder_attention_heads,
-        encoder_ffn_dim: wc.encoder_ffn_dim,
-        max_source_positions: wc.max_source_positions,
-    };
+    let encoder = EncoderConfig::from(wc);
     let lm = nexus_models::nexus::from_gguf::qwen2_lm(&gguf, &Device::Cpu).unwrap();
     let adapter = AdapterConfig {
         stack: 5,
@@ -58,22 +51,7 @@ fn an_exported_checkpoint_serves_what_the_trainer_computes() {
     let config = TrainConfig {
         seed: 7,
         batch: 1,
-        micro_batch: 1,
-        schedule: Schedule {
-            lr: 1e-3,
-            min_lr: 1e-5,
-            warmup: 1,
-            steps: 10,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-        clip_norm: 1.0,
-        checkpoint_every: 1,
-        validate_every: 1,
-        validation_samples: 0,
-        max_reply_tokens: 32,
+        ..TrainConfig::default()
     };
     let trainer = AdapterTrainer::new(&frozen, config).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -112,15 +90,7 @@ fn an_exported_checkpoint_serves_what_the_trainer_computes() {
 
     let model = NexusModel::load(&out, &Device::Cpu).unwrap();
     let audio = model.encode_audio(samples).unwrap();
-    assert_eq!(audio.dims(), trained_audio.dims());
-    let d: f32 = (&audio - &trained_audio)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = common::max_abs_diff(&audio, &trained_audio);
     assert!(d < 1e-4, "adapted audio differs by {d}");
     let got = model.generate(&task, &audio, 12).unwrap().text;
     assert_eq!(got, want);

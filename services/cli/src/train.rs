@@ -246,14 +246,7 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
     let engine = WhisperEngine::load_with(&enc_dir, &device, Precision::F32)
         .with_context(|| format!("the encoder {}", enc_dir.display()))?;
     let wc = &engine.model.config;
-    let encoder = EncoderConfig {
-        num_mel_bins: wc.num_mel_bins,
-        d_model: wc.d_model,
-        encoder_layers: wc.encoder_layers,
-        encoder_attention_heads: wc.encoder_attention_heads,
-        encoder_ffn_dim: wc.encoder_ffn_dim,
-        max_source_positions: wc.max_source_positions,
-    };
+    let encoder = EncoderConfig::from(wc);
     let enc_name = enc_dir
         .file_name()
         .map_or_else(|| "encoder".into(), |n| n.to_string_lossy().into_owned());

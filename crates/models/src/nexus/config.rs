@@ -49,6 +49,20 @@ pub struct EncoderConfig {
     pub max_source_positions: usize,
 }
 
+impl From<&WhisperConfig> for EncoderConfig {
+    /// The encoder part of a Whisper model's dimensions.
+    fn from(c: &WhisperConfig) -> Self {
+        Self {
+            num_mel_bins: c.num_mel_bins,
+            d_model: c.d_model,
+            encoder_layers: c.encoder_layers,
+            encoder_attention_heads: c.encoder_attention_heads,
+            encoder_ffn_dim: c.encoder_ffn_dim,
+            max_source_positions: c.max_source_positions,
+        }
+    }
+}
+
 /// Adapter dimensions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterConfig {

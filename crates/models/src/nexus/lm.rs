@@ -138,14 +138,7 @@ impl NexusLm {
     /// (1, T, hidden) at positions 0..T, through operations candle
     /// differentiates: the forward pass of training through the frozen model.
     pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        if t == 0 || t > self.max_positions {
-            return Err(ModelError::Input(format!(
-                "a sequence of {t} positions (the model holds 1 to {})",
-                self.max_positions
-            )));
-        }
-        let positions: Vec<Position> = (0..t as u32).map(text_position).collect();
+        let positions = self.whole(x)?;
         let mut cache = self.new_cache();
         let h = self
             .stack
@@ -163,13 +156,8 @@ impl NexusLm {
         Kernels::Differentiable.linear(&self.head, hidden)
     }
 
-    /// A new cache.
-    pub fn new_cache(&self) -> KvCache {
-        self.stack.new_cache()
-    }
-
-    /// Runs a prompt (1, T, hidden) of text and audio embeddings: positions 0..T.
-    pub fn prefill(&self, x: &Tensor) -> Result<LmSession> {
+    /// Positions 0..T of a whole sequence x (B, T, hidden), which the model must hold.
+    fn whole(&self, x: &Tensor) -> Result<Vec<Position>> {
         let t = x.dim(1)?;
         if t == 0 || t > self.max_positions {
             return Err(ModelError::Input(format!(
@@ -177,7 +165,18 @@ impl NexusLm {
                 self.max_positions
             )));
         }
-        let positions: Vec<Position> = (0..t as u32).map(text_position).collect();
+        Ok((0..t as u32).map(text_position).collect())
+    }
+
+    /// A new cache.
+    pub fn new_cache(&self) -> KvCache {
+        self.stack.new_cache()
+    }
+
+    /// Runs a prompt (1, T, hidden) of text and audio embeddings: positions 0..T.
+    pub fn prefill(&self, x: &Tensor) -> Result<LmSession> {
+        let positions = self.whole(x)?;
+        let t = positions.len();
         let mut cache = self.new_cache();
         let (h, logits) = self.forward(x, &positions, &mut cache)?;
         Ok(LmSession {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use nexus_models::nexus::NexusConfig;
 
-use crate::error::{Result, TrainError, io};
+use crate::error::{Result, TrainError, io, read_json, write_json};
 
 /// What a run was trained on, written beside its checkpoints (`run.json`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,22 +24,12 @@ pub struct RunSources {
 impl RunSources {
     /// Writes `dir/run.json`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let p = dir.join("run.json");
-        let json = serde_json::to_string_pretty(self).map_err(|source| TrainError::Json {
-            path: p.display().to_string(),
-            source,
-        })?;
-        std::fs::write(&p, json).map_err(io(&p))
+        write_json(&dir.join("run.json"), self)
     }
 
     /// Reads `dir/run.json`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let p = dir.join("run.json");
-        let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-        serde_json::from_str(&text).map_err(|source| TrainError::Json {
-            path: p.display().to_string(),
-            source,
-        })
+        read_json(&dir.join("run.json"))
     }
 }
 
@@ -75,10 +65,5 @@ pub fn export(sources: &RunSources, config: &NexusConfig, step: &Path, out: &Pat
     lm.tokenizer
         .save(out.join("tokenizer.json"), false)
         .map_err(|e| TrainError::Config(format!("writing the tokenizer: {e}")))?;
-    let cfg = serde_json::to_string_pretty(config).map_err(|source| TrainError::Json {
-        path: out.display().to_string(),
-        source,
-    })?;
-    std::fs::write(out.join("config.json"), cfg).map_err(io(out))?;
-    Ok(())
+    write_json(&out.join("config.json"), config)
 }

@@ -28,7 +28,7 @@ use tokenizers::Tokenizer;
 pub use features::Example;
 pub use optim::{AdamW, Schedule};
 
-use crate::error::{Result, TrainError, io};
+use crate::error::{Result, TrainError, io, read_json, write_json};
 use crate::rng::Rng;
 
 /// NEXUS-mini's special tokens, in Qwen2.5's vocabulary: the vision
@@ -159,6 +159,32 @@ pub struct TrainConfig {
     pub validation_samples: usize,
     /// Most reply tokens trained per example.
     pub max_reply_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    /// `nexus train adapter`'s defaults.
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            batch: 8,
+            micro_batch: 1,
+            schedule: Schedule {
+                lr: 1e-3,
+                min_lr: 1e-5,
+                warmup: 100,
+                steps: 2000,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+            clip_norm: 1.0,
+            checkpoint_every: 100,
+            validate_every: 100,
+            validation_samples: 20,
+            max_reply_tokens: 96,
+        }
+    }
 }
 
 impl TrainConfig {
@@ -637,23 +663,14 @@ impl AdapterTrainer {
             hours: self.hours,
             config: self.config.clone(),
         };
-        let json = serde_json::to_string_pretty(&state).map_err(|source| TrainError::Json {
-            path: tmp.display().to_string(),
-            source,
-        })?;
-        std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
+        write_json(&tmp.join("state.json"), &state)?;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::rename(&tmp, dir).map_err(io(dir))
     }
 
     /// Loads a state saved by [`AdapterTrainer::save`]; its settings must equal `config`.
     pub fn load(frozen: &Frozen, config: TrainConfig, dir: &Path) -> Result<Self> {
-        let sp = dir.join("state.json");
-        let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
-        let state: SavedState = serde_json::from_str(&text).map_err(|source| TrainError::Json {
-            path: sp.display().to_string(),
-            source,
-        })?;
+        let state: SavedState = read_json(&dir.join("state.json"))?;
         if state.config != config {
             return Err(TrainError::Mismatch(format!(
                 "{} was trained with other settings: use another output folder, or the same settings to resume",

@@ -29,7 +29,7 @@ pub use filter::{Filters, Listener, Rejection, WhisperListener};
 pub use text::{TextFormat, TextSource};
 pub use voices::{Rendition, Voices};
 
-use crate::error::{Result, TrainError, io};
+use crate::error::{Result, TrainError, io, read_json, write_json};
 use crate::rng::Rng;
 
 /// The manifest's format tag.
@@ -250,20 +250,11 @@ pub struct Manifest {
 impl Manifest {
     /// Reads `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let p = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-        serde_json::from_str(&text).map_err(|source| TrainError::Json {
-            path: p.display().to_string(),
-            source,
-        })
+        read_json(&dir.join("manifest.json"))
     }
 
     fn write(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(|source| TrainError::Json {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        write_atomic(&dir.join("manifest.json"), json.as_bytes())
+        write_json(&dir.join("manifest.json"), self)
     }
 
     /// Whether every shard is done.

@@ -5,32 +5,6 @@
 
 use crate::rng::Rng;
 
-const NUMBERS: [&str; 21] = [
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-    "twenty",
-];
-const TENS: [&str; 10] = [
-    "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
-];
 const DAYS: [&str; 7] = [
     "Monday",
     "Tuesday",
@@ -57,14 +31,15 @@ const MONTHS: [&str; 12] = [
 
 /// A number in words (0–199), as a speaker says it.
 pub fn number_words(n: u32) -> String {
+    use nexus_eval::{TENS, UNITS};
     match n {
-        0..=20 => NUMBERS[n as usize].to_string(),
-        21..=99 => {
+        0..=19 => UNITS[n as usize].to_string(),
+        20..=99 => {
             let (t, u) = (n / 10, n % 10);
             if u == 0 {
                 TENS[t as usize].to_string()
             } else {
-                format!("{}-{}", TENS[t as usize], NUMBERS[u as usize])
+                format!("{}-{}", TENS[t as usize], UNITS[u as usize])
             }
         }
         100 => "one hundred".into(),
