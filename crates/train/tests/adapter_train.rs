@@ -4,6 +4,8 @@
 //! resumed run equal to an uninterrupted one bit for bit.
 #![allow(clippy::unwrap_used)]
 
+// The max-difference helper of the model tests.
+#[path = "../../models/tests/common/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

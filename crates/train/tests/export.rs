@@ -3,6 +3,8 @@
 //! the training-time model, through `NexusModel` (the fleet's loader).
 #![allow(clippy::unwrap_used)]
 
+// The max-difference helper of the model tests.
+#[path = "../../models/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
