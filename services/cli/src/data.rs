@@ -2,7 +2,6 @@
 //! augmented and filtered (the NEXUS-O paper's data pipeline, in
 //! `nexus_train::synth`).
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -14,6 +13,8 @@ use nexus_train::synth::{
     voices::espeak_voices,
 };
 use nexus_weights::resolve::resolve_model;
+
+use crate::status_line::{StatusLine, clock};
 
 /// Training data.
 #[derive(Debug, Args)]
@@ -181,7 +182,7 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
         config.shards(),
         a.out.display()
     );
-    let tty = std::io::stderr().is_terminal();
+    let status = StatusLine::new();
     let mut last = std::time::Instant::now();
     let mut show = |p: &Progress| {
         let now = std::time::Instant::now();
@@ -199,12 +200,7 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
             p.elapsed / p.tried.max(1) as f64,
             clock(eta)
         );
-        let mut e = std::io::stderr();
-        if tty {
-            let _ = write!(e, "\r{line}\x1b[K");
-        } else {
-            let _ = writeln!(e, "{line}");
-        }
+        status.show(&line);
     };
     let manifest = Synth {
         config,
@@ -213,9 +209,7 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
         listener: (&mut listener, a.asr_model.clone()),
     }
     .run(&a.out, a.max_shards, &mut show)?;
-    if tty {
-        eprintln!();
-    }
+    status.end();
     let (kept, seconds) = manifest.kept();
     let tried: usize = manifest.shards.iter().map(|s| s.candidates).sum();
     let mut rejected = std::collections::BTreeMap::<String, usize>::new();
@@ -237,9 +231,4 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
         }
     );
     Ok(())
-}
-
-fn clock(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }

@@ -17,6 +17,7 @@ mod gpu_check;
 mod models;
 #[cfg(feature = "fleet")]
 mod serve;
+mod status_line;
 mod train;
 mod train_eval;
 mod transcribe;

@@ -3,7 +3,7 @@
 //! adapter trained on `nexus data synth` output, with checkpoints, resume,
 //! and validation WER on held-out synthesised speech and on real recordings.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,6 +18,8 @@ use nexus_train::adapter::{
 };
 use nexus_train::synth::SampleTask;
 use nexus_weights::resolve::{resolve_gguf, resolve_model};
+
+use crate::status_line::{StatusLine, clock};
 
 /// Training.
 #[derive(Debug, Args)]
@@ -196,11 +198,6 @@ pub fn recordings(dir: &Path) -> anyhow::Result<Vec<(String, Vec<f32>, String)>>
     Ok(out)
 }
 
-fn clock(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-}
-
 fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
     let config = TrainConfig {
         seed: a.seed,
@@ -211,10 +208,8 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
             min_lr: a.min_lr,
             warmup: a.warmup,
             steps: a.steps,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
             weight_decay: a.weight_decay,
+            ..TrainConfig::default().schedule
         },
         clip_norm: a.clip_norm,
         checkpoint_every: a.checkpoint_every,
@@ -256,15 +251,16 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
     for (k, data) in a.data.iter().enumerate() {
         let cache = a.out.join("frames").join(format!("data{k}"));
         let t0 = Instant::now();
+        let status = StatusLine::new();
         let mut ex =
             features::load_examples(data, &cache, &enc_name, &engine, a.stack, &mut |d, n| {
-                eprint!(
-                    "\rencoder frames of {}: shard {d}/{n} ({:.0} s)",
+                status.show(&format!(
+                    "encoder frames of {}: shard {d}/{n} ({:.0} s)",
                     data.display(),
                     t0.elapsed().as_secs_f32()
-                );
+                ));
             })?;
-        eprintln!();
+        status.end();
         // Ids are unique within a folder; keep them apart across folders.
         for e in &mut ex {
             e.id += (k as u64) << 40;
@@ -286,22 +282,19 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
         train.len(),
         held.len()
     );
-    let test: Vec<(String, Example)> = match &a.test_audio {
+    let test: Vec<Example> = match &a.test_audio {
         Some(dir) => recordings(dir)?
             .into_iter()
             .enumerate()
-            .map(|(i, (name, audio, text))| -> anyhow::Result<_> {
-                Ok((
-                    name,
-                    Example {
-                        id: i as u64,
-                        task: SampleTask::Transcribe,
-                        seconds: audio.len() as f32 / 16_000.0,
-                        frames: features::encoder_frames(&engine, &audio, a.stack)?,
-                        text,
-                        answer: None,
-                    },
-                ))
+            .map(|(i, (_, audio, text))| -> anyhow::Result<_> {
+                Ok(Example {
+                    id: i as u64,
+                    task: SampleTask::Transcribe,
+                    seconds: audio.len() as f32 / 16_000.0,
+                    frames: features::encoder_frames(&engine, &audio, a.stack)?,
+                    text,
+                    answer: None,
+                })
             })
             .collect::<anyhow::Result<_>>()?,
         None => Vec::new(),
@@ -372,8 +365,7 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
             "example": held.first().map(|e| (&e.text, hyps.first())),
         });
         if !test.is_empty() {
-            let ex: Vec<Example> = test.iter().map(|(_, e)| e.clone()).collect();
-            let (twer, thyps) = t.validate(&frozen, &ex)?;
+            let (twer, thyps) = t.validate(&frozen, &test)?;
             line["test_wer"] = serde_json::json!(twer);
             line["test_hypotheses"] = serde_json::json!(thyps);
         }
@@ -395,7 +387,7 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
     if trainer.step_count() == 0 {
         validate(&trainer, &mut log)?;
     }
-    let tty = std::io::stderr().is_terminal();
+    let status = StatusLine::new();
     let t0 = Instant::now();
     let start = trainer.step_count();
     let stop = a.max_steps_now.map_or(config.schedule.steps, |n| {
@@ -417,11 +409,7 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
             t0.elapsed().as_secs_f64() / done,
             clock(eta)
         );
-        if tty {
-            eprint!("\r{line}\x1b[K");
-        } else {
-            eprintln!("{line}");
-        }
+        status.show(&line);
         let last = r.step == config.schedule.steps || r.step == stop;
         if r.step % config.validate_every == 0 || last {
             validate(&trainer, &mut log)?;
@@ -430,7 +418,7 @@ fn adapter(a: AdapterArgs) -> anyhow::Result<()> {
             trainer.save(&checkpoint_dir(&a.out, r.step))?;
         }
     }
-    eprintln!();
+    status.end();
     println!(
         "{}: step {} of {}; checkpoints and log.jsonl there",
         a.out.display(),

@@ -286,19 +286,7 @@ impl NexusModel {
 
     /// Token ids of the prompt.
     pub fn prompt_ids(&self, task: &NexusTask, n_audio: usize) -> Result<Vec<u32>> {
-        let text = self.prompt_text(task, n_audio);
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ModelError::Input(format!("tokenising the prompt: {e}")))?;
-        let ids = enc.get_ids().to_vec();
-        let found = ids.iter().filter(|i| **i == self.audio_token).count();
-        if found != n_audio {
-            return Err(ModelError::Input(format!(
-                "the prompt has {found} audio placeholders for {n_audio} audio frames"
-            )));
-        }
-        Ok(ids)
+        prompt_ids(&self.cfg, &self.tokenizer, self.audio_token, task, n_audio)
     }
 
     /// Prompt embeddings with the audio (N, hidden) spliced in at the
@@ -334,17 +322,7 @@ impl NexusModel {
         max_tokens: usize,
     ) -> Result<Generated> {
         let mut s = self.start(task, audio)?;
-        let mut tokens = Vec::new();
-        let mut hidden = Vec::new();
-        for _ in 0..max_tokens {
-            let next = s.greedy()?;
-            if self.is_stop(next) {
-                break;
-            }
-            tokens.push(next);
-            hidden.push(s.last_hidden().clone());
-            self.lm.step_batch(&[next], &mut [&mut s])?;
-        }
+        let (tokens, hidden) = greedy(&self.lm, &mut s, max_tokens, |t| self.is_stop(t))?;
         let hidden = if hidden.is_empty() {
             Tensor::zeros((0, self.cfg.lm.hidden_size), self.dtype, &self.device)?
         } else {
@@ -398,4 +376,49 @@ pub fn splice(lm: &NexusLm, audio_token: u32, ids: &[u32], audio: &Tensor) -> Re
         )));
     }
     Ok(Tensor::cat(&pieces, 0)?.unsqueeze(0)?)
+}
+
+/// Token ids of `cfg`'s prompt for `task` around `n_audio` placeholders
+/// (`audio_token`), checked to hold exactly that many.
+pub fn prompt_ids(
+    cfg: &NexusConfig,
+    tokenizer: &Tokenizer,
+    audio_token: u32,
+    task: &NexusTask,
+    n_audio: usize,
+) -> Result<Vec<u32>> {
+    let enc = tokenizer
+        .encode(cfg.prompt_text(task, n_audio), false)
+        .map_err(|e| ModelError::Input(format!("tokenising the prompt: {e}")))?;
+    let ids = enc.get_ids().to_vec();
+    let found = ids.iter().filter(|i| **i == audio_token).count();
+    if found != n_audio {
+        return Err(ModelError::Input(format!(
+            "the prompt has {found} audio placeholders for {n_audio} audio frames"
+        )));
+    }
+    Ok(ids)
+}
+
+/// Greedy decoding of up to `max_tokens` from a started session, until a
+/// token `stop` accepts: the tokens and the final-norm hidden state of the
+/// position that produced each.
+pub fn greedy(
+    lm: &NexusLm,
+    s: &mut LmSession,
+    max_tokens: usize,
+    stop: impl Fn(u32) -> bool,
+) -> Result<(Vec<u32>, Vec<Tensor>)> {
+    let mut tokens = Vec::new();
+    let mut hidden = Vec::new();
+    for _ in 0..max_tokens {
+        let next = s.greedy()?;
+        if stop(next) {
+            break;
+        }
+        tokens.push(next);
+        hidden.push(s.last_hidden().clone());
+        lm.step_batch(&[next], &mut [&mut *s])?;
+    }
+    Ok((tokens, hidden))
 }

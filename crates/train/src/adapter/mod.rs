@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use nexus_models::nexus::config::{AdapterConfig, EncoderConfig, LmConfig, Tokens};
-use nexus_models::nexus::{Adapter, Kernels, NexusConfig, NexusLm, NexusTask, Prompts, splice};
+use nexus_models::nexus::{
+    Adapter, Kernels, NexusConfig, NexusLm, NexusTask, Prompts, greedy, prompt_ids, splice,
+};
 use tokenizers::Tokenizer;
 
 pub use features::Example;
@@ -118,14 +120,13 @@ impl Frozen {
 
     /// Prompt ids of `task` with `n` audio placeholders.
     pub fn prompt_ids(&self, task: &NexusTask, n: usize) -> Result<Vec<u32>> {
-        let ids = self.encode(&self.config.prompt_text(task, n))?;
-        let found = ids.iter().filter(|i| **i == self.audio_token).count();
-        if found != n {
-            return Err(TrainError::Config(format!(
-                "the prompt has {found} audio placeholders for {n} frames"
-            )));
-        }
-        Ok(ids)
+        Ok(prompt_ids(
+            &self.config,
+            &self.tokenizer,
+            self.audio_token,
+            task,
+            n,
+        )?)
     }
 
     /// The reply's ids: the text, then the end of the turn.
@@ -601,15 +602,9 @@ impl AdapterTrainer {
         let x = splice(&frozen.lm, frozen.audio_token, &ids, &audio)?;
         let mut s = frozen.lm.prefill(&x)?;
         let eos = frozen.config.tokens.eos_id(&frozen.tokenizer);
-        let mut out = Vec::new();
-        for _ in 0..max_tokens {
-            let next = s.greedy()?;
-            if next == frozen.end_of_turn || Some(next) == eos {
-                break;
-            }
-            out.push(next);
-            frozen.lm.step_batch(&[next], &mut [&mut s])?;
-        }
+        let (out, _) = greedy(&frozen.lm, &mut s, max_tokens, |t| {
+            t == frozen.end_of_turn || Some(t) == eos
+        })?;
         frozen
             .tokenizer
             .decode(&out, true)

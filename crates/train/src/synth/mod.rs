@@ -276,6 +276,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// Seconds of 16-bit model-rate PCM bytes.
+fn pcm_seconds(pcm: &[u8]) -> f64 {
+    (pcm.len() / 2) as f64 / f64::from(voices::RATE)
+}
+
 /// The PCM file of shard `index`.
 pub fn shard_pcm(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("shard-{index:05}.pcm"))
@@ -406,6 +411,8 @@ impl Synth<'_> {
         let mut tried = 0;
         let mut left: usize = todo.iter().map(|i| self.shard_range(*i).len()).sum();
         for index in todo {
+            // Kept samples and seconds of the shards finished before this one.
+            let before = manifest.kept();
             let mut pcm = Vec::new();
             let mut lines = String::new();
             let mut summary = ShardSummary {
@@ -416,14 +423,12 @@ impl Synth<'_> {
                 rejected: BTreeMap::new(),
             };
             for id in self.shard_range(index) {
-                let mut r = self.candidate(id as u64, &order, (pcm.len() / 2) as u64, &mut pcm)?;
+                let r = self.candidate(id as u64, &order, (pcm.len() / 2) as u64, &mut pcm)?;
                 summary.candidates += 1;
                 if r.kept {
                     summary.kept += 1;
-                    summary.seconds += r.samples.unwrap_or(0) as f64 / f64::from(voices::RATE);
                 } else if let Some(why) = r.rejected {
                     *summary.rejected.entry(why.name().to_string()).or_default() += 1;
-                    r.offset = None;
                 }
                 lines.push_str(
                     &serde_json::to_string(&r).map_err(|source| TrainError::Json {
@@ -434,18 +439,17 @@ impl Synth<'_> {
                 lines.push('\n');
                 tried += 1;
                 left -= 1;
-                let (kept, seconds) = manifest.kept();
                 progress(&Progress {
                     shards_done: manifest.shards.len(),
                     shards: self.config.shards(),
                     tried,
                     left,
-                    kept: kept + summary.kept,
-                    seconds: seconds + summary.seconds,
+                    kept: before.0 + summary.kept,
+                    seconds: before.1 + pcm_seconds(&pcm),
                     elapsed: t0.elapsed().as_secs_f64(),
                 });
             }
-            summary.seconds = (pcm.len() / 2) as f64 / f64::from(voices::RATE);
+            summary.seconds = pcm_seconds(&pcm);
             write_atomic(&shard_pcm(out, index), &pcm)?;
             write_atomic(&shard_records(out, index), lines.as_bytes())?;
             manifest.shards.push(summary);
@@ -488,16 +492,8 @@ impl Synth<'_> {
                 None,
             )
         };
-        let names = self.voices.names();
-        let has_piper = names.first().is_some_and(|n| n.starts_with("piper:"));
-        let espeak = if has_piper { &names[1..] } else { &names[..] };
-        let voice = if has_piper && (espeak.is_empty() || rng.chance(c.piper_share)) {
-            names[0].clone()
-        } else {
-            espeak[rng.below(espeak.len())].clone()
-        };
         let rendition = Rendition {
-            voice,
+            voice: self.voices.choose(&mut rng, c.piper_share),
             speed: rng.uniform(c.speed.0, c.speed.1),
             pitch: rng.uniform(c.pitch.0, c.pitch.1),
         };

@@ -87,6 +87,17 @@ impl Voices {
             .collect()
     }
 
+    /// A voice drawn from `rng`: Piper's with chance `piper_share` (always
+    /// when there is no other), else one of espeak-ng's, uniformly.
+    pub fn choose(&self, rng: &mut crate::rng::Rng, piper_share: f32) -> String {
+        match &self.piper {
+            Some((name, _)) if self.espeak.is_empty() || rng.chance(piper_share) => {
+                format!("piper:{name}")
+            }
+            _ => format!("espeak:{}", self.espeak[rng.below(self.espeak.len())]),
+        }
+    }
+
     /// How many voices there are.
     pub fn len(&self) -> usize {
         usize::from(self.piper.is_some()) + self.espeak.len()
