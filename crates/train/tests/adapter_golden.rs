@@ -109,6 +109,7 @@ fn one_step_matches_pytorch() {
     )
     .unwrap();
     let config = TrainConfig {
+        objective: Default::default(),
         seed: 0,
         batch: 1,
         micro_batch: 1,

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use nexus_models::nexus::config::{AdapterConfig, EncoderConfig, LmConfig};
 use nexus_train::adapter::{
-    AdapterTrainer, Example, Frozen, Schedule, TrainConfig, checkpoint_dir, latest_checkpoint,
+    AdapterTrainer, Example, Frozen, Objective, Schedule, TrainConfig, checkpoint_dir,
+    latest_checkpoint,
 };
 use nexus_train::rng::Rng;
 use nexus_train::synth::SampleTask;
@@ -128,6 +129,7 @@ fn examples(n: usize) -> Vec<Example> {
 
 fn config(steps: u64, lr: f64) -> TrainConfig {
     TrainConfig {
+        objective: Default::default(),
         seed: 3,
         batch: 2,
         micro_batch: 1,
@@ -303,6 +305,14 @@ fn settings_out_of_bounds_name_their_field() {
     let mut c = ok.clone();
     c.schedule.lr = f64::NAN;
     assert!(c.check().unwrap_err().to_string().starts_with("lr"));
+    let mut c = ok.clone();
+    c.objective = Objective::Ctc { temperature: 0.0 };
+    assert!(
+        c.check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("ctc_temperature")
+    );
     let mut c = ok;
     c.max_reply_tokens = 100_000;
     assert!(
@@ -311,4 +321,98 @@ fn settings_out_of_bounds_name_their_field() {
             .to_string()
             .starts_with("max_reply_tokens")
     );
+}
+
+/// Examples with room for CTC: more adapted positions than tokens.
+fn long_examples(n: usize) -> Vec<Example> {
+    examples(n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            let groups = 30 + i % 4;
+            let mut rng = Rng::new(50 + i as u64);
+            let v: Vec<f32> = (0..groups * STACK * D_ENC).map(|_| rng.normal()).collect();
+            e.frames = Tensor::from_vec(v, (groups * STACK, D_ENC), &Device::Cpu).unwrap();
+            e
+        })
+        .collect()
+}
+
+fn ctc_config(steps: u64, lr: f64) -> TrainConfig {
+    TrainConfig {
+        objective: Objective::Ctc { temperature: 1.0 },
+        ..config(steps, lr)
+    }
+}
+
+#[test]
+#[ignore = "needs the Qwen2.5 GGUF for its tokenizer (nexus models pull qwen2.5-0.5b-instruct)"]
+fn ctc_backward_matches_finite_differences() {
+    let frozen = frozen();
+    let t = AdapterTrainer::new(&frozen, ctc_config(10, 1e-3)).unwrap();
+    let ex = &long_examples(1)[0];
+    let (grads, loss) = t.gradients(&frozen, &[ex]).unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    let mut checked = 0;
+    for (k, (name, var)) in t.params().iter().enumerate() {
+        let g: Vec<f32> = grads[k].flatten_all().unwrap().to_vec1().unwrap();
+        let w0 = var.as_tensor().copy().unwrap();
+        let flat: Vec<f32> = w0.flatten_all().unwrap().to_vec1().unwrap();
+        let mut idx: Vec<usize> = (0..g.len()).collect();
+        idx.sort_by(|a, b| g[*b].abs().total_cmp(&g[*a].abs()));
+        for &i in idx.iter().take(3) {
+            let eps = 1e-2f32;
+            let at = |d: f32| {
+                let mut v = flat.clone();
+                v[i] += d;
+                var.set(&Tensor::from_vec(v, w0.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                t.gradients(&frozen, &[ex]).unwrap().1
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * f64::from(eps));
+            var.set(&w0).unwrap();
+            let analytic = f64::from(g[i]);
+            let rel = (numeric - analytic).abs() / analytic.abs().max(1e-3);
+            assert!(
+                rel < 0.03,
+                "{name}[{i}]: analytic {analytic}, numeric {numeric}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+}
+
+#[test]
+#[ignore = "needs the Qwen2.5 GGUF for its tokenizer (nexus models pull qwen2.5-0.5b-instruct)"]
+fn ctc_loss_falls_and_its_best_paths_learn_the_words() {
+    let frozen = frozen();
+    let data = long_examples(3);
+    let steps = 40;
+    let mut t = AdapterTrainer::new(&frozen, ctc_config(steps, 2e-2)).unwrap();
+    let all: Vec<&Example> = data.iter().collect();
+    let before = t.gradients(&frozen, &all).unwrap().1;
+    let (wer0, _) = t.validate_ctc(&frozen, &data).unwrap().unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        losses.push(t.step(&frozen, &data).unwrap().loss);
+    }
+    let (wer1, hyps) = t.validate_ctc(&frozen, &data).unwrap().unwrap();
+    let after = t.gradients(&frozen, &all).unwrap().1;
+    eprintln!("CTC loss {before:.2} -> {after:.2}, WER {wer0:.3} -> {wer1:.3}; {hyps:?}");
+    assert!(
+        after < before / 2.0,
+        "loss {before} -> {after}; steps {losses:?}"
+    );
+    assert!(
+        wer1 < 0.5 && wer1 < wer0,
+        "CTC WER {wer0} -> {wer1}: {hyps:?}"
+    );
+    // The reply objective has no CTC head.
+    let reply = AdapterTrainer::new(&frozen, config(10, 1e-3)).unwrap();
+    assert!(reply.validate_ctc(&frozen, &data).unwrap().is_none());
+    // Transcripts that cannot fit their positions leave the batch.
+    let short = examples(1);
+    let err = t.gradients(&frozen, &[&short[0]]).unwrap_err();
+    assert!(err.to_string().contains("fit its positions"), "{err}");
 }

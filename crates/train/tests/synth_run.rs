@@ -130,6 +130,47 @@ fn synthesis_is_deterministic_resumable_and_filtered() {
     assert_eq!(used.len(), 2, "both Piper and espeak-ng speak: {used:?}");
     assert!(tasks.len() == 2, "{tasks:?}");
 
+    // The recogniser's encoder frames of each kept sample are kept for
+    // training, and training takes them as its own pass would make them.
+    let engine = WhisperEngine::load(&model_dir("whisper-tiny.en"), &Device::Cpu).unwrap();
+    let cache = tmp.path().join("frames-cache");
+    let from_synth = nexus_train::adapter::features::load_examples(
+        &whole,
+        &cache.join("a"),
+        ("whisper-tiny.en", "whisper-tiny.en"),
+        &engine,
+        5,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let computed = nexus_train::adapter::features::load_examples(
+        &whole,
+        &cache.join("b"),
+        ("tiny.en", "whisper-tiny.en"),
+        &engine,
+        5,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(from_synth.len(), kept);
+    for (a, b) in from_synth.iter().zip(&computed) {
+        assert_eq!(a.frames.dims(), b.frames.dims());
+        let d: f32 = (&a.frames - &b.frames)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        // The same pass; the kept audio is stored as 16-bit samples.
+        assert!(d < 0.05, "sample {}: frames differ by {d}", a.id);
+    }
+    assert!(
+        !cache.join("a").read_dir().unwrap().any(|_| true),
+        "nothing recomputed"
+    );
+
     // Interrupted after one shard, then resumed: the same bytes.
     let mut again = listener();
     let mut synth = Synth {

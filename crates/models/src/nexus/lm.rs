@@ -113,6 +113,11 @@ impl NexusLm {
         })
     }
 
+    /// The embedding table (vocab, hidden).
+    pub fn embeddings(&self) -> &Tensor {
+        self.embed.embeddings()
+    }
+
     /// Token embeddings (T, hidden).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let t = Tensor::new(ids, self.embed.embeddings().device())?;

@@ -28,37 +28,55 @@ pub struct Example {
     pub frames: Tensor,
 }
 
-/// Encoder frames (n · stack, d) of 16 kHz `samples`, n the adapter groups
-/// that cover them (at least one, at most a 30 s window's).
-pub fn encoder_frames(engine: &WhisperEngine, samples: &[f32], stack: usize) -> Result<Tensor> {
-    use nexus_models::mel::{CHUNK_SAMPLES, HOP_LENGTH};
+/// The encoder's output (1, 1500, d) over the 30 s window that starts
+/// with 16 kHz `samples` (cut to the window), as NEXUS-O serves it.
+pub fn encode_window(engine: &WhisperEngine, samples: &[f32]) -> Result<Tensor> {
+    use nexus_models::mel::CHUNK_SAMPLES;
     if samples.is_empty() {
         return Err(TrainError::Config("a sample with no audio".into()));
     }
     let samples = &samples[..samples.len().min(CHUNK_SAMPLES)];
     let mel = engine.mel.compute(samples, CHUNK_SAMPLES)?;
     let mel = mel.to_tensor(&engine.device)?;
-    let enc = engine.encode_window(&mel, 0)?.squeeze(0)?;
-    let groups = enc.dim(0)? / stack;
-    let n = samples
-        .len()
+    Ok(engine.encode_window(&mel, 0)?)
+}
+
+/// The adapter groups that cover `samples` samples (at least one, at most
+/// a 30 s window's).
+fn groups_covering(samples: usize, stack: usize) -> usize {
+    use nexus_models::mel::{CHUNK_SAMPLES, HOP_LENGTH};
+    let window = CHUNK_SAMPLES / (2 * HOP_LENGTH);
+    samples
+        .min(CHUNK_SAMPLES)
         .div_ceil(2 * stack * HOP_LENGTH)
-        .clamp(1, groups);
+        .clamp(1, window / stack)
+}
+
+/// Encoder frames (n · stack, d) of 16 kHz `samples`, n the adapter groups
+/// that cover them (at least one, at most a 30 s window's).
+pub fn encoder_frames(engine: &WhisperEngine, samples: &[f32], stack: usize) -> Result<Tensor> {
+    let enc = encode_window(engine, samples)?.squeeze(0)?;
+    let n = groups_covering(samples.len(), stack);
     Ok(enc.narrow(0, 0, n * stack)?.contiguous()?)
 }
 
 /// The examples of a synthesis folder, their frames computed by `engine`
 /// on first use and kept in `cache` (one safetensors file per shard, named
 /// after the encoder), with a callback per shard.
+///
+/// When the folder's recogniser is `encoder` itself, the frames it kept
+/// during synthesis (`shard-NNNNN.frames.safetensors`) are taken as they are.
 pub fn load_examples(
     data: &Path,
     cache: &Path,
-    encoder_name: &str,
+    encoder: (&str, &str),
     engine: &WhisperEngine,
     stack: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Example>> {
+    let (encoder_spec, encoder_name) = encoder;
     let manifest = Manifest::read(data)?;
+    let synth_frames = manifest.listener == encoder_spec;
     std::fs::create_dir_all(cache).map_err(io(cache))?;
     let mut out = Vec::new();
     let shards = manifest.shards.len();
@@ -68,7 +86,22 @@ pub fn load_examples(
             "{encoder_name}-stack{stack}-{:05}.safetensors",
             s.index
         ));
-        let mut frames: HashMap<String, Tensor> = if file.exists() {
+        let kept = synth::shard_frames(data, s.index);
+        let mut frames: HashMap<String, Tensor> = if synth_frames && kept.exists() {
+            let mut cut = HashMap::new();
+            let mut all = candle_core::safetensors::load(&kept, &Device::Cpu)?;
+            for (r, audio) in &samples {
+                let id = r.id.to_string();
+                let f = all.remove(&id).ok_or_else(|| {
+                    TrainError::Mismatch(format!("{}: no frames for sample {id}", kept.display()))
+                })?;
+                let n = groups_covering(audio.len(), stack) * stack;
+                if f.dim(0)? >= n {
+                    cut.insert(id, f.narrow(0, 0, n)?.contiguous()?);
+                }
+            }
+            cut
+        } else if file.exists() {
             candle_core::safetensors::load(&file, &Device::Cpu)?
         } else {
             HashMap::new()

@@ -12,6 +12,7 @@
 //! state (training resumes bit for bit), and validation WER by greedy
 //! decoding.
 
+pub mod ctc;
 pub mod export;
 pub mod features;
 pub mod optim;
@@ -27,6 +28,7 @@ use nexus_models::nexus::{
 };
 use tokenizers::Tokenizer;
 
+pub use ctc::CtcHead;
 pub use features::Example;
 pub use optim::{AdamW, Schedule};
 
@@ -138,9 +140,27 @@ impl Frozen {
     }
 }
 
+/// What the adapter learns from.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Objective {
+    /// The paper's: the cross-entropy of the reply through the frozen LM.
+    #[default]
+    Reply,
+    /// CTC of the adapted positions against the LM's token embeddings at
+    /// a temperature ([`ctc`]): a cheap alignment before the reply loss.
+    Ctc {
+        /// τ in `log p(v | a) ∝ −‖a − E_v‖² / τ`.
+        temperature: f64,
+    },
+}
+
 /// A training run's settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
+    /// What the adapter learns from.
+    #[serde(default)]
+    pub objective: Objective,
     /// Seed of the adapter's initial weights and of the data order.
     pub seed: u64,
     /// Examples per optimiser step (their gradients are averaged).
@@ -166,6 +186,7 @@ impl Default for TrainConfig {
     /// `nexus train adapter`'s defaults.
     fn default() -> Self {
         Self {
+            objective: Objective::Reply,
             seed: 1,
             batch: 8,
             micro_batch: 1,
@@ -193,6 +214,14 @@ impl TrainConfig {
     pub fn check(&self) -> Result<()> {
         let s = &self.schedule;
         let bad = |field: &str, why: String| Err(TrainError::Config(format!("{field}: {why}")));
+        if let Objective::Ctc { temperature } = self.objective
+            && !(temperature.is_finite() && temperature > 0.0 && temperature <= 1e6)
+        {
+            return bad(
+                "ctc_temperature",
+                format!("{temperature} is outside (0, 1000000]"),
+            );
+        }
         if !(1..=4096).contains(&self.batch) {
             return bad("batch", format!("{} is outside 1..=4096", self.batch));
         }
@@ -279,6 +308,8 @@ pub struct StepReport {
 pub struct AdapterTrainer {
     config: TrainConfig,
     adapter: Adapter,
+    /// The CTC classifier when the objective is CTC.
+    ctc: Option<CtcHead>,
     opt: AdamW,
     examples: u64,
     hours: f64,
@@ -367,9 +398,14 @@ impl AdapterTrainer {
             }
         }
         let opt = AdamW::new(params, config.schedule.clone())?;
+        let ctc = match config.objective {
+            Objective::Ctc { temperature } => Some(CtcHead::new(frozen, temperature)?),
+            Objective::Reply => None,
+        };
         Ok(Self {
             config,
             adapter,
+            ctc,
             opt,
             examples: 0,
             hours: 0.0,
@@ -487,6 +523,9 @@ impl AdapterTrainer {
     /// tokens), one per variable, and that loss. The batch runs
     /// `micro_batch` examples at a time, their gradients accumulated.
     pub fn gradients(&self, frozen: &Frozen, batch: &[&Example]) -> Result<(Vec<Tensor>, f64)> {
+        if let Some(head) = &self.ctc {
+            return self.ctc_gradients(frozen, head, batch);
+        }
         let mut seqs = Vec::with_capacity(batch.len());
         for ex in batch {
             let audio = self.adapt(&ex.frames)?;
@@ -506,6 +545,56 @@ impl AdapterTrainer {
             let part = (self.sequences_sum(frozen, chunk)? / tokens as f64)?;
             loss_sum += f64::from(part.to_scalar::<f32>()?);
             let grads = part.backward()?;
+            for (i, (name, var)) in self.opt.params().iter().enumerate() {
+                let g = grads
+                    .get(var.as_tensor())
+                    .ok_or_else(|| TrainError::Config(format!("no gradient reached {name}")))?;
+                sums[i] = Some(match sums[i].take() {
+                    Some(s) => (s + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let grads = sums
+            .into_iter()
+            .map(|s| s.ok_or_else(|| TrainError::Config("an empty batch".into())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((grads, loss_sum))
+    }
+
+    /// Gradients of the CTC loss over `batch` (summed over its examples,
+    /// divided by its labels), one example at a time; examples whose
+    /// labels do not fit their positions are left out.
+    fn ctc_gradients(
+        &self,
+        frozen: &Frozen,
+        head: &CtcHead,
+        batch: &[&Example],
+    ) -> Result<(Vec<Tensor>, f64)> {
+        let stack = frozen.config.adapter.stack;
+        let mut items = Vec::with_capacity(batch.len());
+        for ex in batch {
+            let labels = frozen.encode(&ex.text)?;
+            let labels = &labels[..labels.len().min(self.config.max_reply_tokens)];
+            if !labels.is_empty() && ctc::positions_needed(labels) <= ex.frames.dim(0)? / stack {
+                items.push((ex, labels.to_vec()));
+            }
+        }
+        let tokens: usize = items.iter().map(|(_, l)| l.len()).sum();
+        if tokens == 0 {
+            return Err(TrainError::Config(
+                "no example of the batch has its transcript fit its positions".into(),
+            ));
+        }
+        let mut sums: Vec<Option<Tensor>> = vec![None; PARAMS.len()];
+        let mut loss_sum = 0.0;
+        for (ex, labels) in items {
+            let a = self.adapt(&ex.frames)?;
+            let Some((nll, surrogate)) = head.loss(frozen, &a, &labels)? else {
+                continue;
+            };
+            loss_sum += nll / tokens as f64;
+            let grads = (surrogate / tokens as f64)?.backward()?;
             for (i, (name, var)) in self.opt.params().iter().enumerate() {
                 let g = grads
                     .get(var.as_tensor())
@@ -634,6 +723,34 @@ impl AdapterTrainer {
             hyps.push(hyp);
         }
         Ok((errors as f64 / words.max(1) as f64, hyps))
+    }
+
+    /// Word error rate of the CTC head's best paths over `examples`, with
+    /// each hypothesis; `None` unless the objective is CTC.
+    pub fn validate_ctc(
+        &self,
+        frozen: &Frozen,
+        examples: &[Example],
+    ) -> Result<Option<(f64, Vec<String>)>> {
+        let Some(head) = &self.ctc else {
+            return Ok(None);
+        };
+        let mut errors = 0usize;
+        let mut words = 0usize;
+        let mut hyps = Vec::new();
+        for ex in examples {
+            let a = self.adapter.forward(&ex.frames.unsqueeze(0)?)?.squeeze(0)?;
+            let ids = head.greedy(frozen, &a)?;
+            let hyp = frozen
+                .tokenizer
+                .decode(&ids, true)
+                .map_err(|e| TrainError::Config(format!("decoding: {e}")))?;
+            let c = nexus_eval::wer(&ex.text, &hyp);
+            errors += c.errors;
+            words += c.reference_len;
+            hyps.push(hyp);
+        }
+        Ok(Some((errors as f64 / words.max(1) as f64, hyps)))
     }
 
     /// The adapter's weights under their checkpoint names.

@@ -2,7 +2,8 @@
 //! checks on the signal, then a round trip through a recogniser that must
 //! read the text back within a word error rate.
 
-use nexus_models::whisper::{TranscribeOptions, WhisperEngine};
+use candle_core::Tensor;
+use nexus_models::whisper::{DecodeOptions, Task, WhisperEngine};
 
 use crate::error::Result;
 
@@ -92,16 +93,41 @@ impl Filters {
     }
 }
 
-/// What reads synthesised speech back.
-pub trait Listener {
-    /// The text heard in 16 kHz samples.
-    fn hear(&mut self, samples: &[f32]) -> Result<String>;
+/// What a recogniser made of a sample.
+#[derive(Debug)]
+pub struct Heard {
+    /// The text heard.
+    pub text: String,
+    /// The encoder's frames (n, d) from the start of the sample, when the
+    /// recogniser is a Whisper encoder a NEXUS-O checkpoint may freeze:
+    /// training on kept samples then needs no second pass.
+    pub frames: Option<Tensor>,
 }
 
-/// Whisper as the round trip's recogniser: English, greedy, no fallback.
+/// What reads synthesised speech back.
+pub trait Listener {
+    /// What was heard in 16 kHz samples.
+    fn hear(&mut self, samples: &[f32]) -> Result<Heard>;
+}
+
+/// Frames a recogniser keeps of `samples` samples: the 50-per-second
+/// frames that cover them, rounded up to a multiple of 60 (so that any
+/// adapter stack dividing 60 finds its covering groups), at most a window's.
+pub fn frames_kept(samples: usize) -> usize {
+    use nexus_models::mel::{CHUNK_SAMPLES, HOP_LENGTH};
+    let window = CHUNK_SAMPLES / (2 * HOP_LENGTH);
+    samples
+        .div_ceil(2 * HOP_LENGTH)
+        .max(1)
+        .next_multiple_of(60)
+        .min(window)
+}
+
+/// Whisper as the round trip's recogniser: one window (the 30 s a
+/// NEXUS-O checkpoint encodes), English, greedy, no timestamps.
 pub struct WhisperListener {
     engine: WhisperEngine,
-    options: TranscribeOptions,
+    options: DecodeOptions,
 }
 
 impl std::fmt::Debug for WhisperListener {
@@ -115,24 +141,35 @@ impl WhisperListener {
     pub fn new(engine: WhisperEngine) -> Self {
         Self {
             engine,
-            options: TranscribeOptions {
+            options: DecodeOptions {
+                task: Task::Transcribe,
                 language: Some("en".into()),
+                temperature: 0.0,
                 beam_size: 1,
                 best_of: 1,
-                temperatures: vec![0.0],
-                condition_on_previous_text: false,
-                ..TranscribeOptions::default()
+                without_timestamps: true,
+                ..DecodeOptions::default()
             },
         }
     }
 }
 
 impl Listener for WhisperListener {
-    fn hear(&mut self, samples: &[f32]) -> Result<String> {
-        Ok(self
-            .engine
-            .transcribe(samples, &self.options, &mut |_| {})?
-            .text())
+    fn hear(&mut self, samples: &[f32]) -> Result<Heard> {
+        // The encoder's pass over the window, as `adapter::features`
+        // computes it for training and a NEXUS-O checkpoint for serving.
+        let enc = crate::adapter::features::encode_window(&self.engine, samples)?;
+        let r = nexus_models::whisper::decode::decode(
+            &self.engine.model,
+            &self.engine.tokenizer,
+            &enc,
+            &self.options,
+        )?;
+        let n = frames_kept(samples.len().min(nexus_models::mel::CHUNK_SAMPLES));
+        Ok(Heard {
+            text: r.text.trim().to_string(),
+            frames: Some(enc.squeeze(0)?.narrow(0, 0, n)?.contiguous()?),
+        })
     }
 }
 

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub use augment::Conditions;
-pub use filter::{Filters, Listener, Rejection, WhisperListener};
+pub use filter::{Filters, Heard, Listener, Rejection, WhisperListener};
 pub use text::{TextFormat, TextSource};
 pub use voices::{Rendition, Voices};
 
@@ -286,6 +286,11 @@ pub fn shard_pcm(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("shard-{index:05}.pcm"))
 }
 
+/// The recogniser's encoder frames of shard `index`'s kept samples, by id.
+pub fn shard_frames(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index:05}.frames.safetensors"))
+}
+
 /// The records file of shard `index`.
 pub fn shard_records(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("shard-{index:05}.jsonl"))
@@ -414,6 +419,7 @@ impl Synth<'_> {
             // Kept samples and seconds of the shards finished before this one.
             let before = manifest.kept();
             let mut pcm = Vec::new();
+            let mut frames = std::collections::HashMap::new();
             let mut lines = String::new();
             let mut summary = ShardSummary {
                 index,
@@ -423,7 +429,13 @@ impl Synth<'_> {
                 rejected: BTreeMap::new(),
             };
             for id in self.shard_range(index) {
-                let r = self.candidate(id as u64, &order, (pcm.len() / 2) as u64, &mut pcm)?;
+                let r = self.candidate(
+                    id as u64,
+                    &order,
+                    (pcm.len() / 2) as u64,
+                    &mut pcm,
+                    &mut frames,
+                )?;
                 summary.candidates += 1;
                 if r.kept {
                     summary.kept += 1;
@@ -450,6 +462,15 @@ impl Synth<'_> {
                 });
             }
             summary.seconds = pcm_seconds(&pcm);
+            // The recogniser's encoder frames of the kept samples, for training.
+            let frames_file = shard_frames(out, index);
+            if frames.is_empty() {
+                let _ = std::fs::remove_file(&frames_file);
+            } else {
+                let tmp = frames_file.with_extension("tmp");
+                candle_core::safetensors::save(&frames, &tmp)?;
+                std::fs::rename(&tmp, &frames_file).map_err(io(&frames_file))?;
+            }
             write_atomic(&shard_pcm(out, index), &pcm)?;
             write_atomic(&shard_records(out, index), lines.as_bytes())?;
             manifest.shards.push(summary);
@@ -471,13 +492,15 @@ impl Synth<'_> {
         order
     }
 
-    /// Makes candidate `id`; a kept one's audio is appended to `pcm`.
+    /// Makes candidate `id`; a kept one's audio is appended to `pcm` and
+    /// the recogniser's frames of it (if any) put in `frames`.
     fn candidate(
         &mut self,
         id: u64,
         order: &[usize],
         offset: u64,
         pcm: &mut Vec<u8>,
+        frames: &mut std::collections::HashMap<String, candle_core::Tensor>,
     ) -> Result<Record> {
         let c = &self.config;
         let mut rng = Rng::derive(c.seed, id);
@@ -538,8 +561,8 @@ impl Synth<'_> {
             return Ok(record);
         }
         let heard = self.listener.0.hear(&audio)?;
-        let (wer, why) = c.filters.check_round_trip(&record.text, &heard);
-        record.heard = Some(heard);
+        let (wer, why) = c.filters.check_round_trip(&record.text, &heard.text);
+        record.heard = Some(heard.text);
         record.wer = Some(wer);
         if let Some(why) = why {
             record.rejected = Some(why);
@@ -547,6 +570,9 @@ impl Synth<'_> {
         }
         record.kept = true;
         record.offset = Some(offset);
+        if let Some(f) = heard.frames {
+            frames.insert(id.to_string(), f);
+        }
         pcm.extend(nexus_audio::wav::pcm16_le(&audio));
         Ok(record)
     }
