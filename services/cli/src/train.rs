@@ -51,6 +51,10 @@ pub struct ExportArgs {
     /// The checkpoint folder to write (serve it with `--model DIR`).
     #[arg(long, short)]
     out: PathBuf,
+    /// Write only the adapter (in f16) and the NEXUS-O configuration, as
+    /// `crates/train/nexus-mini/` holds them for `nexus models pull nexus-mini`.
+    #[arg(long)]
+    adapter_only: bool,
 }
 
 fn export(a: ExportArgs) -> anyhow::Result<()> {
@@ -64,6 +68,28 @@ fn export(a: ExportArgs) -> anyhow::Result<()> {
         "{}: no such checkpoint",
         dir.display()
     );
+    if a.adapter_only {
+        let w = candle_core::safetensors::load(
+            dir.join("adapter.safetensors"),
+            &candle_core::Device::Cpu,
+        )?;
+        let w = w
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(candle_core::DType::F16)?)))
+            .collect::<anyhow::Result<std::collections::HashMap<_, _>>>()?;
+        std::fs::create_dir_all(&a.out)?;
+        candle_core::safetensors::save(&w, a.out.join("adapter.safetensors"))?;
+        std::fs::copy(
+            a.run.join("nexus-config.json"),
+            a.out.join("nexus-config.json"),
+        )?;
+        println!(
+            "{}: the adapter of step {step} of {} (f16)",
+            a.out.display(),
+            a.run.display()
+        );
+        return Ok(());
+    }
     let sources = nexus_train::adapter::export::RunSources::read(&a.run)?;
     let cfg: nexus_models::nexus::NexusConfig =
         serde_json::from_slice(&std::fs::read(a.run.join("nexus-config.json"))?)?;

@@ -33,9 +33,10 @@ pub struct EvalArgs {
     /// Real recordings: a folder of `NAME.wav` + `NAME.txt` (never trained on).
     #[arg(long)]
     test_audio: PathBuf,
-    /// A `nexus data synth` folder: its held-out utterances are translated.
-    #[arg(long)]
-    synth: Option<PathBuf>,
+    /// `nexus data synth` folders (comma-separated): their held-out
+    /// utterances are translated.
+    #[arg(long, value_delimiter = ',')]
+    synth: Vec<PathBuf>,
     /// Which of its samples were held out: ids that are multiples of this.
     #[arg(long, default_value_t = 20)]
     holdout_every: u64,
@@ -163,16 +164,19 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
 
     // 2. Speech translation by prompt against the cascade's references.
     let mut sets: Vec<(String, Vec<Heard>)> = Vec::new();
-    if let Some(dir) = &a.synth {
-        let m = Manifest::read(dir)?;
+    if !a.synth.is_empty() {
         let mut held = Vec::new();
-        'shards: for s in &m.shards {
-            for (r, audio) in synth::read_shard(dir, s.index)? {
-                if r.id % a.holdout_every == 0 && r.task == SampleTask::Transcribe {
-                    let w = timed(|| Ok(whisper.transcribe(&audio, &wopts, &mut |_| {})?.text()))?;
-                    held.push((audio, w.value, w.seconds));
-                    if held.len() == a.utterances {
-                        break 'shards;
+        'folders: for dir in &a.synth {
+            let m = Manifest::read(dir)?;
+            for s in &m.shards {
+                for (r, audio) in synth::read_shard(dir, s.index)? {
+                    if r.id % a.holdout_every == 0 && r.task == SampleTask::Transcribe {
+                        let w =
+                            timed(|| Ok(whisper.transcribe(&audio, &wopts, &mut |_| {})?.text()))?;
+                        held.push((audio, w.value, w.seconds));
+                        if held.len() == a.utterances {
+                            break 'folders;
+                        }
                     }
                 }
             }

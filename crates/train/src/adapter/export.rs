@@ -36,6 +36,18 @@ impl RunSources {
 /// Writes the checkpoint folder `out` from the sources, the run's NEXUS-O
 /// configuration and the adapter of checkpoint folder `step`.
 pub fn export(sources: &RunSources, config: &NexusConfig, step: &Path, out: &Path) -> Result<()> {
+    let adapter = candle_core::safetensors::load(step.join("adapter.safetensors"), &Device::Cpu)?;
+    export_adapter(sources, config, adapter, out)
+}
+
+/// Writes the checkpoint folder `out` from the sources, a NEXUS-O
+/// configuration and adapter weights (`linear1.weight`, …; kept in f32).
+pub fn export_adapter(
+    sources: &RunSources,
+    config: &NexusConfig,
+    adapter: HashMap<String, Tensor>,
+    out: &Path,
+) -> Result<()> {
     let dev = Device::Cpu;
     let mut all: HashMap<String, Tensor> = HashMap::new();
     let enc_file = sources.encoder_dir.join("model.safetensors");
@@ -50,9 +62,8 @@ pub fn export(sources: &RunSources, config: &NexusConfig, step: &Path, out: &Pat
             enc_file.display()
         )));
     }
-    let adapter = candle_core::safetensors::load(step.join("adapter.safetensors"), &dev)?;
     for (name, t) in adapter {
-        all.insert(format!("adapter.{name}"), t);
+        all.insert(format!("adapter.{name}"), t.to_dtype(DType::F32)?);
     }
     let lm = nexus_models::nexus::from_gguf::qwen2_lm(&sources.lm_gguf, &dev)?;
     for (name, t) in lm.tensors {
