@@ -160,17 +160,15 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                     m.name, m.family, m.format, state, m.description
                 );
             }
+            let mini = nexus_train::mini::NAME;
+            let state = if nexus_train::mini::is_assembled(&store.model_dir(mini)) {
+                "ready"
+            } else {
+                "-"
+            };
             println!(
-                "{:<24} {:<11} {:<13} {:<8} {}",
-                nexus_train::mini::NAME,
-                "nexus-o",
-                "safetensors",
-                if nexus_train::mini::is_assembled(&store.model_dir(nexus_train::mini::NAME)) {
-                    "ready"
-                } else {
-                    "-"
-                },
-                "this project's trained adapter between Whisper base and Qwen2.5-0.5B-Instruct (text only)"
+                "{mini:<24} {:<11} {:<13} {state:<8} this project's trained adapter between Whisper base and Qwen2.5-0.5B-Instruct (text only)",
+                "nexus-o", "safetensors",
             );
             println!("\nstore: {}", store.root().display());
         }
