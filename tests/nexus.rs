@@ -281,23 +281,8 @@ async fn a_text_only_checkpoint_transcribes_and_refuses_speech_output() {
         serde_json::from_slice(&std::fs::read(checkpoint().join("config.json")).unwrap()).unwrap();
     cfg.as_object_mut().unwrap().remove("audio_decoder");
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-    let redis = redis_url();
-    let p = prefix("nexus-text");
+    let (_fleet, ing, samples) = transcribes_as_in_process(tmp.path(), "nexus-text").await;
     let ckpt = tmp.path().to_str().unwrap();
-    let [mut enc, mut dec, mut ing] = fleet(&redis, &p, ckpt);
-    for p in [&mut enc, &mut dec, &mut ing] {
-        p.wait_serving(Duration::from_secs(120)).await;
-    }
-    let samples = speech();
-    let model = NexusModel::load(tmp.path(), &Device::Cpu).unwrap();
-    let out = stream(ing.addr, pcm16_config(ckpt), &samples, 4.0, |_| {})
-        .await
-        .unwrap();
-    let task = NexusTask::Transcribe {
-        language: Some("en".into()),
-    };
-    check_finals(&out, &as_sent(&samples), &model, &task, false);
-
     let mut cfg = pcm16_config(ckpt);
     cfg.config.as_mut().unwrap().speech_output = Some(SpeechOutput { enabled: true });
     let status = match stream(ing.addr, cfg, &samples[..16_000], 4.0, |_| {}).await {
@@ -315,15 +300,25 @@ async fn nexus_mini_transcribes_librivox_through_the_three_processes_as_in_proce
     // base encoder and Qwen2.5-0.5B-Instruct, as `nexus models pull` assembles it.
     let dir = nexus_weights::resolve::resolve_model("nexus-mini", None)
         .expect("nexus models pull nexus-mini");
+    transcribes_as_in_process(&dir, "nexus-mini").await;
+}
+
+/// Serves checkpoint `dir` with the three processes, streams the LibriVox
+/// speech and checks every final against the in-process model; returns the
+/// processes (the encoder and decoder, then the ingest) and the speech.
+async fn transcribes_as_in_process(
+    dir: &std::path::Path,
+    name: &str,
+) -> ([Proc; 2], Proc, Vec<f32>) {
     let redis = redis_url();
-    let p = prefix("nexus-mini");
+    let p = prefix(name);
     let ckpt = dir.to_str().unwrap();
     let [mut enc, mut dec, mut ing] = fleet(&redis, &p, ckpt);
     for p in [&mut enc, &mut dec, &mut ing] {
         p.wait_serving(Duration::from_secs(300)).await;
     }
     let samples = speech();
-    let model = NexusModel::load(&dir, &Device::Cpu).unwrap();
+    let model = NexusModel::load(dir, &Device::Cpu).unwrap();
     let out = stream(ing.addr, pcm16_config(ckpt), &samples, 4.0, |_| {})
         .await
         .unwrap();
@@ -331,4 +326,5 @@ async fn nexus_mini_transcribes_librivox_through_the_three_processes_as_in_proce
         language: Some("en".into()),
     };
     check_finals(&out, &as_sent(&samples), &model, &task, false);
+    ([enc, dec], ing, samples)
 }

@@ -545,21 +545,9 @@ impl AdapterTrainer {
             let part = (self.sequences_sum(frozen, chunk)? / tokens as f64)?;
             loss_sum += f64::from(part.to_scalar::<f32>()?);
             let grads = part.backward()?;
-            for (i, (name, var)) in self.opt.params().iter().enumerate() {
-                let g = grads
-                    .get(var.as_tensor())
-                    .ok_or_else(|| TrainError::Config(format!("no gradient reached {name}")))?;
-                sums[i] = Some(match sums[i].take() {
-                    Some(s) => (s + g)?,
-                    None => g.clone(),
-                });
-            }
+            accumulate(&mut sums, self.opt.params(), &grads)?;
         }
-        let grads = sums
-            .into_iter()
-            .map(|s| s.ok_or_else(|| TrainError::Config("an empty batch".into())))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((grads, loss_sum))
+        Ok((summed(sums)?, loss_sum))
     }
 
     /// Gradients of the CTC loss over `batch` (summed over its examples,
@@ -595,21 +583,9 @@ impl AdapterTrainer {
             };
             loss_sum += nll / tokens as f64;
             let grads = (surrogate / tokens as f64)?.backward()?;
-            for (i, (name, var)) in self.opt.params().iter().enumerate() {
-                let g = grads
-                    .get(var.as_tensor())
-                    .ok_or_else(|| TrainError::Config(format!("no gradient reached {name}")))?;
-                sums[i] = Some(match sums[i].take() {
-                    Some(s) => (s + g)?,
-                    None => g.clone(),
-                });
-            }
+            accumulate(&mut sums, self.opt.params(), &grads)?;
         }
-        let grads = sums
-            .into_iter()
-            .map(|s| s.ok_or_else(|| TrainError::Config("an empty batch".into())))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((grads, loss_sum))
+        Ok((summed(sums)?, loss_sum))
     }
 
     /// The examples of step `step` (1-based): the data in a fresh seeded
@@ -703,26 +679,18 @@ impl AdapterTrainer {
     /// Word error rate of greedy transcripts over `examples` (Whisper's
     /// English normalisation), with each hypothesis.
     pub fn validate(&self, frozen: &Frozen, examples: &[Example]) -> Result<(f64, Vec<String>)> {
-        let mut errors = 0usize;
-        let mut words = 0usize;
-        let mut hyps = Vec::new();
-        for ex in examples {
+        wer_of(examples, |ex| {
             let budget = frozen
                 .reply_ids(&ex.text, self.config.max_reply_tokens)?
                 .len()
                 + 8;
-            let hyp = self.transcribe(
+            self.transcribe(
                 frozen,
                 &ex.frames,
                 &NexusTask::Transcribe { language: None },
                 budget,
-            )?;
-            let c = nexus_eval::wer(&ex.text, &hyp);
-            errors += c.errors;
-            words += c.reference_len;
-            hyps.push(hyp);
-        }
-        Ok((errors as f64 / words.max(1) as f64, hyps))
+            )
+        })
     }
 
     /// Word error rate of the CTC head's best paths over `examples`, with
@@ -735,22 +703,15 @@ impl AdapterTrainer {
         let Some(head) = &self.ctc else {
             return Ok(None);
         };
-        let mut errors = 0usize;
-        let mut words = 0usize;
-        let mut hyps = Vec::new();
-        for ex in examples {
+        wer_of(examples, |ex| {
             let a = self.adapter.forward(&ex.frames.unsqueeze(0)?)?.squeeze(0)?;
             let ids = head.greedy(frozen, &a)?;
-            let hyp = frozen
+            frozen
                 .tokenizer
                 .decode(&ids, true)
-                .map_err(|e| TrainError::Config(format!("decoding: {e}")))?;
-            let c = nexus_eval::wer(&ex.text, &hyp);
-            errors += c.errors;
-            words += c.reference_len;
-            hyps.push(hyp);
-        }
-        Ok(Some((errors as f64 / words.max(1) as f64, hyps)))
+                .map_err(|e| TrainError::Config(format!("decoding: {e}")))
+        })
+        .map(Some)
     }
 
     /// The adapter's weights under their checkpoint names.
@@ -801,6 +762,49 @@ impl AdapterTrainer {
         t.hours = state.hours;
         Ok(t)
     }
+}
+
+/// Adds each variable's gradient in `grads` to its running sum.
+fn accumulate(
+    sums: &mut [Option<Tensor>],
+    params: &[(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<()> {
+    for ((name, var), sum) in params.iter().zip(sums.iter_mut()) {
+        let g = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| TrainError::Config(format!("no gradient reached {name}")))?;
+        *sum = Some(match sum.take() {
+            Some(s) => (s + g)?,
+            None => g.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The summed gradients, one per variable.
+fn summed(sums: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    sums.into_iter()
+        .map(|s| s.ok_or_else(|| TrainError::Config("an empty batch".into())))
+        .collect()
+}
+
+/// Word error rate of `hyp`'s text for each example against its words
+/// (Whisper's English normalisation), with each hypothesis.
+fn wer_of(
+    examples: &[Example],
+    mut hyp: impl FnMut(&Example) -> Result<String>,
+) -> Result<(f64, Vec<String>)> {
+    let (mut errors, mut words) = (0usize, 0usize);
+    let mut hyps = Vec::with_capacity(examples.len());
+    for ex in examples {
+        let h = hyp(ex)?;
+        let c = nexus_eval::wer(&ex.text, &h);
+        errors += c.errors;
+        words += c.reference_len;
+        hyps.push(h);
+    }
+    Ok((errors as f64 / words.max(1) as f64, hyps))
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
